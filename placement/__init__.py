@@ -1,0 +1,1 @@
+"""Cluster placement from diurnal traffic profiles (installed as lithos_ray.placement; no GPU code)."""

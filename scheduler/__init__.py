@@ -1,0 +1,1 @@
+"""Per-GPU policy as pure code over plain data (installed as lithos_ray.scheduler; no Ray import)."""
