@@ -293,6 +293,9 @@ def _run_shared(clients: list[_Client], arrivals: list[np.ndarray | None], speed
         request_arrival[c] = arrival_ms
         started[c] += 1
         mask |= 1 << c
+        if started[c] > MAX_EVENTS_PER_CLIENT:
+            raise ValueError(f"client {clients[c].name!r}: more than {MAX_EVENTS_PER_CLIENT} requests/steps in "
+                             "this run; shorten duration_s")
 
     for c in range(count):
         if closed[c]:
@@ -352,8 +355,6 @@ def _run_shared(clients: list[_Client], arrivals: list[np.ndarray | None], speed
                 start(c, arrival_lists[c][next_arrival[c] - 1])
         if now >= duration_ms:
             break
-        if max(started) > MAX_EVENTS_PER_CLIENT:
-            raise ValueError(f"more than {MAX_EVENTS_PER_CLIENT} requests/steps for one client; shorten duration_s")
 
     outcomes = []
     for c in range(count):
@@ -474,11 +475,6 @@ def simulate_client(model: GpuModel, tpcs: int, workload: Workload, duration_s: 
     return gpu.run(duration_s, seed).clients["client"]
 
 
-def simulated_uuid(model: GpuModel, node_short_id: str, index: int) -> str:
-    """The uuid of a simulated GPU: SIM-<model>-<node short id>-<index>, e.g. SIM-H100-3f9a2c-0."""
-    return f"SIM-{model.name}-{node_short_id}-{index}"
-
-
 class SimulatedDevice(Device):
     """A GPU that exists only as a model: holds allowances, reports no sensor readings.
 
@@ -492,7 +488,7 @@ class SimulatedDevice(Device):
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"index must be an integer >= 0, got {index!r}")
         if not isinstance(uuid, str) or not uuid.startswith("SIM-"):
-            raise ValueError(f"a simulated GPU's uuid must start with 'SIM-' (see simulated_uuid), got {uuid!r}")
+            raise ValueError(f"a simulated GPU's uuid must start with 'SIM-' (SIM-<model>-<node short id>-<index>), got {uuid!r}")
         self._info = DeviceInfo(index=index, uuid=uuid, model=model.name, sms=model.sms, tpcs=model.tpcs,
                                 simulated=True)
         self._allowances: dict[int, tuple[int, ...]] = {}

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from lithos_ray.scheduler.calibration import (BERT_BASE_B1, CALIBRATIONS, ELEMENTWISE_MUL_1GIB, MATMUL_8192_BF16,
-                                              WORKLOADS, fit_latency_model, named_workload)
+                                              WORKLOADS, bert_base_b1, fit_latency_model, named_workload)
 from lithos_ray.scheduler.device import Device, Telemetry
 from lithos_ray.scheduler.gpu_models import lookup_model
 from lithos_ray.scheduler.simulated import (ClosedLoop, KernelModel, KernelSequence, OpenLoop, SimulatedDevice,
-                                            SimulatedGpu, lindley_departures_ms, simulate_client, simulated_uuid)
+                                            SimulatedGpu, lindley_departures_ms, simulate_client)
 
 H100 = lookup_model("H100")
 
@@ -50,7 +50,8 @@ def test_fit_recovers_known_parameters():
 
 def test_named_workloads():
     assert set(WORKLOADS) == {"bert_base_b1", "matmul_train_step", "elementwise_mul_1gib"}
-    assert named_workload("bert_base_b1").latency_ms(66) == pytest.approx(3.7)
+    assert named_workload("bert_base_b1") == bert_base_b1()
+    assert bert_base_b1().latency_ms(66) == pytest.approx(3.7)
     assert named_workload("matmul_train_step").latency_ms(66) == pytest.approx(4 * MATMUL_8192_BF16.kernel.latency_ms(66))
     with pytest.raises(ValueError, match="known workloads: bert_base_b1"):
         named_workload("resnet")
@@ -251,8 +252,7 @@ def test_bad_inputs_fail_with_clear_messages():
 # --- the Device -----------------------------------------------------------------------------------
 
 def test_simulated_device_holds_allowances():
-    uuid = simulated_uuid(H100, "3f9a2c", 1)
-    assert uuid == "SIM-H100-3f9a2c-1"
+    uuid = "SIM-H100-3f9a2c-1"
     device = SimulatedDevice(H100, 1, uuid)
     assert isinstance(device, Device)
     info = device.info()
