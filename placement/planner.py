@@ -1,0 +1,270 @@
+"""Pack models onto GPUs by their daily TPC demand so that no GPU is over its usable TPCs in any slot.
+
+Usable TPCs per GPU = the GPU's TPCs * (1 - headroom_fraction). A model whose peak exceeds
+max_replica_share * usable is split into equal replicas (replicas = ceil(peak / (share * usable))),
+each carrying demand / replicas; the replicas are what gets placed. Every plan reports, next to its GPU count:
+- fluid_lower_bound: max over slots of summed demand / usable TPCs (also over memory and item count);
+- large_item_lower_bound: most items that need more than half a GPU in one same slot;
+- lower_bound_gpus: the larger of the two, rounded up; no plan can use fewer GPUs;
+- peak_packing_gpus: GPUs when every replica reserves its peak all day (best-fit decreasing), which
+  is what Ray's fractional `num_gpus` gives at best; peak_fluid_bound = sum of peaks / usable.
+Instances with at most `exact_max_items` replicas are solved exactly with HiGHS when the heuristic
+does not already meet the lower bound; larger ones use greedy packing plus local search.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..scheduler.gpu_models import GpuModel, lookup_model
+from .exact import solve_exact
+from .packing import Packing, balanced_pack, greedy_pack, improve_packing
+from .profiles import ProfileError, ProfileSet
+
+DEFAULT_GPU = "H100"
+DEFAULT_HEADROOM_FRACTION = 0.10
+DEFAULT_TIME_LIMIT_S = 5.0
+DEFAULT_EXACT_MAX_ITEMS = 40
+DEFAULT_MAX_REPLICA_SHARE = 1.0
+FIT_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class PackingProblem:
+    """Replicas to place and their demand normalised to one GPU (capacity 1.0 per column)."""
+    gpu: GpuModel
+    headroom_fraction: float
+    usable_tpcs: float
+    item_names: list[str]
+    item_models: list[str]
+    item_replica_index: np.ndarray
+    item_replicas: np.ndarray
+    demand_tpcs: np.ndarray          # [items, slots]
+    normalized_demand: np.ndarray    # [items, slots + memory? + count]
+    slots_per_day: int
+
+
+@dataclass
+class Placement:
+    item: str               # model name, or "model#r" for replica r of a split model
+    model: str
+    replica_index: int
+    replicas: int
+    gpu_index: int
+    peak_tpcs: float        # this replica's highest slot demand
+    reserved_tpcs: int      # Ray-level reservation; the reservations on one GPU add up to its TPCs
+    slo_ms: float
+
+
+@dataclass
+class Plan:
+    gpu_model: str
+    gpu_tpcs: int
+    headroom_fraction: float
+    usable_tpcs: float
+    slots_per_day: int
+    placements: list[Placement]
+    gpus_used: int
+    lower_bound_gpus: int
+    fluid_lower_bound: float
+    large_item_lower_bound: int
+    peak_packing_gpus: int
+    peak_fluid_bound: float
+    method: str             # "heuristic", "heuristic (meets lower bound)", "exact (HiGHS ...)"
+    proved_optimal: bool
+    planning_time_s: float
+    moved_items: list[str] = field(default_factory=list)   # filled by re-planning
+
+    @property
+    def gap_to_lower_bound(self) -> float:
+        return self.gpus_used / max(self.lower_bound_gpus, 1)
+
+    @property
+    def saving_vs_peak_packing(self) -> float:
+        return 1.0 - self.gpus_used / max(self.peak_packing_gpus, 1)
+
+    def gpu_of(self) -> dict[str, int]:
+        return {p.item: p.gpu_index for p in self.placements}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["gap_to_lower_bound"] = round(self.gap_to_lower_bound, 4)
+        data["saving_vs_peak_packing"] = round(self.saving_vs_peak_packing, 4)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        try:
+            fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+            fields["placements"] = [Placement(**p) for p in data["placements"]]
+            return cls(**fields)
+        except (KeyError, TypeError) as error:
+            raise ProfileError(f"not a plan written by `lithos-ray place --json`: {error}") from None
+
+
+def build_problem(profile_set: ProfileSet, gpu_name: str = DEFAULT_GPU,
+                  headroom_fraction: float = DEFAULT_HEADROOM_FRACTION,
+                  max_replica_share: float = DEFAULT_MAX_REPLICA_SHARE) -> PackingProblem:
+    try:
+        gpu = lookup_model(gpu_name)
+    except ValueError as error:
+        raise ProfileError(str(error)) from None
+    if not 0.0 <= headroom_fraction < 1.0:
+        raise ProfileError(f"headroom_fraction must be in [0, 1) (share of a GPU's TPCs kept free); "
+                           f"got {headroom_fraction}")
+    if not 0.0 < max_replica_share <= 1.0:
+        raise ProfileError(f"max_replica_share must be in (0, 1] (largest share of a GPU's usable TPCs "
+                           f"one replica may need at its peak); got {max_replica_share}")
+    usable_tpcs = gpu.tpcs * (1.0 - headroom_fraction)
+    demand = profile_set.demand_matrix_tpcs()
+    specs = list(profile_set.models.values())
+    names = profile_set.model_names
+    memory_gib = np.array([s.memory_gib for s in specs])
+    too_big = [(n, m) for n, m in zip(names, memory_gib) if m > gpu.memory_gib]
+    if too_big:
+        name, memory = too_big[0]
+        raise ProfileError(f"model {name!r} needs {memory:g} GiB per replica; a {gpu.name} has "
+                           f"{gpu.memory_gib} GiB")
+    replica_peak_tpcs = usable_tpcs * max_replica_share
+    replicas = np.maximum(1, np.ceil(demand.max(axis=1) / replica_peak_tpcs - FIT_TOLERANCE)).astype(int)
+    model_of_item = np.repeat(np.arange(len(names)), replicas)
+    replica_index = np.concatenate([np.arange(r) for r in replicas]) if len(names) else np.zeros(0, int)
+    item_replicas = replicas[model_of_item]
+    item_demand = demand[model_of_item] / item_replicas[:, None]
+    columns = [item_demand / usable_tpcs]
+    if memory_gib.any():
+        columns.append((memory_gib[model_of_item] / gpu.memory_gib)[:, None])
+    columns.append(np.full((model_of_item.size, 1), 1.0 / gpu.tpcs))  # reservations need >= 1 TPC
+    item_names = [names[m] if replicas[m] == 1 else f"{names[m]}#{r}"
+                  for m, r in zip(model_of_item, replica_index)]
+    return PackingProblem(gpu, headroom_fraction, usable_tpcs, item_names,
+                          [names[m] for m in model_of_item], replica_index, item_replicas,
+                          item_demand, np.hstack(columns), profile_set.slots_per_day)
+
+
+def lower_bounds(problem: PackingProblem) -> tuple[float, int, int]:
+    """(fluid lower bound, large-item lower bound, lower bound in whole GPUs)."""
+    demand = problem.normalized_demand
+    if demand.shape[0] == 0:
+        return 0.0, 0, 0
+    fluid = float(demand.sum(axis=0).max())
+    large_items = int((demand > 0.5 + FIT_TOLERANCE).sum(axis=0).max())
+    return fluid, large_items, max(large_items, math.ceil(fluid - 1e-6))
+
+
+def peak_packing(problem: PackingProblem) -> Packing:
+    """Every replica reserves its peak all day; best-fit decreasing on (peak, memory, count)."""
+    slots = problem.slots_per_day
+    demand = problem.normalized_demand
+    reserved = np.hstack([demand[:, :slots].max(axis=1, keepdims=True), demand[:, slots:]])
+    order = np.argsort(-reserved.max(axis=1), kind="stable")
+    return greedy_pack(reserved, order)
+
+
+def _reserved_tpcs(peaks_tpcs: np.ndarray, gpu_tpcs: int) -> np.ndarray:
+    """Split a GPU's TPCs over its replicas in proportion to their peaks (largest remainder, >= 1)."""
+    count = peaks_tpcs.size
+    weights = peaks_tpcs if peaks_tpcs.sum() > 0 else np.ones(count)
+    exact = weights / weights.sum() * gpu_tpcs
+    reserved = np.maximum(np.floor(exact).astype(int), 1)
+    while reserved.sum() > gpu_tpcs:                       # the >= 1 floor overshot
+        reserved[np.argmax(reserved)] -= 1
+    for index in np.argsort(-(exact - np.floor(exact)), kind="stable")[: gpu_tpcs - reserved.sum()]:
+        reserved[index] += 1
+    return reserved
+
+
+def make_plan(problem: PackingProblem, profile_set: ProfileSet, gpu_of_item: np.ndarray, method: str,
+              proved_optimal: bool, started_s: float) -> Plan:
+    fluid, large_items, lower_bound = lower_bounds(problem)
+    baseline = peak_packing(problem)
+    peaks = problem.demand_tpcs.max(axis=1) if problem.demand_tpcs.size else np.zeros(0)
+    reserved = np.zeros(len(problem.item_names), dtype=int)
+    for gpu in np.unique(gpu_of_item):
+        on_gpu = np.nonzero(gpu_of_item == gpu)[0]
+        reserved[on_gpu] = _reserved_tpcs(peaks[on_gpu], problem.gpu.tpcs)
+    placements = [
+        Placement(item=problem.item_names[i], model=problem.item_models[i],
+                  replica_index=int(problem.item_replica_index[i]), replicas=int(problem.item_replicas[i]),
+                  gpu_index=int(gpu_of_item[i]), peak_tpcs=round(float(peaks[i]), 4),
+                  reserved_tpcs=int(reserved[i]), slo_ms=profile_set.models[problem.item_models[i]].slo_ms)
+        for i in range(len(problem.item_names))
+    ]
+    gpus_used = int(np.unique(gpu_of_item).size)
+    return Plan(gpu_model=problem.gpu.name, gpu_tpcs=problem.gpu.tpcs,
+                headroom_fraction=problem.headroom_fraction, usable_tpcs=problem.usable_tpcs,
+                slots_per_day=problem.slots_per_day, placements=placements, gpus_used=gpus_used,
+                lower_bound_gpus=lower_bound, fluid_lower_bound=round(fluid, 4),
+                large_item_lower_bound=large_items, peak_packing_gpus=baseline.gpus_used,
+                peak_fluid_bound=round(float(peaks.sum() / problem.usable_tpcs), 4), method=method,
+                proved_optimal=proved_optimal or gpus_used == lower_bound,
+                planning_time_s=round(time.perf_counter() - started_s, 4))
+
+
+def heuristic_packing(problem: PackingProblem, deadline_s: float, seed: int = 0) -> Packing:
+    """Best of greedy best-fit and balanced packing at GPU counts from the lower bound up, then local
+    search until the deadline. The first greedy and balanced passes always run."""
+    demand = problem.normalized_demand
+    _, _, lower_bound = lower_bounds(problem)
+    by_peak = np.argsort(-demand.max(axis=1), kind="stable")
+    best = greedy_pack(demand, by_peak)
+    tried: set[int] = set()
+    gpus = lower_bound
+    while best.gpus_used > lower_bound and gpus < best.gpus_used and gpus not in tried:
+        tried.add(gpus)
+        candidate = balanced_pack(demand, by_peak, gpus)
+        if candidate.gpus_used < best.gpus_used:
+            best = candidate
+        if time.perf_counter() >= deadline_s:
+            break
+        # the next count halves the distance to the best found so far
+        gpus = gpus + max(1, (best.gpus_used - gpus) // 2)
+    return improve_packing(best, deadline_s, seed=seed, lower_bound_gpus=lower_bound)
+
+
+def plan_placement(profile_set: ProfileSet, gpu_name: str = DEFAULT_GPU,
+                   headroom_fraction: float = DEFAULT_HEADROOM_FRACTION,
+                   time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+                   exact_max_items: int = DEFAULT_EXACT_MAX_ITEMS,
+                   max_replica_share: float = DEFAULT_MAX_REPLICA_SHARE, seed: int = 0) -> Plan:
+    """Plan within about `time_limit_s` seconds (the first greedy and balanced passes always run)."""
+    if time_limit_s <= 0:
+        raise ProfileError(f"time_limit_s must be > 0; got {time_limit_s}")
+    started_s = time.perf_counter()
+    problem = build_problem(profile_set, gpu_name, headroom_fraction, max_replica_share)
+    _, _, lower_bound = lower_bounds(problem)
+    use_exact = len(problem.item_names) <= exact_max_items
+    heuristic_deadline = started_s + (min(0.5, time_limit_s / 4) if use_exact else time_limit_s)
+    packing = heuristic_packing(problem, heuristic_deadline, seed)
+    gpu_of_item = packing.compact_assignment()
+    method = "heuristic"
+    proved_optimal = packing.gpus_used <= lower_bound
+    if proved_optimal:
+        method = "heuristic (meets lower bound)"
+    if use_exact and len(problem.item_names) > 0:
+        remaining_s = time_limit_s - (time.perf_counter() - started_s)
+        result = solve_exact(problem.normalized_demand, problem.slots_per_day, packing.gpus_used,
+                             remaining_s, start_gpu_of_item=gpu_of_item)
+        if result.gpu_of_item is not None:
+            gpu_of_item = _renumber(result.gpu_of_item)
+            proved_optimal = result.proved_optimal
+            method = f"exact (HiGHS: {result.status})"
+    return make_plan(problem, profile_set, gpu_of_item, method, proved_optimal, started_s)
+
+
+def _renumber(gpu_of_item: np.ndarray) -> np.ndarray:
+    order: dict[int, int] = {}
+    return np.array([order.setdefault(int(g), len(order)) for g in gpu_of_item], dtype=np.int64)
+
+
+def gpu_demand_tpcs(plan: Plan, profile_set: ProfileSet) -> np.ndarray:
+    """[gpus_used, slots] summed demand of the replicas on each GPU (from the profile set)."""
+    demand = profile_set.demand_matrix_tpcs()
+    row_of_model = {name: row for row, name in enumerate(profile_set.model_names)}
+    loads = np.zeros((plan.gpus_used, profile_set.slots_per_day))
+    for p in plan.placements:
+        loads[p.gpu_index] += demand[row_of_model[p.model]] / p.replicas
+    return loads
