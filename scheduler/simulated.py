@@ -164,10 +164,12 @@ class _Outcome:
 
 
 def _validate_tpc_ids(tpc_ids: Sequence[int], total_tpcs: int, who: str) -> tuple[int, ...]:
-    try:
-        ids = tuple(int(i) for i in tpc_ids)
-    except (TypeError, ValueError):
-        raise ValueError(f"{who}: tpc_ids must be a sequence of integers, got {tpc_ids!r}") from None
+    if isinstance(tpc_ids, (str, bytes)) or not hasattr(tpc_ids, "__iter__"):
+        raise ValueError(f"{who}: tpc_ids must be a sequence of integers, got {tpc_ids!r}")
+    ids = tuple(tpc_ids)
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in ids):
+        raise ValueError(f"{who}: tpc_ids must be integers, got {ids!r}")
+    ids = tuple(int(i) for i in ids)
     if not ids:
         raise ValueError(f"{who}: tpc_ids is empty; give at least one TPC id in 0..{total_tpcs - 1}")
     bad = [i for i in ids if not 0 <= i < total_tpcs]

@@ -221,6 +221,8 @@ def test_bad_inputs_fail_with_clear_messages():
         gpu.add_client("x", [0, 66], ClosedLoop(kernel))
     with pytest.raises(ValueError, match="tpc_ids is empty"):
         gpu.add_client("x", [], ClosedLoop(kernel))
+    with pytest.raises(ValueError, match="tpc_ids must be integers"):
+        gpu.add_client("x", [0, 1.5], ClosedLoop(kernel))
     with pytest.raises(ValueError, match="duplicates"):
         gpu.add_client("x", [1, 1], ClosedLoop(kernel))
     with pytest.raises(ValueError, match="rate_per_s must be a finite number > 0"):
