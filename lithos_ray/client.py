@@ -70,8 +70,21 @@ def list_agents(node_id: str | None = None) -> list[AgentRef]:
              if a.get("namespace") == NAMESPACE and a["name"].startswith(AGENT_NAME_PREFIX + ":")]
     if node_id is not None:
         names = [n for n in names if n.split(":")[1] == node_id]
-    handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
-    refs = [AgentRef(**d) for d in ray.get([h.describe.remote() for h in handles], timeout=60)]
+    refs = []
+    deadline = time.monotonic() + 60
+    for name in names:
+        while True:   # an agent that is restarting answers again within seconds
+            try:
+                handle = ray.get_actor(name, namespace=NAMESPACE)
+                refs.append(AgentRef(**ray.get(handle.describe.remote(), timeout=60)))
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+            except (ray.exceptions.ActorDiedError, ValueError) as exc:   # gone for good
+                logger.warning("lithos: skipping agent %s: %s", name, exc)
+                break
     return sorted(refs, key=lambda r: (r.node_id, r.index))
 
 

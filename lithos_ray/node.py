@@ -141,8 +141,9 @@ def start_node(head: bool, address: str | None, simulate: str | None, port: int 
     ray.init(address="auto" if head else address, namespace=NAMESPACE, logging_level=logging.WARNING,
              log_to_driver=False)
     node_id = ray.get_runtime_context().get_node_id()
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
     agents = start_agents(node_id, gpus)
-    state = {"node_id": node_id, "ray_started_by_lithos": True, "head": head,
+    state = {"node_id": node_id, "ray_session_dir": session_dir, "head": head,
              "gpus": [asdict(g) for g in gpus], "agents": agents}
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
     NODE_STATE_FILE.write_text(json.dumps(state, indent=2))
@@ -162,8 +163,43 @@ def stop_node() -> dict:
         ray.shutdown()
     except Exception as exc:  # Ray already gone: nothing of ours is left in it
         logger.warning("could not reach Ray to stop the agents (%s)", exc)
-    if state.get("ray_started_by_lithos"):
-        subprocess.run([_ray_cli(), "stop"], capture_output=True, text=True)
+    stopped = _stop_ray_session(state["ray_session_dir"])
     shutil.rmtree(state_dir(state["node_id"]), ignore_errors=True)
     NODE_STATE_FILE.unlink(missing_ok=True)
-    return {"agents_stopped": killed, "ray_stopped": bool(state.get("ray_started_by_lithos"))}
+    return {"agents_stopped": killed, "ray_processes_stopped": stopped}
+
+
+def _pids_of_session(session_dir: str) -> list[int]:
+    """Ray's own processes of one session name its session dir on their command line; their workers
+    are their children and die with them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if session_dir.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _stop_ray_session(session_dir: str, grace_s: float = 10.0) -> int:
+    """Stop the Ray node `lithos-ray start` started (not `ray stop`, which stops every Ray here)."""
+    import signal
+    import time
+
+    pids = _pids_of_session(session_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)

@@ -1,0 +1,459 @@
+"""Python side of native/liblithos.so: the per-GPU allowance table and the clients' launch rings.
+
+The shared-memory layout is defined once, in native/lithos_shm.h. This module never copies it:
+struct sizes and field offsets come from the compiled library (``lithos_layout_entry``), and
+allowances are written through the library's seqlock writer. Only numpy, ctypes and mmap are
+used here, so GPU-side code can import it without ray or pydantic.
+
+Standalone use (no Ray, no agent)::
+
+    python -m lithos_ray.native run --tpcs 0-11 -- python my_script.py
+    python -m lithos_ray.native set --table /dev/shm/lithos-GPU-... --slot 0 --tpcs 12-23
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import mmap
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ENV_TABLE = "LITHOS_SHM"
+ENV_SLOT = "LITHOS_SLOT"
+LIBRARY_NAME = "liblithos.so"
+H100_TPCS = 66
+
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+_SOURCE_TREE_LIBRARY = _PACKAGE_DIR.parent / "native" / "build" / LIBRARY_NAME
+_INSTALLED_LIBRARY = _PACKAGE_DIR / "_lib" / LIBRARY_NAME
+
+VIEW_NAMES = {0: "tpc", 1: "cosched", 2: "unconfined", 3: "graph"}
+API_NAMES = {0: "cuLaunchKernel", 1: "cuLaunchKernelEx", 2: "cuLaunchCooperativeKernel", 3: "cuGraphLaunch"}
+
+
+def library_path() -> pathlib.Path | None:
+    """The built liblithos.so: the installed copy first, then a source tree's native/build."""
+    for candidate in (_INSTALLED_LIBRARY, _SOURCE_TREE_LIBRARY):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def build_status() -> str:
+    """Human-readable: "built: <path>" or "not built: <reason>"."""
+    path = library_path()
+    if path is not None:
+        return f"built: {path}"
+    error_file = _PACKAGE_DIR / "_lib" / "BUILD_ERROR.txt"
+    if error_file.is_file():
+        return f"not built: the build failed, see {error_file}"
+    return f"not built: neither {_INSTALLED_LIBRARY} nor {_SOURCE_TREE_LIBRARY} exists (run `make -C native`)"
+
+
+_library: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    """Load liblithos.so privately (RTLD_LOCAL: its dlsym/cu* exports do not interpose here)."""
+    global _library
+    if _library is None:
+        path = library_path()
+        if path is None:
+            raise RuntimeError(f"liblithos.so is needed for the shared-memory layout; {build_status()}")
+        lib = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+        lib.lithos_layout_entry.argtypes = [ctypes.c_int] + [ctypes.POINTER(ctypes.c_char_p)] * 2 + [
+            ctypes.POINTER(ctypes.c_uint32)] * 3 + [ctypes.POINTER(ctypes.c_char_p)]
+        lib.lithos_layout_version.restype = ctypes.c_uint32
+        lib.lithos_table_bytes.restype = ctypes.c_size_t
+        lib.lithos_table_bytes.argtypes = [ctypes.c_uint32]
+        lib.lithos_table_init.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32]
+        lib.lithos_table_set_allowance.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64)]
+        lib.lithos_table_clear.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        lib.lithos_table_set_cosched_map.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint8), ctypes.c_uint32]
+        lib.lithos_table_read_allowance.restype = ctypes.c_uint64
+        lib.lithos_table_read_allowance.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint64),
+                                                    ctypes.POINTER(ctypes.c_uint32)]
+        lib.lithos_ring_bytes.restype = ctypes.c_size_t
+        lib.lithos_ring_bytes.argtypes = [ctypes.c_uint32]
+        lib.lithos_ring_copy.restype = ctypes.c_uint32
+        lib.lithos_ring_copy.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint32]
+        lib.lithos_hook_name.restype = ctypes.c_char_p
+        lib.lithos_hook_name.argtypes = [ctypes.c_int]
+        _library = lib
+    return _library
+
+
+def hook_names() -> list[str]:
+    """Every driver entry point the shim hooks, from the library's one hook list."""
+    lib, names = _lib(), []
+    while (name := lib.lithos_hook_name(len(names))) is not None:
+        names.append(name.decode())
+    return names
+
+
+def layout() -> dict[str, np.dtype]:
+    """numpy dtypes of the shared structs, built from the compiled library's layout table."""
+    lib = _lib()
+    fields: dict[str, dict] = {}
+    sizes: dict[str, int] = {}
+    index = 0
+    struct_name, field_name, numpy_type = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_char_p()
+    offset, size_bytes, count = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_uint32()
+    while lib.lithos_layout_entry(index, ctypes.byref(struct_name), ctypes.byref(field_name), ctypes.byref(offset),
+                                  ctypes.byref(size_bytes), ctypes.byref(count), ctypes.byref(numpy_type)) == 0:
+        index += 1
+        struct, field = struct_name.value.decode(), field_name.value.decode()
+        if not field:
+            sizes[struct] = size_bytes.value
+            continue
+        spec = fields.setdefault(struct, {"names": [], "formats": [], "offsets": []})
+        kind = numpy_type.value.decode()
+        if kind == "S1":  # char[n] -> one bytes field
+            fmt = f"S{count.value}"
+        else:
+            fmt = (kind, (count.value,)) if count.value > 1 else kind
+        spec["names"].append(field)
+        spec["formats"].append(fmt)
+        spec["offsets"].append(offset.value)
+    return {struct: np.dtype({**spec, "itemsize": sizes[struct]}) for struct, spec in fields.items()}
+
+
+def parse_tpcs(text: str, tpcs_on_gpu: int = H100_TPCS) -> list[int]:
+    """'0-11,20,30-31' -> [0..11, 20, 30, 31]; raises ValueError naming what is allowed."""
+    tpc_ids: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            low, _, high = part.partition("-")
+            first, last = int(low), int(high) if high else int(low)
+        except ValueError:
+            raise ValueError(f"bad TPC range {part!r}: use ids like 0-11,20 (TPC ids are 0..{tpcs_on_gpu - 1})") from None
+        if first > last:
+            raise ValueError(f"bad TPC range {part!r}: the first id must not exceed the last")
+        tpc_ids.extend(range(first, last + 1))
+    _check_tpc_ids(tpc_ids, tpcs_on_gpu)
+    return sorted(set(tpc_ids))
+
+
+def _check_tpc_ids(tpc_ids: list[int], tpcs_on_gpu: int) -> None:
+    if not tpc_ids:
+        raise ValueError(f"an allowance needs at least one TPC (ids 0..{tpcs_on_gpu - 1}); use clear() for none")
+    bad = [t for t in tpc_ids if not isinstance(t, (int, np.integer)) or not 0 <= t < tpcs_on_gpu]
+    if bad:
+        raise ValueError(f"TPC ids {bad[:5]} are out of range: this GPU has TPC ids 0..{tpcs_on_gpu - 1}")
+
+
+def _mask_words(tpc_ids: list[int]) -> (ctypes.c_uint64 * 2):
+    words = [0, 0]
+    for t in tpc_ids:
+        words[int(t) // 64] |= 1 << (int(t) % 64)
+    return (ctypes.c_uint64 * 2)(*words)
+
+
+def _mask_to_ids(words) -> list[int]:
+    return [64 * w + b for w in range(len(words)) for b in range(64) if (int(words[w]) >> b) & 1]
+
+
+def ring_path(table_path: str, slot: int) -> str:
+    """Where the client of `slot` writes its launch ring (the shim creates it)."""
+    return f"{table_path}.ring{slot}"
+
+
+class AllowanceTable:
+    """The per-GPU allowance table, owned and written by the agent; clients map it read-only."""
+
+    def __init__(self, path: str, fd: int, mapped: mmap.mmap, owner: bool):
+        self.path = path
+        self._fd = fd
+        self._map = mapped
+        self._owner = owner
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(mapped)) if owner else None
+        header = np.frombuffer(mapped, dtype=layout()["lithos_table_header"], count=1)[0]
+        if header["magic"] != b"LITHOST" or int(header["layout_version"]) != _lib().lithos_layout_version():
+            raise ValueError(f"{path} is not a lithos allowance table of layout version {_lib().lithos_layout_version()}")
+        self.max_slots = int(header["max_slots"])
+        self.tpcs_on_gpu = int(header["tpcs_on_gpu"])
+        self.gpu_uuid = header["gpu_uuid"].decode()
+        self._header_bytes = int(header["header_bytes"])
+        self._slot_bytes = int(header["slot_bytes"])
+
+    @classmethod
+    def create(cls, gpu_uuid: str, directory: str = "/dev/shm", max_slots: int = 64,
+               tpcs_on_gpu: int = H100_TPCS) -> "AllowanceTable":
+        """Create /<directory>/lithos-<gpu_uuid> (mode 0644: only the agent's user can write it)."""
+        if not gpu_uuid or "/" in gpu_uuid or len(gpu_uuid) >= 64:
+            raise ValueError(f"bad GPU uuid {gpu_uuid!r}: expected a name like GPU-8f3c... without '/' (under 64 chars)")
+        if not 1 <= max_slots <= 4096:
+            raise ValueError(f"max_slots={max_slots}: allowed 1..4096")
+        if not 1 <= tpcs_on_gpu <= 128:
+            raise ValueError(f"tpcs_on_gpu={tpcs_on_gpu}: allowed 1..128 (an H100 SXM has 66)")
+        lib = _lib()
+        path = os.path.join(directory, f"lithos-{gpu_uuid}")
+        size = lib.lithos_table_bytes(max_slots)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(fd, 0o644)
+        os.ftruncate(fd, size)
+        mapped = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(mapped))
+        if lib.lithos_table_init(address, size, gpu_uuid.encode(), max_slots, tpcs_on_gpu) != 0:
+            raise RuntimeError(f"lithos_table_init refused {path} ({size} bytes, {max_slots} slots)")
+        return cls(path, fd, mapped, owner=True)
+
+    @classmethod
+    def open(cls, path: str, writable: bool = True) -> "AllowanceTable":
+        """Open an existing table (writable: the agent's user, e.g. the `set` command)."""
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        access = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return cls(path, fd, mmap.mmap(fd, size, mmap.MAP_SHARED, access), owner=writable)
+
+    def _writable(self) -> int:
+        if self._address is None:
+            raise PermissionError(f"{self.path} is open read-only; only the agent writes allowances")
+        return self._address
+
+    def _check_slot(self, slot: int) -> None:
+        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot!r} is out of range: this table has slots 0..{self.max_slots - 1}")
+
+    def set_allowance(self, slot: int, tpc_ids: list[int]) -> None:
+        """Give `slot` exactly these TPCs; its next launch runs on them."""
+        self._check_slot(slot)
+        _check_tpc_ids(list(tpc_ids), self.tpcs_on_gpu)
+        _lib().lithos_table_set_allowance(self._writable(), slot, _mask_words(tpc_ids))
+
+    def clear(self, slot: int) -> None:
+        """Remove the allowance: the client's launches pass through to the whole GPU."""
+        self._check_slot(slot)
+        _lib().lithos_table_clear(self._writable(), slot)
+
+    def allowance(self, slot: int) -> tuple[int, list[int] | None]:
+        """(generation, TPC ids or None when cleared), read with the seqlock."""
+        self._check_slot(slot)
+        words, flags = (ctypes.c_uint64 * 2)(), ctypes.c_uint32()
+        base = self._address if self._address is not None else np.frombuffer(self._map, np.uint8).ctypes.data
+        generation = _lib().lithos_table_read_allowance(base, slot, words, ctypes.byref(flags))
+        return int(generation), (_mask_to_ids(words) if flags.value & 1 else None)
+
+    def set_cosched_map(self, cosched_group_of_tpc: list[int]) -> None:
+        """Store, per TPC id, the co-scheduled 8-SM group holding it (255 = none)."""
+        values = (ctypes.c_uint8 * len(cosched_group_of_tpc))(*cosched_group_of_tpc)
+        if _lib().lithos_table_set_cosched_map(self._writable(), values, len(cosched_group_of_tpc)) != 0:
+            raise ValueError(f"a map of {len(cosched_group_of_tpc)} TPCs is too long (at most 128)")
+
+    def cosched_map(self) -> list[int] | None:
+        header = np.frombuffer(self._map, dtype=layout()["lithos_table_header"], count=1)[0]
+        if not int(header["cosched_probed"]):
+            return None
+        return [int(x) for x in header["cosched_group_of_tpc"][: self.tpcs_on_gpu]]
+
+    def read_launches(self, slot: int, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, int]:
+        """Launch records of `slot` from `since_index` on: (structured array, next index)."""
+        self._check_slot(slot)
+        return LaunchRing(ring_path(self.path, slot)).read(since_index, max_records)
+
+    def close(self, unlink: bool = True) -> None:
+        """Unmap; with unlink, also remove the table and every client's ring file."""
+        self._address = None
+        try:
+            self._map.close()
+        except BufferError:  # a numpy view is still alive; the mapping goes with the process
+            pass
+        os.close(self._fd)
+        if unlink and self._owner:
+            for slot in range(self.max_slots):
+                try:
+                    os.unlink(ring_path(self.path, slot))
+                except FileNotFoundError:
+                    pass
+            os.unlink(self.path)
+
+
+class LaunchRing:
+    """Read-only view of one client's launch ring."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, int]:
+        record_dtype = layout()["lithos_launch_record"]
+        if not os.path.exists(self.path):
+            return np.zeros(0, dtype=record_dtype), since_index
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            source = np.frombuffer(mapped, np.uint8)
+            out = np.zeros(max_records, dtype=record_dtype)
+            next_index = ctypes.c_uint64(since_index)
+            copied = _lib().lithos_ring_copy(source.ctypes.data, ctypes.byref(next_index), out.ctypes.data, max_records)
+            del source
+            return out[:copied].copy(), int(next_index.value)
+        finally:
+            mapped.close()
+
+
+def client_env(table_path: str, slot: int) -> dict[str, str]:
+    """Environment for a client process: LD_PRELOAD of the shim plus LITHOS_SHM and LITHOS_SLOT."""
+    path = library_path()
+    if path is None:
+        raise RuntimeError(f"cannot confine a client: {build_status()}")
+    if not isinstance(slot, (int, np.integer)) or slot < 0:
+        raise ValueError(f"slot {slot!r} must be a non-negative integer")
+    preload = [str(path)] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != str(path)]
+    return {"LD_PRELOAD": ":".join(preload), ENV_TABLE: str(table_path), ENV_SLOT: str(int(slot))}
+
+
+def probe_cosched_map(device_index: int = 0) -> list[int]:
+    """Which co-scheduled 8-SM group holds each TPC group, found from %smid (needs a GPU, no MPS).
+
+    Runs kernels reading %smid in one green context per TPC group and per co-scheduled group.
+    Under MPS %smid is virtual, so run this in a process that is not an MPS client
+    (the `probe-layout` command does).
+    """
+    from cuda.bindings import driver as cu, nvrtc  # lazy: GPU machines only
+
+    def check(result):
+        err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA call failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    check(cu.cuInit(0))
+    device = check(cu.cuDeviceGet(device_index))
+    context = check(cu.cuDevicePrimaryCtxRetain(device))
+    check(cu.cuCtxPushCurrent(context))
+    source = b'extern "C" __global__ void smid(unsigned* out){ unsigned s; asm volatile("mov.u32 %0, %%smid;" : "=r"(s));' \
+             b' long long t = clock64(); while (clock64() - t < 20000) {} if (threadIdx.x == 0) out[blockIdx.x] = s; }'
+    program = check(nvrtc.nvrtcCreateProgram(source, b"smid.cu", 0, [], []))
+    check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
+    ptx = b" " * check(nvrtc.nvrtcGetPTXSize(program))
+    check(nvrtc.nvrtcGetPTX(program, ptx))
+    function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(ptx)), b"smid"))
+    blocks = 512
+    buffer = check(cu.cuMemAlloc(blocks * 4))
+    pointer = np.array([int(buffer)], dtype=np.uint64)
+    params = np.array([pointer.ctypes.data], dtype=np.uint64)
+
+    def sms_of(group) -> set[int]:
+        desc = check(cu.cuDevResourceGenerateDesc([group], 1))
+        green = check(cu.cuGreenCtxCreate(desc, device, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+        stream = check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+        check(cu.cuLaunchKernel(function, blocks, 1, 1, 32, 1, 1, 0, stream, params.ctypes.data, 0))
+        check(cu.cuStreamSynchronize(stream))
+        host = np.zeros(blocks, dtype=np.uint32)
+        check(cu.cuMemcpyDtoH(host.ctypes.data, buffer, blocks * 4))
+        check(cu.cuStreamDestroy(stream))
+        check(cu.cuGreenCtxDestroy(green))
+        return set(int(x) for x in host)
+
+    sm_type = cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
+    tpc_groups, tpc_count, _ = check(cu.cuDevSmResourceSplitByCount(
+        H100_TPCS, check(cu.cuDeviceGetDevResource(device, sm_type)), 1, 2))
+    cosched_groups, cosched_count, _ = check(cu.cuDevSmResourceSplitByCount(
+        32, check(cu.cuDeviceGetDevResource(device, sm_type)), 0, 8))
+    cosched_sms = [sms_of(group) for group in cosched_groups[:cosched_count]]
+    group_of_tpc = []
+    for group in tpc_groups[:tpc_count]:
+        sms = sms_of(group)
+        owners = [c for c, members in enumerate(cosched_sms) if sms <= members]
+        group_of_tpc.append(owners[0] if owners else 255)
+    return group_of_tpc
+
+
+def _default_gpu_uuid() -> str:
+    """UUID of the first visible GPU through NVML (what the shim compares against)."""
+    import pynvml  # lazy: GPU machines only
+
+    pynvml.nvmlInit()
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        if visible.startswith("GPU-"):
+            return visible
+        handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        return uuid.decode() if isinstance(uuid, bytes) else uuid
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _probe_into(table: AllowanceTable) -> None:
+    """Fill the table's co-scheduled map from a child process that is not an MPS client."""
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="lithos-nomps-"))
+    env.pop("LD_PRELOAD", None)
+    out = subprocess.run([sys.executable, "-c", "from lithos_ray.native import probe_cosched_map; "
+                          "print(','.join(map(str, probe_cosched_map())))"],
+                         env=env, capture_output=True, text=True, check=True)
+    table.set_cosched_map([int(x) for x in out.stdout.strip().split(",")])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lithos_ray.native", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="create a table, set an allowance, run CMD under the shim")
+    run.add_argument("--tpcs", required=True, help="TPC ids, e.g. 0-11 or 0-3,8-11 (0..65 on an H100)")
+    run.add_argument("--slot", type=int, default=0)
+    run.add_argument("--gpu-uuid", default=None, help="default: the first visible GPU (NVML)")
+    run.add_argument("--directory", default="/dev/shm")
+    run.add_argument("--table", default=None, help="use this existing table instead of creating one")
+    run.add_argument("--probe-layout", action="store_true", help="map co-scheduled groups first (needs a GPU, no MPS)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER)
+    setter = commands.add_parser("set", help="change a slot's allowance in an existing table")
+    setter.add_argument("--table", required=True)
+    setter.add_argument("--slot", type=int, required=True)
+    setter.add_argument("--tpcs", required=True)
+    probe = commands.add_parser("probe-layout", help="fill a table's co-scheduled group map (needs a GPU)")
+    probe.add_argument("--table", required=True)
+    launches = commands.add_parser("launches", help="print a slot's launch records")
+    launches.add_argument("--table", required=True)
+    launches.add_argument("--slot", type=int, required=True)
+    commands.add_parser("status", help="print whether liblithos.so is built")
+    args = parser.parse_args(argv)
+
+    if args.command == "status":
+        print(build_status())
+        return 0
+    if args.command == "set":
+        table = AllowanceTable.open(args.table)
+        table.set_allowance(args.slot, parse_tpcs(args.tpcs, table.tpcs_on_gpu))
+        print(f"slot {args.slot}: generation {table.allowance(args.slot)[0]}, TPCs {args.tpcs}")
+        table.close(unlink=False)
+        return 0
+    if args.command == "probe-layout":
+        table = AllowanceTable.open(args.table)
+        _probe_into(table)
+        print(f"co-scheduled group of each TPC: {table.cosched_map()}")
+        table.close(unlink=False)
+        return 0
+    if args.command == "launches":
+        records, next_index = LaunchRing(ring_path(args.table, args.slot)).read()
+        for r in records:
+            print(f"{r['kernel_name'].decode()[:40]:40s} grid={tuple(r['grid'])} block={tuple(r['block'])} "
+                  f"cluster={tuple(r['cluster'])} view={VIEW_NAMES.get(int(r['view']))} tpcs={int(r['tpcs'])} "
+                  f"gpu_ns={int(r['gpu_ns'])}")
+        print(f"{len(records)} records, next index {next_index}")
+        return 0
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    if not cmd:
+        parser.error("run needs a command after --")
+    created = args.table is None
+    table = AllowanceTable.create(args.gpu_uuid or _default_gpu_uuid(), args.directory) if created \
+        else AllowanceTable.open(args.table)
+    try:
+        if args.probe_layout:
+            _probe_into(table)
+        table.set_allowance(args.slot, parse_tpcs(args.tpcs, table.tpcs_on_gpu))
+        print(f"lithos: {table.path} slot {args.slot} TPCs {args.tpcs}", file=sys.stderr, flush=True)
+        return subprocess.call(cmd, env={**os.environ, **client_env(table.path, args.slot)})
+    finally:
+        table.close(unlink=created)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
