@@ -45,6 +45,7 @@ class PackingProblem:
     demand_tpcs: np.ndarray          # [items, slots]
     normalized_demand: np.ndarray    # [items, slots + memory? + count]
     slots_per_day: int
+    max_replica_share: float
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Plan:
     method: str             # "heuristic", "heuristic (meets lower bound)", "exact (HiGHS ...)"
     proved_optimal: bool
     planning_time_s: float
+    max_replica_share: float = DEFAULT_MAX_REPLICA_SHARE
     moved_items: list[str] = field(default_factory=list)   # filled by re-planning
 
     @property
@@ -142,7 +144,7 @@ def build_problem(profile_set: ProfileSet, gpu_name: str = DEFAULT_GPU,
                   for m, r in zip(model_of_item, replica_index)]
     return PackingProblem(gpu, headroom_fraction, usable_tpcs, item_names,
                           [names[m] for m in model_of_item], replica_index, item_replicas,
-                          item_demand, np.hstack(columns), profile_set.slots_per_day)
+                          item_demand, np.hstack(columns), profile_set.slots_per_day, max_replica_share)
 
 
 def lower_bounds(problem: PackingProblem) -> tuple[float, int, int]:
@@ -201,7 +203,8 @@ def make_plan(problem: PackingProblem, profile_set: ProfileSet, gpu_of_item: np.
                 large_item_lower_bound=large_items, peak_packing_gpus=baseline.gpus_used,
                 peak_fluid_bound=round(float(peaks.sum() / problem.usable_tpcs), 4), method=method,
                 proved_optimal=proved_optimal or gpus_used == lower_bound,
-                planning_time_s=round(time.perf_counter() - started_s, 4))
+                planning_time_s=round(time.perf_counter() - started_s, 4),
+                max_replica_share=problem.max_replica_share)
 
 
 def heuristic_packing(problem: PackingProblem, deadline_s: float, seed: int = 0) -> Packing:
@@ -260,11 +263,13 @@ def _renumber(gpu_of_item: np.ndarray) -> np.ndarray:
     return np.array([order.setdefault(int(g), len(order)) for g in gpu_of_item], dtype=np.int64)
 
 
-def gpu_demand_tpcs(plan: Plan, profile_set: ProfileSet) -> np.ndarray:
-    """[gpus_used, slots] summed demand of the replicas on each GPU (from the profile set)."""
+def gpu_demand_tpcs(plan: Plan, profile_set: ProfileSet) -> tuple[list[int], np.ndarray]:
+    """(GPU indices in the plan, [gpus, slots] summed profile demand of the replicas on each)."""
     demand = profile_set.demand_matrix_tpcs()
     row_of_model = {name: row for row, name in enumerate(profile_set.model_names)}
-    loads = np.zeros((plan.gpus_used, profile_set.slots_per_day))
+    gpu_indices = sorted({p.gpu_index for p in plan.placements})
+    row_of_gpu = {gpu: row for row, gpu in enumerate(gpu_indices)}
+    loads = np.zeros((len(gpu_indices), profile_set.slots_per_day))
     for p in plan.placements:
-        loads[p.gpu_index] += demand[row_of_model[p.model]] / p.replicas
-    return loads
+        loads[row_of_gpu[p.gpu_index]] += demand[row_of_model[p.model]] / p.replicas
+    return gpu_indices, loads
