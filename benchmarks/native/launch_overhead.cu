@@ -1,0 +1,37 @@
+// Times each cudaLaunchKernel call of an empty kernel (host side), 1e5 launches by default.
+// usage: launch_overhead N OUT.bin   (writes N uint32 nanoseconds)
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <vector>
+#include <cuda_runtime.h>
+
+__global__ void empty_kernel() {}
+
+static long long now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    int n = argc > 1 ? atoi(argv[1]) : 100000;
+    cudaStream_t stream;
+    if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return 2;
+    for (int i = 0; i < 1000; i++) empty_kernel<<<1, 32, 0, stream>>>();
+    cudaStreamSynchronize(stream);
+    std::vector<unsigned> ns(n);
+    for (int i = 0; i < n; i++) {
+        long long t0 = now_ns();
+        empty_kernel<<<1, 32, 0, stream>>>();
+        ns[i] = (unsigned)(now_ns() - t0);
+        if (i % 256 == 255) cudaStreamSynchronize(stream);  // keep the launch queue from filling
+    }
+    cudaError_t err = cudaStreamSynchronize(stream);
+    if (err == cudaSuccess) err = cudaGetLastError();
+    if (err != cudaSuccess) { fprintf(stderr, "CUDA error %s\n", cudaGetErrorString(err)); return 1; }
+    FILE *f = fopen(argv[2], "wb");
+    fwrite(ns.data(), sizeof(unsigned), n, f);
+    fclose(f);
+    return 0;
+}

@@ -1,0 +1,822 @@
+/*
+ * lithos.c - liblithos.so, the LD_PRELOAD shim that confines an unmodified CUDA program's kernel
+ * launches to the TPC set (its "allowance") the lithos agent publishes in shared memory.
+ *
+ * How it catches launches: the CUDA runtime and most libraries get driver entry points through
+ * dlsym(libcuda, "cuGetProcAddress_v2") and then cuGetProcAddress(name). This file overrides dlsym
+ * and both cuGetProcAddress versions and hands out its own hooks for the names in LITHOS_HOOKS.
+ *
+ * Per launch (no syscall, no lock held across the launch):
+ *   1. load this slot's allowance generation (one atomic load); if it changed, read the TPC mask
+ *      under the seqlock and find (or build, once per distinct TPC set) the green contexts;
+ *   2. pick the view: kernels with clusters > 2 -> co-scheduled 8-SM view, else TPC view;
+ *   3. pick the green stream paired with the application's stream (created once per pair);
+ *   4. app stream -> event -> green stream waits; launch on the green stream; green stream ->
+ *      event -> app stream waits. Everything later on the app stream (event records, syncs,
+ *      copies, graph capture joins) therefore sees the moved kernel;
+ *   5. write the launch identity into this slot's ring; every sample_every-th launch also gets
+ *      timing events and its GPU duration is filled in once it has finished.
+ *
+ * Supported: CUDA 13.0 headers, driver 580.159.04, H100 80GB HBM3 under MPS; x86-64 glibc >= 2.34.
+ */
+#define _GNU_SOURCE
+#include <cuda.h>
+#undef cuGetProcAddress
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lithos_shm.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* ---------------------------------------------------------------- hook list (the one list) */
+
+/* X(exported name, name the runtime asks cuGetProcAddress for, 1 for a per-thread-stream (_ptsz) form) */
+#define LITHOS_HOOKS(X)                                                \
+    X(cuGetProcAddress, "cuGetProcAddress", 0)                         \
+    X(cuGetProcAddress_v2, "cuGetProcAddress", 0)                      \
+    X(cuInit, "cuInit", 0)                                             \
+    X(cuLaunchKernel, "cuLaunchKernel", 0)                             \
+    X(cuLaunchKernel_ptsz, "cuLaunchKernel", 1)                        \
+    X(cuLaunchKernelEx, "cuLaunchKernelEx", 0)                         \
+    X(cuLaunchKernelEx_ptsz, "cuLaunchKernelEx", 1)                    \
+    X(cuLaunchCooperativeKernel, "cuLaunchCooperativeKernel", 0)       \
+    X(cuLaunchCooperativeKernel_ptsz, "cuLaunchCooperativeKernel", 1)  \
+    X(cuGraphLaunch, "cuGraphLaunch", 0)                               \
+    X(cuGraphLaunch_ptsz, "cuGraphLaunch", 1)
+
+/* Signatures of the hooks (the _ptsz forms share their base form's signature). */
+typedef CUresult (*fn_cuGetProcAddress)(const char *, void **, int, cuuint64_t);
+typedef CUresult (*fn_cuGetProcAddress_v2)(const char *, void **, int, cuuint64_t, CUdriverProcAddressQueryResult *);
+typedef CUresult (*fn_cuInit)(unsigned int);
+typedef CUresult (*fn_cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                      CUstream, void **, void **);
+typedef fn_cuLaunchKernel fn_cuLaunchKernel_ptsz;
+typedef CUresult (*fn_cuLaunchKernelEx)(const CUlaunchConfig *, CUfunction, void **, void **);
+typedef fn_cuLaunchKernelEx fn_cuLaunchKernelEx_ptsz;
+typedef CUresult (*fn_cuLaunchCooperativeKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                                                 unsigned, CUstream, void **);
+typedef fn_cuLaunchCooperativeKernel fn_cuLaunchCooperativeKernel_ptsz;
+typedef CUresult (*fn_cuGraphLaunch)(CUgraphExec, CUstream);
+typedef fn_cuGraphLaunch fn_cuGraphLaunch_ptsz;
+
+#define DECLARE_HOOK(name, query, per_thread) EXPORT CUresult name(); static fn_##name real_##name;
+LITHOS_HOOKS(DECLARE_HOOK)
+#undef DECLARE_HOOK
+
+typedef struct {
+    const char *name, *query_name;
+    void *hook;
+    void **real;
+    int per_thread_stream; /* a _ptsz form */
+} hook_entry;
+
+#define HOOK_ENTRY(name, query, per_thread) {#name, query, (void *)name, (void **)&real_##name, per_thread},
+static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
+#undef HOOK_ENTRY
+#define HOOK_COUNT (sizeof(hooks) / sizeof(hooks[0]))
+
+/* Driver functions the shim itself calls (never hooked). */
+#define LITHOS_DRIVER_CALLS(X)                                              \
+    X(cuCtxGetCurrent, "cuCtxGetCurrent")                                   \
+    X(cuCtxGetDevice, "cuCtxGetDevice")                                     \
+    X(cuCtxPushCurrent, "cuCtxPushCurrent_v2")                              \
+    X(cuCtxPopCurrent, "cuCtxPopCurrent_v2")                                \
+    X(cuCtxFromGreenCtx, "cuCtxFromGreenCtx")                               \
+    X(cuDeviceGetUuid, "cuDeviceGetUuid_v2")                                \
+    X(cuDeviceGetDevResource, "cuDeviceGetDevResource")                     \
+    X(cuDevSmResourceSplitByCount, "cuDevSmResourceSplitByCount")           \
+    X(cuDevResourceGenerateDesc, "cuDevResourceGenerateDesc")               \
+    X(cuGreenCtxCreate, "cuGreenCtxCreate")                                 \
+    X(cuGreenCtxStreamCreate, "cuGreenCtxStreamCreate")                     \
+    X(cuEventCreate, "cuEventCreate")                                       \
+    X(cuEventRecord, "cuEventRecord")                                       \
+    X(cuEventQuery, "cuEventQuery")                                         \
+    X(cuEventElapsedTime, "cuEventElapsedTime_v2")                          \
+    X(cuStreamWaitEvent, "cuStreamWaitEvent")                               \
+    X(cuStreamGetPriority, "cuStreamGetPriority")                           \
+    X(cuStreamIsCapturing, "cuStreamIsCapturing")                           \
+    X(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode") \
+    X(cuFuncGetAttribute, "cuFuncGetAttribute")                             \
+    X(cuFuncGetName, "cuFuncGetName")
+
+#define DECLARE_DRIVER(name, symbol) static __typeof__(&name) drv_##name;
+LITHOS_DRIVER_CALLS(DECLARE_DRIVER)
+#undef DECLARE_DRIVER
+
+/* ---------------------------------------------------------------- state */
+
+enum { MODE_PASS_THROUGH = 0, MODE_CONFINED = 1 };
+
+typedef struct {
+    CUgreenCtx green;
+    CUcontext ctx; /* cuCtxFromGreenCtx(green), for creating events in it */
+    uint16_t tpcs;
+} view_ctx;
+
+/* Green contexts for one distinct TPC set; never freed (a handful per process). */
+typedef struct allowance_route {
+    uint64_t tpc_mask[LITHOS_MASK_WORDS];
+    view_ctx views[2]; /* LITHOS_VIEW_TPC, LITHOS_VIEW_COSCHED; green == NULL: no such view */
+    struct allowance_route *next;
+} allowance_route;
+
+#define TIMING_PAIRS 4
+/* The green stream paired with one application stream in one view of one route. */
+typedef struct stream_pair {
+    CUcontext app_ctx;
+    CUstream app_stream;
+    pid_t thread; /* only for the per-thread default stream */
+    allowance_route *route;
+    int view;
+    CUstream green_stream;
+    CUevent app_done;   /* in app_ctx: recorded on the app stream */
+    CUevent green_done; /* in the green context: recorded on the green stream */
+    CUevent timing[TIMING_PAIRS][2];
+    uint64_t timing_index[TIMING_PAIRS]; /* ring index + 1 of the sampled launch; 0 = free */
+    unsigned timing_next;
+    struct stream_pair *next;
+} stream_pair;
+
+static struct {
+    pthread_once_t once;
+    int mode;
+    void *libcuda;
+    void *(*real_dlsym)(void *, const char *);
+    const lithos_table_header *table;
+    uint32_t slot;
+    lithos_ring_header *ring;
+    lithos_launch_record *records;
+    uint32_t sample_every;
+    uint64_t launch_count; /* atomic */
+    int verbose;
+    /* managed device (the GPU whose uuid the table names) */
+    pthread_mutex_t lock; /* guards everything below; never held across a launch */
+    int device_state;     /* 0 unknown, 1 managed, -1 failed */
+    CUdevice device;
+    CUdevResource tpc_groups[LITHOS_MAX_TPCS];
+    unsigned tpc_group_count;
+    CUdevResource cosched_groups[32];
+    unsigned cosched_group_count;
+    allowance_route *routes;
+    stream_pair *pairs;
+    char warned[16];
+} g = {.once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Per-thread cache in front of the locked lists. */
+#define TLS_PAIRS 8
+static __thread struct {
+    uint64_t generation; /* +1, so 0 = nothing cached */
+    allowance_route *route;
+    uint32_t flags;
+    CUcontext ctx;
+    int ctx_managed;
+    stream_pair *pairs[TLS_PAIRS];
+} tls;
+
+static void notice_once(int which, const char *fmt, ...) {
+    if (which >= (int)sizeof(g.warned) || __atomic_exchange_n(&g.warned[which], 1, __ATOMIC_RELAXED)) return;
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("lithos: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED };
+
+/* ---------------------------------------------------------------- dlsym and init */
+
+static void *real_dlsym_fn(void) {
+    void *fn = __atomic_load_n(&g.real_dlsym, __ATOMIC_ACQUIRE);
+    if (!fn) {
+        fn = dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.34");
+        if (!fn) fn = dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.2.5");
+        __atomic_store_n(&g.real_dlsym, fn, __ATOMIC_RELEASE);
+    }
+    return fn;
+}
+
+static const hook_entry *find_hook(const char *name) {
+    for (size_t i = 0; i < HOOK_COUNT; i++)
+        if (strcmp(hooks[i].name, name) == 0) return &hooks[i];
+    return NULL;
+}
+
+static void resolve_driver(void) {
+    g.libcuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!g.libcuda) return;
+    void *(*rd)(void *, const char *) = real_dlsym_fn();
+    for (size_t i = 0; i < HOOK_COUNT; i++) *hooks[i].real = rd(g.libcuda, hooks[i].name);
+#define RESOLVE_DRIVER(name, symbol) drv_##name = rd(g.libcuda, symbol);
+    LITHOS_DRIVER_CALLS(RESOLVE_DRIVER)
+#undef RESOLVE_DRIVER
+}
+
+static int open_ring(const char *table_path, uint32_t slot) {
+    char path[4096];
+    snprintf(path, sizeof(path), "%s.ring%u", table_path, slot);
+    uint32_t capacity = LITHOS_DEFAULT_RING_RECORDS;
+    size_t bytes = lithos_ring_bytes(capacity);
+    int created = 1;
+    int fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 && errno == EEXIST) {
+        created = 0;
+        fd = open(path, O_RDWR | O_CLOEXEC);
+    }
+    if (fd < 0) return -1;
+    if (created && ftruncate(fd, (off_t)bytes) != 0) {
+        close(fd);
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size < bytes) { /* another writer is still creating it */
+        close(fd);
+        return -1;
+    }
+    void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) return -1;
+    lithos_ring_header *h = base;
+    if (created) {
+        h->layout_version[0] = LITHOS_LAYOUT_VERSION;
+        h->header_bytes[0] = sizeof(lithos_ring_header);
+        h->record_bytes[0] = sizeof(lithos_launch_record);
+        h->capacity[0] = capacity;
+        h->sample_every[0] = g.sample_every;
+        h->writer_pid[0] = (uint32_t)getpid();
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        memcpy(h->magic, LITHOS_RING_MAGIC, sizeof(h->magic));
+    } else if (memcmp(h->magic, LITHOS_RING_MAGIC, sizeof(h->magic)) != 0 || h->capacity[0] != capacity) {
+        munmap(base, bytes);
+        return -1;
+    }
+    g.ring = h;
+    g.records = (lithos_launch_record *)((char *)base + h->header_bytes[0]);
+    return 0;
+}
+
+static void init_once(void) {
+    resolve_driver();
+    const char *table_path = getenv("LITHOS_SHM"), *slot_text = getenv("LITHOS_SLOT");
+    g.verbose = getenv("LITHOS_VERBOSE") && atoi(getenv("LITHOS_VERBOSE")) > 0;
+    const char *sample_text = getenv("LITHOS_SAMPLE_EVERY");
+    g.sample_every = sample_text ? (uint32_t)strtoul(sample_text, NULL, 10) : 64u;
+    g.mode = MODE_PASS_THROUGH;
+    if (!table_path || !slot_text || !*table_path || !*slot_text) {
+        notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");
+        return;
+    }
+    char *end = NULL;
+    unsigned long slot = strtoul(slot_text, &end, 10);
+    int fd = open(table_path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || (size_t)st.st_size < sizeof(lithos_table_header)) {
+        notice_once(WARN_PASS, "allowance table %s not usable (%s): passing CUDA launches through unchanged", table_path,
+                    fd < 0 ? strerror(errno) : "too small");
+        if (fd >= 0) close(fd);
+        return;
+    }
+    /* PROT_READ on an O_RDONLY descriptor: this process cannot write any allowance. */
+    const lithos_table_header *table = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    close(fd);
+    if (table == MAP_FAILED || memcmp(table->magic, LITHOS_TABLE_MAGIC, 8) != 0 ||
+        table->layout_version[0] != LITHOS_LAYOUT_VERSION ||
+        (size_t)st.st_size < lithos_table_bytes(table->max_slots[0])) {
+        notice_once(WARN_PASS, "%s is not a lithos allowance table of layout %u: passing CUDA launches through unchanged",
+                    table_path, LITHOS_LAYOUT_VERSION);
+        return;
+    }
+    if (*end != '\0' || slot >= table->max_slots[0]) {
+        notice_once(WARN_PASS, "LITHOS_SLOT=%s is not a slot of %s (0..%u): passing CUDA launches through unchanged",
+                    slot_text, table_path, table->max_slots[0] - 1);
+        return;
+    }
+    g.table = table;
+    g.slot = (uint32_t)slot;
+    if (open_ring(table_path, g.slot) != 0)
+        notice_once(WARN_RING, "cannot open launch ring %s.ring%lu: launches are confined but not recorded", table_path, slot);
+    g.mode = MODE_CONFINED;
+    if (g.verbose) notice_once(WARN_CONFINED, "slot %lu of %s: confining kernel launches", slot, table_path);
+}
+
+static inline void ensure_init(void) { pthread_once(&g.once, init_once); }
+
+EXPORT void *dlsym(void *handle, const char *symbol) {
+    void *(*rd)(void *, const char *) = real_dlsym_fn();
+    if (symbol && symbol[0] == 'c' && symbol[1] == 'u') {
+        const hook_entry *e = find_hook(symbol);
+        if (e) {
+            ensure_init();
+            return rd(handle, symbol) ? e->hook : NULL;
+        }
+    }
+    return rd(handle, symbol);
+}
+
+/* Swap a driver pointer the runtime asked for by name for our hook of the same function. */
+static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
+    if (!pfn || !*pfn) return;
+    const hook_entry *by_name = NULL;
+    for (size_t i = 0; i < HOOK_COUNT; i++) {
+        if (strcmp(hooks[i].query_name, symbol) != 0) continue;
+        if (*hooks[i].real == *pfn) {
+            *pfn = hooks[i].hook;
+            return;
+        }
+        if (hooks[i].per_thread_stream == ((flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) != 0)) by_name = &hooks[i];
+    }
+    if (by_name && !*by_name->real) { /* libcuda did not export it under our name: adopt this pointer */
+        *by_name->real = *pfn;
+        *pfn = by_name->hook;
+    } else if (by_name) {
+        notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an unknown variant; it is not confined", symbol);
+    }
+}
+
+EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cuda_version, cuuint64_t flags,
+                                    CUdriverProcAddressQueryResult *status) {
+    ensure_init();
+    if (!real_cuGetProcAddress_v2) return CUDA_ERROR_NOT_FOUND;
+    CUresult r = real_cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, status);
+    if (r == CUDA_SUCCESS && symbol) swap_for_hook(symbol, pfn, flags);
+    return r;
+}
+
+EXPORT CUresult cuGetProcAddress(const char *symbol, void **pfn, int cuda_version, cuuint64_t flags) {
+    ensure_init();
+    if (!real_cuGetProcAddress) return CUDA_ERROR_NOT_FOUND;
+    CUresult r = real_cuGetProcAddress(symbol, pfn, cuda_version, flags);
+    if (r == CUDA_SUCCESS && symbol) swap_for_hook(symbol, pfn, flags);
+    return r;
+}
+
+EXPORT CUresult cuInit(unsigned int flags) {
+    ensure_init();
+    return real_cuInit ? real_cuInit(flags) : CUDA_ERROR_NOT_FOUND;
+}
+
+EXPORT int64_t lithos_client_allowance(uint64_t tpc_mask[LITHOS_MASK_WORDS]) {
+    ensure_init();
+    if (g.mode != MODE_CONFINED) return -1;
+    uint32_t flags;
+    return (int64_t)lithos_table_read_allowance(g.table, g.slot, tpc_mask, &flags);
+}
+
+/* ---------------------------------------------------------------- kernels: names and clusters */
+
+#define FUNC_CACHE_SIZE 8192u
+typedef struct {
+    uintptr_t function; /* atomic; 0 = empty */
+    uint32_t ready;     /* atomic; 1 once the fields below are filled */
+    uint32_t cluster[3];
+    char name[LITHOS_KERNEL_NAME_BYTES];
+} func_info;
+static func_info func_cache[FUNC_CACHE_SIZE];
+
+static void query_func(CUfunction f, func_info *out) {
+    int dims[3] = {0, 0, 0};
+    const CUfunction_attribute attrs[3] = {CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
+                                           CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH};
+    for (int i = 0; i < 3; i++)
+        if (drv_cuFuncGetAttribute(&dims[i], attrs[i], f) != CUDA_SUCCESS) dims[i] = 0;
+    for (int i = 0; i < 3; i++) out->cluster[i] = dims[i] > 0 ? (uint32_t)dims[i] : 1u;
+    const char *name = NULL;
+    if (drv_cuFuncGetName(&name, f) != CUDA_SUCCESS || !name) name = "?";
+    strncpy(out->name, name, sizeof(out->name) - 1);
+    out->name[sizeof(out->name) - 1] = '\0';
+}
+
+/* Lock-free insert-once cache: the first thread to see a function fills its entry. */
+static const func_info *lookup_func(CUfunction f, func_info *scratch) {
+    uintptr_t key = (uintptr_t)f;
+    uint32_t h = (uint32_t)((key >> 4) * 2654435761u) & (FUNC_CACHE_SIZE - 1);
+    for (uint32_t probe = 0; probe < 64; probe++) {
+        func_info *e = &func_cache[(h + probe) & (FUNC_CACHE_SIZE - 1)];
+        uintptr_t current = __atomic_load_n(&e->function, __ATOMIC_ACQUIRE);
+        if (current == key) {
+            if (__atomic_load_n(&e->ready, __ATOMIC_ACQUIRE)) return e;
+            break; /* another thread is filling it */
+        }
+        if (current == 0) {
+            uintptr_t expected = 0;
+            if (__atomic_compare_exchange_n(&e->function, &expected, key, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                query_func(f, e);
+                __atomic_store_n(&e->ready, 1u, __ATOMIC_RELEASE);
+                return e;
+            }
+            if (expected == key) break;
+        }
+    }
+    query_func(f, scratch);
+    return scratch;
+}
+
+/* ---------------------------------------------------------------- green contexts */
+
+static int build_view(view_ctx *view, CUdevResource *groups, unsigned count) {
+    CUdevResourceDesc desc;
+    if (count == 0) return 0;
+    if (drv_cuDevResourceGenerateDesc(&desc, groups, count) != CUDA_SUCCESS) return -1;
+    if (drv_cuGreenCtxCreate(&view->green, desc, g.device, CU_GREEN_CTX_DEFAULT_STREAM) != CUDA_SUCCESS) return -1;
+    if (drv_cuCtxFromGreenCtx(&view->ctx, view->green) != CUDA_SUCCESS) return -1;
+    return 0;
+}
+
+static int mask_has(const uint64_t *mask, unsigned tpc) { return (mask[tpc / 64] >> (tpc % 64)) & 1u; }
+
+/* Called with g.lock held. */
+static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
+    for (allowance_route *r = g.routes; r; r = r->next)
+        if (memcmp(r->tpc_mask, mask, sizeof(r->tpc_mask)) == 0) return r;
+    allowance_route *r = calloc(1, sizeof(*r));
+    if (!r) return NULL;
+    memcpy(r->tpc_mask, mask, sizeof(r->tpc_mask));
+    CUdevResource picked[LITHOS_MAX_TPCS];
+    unsigned n = 0;
+    for (unsigned t = 0; t < g.tpc_group_count; t++)
+        if (mask_has(mask, t)) picked[n++] = g.tpc_groups[t];
+    r->views[LITHOS_VIEW_TPC].tpcs = (uint16_t)n;
+    if (n == 0 || build_view(&r->views[LITHOS_VIEW_TPC], picked, n) != 0) {
+        notice_once(WARN_ROUTE, "cannot build a green context for the %u allowed TPCs: launches pass through", n);
+        free(r);
+        return NULL;
+    }
+    /* Co-scheduled view: the 8-SM groups whose TPCs all lie in the allowance. */
+    n = 0;
+    unsigned cosched_tpcs = 0;
+    if (__atomic_load_n(&g.table->cosched_probed[0], __ATOMIC_ACQUIRE)) {
+        for (unsigned c = 0; c < g.cosched_group_count; c++) {
+            unsigned members = 0, allowed = 0;
+            for (unsigned t = 0; t < g.tpc_group_count; t++)
+                if (g.table->cosched_group_of_tpc[t] == c) {
+                    members++;
+                    allowed += mask_has(mask, t);
+                }
+            if (members > 0 && members == allowed) {
+                picked[n++] = g.cosched_groups[c];
+                cosched_tpcs += members;
+            }
+        }
+    }
+    r->views[LITHOS_VIEW_COSCHED].tpcs = (uint16_t)cosched_tpcs;
+    if (n > 0 && build_view(&r->views[LITHOS_VIEW_COSCHED], picked, n) != 0) r->views[LITHOS_VIEW_COSCHED].green = NULL;
+    if (!r->views[LITHOS_VIEW_COSCHED].green)
+        notice_once(WARN_COSCHED, "%s: kernels with clusters > 2 pass through unconfined",
+                    g.table->cosched_probed[0] ? "no co-scheduled 8-SM group lies inside the allowance"
+                                               : "the table has no co-scheduled group map (run probe-layout)");
+    r->next = g.routes;
+    g.routes = r;
+    return r;
+}
+
+/* Called with g.lock held: is the current context's device the one the table manages? */
+static int prepare_device(CUdevice dev) {
+    if (g.device_state != 0) return g.device_state > 0 && dev == g.device;
+    CUuuid uuid;
+    char text[64];
+    if (drv_cuDeviceGetUuid(&uuid, dev) != CUDA_SUCCESS) return 0;
+    const unsigned char *b = (const unsigned char *)uuid.bytes;
+    snprintf(text, sizeof(text), "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2],
+             b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    if (strcmp(text, g.table->gpu_uuid) != 0) {
+        notice_once(WARN_DEVICE, "device %d is %s, not the table's %s: its launches pass through", (int)dev, text,
+                    g.table->gpu_uuid);
+        return 0; /* another device: keep looking, it may be used later */
+    }
+    g.device = dev;
+    g.device_state = -1;
+    CUdevResource all, rest;
+    unsigned count = g.table->tpcs_on_gpu[0];
+    if (drv_cuDeviceGetDevResource(dev, &all, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS ||
+        drv_cuDevSmResourceSplitByCount(g.tpc_groups, &count, &all, &rest, CU_DEV_SM_RESOURCE_SPLIT_IGNORE_SM_COSCHEDULING, 2) !=
+            CUDA_SUCCESS) {
+        notice_once(WARN_ROUTE, "cannot split device %d into TPCs: launches pass through", (int)dev);
+        return 0;
+    }
+    g.tpc_group_count = count;
+    count = 32;
+    if (drv_cuDeviceGetDevResource(dev, &all, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS ||
+        drv_cuDevSmResourceSplitByCount(g.cosched_groups, &count, &all, &rest, 0, 8) != CUDA_SUCCESS)
+        count = 0;
+    g.cosched_group_count = count;
+    g.device_state = 1;
+    return 1;
+}
+
+/* Called with g.lock held. */
+static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, allowance_route *route, int view) {
+    pid_t thread = app_stream == CU_STREAM_PER_THREAD ? gettid() : 0;
+    for (stream_pair *p = g.pairs; p; p = p->next)
+        if (p->app_ctx == app_ctx && p->app_stream == app_stream && p->thread == thread && p->route == route && p->view == view)
+            return p;
+    stream_pair *p = calloc(1, sizeof(*p));
+    if (!p) return NULL;
+    p->app_ctx = app_ctx;
+    p->app_stream = app_stream;
+    p->thread = thread;
+    p->route = route;
+    p->view = view;
+    int priority = 0;
+    if (app_stream != NULL && app_stream != CU_STREAM_LEGACY && app_stream != CU_STREAM_PER_THREAD &&
+        drv_cuStreamGetPriority(app_stream, &priority) != CUDA_SUCCESS)
+        priority = 0;
+    view_ctx *v = &route->views[view];
+    int ok = drv_cuEventCreate(&p->app_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS &&
+             drv_cuGreenCtxStreamCreate(&p->green_stream, v->green, CU_STREAM_NON_BLOCKING, priority) == CUDA_SUCCESS &&
+             drv_cuCtxPushCurrent(v->ctx) == CUDA_SUCCESS;
+    if (ok) {
+        ok = drv_cuEventCreate(&p->green_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
+        for (int i = 0; ok && i < TIMING_PAIRS; i++)
+            ok = drv_cuEventCreate(&p->timing[i][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS &&
+                 drv_cuEventCreate(&p->timing[i][1], CU_EVENT_DEFAULT) == CUDA_SUCCESS;
+        CUcontext popped;
+        drv_cuCtxPopCurrent(&popped);
+    }
+    if (!ok) {
+        notice_once(WARN_ROUTE, "cannot create a green stream or its events: launches pass through");
+        free(p);
+        return NULL;
+    }
+    p->next = g.pairs;
+    g.pairs = p;
+    return p;
+}
+
+/* ---------------------------------------------------------------- launch records */
+
+typedef struct {
+    int api, per_thread;
+    CUfunction function;
+    unsigned grid[3], block[3], shared_bytes;
+    CUstream stream;
+    void **params, **extra;
+    const CUlaunchConfig *config;
+    CUgraphExec graph;
+} launch_request;
+
+static uint64_t monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Returns the ring index + 1 of the record, or 0 when nothing was recorded. */
+static uint64_t record_launch(const launch_request *q, const func_info *info, const unsigned cluster[3], int view,
+                              unsigned tpcs, uint64_t generation) {
+    if (!g.ring) return 0;
+    uint64_t index = __atomic_fetch_add(&g.ring->head[0], 1, __ATOMIC_RELAXED);
+    lithos_launch_record *r = &g.records[index % g.ring->capacity[0]];
+    __atomic_store_n(&r->seq[0], 0, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    r->function[0] = q->api == LITHOS_API_GRAPH_LAUNCH ? (uint64_t)(uintptr_t)q->graph : (uint64_t)(uintptr_t)q->function;
+    r->host_ns[0] = monotonic_ns();
+    __atomic_store_n(&r->gpu_ns[0], 0, __ATOMIC_RELAXED);
+    r->allowance_generation[0] = generation;
+    for (int i = 0; i < 3; i++) {
+        r->grid[i] = q->grid[i];
+        r->block[i] = q->block[i];
+        r->cluster[i] = cluster[i];
+    }
+    r->shared_bytes[0] = q->shared_bytes;
+    r->tpcs[0] = (uint16_t)tpcs;
+    r->view[0] = (uint8_t)view;
+    r->api[0] = (uint8_t)q->api;
+    snprintf(r->kernel_name, sizeof(r->kernel_name), "%s", info ? info->name : "cuGraphLaunch");
+    __atomic_store_n(&r->seq[0], index + 1, __ATOMIC_RELEASE);
+    return index + 1;
+}
+
+/* Fill gpu_ns of finished sampled launches. Runs in relaxed capture mode (event queries are
+ * otherwise forbidden while any thread captures a graph in global mode). */
+static void harvest_timings(stream_pair *p) {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    drv_cuThreadExchangeStreamCaptureMode(&mode);
+    for (int i = 0; i < TIMING_PAIRS; i++) {
+        uint64_t ticket = p->timing_index[i];
+        if (!ticket || drv_cuEventQuery(p->timing[i][1]) != CUDA_SUCCESS) continue;
+        float ms = 0.0f;
+        if (drv_cuEventElapsedTime(&ms, p->timing[i][0], p->timing[i][1]) == CUDA_SUCCESS) {
+            lithos_launch_record *r = &g.records[(ticket - 1) % g.ring->capacity[0]];
+            if (__atomic_load_n(&r->seq[0], __ATOMIC_ACQUIRE) == ticket)
+                __atomic_store_n(&r->gpu_ns[0], (uint64_t)((double)ms * 1e6), __ATOMIC_RELAXED);
+        }
+        p->timing_index[i] = 0;
+    }
+    drv_cuThreadExchangeStreamCaptureMode(&mode);
+}
+
+/* ---------------------------------------------------------------- the launch path */
+
+static CUresult call_real(const launch_request *q, CUstream stream) {
+    switch (q->api) {
+    case LITHOS_API_LAUNCH_KERNEL: {
+        fn_cuLaunchKernel fn = q->per_thread ? real_cuLaunchKernel_ptsz : real_cuLaunchKernel;
+        if (!fn) return CUDA_ERROR_NOT_FOUND;
+        return fn(q->function, q->grid[0], q->grid[1], q->grid[2], q->block[0], q->block[1], q->block[2], q->shared_bytes,
+                  stream, q->params, q->extra);
+    }
+    case LITHOS_API_LAUNCH_KERNEL_EX: {
+        fn_cuLaunchKernelEx fn = q->per_thread ? real_cuLaunchKernelEx_ptsz : real_cuLaunchKernelEx;
+        if (!fn) return CUDA_ERROR_NOT_FOUND;
+        if (!q->config) return fn(q->config, q->function, q->params, q->extra);
+        CUlaunchConfig moved = *q->config;
+        moved.hStream = stream;
+        return fn(&moved, q->function, q->params, q->extra);
+    }
+    case LITHOS_API_LAUNCH_COOPERATIVE: {
+        fn_cuLaunchCooperativeKernel fn = q->per_thread ? real_cuLaunchCooperativeKernel_ptsz : real_cuLaunchCooperativeKernel;
+        if (!fn) return CUDA_ERROR_NOT_FOUND;
+        return fn(q->function, q->grid[0], q->grid[1], q->grid[2], q->block[0], q->block[1], q->block[2], q->shared_bytes,
+                  stream, q->params);
+    }
+    default: {
+        fn_cuGraphLaunch fn = q->per_thread ? real_cuGraphLaunch_ptsz : real_cuGraphLaunch;
+        if (!fn) return CUDA_ERROR_NOT_FOUND;
+        return fn(q->graph, stream);
+    }
+    }
+}
+
+static void cluster_of(const launch_request *q, const func_info *info, unsigned cluster[3]) {
+    for (int i = 0; i < 3; i++) cluster[i] = info ? info->cluster[i] : 1u;
+    if (q->api == LITHOS_API_LAUNCH_KERNEL_EX && q->config)
+        for (unsigned i = 0; i < q->config->numAttrs; i++)
+            if (q->config->attrs[i].id == CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION) {
+                cluster[0] = q->config->attrs[i].value.clusterDim.x;
+                cluster[1] = q->config->attrs[i].value.clusterDim.y;
+                cluster[2] = q->config->attrs[i].value.clusterDim.z;
+            }
+}
+
+/* Refresh this thread's route if the allowance changed. Returns the route or NULL (pass through). */
+static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_out) {
+    const lithos_slot *slot =
+        (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)g.slot * g.table->slot_bytes[0]);
+    uint64_t generation = __atomic_load_n(&slot->generation[0], __ATOMIC_ACQUIRE);
+    CUcontext ctx = NULL;
+    if (drv_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx) return NULL;
+    *ctx_out = ctx;
+    if (generation + 1 == tls.generation && ctx == tls.ctx) {
+        *generation_out = generation;
+        return tls.ctx_managed ? tls.route : NULL;
+    }
+    uint64_t mask[LITHOS_MASK_WORDS];
+    uint32_t flags = 0;
+    generation = lithos_table_read_allowance(g.table, g.slot, mask, &flags);
+    CUdevice dev;
+    allowance_route *route = NULL;
+    int managed = 0;
+    if (drv_cuCtxGetDevice(&dev) == CUDA_SUCCESS) {
+        pthread_mutex_lock(&g.lock);
+        managed = prepare_device(dev);
+        if (managed && (flags & LITHOS_SLOT_ACTIVE)) route = find_or_build_route(mask);
+        pthread_mutex_unlock(&g.lock);
+    }
+    memset(tls.pairs, 0, sizeof(tls.pairs));
+    tls.generation = generation + 1;
+    tls.ctx = ctx;
+    tls.ctx_managed = managed;
+    tls.route = route;
+    *generation_out = generation;
+    return route;
+}
+
+static CUresult route_launch(launch_request *q) {
+    ensure_init();
+    if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
+    CUstream app_stream = q->stream;
+    if (q->per_thread && (app_stream == NULL)) app_stream = CU_STREAM_PER_THREAD;
+    func_info scratch;
+    const func_info *info = q->api == LITHOS_API_GRAPH_LAUNCH ? NULL : lookup_func(q->function, &scratch);
+    unsigned cluster[3];
+    cluster_of(q, info, cluster);
+    uint64_t generation = 0;
+    CUcontext ctx = NULL;
+    allowance_route *route = current_route(&generation, &ctx);
+    if (q->api == LITHOS_API_GRAPH_LAUNCH || !route) {
+        CUresult r = call_real(q, q->stream);
+        if (r == CUDA_SUCCESS)
+            record_launch(q, info, cluster, q->api == LITHOS_API_GRAPH_LAUNCH ? LITHOS_VIEW_GRAPH : LITHOS_VIEW_UNCONFINED, 0,
+                          generation);
+        return r;
+    }
+    int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    if (!route->views[view].green) {
+        CUresult r = call_real(q, q->stream);
+        if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
+        return r;
+    }
+    /* Green stream for (context, app stream, view): thread cache, then the locked list. */
+    unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)view) % TLS_PAIRS;
+    stream_pair *p = tls.pairs[h];
+    if (!p || p->app_stream != app_stream || p->view != view || p->route != route || p->app_ctx != ctx) {
+        pthread_mutex_lock(&g.lock);
+        p = find_or_build_pair(ctx, app_stream, route, view);
+        pthread_mutex_unlock(&g.lock);
+        if (!p) {
+            CUresult r = call_real(q, q->stream);
+            if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
+            return r;
+        }
+        tls.pairs[h] = p;
+    }
+    /* Order: everything before on the app stream, then the kernel, then everything after. */
+    if (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
+        drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS) {
+        notice_once(WARN_RETRY, "cannot order the app stream before a green stream: this launch passes through");
+        CUresult r = call_real(q, q->stream);
+        if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
+        return r;
+    }
+    uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
+    int timing_slot = -1;
+    if (g.sample_every && g.ring && count % g.sample_every == 0) {
+        CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+        if (drv_cuStreamIsCapturing(p->green_stream, &capture) == CUDA_SUCCESS && capture == CU_STREAM_CAPTURE_STATUS_NONE) {
+            harvest_timings(p);
+            unsigned i = p->timing_next % TIMING_PAIRS;
+            if (!p->timing_index[i] && drv_cuEventRecord(p->timing[i][0], p->green_stream) == CUDA_SUCCESS) timing_slot = (int)i;
+        }
+    }
+    CUresult r = call_real(q, p->green_stream);
+    int launched_view = view;
+    if (r != CUDA_SUCCESS) {
+        /* E.g. a cooperative grid too large for the allowance: run it where the app asked. */
+        notice_once(WARN_RETRY, "a launch failed in its green context (CUresult %d); it was retried unconfined", (int)r);
+        r = call_real(q, q->stream);
+        launched_view = LITHOS_VIEW_UNCONFINED;
+        timing_slot = -1;
+    }
+    if (drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
+        drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
+    if (r != CUDA_SUCCESS) return r;
+    uint64_t ticket = record_launch(q, info, cluster, launched_view,
+                                    launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation);
+    if (timing_slot >= 0 && drv_cuEventRecord(p->timing[timing_slot][1], p->green_stream) == CUDA_SUCCESS && ticket) {
+        p->timing_index[timing_slot] = ticket;
+        p->timing_next++;
+    }
+    return r;
+}
+
+/* ---------------------------------------------------------------- the hooks */
+
+#define LAUNCH_KERNEL_HOOK(name, api_kind, per_thread_stream)                                                          \
+    EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
+                         unsigned shared_bytes, CUstream stream, void **params, void **extra) {                        \
+        launch_request q = {api_kind, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz}, shared_bytes, stream, params,  \
+                            extra, NULL, NULL};                                                                        \
+        return route_launch(&q);                                                                                       \
+    }
+LAUNCH_KERNEL_HOOK(cuLaunchKernel, LITHOS_API_LAUNCH_KERNEL, 0)
+LAUNCH_KERNEL_HOOK(cuLaunchKernel_ptsz, LITHOS_API_LAUNCH_KERNEL, 1)
+
+#define LAUNCH_COOPERATIVE_HOOK(name, per_thread_stream)                                                               \
+    EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
+                         unsigned shared_bytes, CUstream stream, void **params) {                                      \
+        launch_request q = {LITHOS_API_LAUNCH_COOPERATIVE, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz},            \
+                            shared_bytes, stream, params, NULL, NULL, NULL};                                           \
+        return route_launch(&q);                                                                                       \
+    }
+LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel, 0)
+LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel_ptsz, 1)
+
+#define LAUNCH_EX_HOOK(name, per_thread_stream)                                                                        \
+    EXPORT CUresult name(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {                   \
+        launch_request q = {LITHOS_API_LAUNCH_KERNEL_EX, per_thread_stream, f, {0, 0, 0}, {0, 0, 0}, 0, NULL, params,  \
+                            extra, config, NULL};                                                                      \
+        if (config) {                                                                                                  \
+            q.grid[0] = config->gridDimX, q.grid[1] = config->gridDimY, q.grid[2] = config->gridDimZ;                  \
+            q.block[0] = config->blockDimX, q.block[1] = config->blockDimY, q.block[2] = config->blockDimZ;            \
+            q.shared_bytes = config->sharedMemBytes, q.stream = config->hStream;                                       \
+        }                                                                                                              \
+        return route_launch(&q);                                                                                       \
+    }
+LAUNCH_EX_HOOK(cuLaunchKernelEx, 0)
+LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
+
+#define GRAPH_LAUNCH_HOOK(name, per_thread_stream)                                                                     \
+    EXPORT CUresult name(CUgraphExec graph, CUstream stream) {                                                        \
+        launch_request q = {LITHOS_API_GRAPH_LAUNCH, per_thread_stream, NULL, {0, 0, 0}, {0, 0, 0}, 0, stream, NULL,    \
+                            NULL, NULL, graph};                                                                        \
+        return route_launch(&q);                                                                                       \
+    }
+GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
+GRAPH_LAUNCH_HOOK(cuGraphLaunch_ptsz, 1)
+
+/* For tests and tools: the names of every hook, in list order; NULL past the end. */
+EXPORT const char *lithos_hook_name(int index) {
+    return index >= 0 && (size_t)index < HOOK_COUNT ? hooks[index].name : NULL;
+}

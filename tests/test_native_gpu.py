@@ -1,0 +1,110 @@
+"""GPU tests of liblithos.so: launches really run on the allowance. Skipped without a GPU."""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from lithos_ray import native
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SPIN_WORKER = ROOT / "benchmarks" / "native" / "spin_worker.py"
+
+
+def _gpu_reason():
+    if shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi: no NVIDIA GPU on this machine"
+    if subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
+        return "nvidia-smi finds no GPU"
+    try:
+        import cuda.bindings  # noqa: F401
+        import pynvml  # noqa: F401
+    except ImportError as exc:
+        return f"GPU tests need cuda-bindings and nvidia-ml-py: {exc}"
+    return None
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))]
+
+
+@pytest.fixture(scope="module")
+def table():
+    assert subprocess.run(["make", "-C", str(ROOT / "native")], capture_output=True).returncode == 0
+    t = native.AllowanceTable.create(native._default_gpu_uuid(), tempfile.mkdtemp(prefix="lithos-test-"))
+    native._probe_into(t)
+    yield t
+    t.close()
+
+
+def spin_ms(table, slot, tpcs, blocks, seconds=1.0, extra_env=None):
+    table.set_allowance(slot, tpcs)
+    env = {**os.environ, **native.client_env(table.path, slot), **(extra_env or {})}
+    proc = subprocess.run([sys.executable, str(SPIN_WORKER), str(blocks), str(time.time()), str(seconds), "t"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])["ms_per_launch"], proc.stderr
+
+
+def test_probe_maps_every_tpc_of_a_cosched_group(table):
+    group_of_tpc = table.cosched_map()
+    assert group_of_tpc is not None and len(group_of_tpc) == 66
+    in_groups = [g for g in group_of_tpc if g != 255]
+    assert len(in_groups) == 60  # 15 groups of 8 SMs = 60 TPCs; 6 TPCs lie outside every group
+    assert all(in_groups.count(g) == 4 for g in set(in_groups))
+
+
+def test_half_the_tpcs_take_twice_as_long(table):
+    blocks = 16 * 2 * 22  # one wave on 22 TPCs
+    on_22, stderr = spin_ms(table, 0, list(range(22)), blocks)
+    on_11, _ = spin_ms(table, 0, list(range(11)), blocks)
+    assert 1.8 < on_11 / on_22 < 2.2, (on_22, on_11, stderr)
+
+
+def test_launches_are_recorded_with_their_allowance(table):
+    start = native.LaunchRing(native.ring_path(table.path, 1)).read(0, 1)[1]
+    spin_ms(table, 1, list(range(8)), 16 * 16, seconds=0.3, extra_env={"LITHOS_SAMPLE_EVERY": "1"})
+    records, _ = table.read_launches(1, since_index=start)
+    spins = [r for r in records if r["kernel_name"] == b"spin"]
+    assert len(spins) > 10
+    assert all(int(r["tpcs"]) == 8 and int(r["view"]) == 0 and tuple(r["block"]) == (128, 1, 1) for r in spins)
+    assert sum(int(r["gpu_ns"]) > 0 for r in spins) > len(spins) // 2
+
+
+def test_torch_library_kernels_run_confined_without_errors(table):
+    code = ("import torch\n"
+            "for dt in (torch.float16, torch.bfloat16, torch.float32):\n"
+            "    for n in (64, 256, 4096):\n"
+            "        a = torch.randn(n, n, device='cuda', dtype=dt); ref = (a.double() @ a.double())\n"
+            "        err = ((a @ a).double() - ref).norm() / ref.norm(); assert err < 2e-2, (dt, n, float(err))\n"
+            "x = torch.randn(8, 64, 56, 56, device='cuda', dtype=torch.half)\n"
+            "torch.nn.functional.conv2d(x, torch.randn(64, 64, 3, 3, device='cuda', dtype=torch.half))\n"
+            "q = torch.randn(4, 12, 128, 64, device='cuda', dtype=torch.half)\n"
+            "torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
+            "torch.cuda.synchronize(); print('ok')\n")
+    table.set_allowance(2, list(range(0, 32)))
+    start = native.LaunchRing(native.ring_path(table.path, 2)).read(0, 1)[1]
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **native.client_env(table.path, 2)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    records, _ = table.read_launches(2, since_index=start)
+    views = {int(r["view"]) for r in records}
+    assert 0 in views  # TPC view used
+    assert any(int(r["view"]) == 1 for r in records if int(r["cluster"].prod()) > 2) or not any(
+        int(r["cluster"].prod()) > 2 for r in records)
+
+
+def test_mps_start_query_stop():
+    from lithos_ray import mps
+    run_dir = tempfile.mkdtemp(prefix="lithos-mps-test-")
+    env = mps.start_mps(run_dir)
+    try:
+        assert mps.mps_running(run_dir)
+        assert env["CUDA_MPS_PIPE_DIRECTORY"].startswith(run_dir)
+    finally:
+        mps.stop_mps(run_dir)
+    assert not mps.mps_running(run_dir)
