@@ -17,8 +17,14 @@ def _connect(address: str | None) -> None:
     from .errors import LithosNotRunning
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from .node import reachable_gcs
+
+    gcs = reachable_gcs(address)
+    if gcs is None:
+        raise LithosNotRunning(f"lithos is not running here: no Ray cluster answers at {address or 'this node'}. "
+                               f"Start it with `lithos-ray start --head` (add --simulate H100:2 without a GPU)")
     try:
-        ray.init(address=address or "auto", namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(address=gcs, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
         raise LithosNotRunning(f"lithos is not running here: no Ray cluster at {address or 'this node'} ({exc}). "
                                f"Start it with `lithos-ray start --head` (add --simulate H100:2 without a GPU)") from None

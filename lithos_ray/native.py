@@ -254,6 +254,15 @@ class AllowanceTable:
             return None
         return [int(x) for x in header["cosched_group_of_tpc"][: self.tpcs_on_gpu]]
 
+    def cosched_groups(self) -> dict[int, list[int]]:
+        """{co-scheduled group: its TPC ids}. Allowances made of whole groups keep cluster kernels
+        (clusters > 2, e.g. cuBLAS nvjet GEMMs) confined; other TPCs serve only cluster-free kernels."""
+        groups: dict[int, list[int]] = {}
+        for tpc, group in enumerate(self.cosched_map() or []):
+            if group != 255:
+                groups.setdefault(group, []).append(tpc)
+        return groups
+
     def read_launches(self, slot: int, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, int]:
         """Launch records of `slot` from `since_index` on: (structured array, next index)."""
         self._check_slot(slot)

@@ -111,6 +111,23 @@ def stop_agents(node_id: str | None = None) -> int:
     return killed
 
 
+def reachable_gcs(address: str | None) -> str | None:
+    """host:port of the Ray GCS if something listens there; `ray.init` would wait minutes on a stale one."""
+    import socket
+
+    from ray._private.utils import read_ray_address
+
+    address = address or os.environ.get("RAY_ADDRESS") or read_ray_address()
+    if not address or address == "auto" or ":" not in address:
+        return None
+    host, port = address.replace("ray://", "").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
 def _ray_cli() -> str:
     candidate = Path(sys.executable).with_name("ray")
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
@@ -158,7 +175,10 @@ def stop_node() -> dict:
     killed = 0
     try:
         import ray
-        ray.init(address="auto", namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+        gcs = reachable_gcs(None)
+        if gcs is None:
+            raise LithosNotRunning("no Ray GCS answers on this node")
+        ray.init(address=gcs, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
         killed = stop_agents(state["node_id"])
         ray.shutdown()
     except Exception as exc:  # Ray already gone: nothing of ours is left in it
