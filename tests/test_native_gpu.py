@@ -56,6 +56,8 @@ def test_probe_maps_every_tpc_of_a_cosched_group(table):
     in_groups = [g for g in group_of_tpc if g != 255]
     assert len(in_groups) == 60  # 15 groups of 8 SMs = 60 TPCs; 6 TPCs lie outside every group
     assert all(in_groups.count(g) == 4 for g in set(in_groups))
+    groups = table.cosched_groups()
+    assert len(groups) == 15 and all(len(tpcs) == 4 for tpcs in groups.values())
 
 
 def test_half_the_tpcs_take_twice_as_long(table):
@@ -72,7 +74,11 @@ def test_launches_are_recorded_with_their_allowance(table):
     spins = [r for r in records if r["kernel_name"] == b"spin"]
     assert len(spins) > 10
     assert all(int(r["tpcs"]) == 8 and int(r["view"]) == 0 and tuple(r["block"]) == (128, 1, 1) for r in spins)
-    assert sum(int(r["gpu_ns"]) > 0 for r in spins) > len(spins) // 2
+    # Sampling is best effort (4 timing-event pairs per stream, reused once finished): most
+    # launches here overlap, so expect a fair share, and one wave of 0.2 ms each.
+    timed = [int(r["gpu_ns"]) / 1e6 for r in spins if int(r["gpu_ns"]) > 0]
+    assert len(timed) > len(spins) // 10
+    assert 0.15 < sorted(timed)[len(timed) // 2] < 0.3
 
 
 def test_torch_library_kernels_run_confined_without_errors(table):
@@ -86,7 +92,7 @@ def test_torch_library_kernels_run_confined_without_errors(table):
             "q = torch.randn(4, 12, 128, 64, device='cuda', dtype=torch.half)\n"
             "torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
             "torch.cuda.synchronize(); print('ok')\n")
-    table.set_allowance(2, list(range(0, 32)))
+    table.set_allowance(2, list(range(0, 32)))  # holds co-scheduled groups 0..3 (see the probe's map)
     start = native.LaunchRing(native.ring_path(table.path, 2)).read(0, 1)[1]
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **native.client_env(table.path, 2)},
                           capture_output=True, text=True, timeout=300)

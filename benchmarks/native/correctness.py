@@ -37,6 +37,7 @@ def main(out_dir, tpcs_text="0-31"):
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native._probe_into(table)
     table.set_allowance(0, native.parse_tpcs(tpcs_text))
+    cosched_groups = table.cosched_groups()
     try:
         plain, plain_err = run(dict(os.environ))
         env = {**os.environ, **native.client_env(table.path, 0)}
@@ -50,10 +51,10 @@ def main(out_dir, tpcs_text="0-31"):
     for r in records:
         views[native.VIEW_NAMES[int(r["view"])]] = views.get(native.VIEW_NAMES[int(r["view"])], 0) + 1
     payload = {**metadata(f"python benchmarks/native/correctness.py {out_dir} {tpcs_text}"),
-               "allowance_tpcs": tpcs_text, "cosched_map": None,
+               "allowance_tpcs": tpcs_text, "cosched_groups": cosched_groups,
                "all_identical": all(v["identical"] for v in comparison.values()) and not plain["errors"] and not shimmed["errors"],
                "errors_plain": plain["errors"], "errors_shim": shimmed["errors"], "comparison": comparison,
-               "launch_views_first_4096_records": views,
+               "launch_views_last_4096_records": views,
                "shim_stderr_tail": shim_err[-800:]}
     write_json(os.path.join(out_dir, "native_correctness.json"), payload)
     print(json.dumps({k: v["identical"] for k, v in comparison.items()}, indent=0))

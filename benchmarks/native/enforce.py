@@ -5,9 +5,12 @@ Writes OUT_DIR/native_enforcement.json and .png.
 """
 import json
 import os
+
+import numpy as np
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -19,8 +22,11 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spin_worker.p
 SECONDS = 2.0
 
 
-def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, during=None, extra_env=None):
-    """clients: list of (slot, tpc_ids, tag); kernels sized to one wave on the allowance."""
+def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, during=None, extra_env=None, ring_slot=None):
+    """clients: list of (slot, tpc_ids, tag); kernels sized to one wave on the allowance.
+
+    during(start_at) runs in a thread (it changes allowances); with ring_slot, that slot's launch
+    ring is read every 20 ms while the clients run (the ring holds 4096 records)."""
     start_at = time.time() + 6.0
     procs = []
     for slot, tpc_ids, tag in clients:
@@ -29,7 +35,21 @@ def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, duri
         args = [sys.executable, WORKER, str(16 * 2 * len(tpc_ids)), str(start_at), str(seconds), tag]
         procs.append(subprocess.Popen(args + (["--per-launch"] if per_launch else []), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    events = during(start_at) if during else []
+    events, records = [], []
+    thread = threading.Thread(target=lambda: events.extend(during(start_at))) if during else None
+    if thread:
+        thread.start()
+    if ring_slot is not None:
+        ring = native.LaunchRing(native.ring_path(table.path, ring_slot))
+        next_index = ring.read(0, 1)[1] if os.path.exists(ring.path) else 0
+        while any(proc.poll() is None for proc in procs):
+            batch, next_index = ring.read(next_index, 4096)
+            records.extend(batch)
+            time.sleep(0.02)
+        batch, next_index = ring.read(next_index, 4096)
+        records.extend(batch)
+    if thread:
+        thread.join()
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -37,7 +57,7 @@ def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, duri
             raise RuntimeError(f"client failed rc={proc.returncode}: {err[-2000:]}")
         results.append(json.loads(out.strip().splitlines()[-1]))
         results[-1]["stderr"] = err.strip()[-300:]
-    return results, events
+    return (results, events, records) if ring_slot is not None else (results, events)
 
 
 def main(out_dir: str) -> None:
@@ -67,11 +87,9 @@ def main(out_dir: str) -> None:
             events.append({"monotonic_ns": time.monotonic_ns(), "tpcs": 22, "generation": table.allowance(0)[0]})
             return events
 
-        ring_start = native.LaunchRing(native.ring_path(table.path, 0)).read(0, 1)[1]
-        results, events = run_clients(table, mps_env, [(0, r22, "change")], per_launch=True, seconds=3.0, during=change,
-                                      extra_env={"LITHOS_SAMPLE_EVERY": "1"})
-        records, _ = table.read_launches(0, since_index=ring_start, max_records=4096)
-        samples = results[0].pop("per_launch")
+        results, events, records = run_clients(table, mps_env, [(0, r22, "change")], per_launch=True, seconds=3.0,
+                                               during=change, extra_env={"LITHOS_SAMPLE_EVERY": "1"}, ring_slot=0)
+        records = [r for r in records if r["kernel_name"] == b"spin"]
         # The first launch issued after each change: its generation, TPCs and GPU time.
         after = []
         for event in events:
@@ -79,14 +97,17 @@ def main(out_dir: str) -> None:
             first = later[0] if later else None
             after.append({"change": event, "first_launch_after": None if first is None else {
                 "allowance_generation": int(first["allowance_generation"]), "tpcs": int(first["tpcs"]),
-                "gpu_ms": int(first["gpu_ns"]) / 1e6, "view": native.VIEW_NAMES[int(first["view"])]}})
+                "gpu_ms": int(first["gpu_ns"]) / 1e6, "view": native.VIEW_NAMES[int(first["view"])],
+                "host_ns_after_change": int(first["host_ns"]) - event["monotonic_ns"]}})
+        by_generation = {}
+        for r in records:
+            by_generation.setdefault(int(r["allowance_generation"]), []).append(int(r["gpu_ns"]) / 1e6)
         scenarios["allowance_change"] = {"client": results[0], "events": events, "first_launch_after_change": after,
+                                         "gpu_ms_median_by_generation": {g: float(np.median(v)) for g, v in by_generation.items()},
+                                         "launches_by_generation": {g: len(v) for g, v in by_generation.items()},
                                          "records": [{"host_ns": int(r["host_ns"]), "gpu_ms": int(r["gpu_ns"]) / 1e6,
                                                       "tpcs": int(r["tpcs"]), "generation": int(r["allowance_generation"])}
-                                                     for r in records],
-                                         "host_ms_per_launch": samples}
-        spin_records = [r for r in records if r["kernel_name"].startswith(b"spin")]
-        scenarios["ring_kernel_names"] = sorted({r["kernel_name"].decode() for r in spin_records})
+                                                     for r in records]}
     finally:
         mps.stop_mps(run_dir)
         table.close()
@@ -99,6 +120,7 @@ def main(out_dir: str) -> None:
                for name, v in scenarios.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
     print(json.dumps(summary, indent=1))
     print(json.dumps(scenarios["allowance_change"]["first_launch_after_change"], indent=1))
+    print(json.dumps(scenarios["allowance_change"]["gpu_ms_median_by_generation"], indent=1))
     plot(payload, os.path.join(out_dir, "native_enforcement.png"))
 
 
