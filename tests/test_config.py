@@ -59,3 +59,13 @@ def test_simulate_spec_and_model_table():
     assert lookup_model("NVIDIA H100 80GB HBM3").name == "H100"
     with pytest.raises(ValueError, match="known models"):
         lookup_model("V999")
+
+
+def test_documented_status_schema_is_the_code_schema():
+    import json
+    from pathlib import Path
+
+    from lithos_ray.status import ClusterStatus
+
+    documented = json.loads((Path(__file__).parents[1] / "docs" / "STATUS_SCHEMA.json").read_text())
+    assert documented == ClusterStatus.model_json_schema(), "regenerate: lithos-ray status --schema > docs/STATUS_SCHEMA.json"
