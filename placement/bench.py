@@ -69,6 +69,12 @@ def _machine() -> dict:
             "platform": platform.platform(), "gpu": "none (planning runs on the CPU)"}
 
 
+def _program_name() -> str:
+    if sys.argv[0].endswith(str(Path("placement", "cli.py"))):
+        return "python -m lithos_ray.placement.cli"
+    return Path(sys.argv[0]).name
+
+
 def _git_commit() -> str | None:
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -174,7 +180,7 @@ def run_benchmark(args) -> int:
               f"{100 * check['peak_packing_overloaded_gpu_slot_share']:.2f}%")
     result = {
         "benchmark": "lithos-ray bench place",
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join([_program_name()] + sys.argv[1:]),
         "git_commit": _git_commit(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(),

@@ -1,7 +1,7 @@
 """`lithos-ray place` and `lithos-ray bench place`: argument parsing and printing only.
 
 lithos_ray/cli.py wires these in; until then `python -m lithos_ray.placement.cli place ...` and
-`python -m lithos_ray.placement.cli bench ...` run them directly.
+`python -m lithos_ray.placement.cli bench ...` run them directly. `generate` writes profile sets.
 """
 from __future__ import annotations
 
@@ -131,13 +131,41 @@ def run_bench(args) -> int:
         return 2
 
 
+def configure_generate_parser(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synthetic", type=int, metavar="N", help="N seeded synthetic diurnal models")
+    source.add_argument("--servegen", metavar="DIR", help="derive from a ServeGen trace folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default 0)")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="slots per day (default 96 synthetic, 48 ServeGen)")
+    parser.add_argument("--output", required=True, metavar="FILE", help="profile set JSON to write")
+
+
+def run_generate(args) -> int:
+    from .generators import servegen_profile_set, synthetic_profile_set
+    from .profiles import save_profile_set
+    try:
+        if args.synthetic is not None:
+            profile_set = synthetic_profile_set(args.synthetic, seed=args.seed, slots_per_day=args.slots or 96)
+        else:
+            profile_set = servegen_profile_set(args.servegen, slots_per_day=args.slots or 48)
+    except ProfileError as error:
+        print(f"generate: {error}", file=sys.stderr)
+        return 2
+    save_profile_set(profile_set, args.output)
+    print(f"wrote {len(profile_set.models)} models x {profile_set.slots_per_day} slots to {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lithos_ray.placement.cli")
     commands = parser.add_subparsers(dest="command", required=True)
     configure_place_parser(commands.add_parser("place", help="plan model placement from traffic profiles"))
     configure_bench_parser(commands.add_parser("bench", help="placement benchmark (lithos-ray bench place)"))
+    configure_generate_parser(commands.add_parser("generate", help="write a synthetic or ServeGen profile set"))
     args = parser.parse_args(argv)
-    return run_place(args) if args.command == "place" else run_bench(args)
+    run = {"place": run_place, "bench": run_bench, "generate": run_generate}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

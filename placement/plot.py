@@ -53,7 +53,7 @@ def plot_plan(plan: Plan, profile_set: ProfileSet, path: str | Path,
     for axis in axes[:, 0]:
         axis.set_ylabel("TPC demand")
     for axis in axes[-1, :]:
-        axis.set_xlabel("hour of day (UTC)")
+        axis.set_xlabel("hour of day (profile clock)")
     shown_text = f"{len(shown)} of {plan.gpus_used} GPUs (evenly spaced)" if plan.gpus_used > len(shown) \
         else f"{plan.gpus_used} GPUs"
     figure.suptitle(f"{len(plan.placements)} replicas on {shown_text}, {plan.gpu_model} "

@@ -3,7 +3,8 @@
 A profile set has two parts:
 - `models`: per model, `tpcs_per_rps` (TPCs kept busy by one request/s: from the right-sizer once it
   exists, given by the user until then), `slo_ms`, and optionally `memory_gib` and `min_tpcs`;
-- `traffic`: per model, `slots_per_day` request rates in requests/s (slot 0 starts at 00:00 UTC).
+- `traffic`: per model, `slots_per_day` request rates in requests/s (slot 0 starts at 00:00 of one
+  clock shared by the whole set; UTC unless the set says otherwise in `source`).
 
 TPC demand of a model in a slot = max(min_tpcs, rate_rps * tpcs_per_rps). Files are JSON (both parts)
 or CSV (traffic only, long form `model,slot,rate_rps`, with the models part from a JSON file).
