@@ -291,6 +291,14 @@ class LaunchRing:
     def __init__(self, path: str):
         self.path = path
 
+    def head(self) -> int:
+        """Index the next launch record will get (0 when the client has not created the ring yet)."""
+        if not os.path.exists(self.path):
+            return 0
+        header_dtype = layout()["lithos_ring_header"]
+        with open(self.path, "rb") as handle:
+            return int(np.frombuffer(handle.read(header_dtype.itemsize), dtype=header_dtype)[0]["head"])
+
     def read(self, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, int]:
         record_dtype = layout()["lithos_launch_record"]
         if not os.path.exists(self.path):

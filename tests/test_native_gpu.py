@@ -68,7 +68,7 @@ def test_half_the_tpcs_take_twice_as_long(table):
 
 
 def test_launches_are_recorded_with_their_allowance(table):
-    start = native.LaunchRing(native.ring_path(table.path, 1)).read(0, 1)[1]
+    start = native.LaunchRing(native.ring_path(table.path, 1)).head()
     spin_ms(table, 1, list(range(8)), 16 * 16, seconds=0.3, extra_env={"LITHOS_SAMPLE_EVERY": "1"})
     records, _ = table.read_launches(1, since_index=start)
     spins = [r for r in records if r["kernel_name"] == b"spin"]
@@ -93,7 +93,7 @@ def test_torch_library_kernels_run_confined_without_errors(table):
             "torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
             "torch.cuda.synchronize(); print('ok')\n")
     table.set_allowance(2, list(range(0, 32)))  # holds co-scheduled groups 0..3 (see the probe's map)
-    start = native.LaunchRing(native.ring_path(table.path, 2)).read(0, 1)[1]
+    start = native.LaunchRing(native.ring_path(table.path, 2)).head()
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **native.client_env(table.path, 2)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

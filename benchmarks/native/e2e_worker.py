@@ -35,7 +35,7 @@ def resnet50():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-    return timed(step, 10, 40)
+    return timed(step, 10, 30)
 
 
 def bert_base():

@@ -41,7 +41,7 @@ def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, duri
         thread.start()
     if ring_slot is not None:
         ring = native.LaunchRing(native.ring_path(table.path, ring_slot))
-        next_index = ring.read(0, 1)[1] if os.path.exists(ring.path) else 0
+        next_index = ring.head()
         while any(proc.poll() is None for proc in procs):
             batch, next_index = ring.read(next_index, 4096)
             records.extend(batch)
