@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .errors import LithosError
+from .errors import LithosError, LithosRequestError
 
 
 def _connect(address: str | None) -> None:
@@ -74,6 +74,41 @@ def cmd_demo(args) -> int:
     return run_demo(simulate=args.simulate, seconds=args.seconds)
 
 
+def cmd_run(args) -> int:
+    """Get a grant for this process, then exec the program: same pid, so the grant lives exactly as long."""
+    import ray
+
+    from . import client
+    from .config import make_request
+    from .node import NODE_STATE_FILE
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise LithosRequestError("lithos-ray run needs a program after --, e.g. lithos-ray run --tpc 12 -- python x.py")
+    fields = dict(tpcs=args.tpc, priority=args.priority, slo_ms=args.slo_ms, gpu_index=args.gpu_index)
+    if args.acquire_timeout_s is not None:
+        fields["acquire_timeout_s"] = args.acquire_timeout_s
+    request = make_request(**fields)
+    _connect(None)
+    node_id = ray.get_runtime_context().get_node_id()
+    agents = client.list_agents(node_id)
+    ray.shutdown()
+    grant = client.acquire(request, agents, name=os.path.basename(command[0]), node_id=node_id)
+    env = {**os.environ, **client.grant_env(grant)}
+    if NODE_STATE_FILE.exists():
+        env.update(json.loads(NODE_STATE_FILE.read_text()).get("mps_env") or {})
+    if grant.shm_path:
+        from . import native
+        env.update(native.client_env(grant.shm_path, grant.slot))
+    print(f"lithos-ray run: {grant.tpcs} TPCs {list(grant.tpc_ids)} on GPU {grant.gpu_index} ({grant.gpu_uuid}"
+          f"{', simulated' if grant.simulated else ''})", file=sys.stderr, flush=True)
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        client.release(grant)
+        raise LithosRequestError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lithos-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -102,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulate", metavar="MODEL:COUNT", help="force simulated GPUs (default: real GPUs if any, else H100:1)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long the demo's workloads run (default 10)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run an unmodified program as a lithos client of this node")
+    p.add_argument("--tpc", type=int, required=True, help="TPCs of one GPU for the program")
+    p.add_argument("--priority", default="best_effort", help="latency_critical or best_effort (default)")
+    p.add_argument("--slo-ms", type=float, help="latency objective of one request")
+    p.add_argument("--gpu-index", type=int, help="only this GPU of the node")
+    p.add_argument("--acquire-timeout-s", type=float, help="how long to wait for room on one GPU (default 120)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
+    p.set_defaults(func=cmd_run)
 
     _add_optional_commands(sub)
     return parser

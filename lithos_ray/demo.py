@@ -119,7 +119,7 @@ def run_demo(simulate: str | None = None, seconds: float = 10.0) -> int:
 
     from .config import NAMESPACE
     from .gpus import detect_gpus
-    from .node import node_gpus, ray_node_options, start_agents, stop_agents, worker_env
+    from .node import MPS_DIR, node_gpus, ray_node_options, start_agents, start_node_mps, stop_agents, worker_env
     from .status import cluster_status, format_table
 
     if simulate is None and not detect_gpus():
@@ -128,7 +128,7 @@ def run_demo(simulate: str | None = None, seconds: float = 10.0) -> int:
               "are real; kernel timings come from the simulator and are labelled [simulated].\n")
     gpus = node_gpus(simulate)
     label = " [simulated]" if gpus[0].simulated else ""
-    os.environ.update(worker_env(gpus))
+    os.environ.update({**worker_env(gpus), **start_node_mps(gpus)})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     opts = ray_node_options(gpus)
     print(f"Starting a local Ray cluster with lithos_tpc={opts['resources']['lithos_tpc']} "
@@ -168,5 +168,8 @@ def run_demo(simulate: str | None = None, seconds: float = 10.0) -> int:
     finally:
         stop_agents()
         ray.shutdown()
+        if not gpus[0].simulated:
+            from .mps import stop_mps
+            stop_mps(str(MPS_DIR))
     print("\nDone: Ray and the lithos agents are shut down.")
     return 0

@@ -20,8 +20,13 @@ class NvidiaDevice(Device):
 
         self._info = DeviceInfo(index=index, uuid=uuid, model=model, sms=sms, tpcs=sms // 2, simulated=False)
         self._allowances: dict[int, tuple[int, ...]] = {}
-        self._table = native.AllowanceTable.create(uuid) if native.library_path() else None
+        self._table = native.AllowanceTable.create(uuid, tpcs_on_gpu=sms // 2) if native.library_path() else None
         self.shm_path = self._table.path if self._table else ""
+        if self._table:
+            try:   # which co-scheduled 8-SM group holds each TPC: where cluster kernels may run
+                native._probe_into(self._table)
+            except Exception as exc:
+                logger.warning("co-scheduled group probe failed (%s): cluster>2 kernels will run unconfined", exc)
         self._nvml = None
         try:
             import pynvml

@@ -62,6 +62,21 @@ def ray_node_options(gpus: list[NodeGpu]) -> dict:
     }
 
 
+MPS_DIR = RUN_ROOT / "mps"
+
+
+def start_node_mps(gpus: list[NodeGpu]) -> dict[str, str]:
+    """One MPS control daemon per node serves all its GPUs; clients find it through the returned env.
+    Simulated nodes need none."""
+    if all(g.simulated for g in gpus):
+        return {}
+    from .mps import start_mps
+    try:
+        return start_mps(str(MPS_DIR))
+    except RuntimeError as exc:
+        raise LithosError(f"lithos needs CUDA MPS on GPU nodes (TPC partitions across processes): {exc}") from None
+
+
 def state_dir(node_id: str) -> Path:
     return RUN_ROOT / node_id[:16]
 
@@ -117,6 +132,8 @@ def reachable_gcs(address: str | None) -> str | None:
 
     from ray._private.utils import read_ray_address
 
+    if not address and NODE_STATE_FILE.exists():   # the cluster `lithos-ray start` joined on this node
+        address = json.loads(NODE_STATE_FILE.read_text()).get("gcs_address")
     address = address or os.environ.get("RAY_ADDRESS") or read_ray_address()
     if not address or address == "auto" or ":" not in address:
         return None
@@ -142,7 +159,8 @@ def start_node(head: bool, address: str | None, simulate: str | None, port: int 
         raise LithosRequestError("give exactly one of --head (start a cluster) or --address HOST:PORT (join one)")
     gpus = node_gpus(simulate, node_tag=os.uname().nodename[:12])
     options = ray_node_options(gpus)
-    env = worker_env(gpus)
+    mps_env = start_node_mps(gpus)
+    env = {**worker_env(gpus), **mps_env}
     if acquire_timeout_s is not None:
         env["LITHOS_ACQUIRE_TIMEOUT_S"] = str(acquire_timeout_s)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -160,7 +178,7 @@ def start_node(head: bool, address: str | None, simulate: str | None, port: int 
     node_id = ray.get_runtime_context().get_node_id()
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     agents = start_agents(node_id, gpus)
-    state = {"node_id": node_id, "ray_session_dir": session_dir, "head": head,
+    state = {"node_id": node_id, "gcs_address": ray.get_runtime_context().gcs_address, "ray_session_dir": session_dir, "head": head, "mps_env": mps_env,
              "gpus": [asdict(g) for g in gpus], "agents": agents}
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
     NODE_STATE_FILE.write_text(json.dumps(state, indent=2))
@@ -184,6 +202,9 @@ def stop_node() -> dict:
     except Exception as exc:  # Ray already gone: nothing of ours is left in it
         logger.warning("could not reach Ray to stop the agents (%s)", exc)
     stopped = _stop_ray_session(state["ray_session_dir"])
+    if state.get("mps_env"):
+        from .mps import stop_mps
+        stop_mps(str(MPS_DIR))
     shutil.rmtree(state_dir(state["node_id"]), ignore_errors=True)
     NODE_STATE_FILE.unlink(missing_ok=True)
     return {"agents_stopped": killed, "ray_processes_stopped": stopped}

@@ -81,6 +81,15 @@ def test_start_status_use_stop(env):
         clients = [c for n in status["nodes"] for g in n["gpus"] for c in g["clients"]]
         assert [(c["name"], c["granted_tpcs"]) for c in clients] == [("Model", 12)]
 
+        # An unmodified program under `lithos-ray run`: pinned, and its grant ends with it.
+        prog = "import os; print('RUN', os.environ['CUDA_VISIBLE_DEVICES'], os.environ['LITHOS_TPC_IDS'])"
+        out = run_cli("run", "--tpc", "8", "--priority", "latency_critical", "--", sys.executable, "-c", prog, env=env)
+        assert out.returncode == 0, out.stderr
+        run_line = next(l for l in out.stdout.splitlines() if l.startswith("RUN"))
+        assert run_line.split()[1].startswith("SIM-H100-") and len(run_line.split()[2].split(",")) == 8
+        out = run_cli("run", "--tpc", "0", "--", "true", env=env)
+        assert out.returncode == 2 and "greater than or equal to 1" in out.stderr
+
         table = run_cli("status", env=env)
         assert table.returncode == 0 and "GPU 1 H100" in table.stdout and "[SIMULATED]" in table.stdout
     finally:
