@@ -26,9 +26,7 @@ def _latency_summary(latencies_ms, slo_ms: float) -> dict:
             "slo_attainment": float(np.mean(lat <= slo_ms))}
 
 
-class InferenceService:
-    """Latency-critical: BERT-base-like requests, batch 1, open-loop Poisson arrivals."""
-
+class _DemoClient:
     def __init__(self):
         import lithos_ray
         self.grant = lithos_ray.current_grant()
@@ -36,35 +34,29 @@ class InferenceService:
     def describe(self) -> dict:
         return {"pid": os.getpid(), "gpu": self.grant.gpu_uuid, "tpcs": self.grant.tpcs,
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+class InferenceService(_DemoClient):
+    """Latency-critical: BERT-base-like requests, batch 1, open-loop Poisson arrivals."""
 
     def serve(self, seconds: float, rate_per_s: float) -> dict:
         if self.grant.simulated:
             from .scheduler import calibration, simulated
             from .scheduler.gpu_models import lookup_model
-            model = lookup_model(self.grant.gpu_model)
-            result = simulated.simulate_client(model, self.grant.tpcs,
+            result = simulated.simulate_client(lookup_model(self.grant.gpu_model), self.grant.tpcs,
                                                simulated.OpenLoop(calibration.bert_base_b1(), rate_per_s), seconds)
             return _latency_summary(result.latencies_ms, LC_SLO_MS)
         return _latency_summary(_real_inference(seconds, rate_per_s), LC_SLO_MS)
 
 
-class TrainingJob:
+class TrainingJob(_DemoClient):
     """Best-effort: back-to-back large bf16 matmul steps."""
-
-    def __init__(self):
-        import lithos_ray
-        self.grant = lithos_ray.current_grant()
-
-    def describe(self) -> dict:
-        return {"pid": os.getpid(), "gpu": self.grant.gpu_uuid, "tpcs": self.grant.tpcs,
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
     def train(self, seconds: float) -> dict:
         if self.grant.simulated:
             from .scheduler import calibration, simulated
             from .scheduler.gpu_models import lookup_model
-            model = lookup_model(self.grant.gpu_model)
-            result = simulated.simulate_client(model, self.grant.tpcs,
+            result = simulated.simulate_client(lookup_model(self.grant.gpu_model), self.grant.tpcs,
                                                simulated.ClosedLoop(calibration.matmul_train_step()), seconds)
             return {"steps": int(result.completed), "steps_per_s": float(result.throughput_per_s)}
         steps = _real_training(seconds)
