@@ -125,7 +125,7 @@ def run_demo(simulate: str | None = None, seconds: float = 10.0) -> int:
     opts = ray_node_options(gpus)
     print(f"Starting a local Ray cluster with lithos_tpc={opts['resources']['lithos_tpc']} "
           f"({len(gpus)} x {gpus[0].model}{label}) ...")
-    ray.init(num_cpus=2, resources=opts["resources"], num_gpus=0, labels=opts["labels"], namespace=NAMESPACE,
+    ray.init(address="local", num_cpus=2, resources=opts["resources"], num_gpus=0, labels=opts["labels"], namespace=NAMESPACE,
              include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         start_agents(ray.get_runtime_context().get_node_id(), gpus)

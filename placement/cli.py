@@ -135,6 +135,13 @@ def configure_generate_parser(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--synthetic", type=int, metavar="N", help="N seeded synthetic diurnal models")
     source.add_argument("--servegen", metavar="DIR", help="derive from a ServeGen trace folder")
+    source.add_argument("--prometheus", metavar="FILE",
+                        help="recorded rates: a Prometheus query_range answer (JSON), needs --models")
+    parser.add_argument("--models", metavar="FILE", help="with --prometheus: JSON with the models part")
+    parser.add_argument("--utc-offset", type=float, default=0.0, metavar="HOURS",
+                        help="with --prometheus: clock of slot 0 relative to UTC (default 0)")
+    parser.add_argument("--statistic", default="max", choices=("max", "mean"),
+                        help="with --prometheus: fold days by their max or mean per slot (default max)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic set (default 0)")
     parser.add_argument("--slots", type=int, default=None,
                         help="slots per day (default 96 synthetic, 48 ServeGen)")
@@ -143,10 +150,24 @@ def configure_generate_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args) -> int:
     from .generators import servegen_profile_set, synthetic_profile_set
-    from .profiles import save_profile_set
+    from .profiles import build_profile_set, save_profile_set
+    from .recording import samples_from_prometheus_matrix, traffic_from_samples
     try:
         if args.synthetic is not None:
             profile_set = synthetic_profile_set(args.synthetic, seed=args.seed, slots_per_day=args.slots or 96)
+        elif args.prometheus:
+            if not args.models:
+                raise ProfileError("--prometheus needs --models FILE (JSON with the models part)")
+            try:
+                recorded = json.loads(Path(args.prometheus).read_text())
+                catalog = json.loads(Path(args.models).read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise ProfileError(f"cannot read {error}") from None
+            slots = args.slots or (catalog.get("slots_per_day") if isinstance(catalog, dict) else None) or 96
+            traffic = traffic_from_samples(samples_from_prometheus_matrix(recorded), slots,
+                                           args.utc_offset, args.statistic)
+            profile_set = build_profile_set({"slots_per_day": slots, "models": catalog.get("models", {}),
+                                             "traffic": traffic, "source": f"recorded: {args.prometheus}"})
         else:
             profile_set = servegen_profile_set(args.servegen, slots_per_day=args.slots or 48)
     except ProfileError as error:

@@ -292,3 +292,29 @@ def test_cli_bench_writes_json_and_png(tmp_path, capsys):
     assert [row["set"] for row in result["plans"]] == ["synthetic 6 (exact)", "synthetic 30"]
     assert result["machine"]["cpu_count"] >= 1 and result["overload_simulated"][0]["days"] == 2
     assert (tmp_path / "t.png").exists() and (tmp_path / "t_synthetic_30_plan.png").exists()
+
+
+def test_recorded_prometheus_rates_fold_into_a_profile(tmp_path, capsys):
+    from lithos_ray.placement.recording import samples_from_prometheus_matrix, traffic_from_samples
+    start_s = 1_700_006_400                      # a UTC midnight
+    series = []
+    for name, busy_hour in (("chat", 9), ("embed", 21)):
+        values = [[start_s + step * 300, str(10.0 if (step * 300 // 3600) % 24 == busy_hour else 1.0)]
+                  for step in range(2 * 288)]    # two days, 5-minute steps
+        series.append({"metric": {"deployment": name, "application": "app"}, "values": values})
+    response = {"status": "success", "data": {"resultType": "matrix", "result": series}}
+    traffic = traffic_from_samples(samples_from_prometheus_matrix(response), slots_per_day=24)
+    assert traffic["chat"][9] == 10.0 and traffic["chat"][10] == 1.0 and traffic["embed"][21] == 10.0
+    shifted = traffic_from_samples(samples_from_prometheus_matrix(response), 24, utc_offset_h=2.0)
+    assert shifted["chat"][11] == 10.0
+    with pytest.raises(ProfileError, match=r"no samples in slot\(s\) \[12, 13"):
+        traffic_from_samples({"x": [(start_s + h * 3600, 1.0) for h in range(12)]}, 24)
+    with pytest.raises(ProfileError, match="has no 'deployment' label"):
+        samples_from_prometheus_matrix({"data": {"resultType": "matrix", "result": [{"metric": {}, "values": []}]}})
+    (tmp_path / "rates.json").write_text(json.dumps(response))
+    (tmp_path / "models.json").write_text(json.dumps({"slots_per_day": 24, "models": {
+        "chat": {"tpcs_per_rps": 2.0, "slo_ms": 100}, "embed": {"tpcs_per_rps": 1.0, "slo_ms": 500}}}))
+    code = placement_main(["generate", "--prometheus", str(tmp_path / "rates.json"), "--models",
+                           str(tmp_path / "models.json"), "--output", str(tmp_path / "set.json")])
+    assert code == 0 and "wrote 2 models x 24 slots" in capsys.readouterr().out
+    assert load_profile_set(tmp_path / "set.json").traffic["embed"][21] == 10.0
