@@ -57,7 +57,8 @@ def _print_plan_text(plan: Plan, gpu_indices: list[int], loads, out) -> None:
           f"({plan.gpu_tpcs} TPCs, usable {plan.usable_tpcs:.1f} with headroom {plan.headroom_fraction:g})",
           file=out)
     print(f"lower bound: {plan.lower_bound_gpus} GPUs (fluid {plan.fluid_lower_bound:.2f}, "
-          f"large replicas {plan.large_item_lower_bound}); plan / lower bound = {plan.gap_to_lower_bound:.3f}",
+          f"large replicas {plan.large_item_lower_bound}, conflicting replicas "
+          f"{plan.conflict_clique_lower_bound}); plan / lower bound = {plan.gap_to_lower_bound:.3f}",
           file=out)
     print(f"peak packing: {plan.peak_packing_gpus} GPUs (sum of peaks / usable = {plan.peak_fluid_bound:.2f}); "
           f"plan uses {100 * plan.saving_vs_peak_packing:.1f}% fewer", file=out)

@@ -5,7 +5,9 @@ max_replica_share * usable is split into equal replicas (replicas = ceil(peak / 
 each carrying demand / replicas; the replicas are what gets placed. Every plan reports, next to its GPU count:
 - fluid_lower_bound: max over slots of summed demand / usable TPCs (also over memory and item count);
 - large_item_lower_bound: most items that need more than half a GPU in one same slot;
-- lower_bound_gpus: the larger of the two, rounded up; no plan can use fewer GPUs;
+- conflict_clique_lower_bound: a set of replicas no two of which fit one GPU together (found
+  greedily among the largest CLIQUE_MAX_ITEMS replicas), which need that many GPUs;
+- lower_bound_gpus: the largest of these, the fluid one rounded up; no plan can use fewer GPUs;
 - peak_packing_gpus: GPUs when every replica reserves its peak all day (best-fit decreasing), which
   is what Ray's fractional `num_gpus` gives at best; peak_fluid_bound = sum of peaks / usable.
 Instances with at most `exact_max_items` replicas are solved exactly with HiGHS when the heuristic
@@ -29,6 +31,8 @@ DEFAULT_HEADROOM_FRACTION = 0.10
 DEFAULT_TIME_LIMIT_S = 5.0
 DEFAULT_EXACT_MAX_ITEMS = 40
 DEFAULT_MAX_REPLICA_SHARE = 1.0
+CLIQUE_MAX_ITEMS = 1500      # the conflict clique is searched among this many largest replicas
+CLIQUE_TRIALS = 16
 FIT_TOLERANCE = 1e-9
 
 
@@ -78,6 +82,7 @@ class Plan:
     proved_optimal: bool
     planning_time_s: float
     max_replica_share: float = DEFAULT_MAX_REPLICA_SHARE
+    conflict_clique_lower_bound: int = 0
     moved_items: list[str] = field(default_factory=list)   # filled by re-planning
 
     @property
@@ -147,14 +152,47 @@ def build_problem(profile_set: ProfileSet, gpu_name: str = DEFAULT_GPU,
                           item_demand, np.hstack(columns), profile_set.slots_per_day, max_replica_share)
 
 
-def lower_bounds(problem: PackingProblem) -> tuple[float, int, int]:
-    """(fluid lower bound, large-item lower bound, lower bound in whole GPUs)."""
+@dataclass(frozen=True)
+class LowerBounds:
+    fluid: float            # max over columns of summed normalised demand
+    large_items: int
+    conflict_clique: int
+    gpus: int               # the best of them in whole GPUs
+
+
+def conflict_clique_size(demand: np.ndarray, seed: int = 0) -> int:
+    """Size of a set of items no two of which fit one GPU together (greedy, randomised restarts)."""
+    peaks = demand.max(axis=1)
+    candidates = np.nonzero(peaks > 0.25)[0]
+    candidates = candidates[np.argsort(-peaks[candidates], kind="stable")][:CLIQUE_MAX_ITEMS]
+    if candidates.size == 0:
+        return 0
+    rows = demand[candidates]
+    conflicts = np.array([(rows[i] + rows).max(axis=1) > 1.0 + FIT_TOLERANCE for i in range(len(rows))])
+    np.fill_diagonal(conflicts, False)
+    degree = conflicts.sum(axis=1).astype(float)
+    rng = np.random.default_rng(seed)
+    best = 1
+    for trial in range(CLIQUE_TRIALS):
+        order = np.argsort(-(degree + (rng.random(degree.size) * 5.0 if trial else 0.0)), kind="stable")
+        alive = np.ones(degree.size, dtype=bool)
+        size = 0
+        for item in order:
+            if alive[item]:
+                size += 1
+                alive &= conflicts[item]
+        best = max(best, size)
+    return best
+
+
+def lower_bounds(problem: PackingProblem) -> LowerBounds:
     demand = problem.normalized_demand
     if demand.shape[0] == 0:
-        return 0.0, 0, 0
+        return LowerBounds(0.0, 0, 0, 0)
     fluid = float(demand.sum(axis=0).max())
     large_items = int((demand > 0.5 + FIT_TOLERANCE).sum(axis=0).max())
-    return fluid, large_items, max(large_items, math.ceil(fluid - 1e-6))
+    clique = conflict_clique_size(demand)
+    return LowerBounds(fluid, large_items, clique, max(large_items, clique, math.ceil(fluid - 1e-6)))
 
 
 def peak_packing(problem: PackingProblem) -> Packing:
@@ -180,8 +218,8 @@ def _reserved_tpcs(peaks_tpcs: np.ndarray, gpu_tpcs: int) -> np.ndarray:
 
 
 def make_plan(problem: PackingProblem, profile_set: ProfileSet, gpu_of_item: np.ndarray, method: str,
-              proved_optimal: bool, started_s: float) -> Plan:
-    fluid, large_items, lower_bound = lower_bounds(problem)
+              proved_optimal: bool, started_s: float, bounds: LowerBounds | None = None) -> Plan:
+    bounds = bounds or lower_bounds(problem)
     baseline = peak_packing(problem)
     peaks = problem.demand_tpcs.max(axis=1) if problem.demand_tpcs.size else np.zeros(0)
     reserved = np.zeros(len(problem.item_names), dtype=int)
@@ -199,19 +237,18 @@ def make_plan(problem: PackingProblem, profile_set: ProfileSet, gpu_of_item: np.
     return Plan(gpu_model=problem.gpu.name, gpu_tpcs=problem.gpu.tpcs,
                 headroom_fraction=problem.headroom_fraction, usable_tpcs=problem.usable_tpcs,
                 slots_per_day=problem.slots_per_day, placements=placements, gpus_used=gpus_used,
-                lower_bound_gpus=lower_bound, fluid_lower_bound=round(fluid, 4),
-                large_item_lower_bound=large_items, peak_packing_gpus=baseline.gpus_used,
+                lower_bound_gpus=bounds.gpus, fluid_lower_bound=round(bounds.fluid, 4),
+                large_item_lower_bound=bounds.large_items, peak_packing_gpus=baseline.gpus_used,
                 peak_fluid_bound=round(float(peaks.sum() / problem.usable_tpcs), 4), method=method,
-                proved_optimal=proved_optimal or gpus_used == lower_bound,
+                proved_optimal=proved_optimal or gpus_used == bounds.gpus,
                 planning_time_s=round(time.perf_counter() - started_s, 4),
-                max_replica_share=problem.max_replica_share)
+                max_replica_share=problem.max_replica_share, conflict_clique_lower_bound=bounds.conflict_clique)
 
 
-def heuristic_packing(problem: PackingProblem, deadline_s: float, seed: int = 0) -> Packing:
+def heuristic_packing(problem: PackingProblem, deadline_s: float, lower_bound: int, seed: int = 0) -> Packing:
     """Best of greedy best-fit and balanced packing at GPU counts from the lower bound up, then local
     search until the deadline. The first greedy and balanced passes always run."""
     demand = problem.normalized_demand
-    _, _, lower_bound = lower_bounds(problem)
     by_peak = np.argsort(-demand.max(axis=1), kind="stable")
     best = greedy_pack(demand, by_peak)
     tried: set[int] = set()
@@ -238,10 +275,11 @@ def plan_placement(profile_set: ProfileSet, gpu_name: str = DEFAULT_GPU,
         raise ProfileError(f"time_limit_s must be > 0; got {time_limit_s}")
     started_s = time.perf_counter()
     problem = build_problem(profile_set, gpu_name, headroom_fraction, max_replica_share)
-    _, _, lower_bound = lower_bounds(problem)
+    bounds = lower_bounds(problem)
+    lower_bound = bounds.gpus
     use_exact = len(problem.item_names) <= exact_max_items
     heuristic_deadline = started_s + (min(0.5, time_limit_s / 4) if use_exact else time_limit_s)
-    packing = heuristic_packing(problem, heuristic_deadline, seed)
+    packing = heuristic_packing(problem, heuristic_deadline, lower_bound, seed)
     gpu_of_item = packing.compact_assignment()
     method = "heuristic"
     proved_optimal = packing.gpus_used <= lower_bound
@@ -255,7 +293,7 @@ def plan_placement(profile_set: ProfileSet, gpu_name: str = DEFAULT_GPU,
             gpu_of_item = _renumber(result.gpu_of_item)
             proved_optimal = result.proved_optimal
             method = f"exact (HiGHS: {result.status})"
-    return make_plan(problem, profile_set, gpu_of_item, method, proved_optimal, started_s)
+    return make_plan(problem, profile_set, gpu_of_item, method, proved_optimal, started_s, bounds)
 
 
 def _renumber(gpu_of_item: np.ndarray) -> np.ndarray:

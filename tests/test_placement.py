@@ -1,6 +1,7 @@
 """Placement policy: profile validation, planner bounds and feasibility, exact solver, re-planning,
 generators, overload check, plot and CLI. Pure code, no Ray, no GPU."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -149,6 +150,21 @@ def test_lower_bounds_fluid_and_large_items():
     assert plan.lower_bound_gpus == 3 and plan.large_item_lower_bound == 3 and plan.gpus_used == 3
     plan = plan_placement(build_profile_set(_profile_data({n: [25.0] * 24 for n in "abc"})), time_limit_s=2)
     assert plan.gpus_used == 2 and plan.fluid_lower_bound == pytest.approx(75 / 59.4, abs=1e-3)
+
+
+def test_conflict_clique_bound_counts_replicas_that_never_fit_together():
+    # Each model needs 0.6 of a GPU in its own slot and 0.45 elsewhere: no two fit together, yet no
+    # slot has two above half a GPU and the fluid bound is 2; the conflict clique says 3.
+    usable = 59.4
+    traffic = {}
+    for index, name in enumerate("abc"):
+        rates = [0.45 * usable] * 24
+        rates[index] = 0.6 * usable
+        traffic[name] = rates
+    plan = plan_placement(build_profile_set(_profile_data(traffic)), time_limit_s=2)
+    assert plan.large_item_lower_bound == 1 and math.ceil(plan.fluid_lower_bound) == 2
+    assert plan.conflict_clique_lower_bound == 3 and plan.lower_bound_gpus == 3
+    assert plan.gpus_used == 3 and plan.proved_optimal
 
 
 def test_model_above_one_gpu_is_split_into_replicas():
