@@ -141,7 +141,7 @@ def plot(payload, path):
     left.set_xticks(range(len(values)), names, rotation=90, fontsize=6)
     left.set_ylabel("ms per one-wave launch")
     left.set_title("Clients under MPS + liblithos.so (H100)")
-    records = s["allowance_change"]["records"]
+    records = [r for r in s["allowance_change"]["records"] if r["gpu_ms"] > 0]  # sampled launches only
     if records:
         t0 = records[0]["host_ns"]
         right.plot([(r["host_ns"] - t0) / 1e9 for r in records], [r["gpu_ms"] for r in records], ".", ms=2)
@@ -157,4 +157,7 @@ def plot(payload, path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1:2] == ["--replot"]:  # redraw the figure from a stored JSON
+        plot(json.load(open(sys.argv[2])), sys.argv[2].replace(".json", ".png"))
+    else:
+        main(sys.argv[1])
