@@ -191,7 +191,9 @@ class GpuAgentServicer(pb_grpc.GpuAgentServicer):
         return self.core.status()
 
 
-def serve(core: GpuAgentCore, bind_host: str = "0.0.0.0", max_workers: int = 16) -> tuple[grpc.Server, int]:
+def serve(core: GpuAgentCore, bind_host: str = "127.0.0.1", max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """The control plane listens on loopback only: its clients are the node's own processes; other
+    nodes read status through the agent actor (Ray's authenticated channel)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lithos-grpc"))
     pb_grpc.add_GpuAgentServicer_to_server(GpuAgentServicer(core), server)
     port = server.add_insecure_port(f"{bind_host}:0")
@@ -211,7 +213,7 @@ class GpuAgentActor:
         node_ip = ray.util.get_node_ip_address()
         self.core = GpuAgentCore(device, node_id, node_ip, Path(state_dir) / f"gpu-{gpu['index']}.json", native_status)
         self.server, self.port = serve(self.core)
-        self.core.address = f"{node_ip}:{self.port}"
+        self.core.address = f"127.0.0.1:{self.port} on {node_ip}"
         self._stop = threading.Event()
         threading.Thread(target=self._reap_loop, name="lithos-reaper", daemon=True).start()
 
@@ -226,6 +228,10 @@ class GpuAgentActor:
         info = self.core.info
         return dict(node_id=self.core.node_id, node_ip=self.core.node_ip, port=self.port, index=info.index,
                     uuid=info.uuid, model=info.model, tpcs=info.tpcs, simulated=info.simulated)
+
+    def status_proto(self) -> bytes:
+        """GpuStatus for readers on other nodes (serialized protobuf)."""
+        return self.core.status().SerializeToString()
 
     def shutdown(self) -> None:
         self._stop.set()

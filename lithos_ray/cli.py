@@ -38,8 +38,8 @@ def cmd_start(args) -> int:
     print(f"lithos started on node {state['node_id'][:12]}: lithos_tpc={total}")
     for agent in state["agents"]:
         tag = "SIMULATED" if agent["simulated"] else "real"
-        print(f"  GPU {agent['index']} {agent['model']} [{tag}] {agent['tpcs']} TPCs, agent at "
-              f"{agent['node_ip']}:{agent['port']}")
+        print(f"  GPU {agent['index']} {agent['model']} [{tag}] {agent['tpcs']} TPCs, agent gRPC on "
+              f"127.0.0.1:{agent['port']}")
     print("Use it: @ray.remote(resources={'lithos_tpc': 12}); see `lithos-ray status`.")
     return 0
 

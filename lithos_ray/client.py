@@ -40,9 +40,9 @@ class AgentRef:
     tpcs: int
     simulated: bool
 
-    def target(self, local_node_id: str | None = None) -> str:
-        host = "127.0.0.1" if local_node_id in (None, self.node_id) else self.node_ip
-        return f"{host}:{self.port}"
+    def target(self) -> str:
+        """gRPC address; the agent listens on loopback, so only processes of its node use it."""
+        return f"127.0.0.1:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,12 @@ def _stub(target: str) -> pb_grpc.GpuAgentStub:
 
 
 def agent_status(agent: AgentRef, local_node_id: str | None = None, timeout_s: float = 10.0) -> pb.GpuStatus:
-    return _stub(agent.target(local_node_id)).Status(pb.StatusRequest(), timeout=timeout_s)
+    """Over gRPC on the agent's node, through the agent actor from any other node."""
+    if local_node_id == agent.node_id:
+        return _stub(agent.target()).Status(pb.StatusRequest(), timeout=timeout_s)
+    import ray
+    handle = ray.get_actor(agent_name(agent.node_id, agent.index), namespace=NAMESPACE)
+    return pb.GpuStatus.FromString(ray.get(handle.status_proto.remote(), timeout=timeout_s))
 
 
 def _identity(name: str) -> pb.ClientIdentity:
@@ -134,14 +139,14 @@ def acquire(request: ClientRequest, agents: list[AgentRef], name: str = "", node
     while True:
         # Best fit: the GPU with the least room that still fits goes first.
         for agent in sorted(agents, key=lambda a: (free[a.index] < request.tpcs, free[a.index])):
-            reply = _stub(agent.target(node_id)).Acquire(
+            reply = _stub(agent.target()).Acquire(
                 pb.AcquireRequest(tpcs=request.tpcs, priority=_PRIORITY_PB[request.priority],
                                   slo_ms=request.slo_ms or 0.0, client=identity), timeout=30)
             free[agent.index] = reply.free_tpcs
             if reply.granted:
                 g = reply.grant
                 return Grant(g.grant_id, g.gpu_uuid, g.gpu_index, g.gpu_model, g.simulated, tuple(g.tpc_ids),
-                             g.slot, g.shm_path, agent.target(node_id))
+                             g.slot, g.shm_path, agent.target())
         now = time.monotonic()
         room = ", ".join(f"GPU {i}: {f} free" for i, f in sorted(free.items()))
         if now >= deadline:

@@ -38,7 +38,7 @@ def test_real_agent_grants_pins_and_releases(gpu, tmp_path):
 
     device, native_status = make_device(dataclasses.asdict(gpu), str(tmp_path))
     core = GpuAgentCore(device, "gpu-test-node", "127.0.0.1", tmp_path / "gpu-0.json", native_status)
-    server, port = serve(core, "127.0.0.1")
+    server, port = serve(core)
     try:
         telemetry = device.telemetry()
         assert telemetry.power_w and telemetry.power_w > 0 and telemetry.clock_mhz > 0
