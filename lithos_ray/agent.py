@@ -68,7 +68,7 @@ class GpuAgentCore:
         self.state_file = Path(state_file)
         self.native_status = native_status
         self.address = ""
-        self.allocator = TpcAllocator(self.info.tpcs)
+        self.allocator = TpcAllocator(self.info.tpcs, device.tpc_slices())
         self.grants: dict[str, GrantRecord] = {}
         self._lock = threading.Lock()
         self._restore()

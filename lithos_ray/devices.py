@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from .scheduler.allocator import slices_from_cosched_groups
 from .scheduler.device import Device, DeviceInfo, Telemetry
 from .scheduler.gpu_models import lookup_model
 
@@ -50,6 +51,12 @@ class NvidiaDevice(Device):
 
     def allowances(self) -> dict[int, tuple[int, ...]]:
         return dict(self._allowances)
+
+    def tpc_slices(self) -> list[tuple[int, ...]]:
+        groups = self._table.cosched_groups() if self._table else {}
+        if not groups:
+            return super().tpc_slices()
+        return slices_from_cosched_groups(groups, self._info.tpcs)
 
     def telemetry(self) -> Telemetry:
         if self._nvml is None:

@@ -16,6 +16,14 @@ def contiguous_slices(total_tpcs: int, slice_tpcs: int = 4) -> list[tuple[int, .
     return [tuple(range(s, min(s + slice_tpcs, total_tpcs))) for s in range(0, total_tpcs, slice_tpcs)]
 
 
+def slices_from_cosched_groups(groups: dict[int, Sequence[int]], total_tpcs: int) -> list[tuple[int, ...]]:
+    """Co-scheduled groups first (cluster kernels stay confined only to whole groups), then every TPC
+    outside a group as its own slice: those serve cluster-free kernels and fill odd-sized requests."""
+    grouped = [tuple(sorted(g)) for _, g in sorted(groups.items())]
+    inside = {t for g in grouped for t in g}
+    return grouped + [(t,) for t in range(total_tpcs) if t not in inside]
+
+
 class TpcAllocator:
     def __init__(self, total_tpcs: int, slices: Sequence[Sequence[int]] | None = None):
         if total_tpcs <= 0:

@@ -63,6 +63,12 @@ class Device(ABC):
     def telemetry(self) -> Telemetry:
         """Return the current clock, power and energy; fields the device cannot report are None."""
 
+    def tpc_slices(self) -> list[tuple[int, ...]]:
+        """Groups of TPC ids that should be granted together (whole GPC slices). Default: 4 consecutive
+        ids; the real H100 overrides it with its co-scheduled 8-SM groups."""
+        from .allocator import contiguous_slices
+        return contiguous_slices(self.info().tpcs)
+
     @abstractmethod
     def close(self) -> None:
         """Release what the device holds (NVML handle, shared memory). Safe to call twice."""

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from lithos_ray.scheduler.allocator import TpcAllocator, contiguous_slices
+from lithos_ray.scheduler.allocator import TpcAllocator, contiguous_slices, slices_from_cosched_groups
 
 
 def test_whole_slices_first_and_no_overlap():
@@ -48,3 +48,14 @@ def test_restore_refuses_overlap():
     alloc.restore("a", [0, 1, 2])
     with pytest.raises(ValueError, match="taken"):
         alloc.restore("b", [2, 3])
+
+
+def test_h100_like_cosched_layout_hands_out_whole_groups_first():
+    # Interleaved like the probed H100: group g holds TPCs {g, g+12, g+20, g+28}-style ids; 8-11, 64, 65 in none.
+    groups = {0: [0, 12, 20, 28], 1: [1, 13, 21, 29], 2: [2, 14, 22, 30]}
+    slices = slices_from_cosched_groups(groups, 66)
+    assert slices[:3] == [(0, 12, 20, 28), (1, 13, 21, 29), (2, 14, 22, 30)]
+    assert sorted(t for s in slices for t in s) == list(range(66))
+    alloc = TpcAllocator(66, slices)
+    assert alloc.allocate("a", 8) == (0, 1, 12, 13, 20, 21, 28, 29)
+    assert set(alloc.allocate("b", 6)) >= {2, 14, 22, 30}

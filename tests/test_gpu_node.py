@@ -56,6 +56,10 @@ def test_real_agent_grants_pins_and_releases(gpu, tmp_path):
             assert grant.shm_path and "enforcing" in native_status
             table = native.AllowanceTable.open(grant.shm_path, writable=False)
             assert table.allowance(grant.slot)[1] == list(grant.tpc_ids)
+            groups = table.cosched_groups()
+            assert groups, "the agent probes the co-scheduled layout when it creates the table"
+            whole = [g for g in groups.values() if set(g) <= set(grant.tpc_ids)]
+            assert len(whole) == 3, f"12 TPCs should be 3 whole co-scheduled groups, got {grant.tpc_ids}"
         assert client.release(grant)
         assert core.free_tpcs() == gpu.tpcs
         if native.library_path():
