@@ -31,6 +31,7 @@ LATENCY_BUCKETS_MS = [0.5, 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 
 DEFAULT_WINDOW_S = 60.0
 MAX_WINDOW_REQUESTS = 200_000
 PUBLISH_INTERVAL_S = 1.0
+DASHBOARD_LOOKUP_S = 10.0
 GPU_TAG_KEYS = ("NodeId", "GpuIndex", "GpuUuid", "GpuModel", "Simulated")
 CLIENT_TAG_KEYS = ("GpuUuid", "GrantId", "Client", "Priority")
 LATENCY_TAG_KEYS = ("Client", "GrantId", "GpuUuid", "SloMs")
@@ -211,14 +212,15 @@ class ClientLatencyRecorder:
         return summary
 
     def _dashboard_handle(self):
-        """The dashboard actor, looked up at most every 10 s while it is absent."""
-        if self._dashboard is None and time.monotonic() >= self._next_lookup_s:
+        """The dashboard actor, looked up again every DASHBOARD_LOOKUP_S (it may stop or restart)."""
+        if time.monotonic() >= self._next_lookup_s:
             import ray
 
-            from .dashboard import DASHBOARD_NAME
             from .config import NAMESPACE
+            from .dashboard import DASHBOARD_NAME
+            self._next_lookup_s = time.monotonic() + DASHBOARD_LOOKUP_S
             try:
                 self._dashboard = ray.get_actor(DASHBOARD_NAME, namespace=NAMESPACE)
             except ValueError:
-                self._next_lookup_s = time.monotonic() + 10.0
+                self._dashboard = None
         return self._dashboard
