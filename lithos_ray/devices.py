@@ -3,6 +3,7 @@ the agent uses to get either it or the simulated GPU."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from .scheduler.allocator import slices_from_cosched_groups
@@ -24,10 +25,19 @@ class NvidiaDevice(Device):
         self._table = native.AllowanceTable.create(uuid, tpcs_on_gpu=sms // 2) if native.library_path() else None
         self.shm_path = self._table.path if self._table else ""
         if self._table:
-            try:   # which co-scheduled 8-SM group holds each TPC: where cluster kernels may run
+            # Which co-scheduled 8-SM group holds each TPC (where cluster kernels may run), probed in a
+            # child process that sees exactly this GPU.
+            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+            os.environ["CUDA_VISIBLE_DEVICES"] = uuid
+            try:
                 native._probe_into(self._table)
             except Exception as exc:
                 logger.warning("co-scheduled group probe failed (%s): cluster>2 kernels will run unconfined", exc)
+            finally:
+                if saved is None:
+                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                else:
+                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
         self._nvml = None
         try:
             import pynvml

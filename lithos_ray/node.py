@@ -44,6 +44,9 @@ def worker_env(gpus: list[NodeGpu], base: dict | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BOOTSTRAP_DIR), env.get("PYTHONPATH", "")) if p)
     env["LITHOS_RAY_WORKER_HOOK"] = "1"
+    # Ray >= 2.49 shows every GPU to tasks that asked for none; on a lithos node only granted clients
+    # may see one, so restore Ray's older behaviour (CUDA_VISIBLE_DEVICES="" for them).
+    env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
     if any(not g.simulated for g in gpus):
         from . import native
         lib = native.library_path()

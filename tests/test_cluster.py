@@ -150,6 +150,14 @@ def test_fragmentation_waits_for_room_then_errors_past_timeout(cluster):
     wait_for(lambda: granted_on(node) == 0, what="all released")
 
 
+def test_work_without_a_grant_sees_no_gpu(cluster):
+    @ray.remote(num_cpus=0)
+    def visible():
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    assert ray.get(visible.options(scheduling_strategy=on(cluster["nodes"][0])).remote()) == ""
+
+
 @pytest.mark.parametrize("tpcs, needle", [(100, "does not fit on one GPU"), (1.5, "fractional")])
 def test_impossible_requests_fail_with_a_clear_error(cluster, tpcs, needle):
     ref = grant_of_task.options(resources={"lithos_tpc": tpcs}, scheduling_strategy=on(cluster["nodes"][0])).remote()
