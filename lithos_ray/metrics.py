@@ -134,7 +134,7 @@ class LatencyWindow:
                 self._requests.popleft()
             requests = sorted(self._requests)
         latencies_ms = sorted((end - start) * 1000.0 for start, end in requests)
-        busy_s, covered_until = 0.0, since_s
+        busy_s, covered_until = 0.0, max(since_s, self.started_at_s)
         for start, end in requests:             # union of in-flight intervals inside the window
             start = max(start, covered_until)
             if end > start:
