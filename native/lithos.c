@@ -54,7 +54,10 @@
     X(cuLaunchCooperativeKernel, "cuLaunchCooperativeKernel", 0)       \
     X(cuLaunchCooperativeKernel_ptsz, "cuLaunchCooperativeKernel", 1)  \
     X(cuGraphLaunch, "cuGraphLaunch", 0)                               \
-    X(cuGraphLaunch_ptsz, "cuGraphLaunch", 1)
+    X(cuGraphLaunch_ptsz, "cuGraphLaunch", 1)                          \
+    X(cuStreamCreate, "cuStreamCreate", 0)                             \
+    X(cuStreamCreateWithPriority, "cuStreamCreateWithPriority", 0)     \
+    X(cuStreamDestroy_v2, "cuStreamDestroy", 0)
 
 /* Signatures of the hooks (the _ptsz forms share their base form's signature). */
 typedef CUresult (*fn_cuGetProcAddress)(const char *, void **, int, cuuint64_t);
@@ -70,6 +73,9 @@ typedef CUresult (*fn_cuLaunchCooperativeKernel)(CUfunction, unsigned, unsigned,
 typedef fn_cuLaunchCooperativeKernel fn_cuLaunchCooperativeKernel_ptsz;
 typedef CUresult (*fn_cuGraphLaunch)(CUgraphExec, CUstream);
 typedef fn_cuGraphLaunch fn_cuGraphLaunch_ptsz;
+typedef CUresult (*fn_cuStreamCreate)(CUstream *, unsigned int);
+typedef CUresult (*fn_cuStreamCreateWithPriority)(CUstream *, unsigned int, int);
+typedef CUresult (*fn_cuStreamDestroy_v2)(CUstream);
 
 #define DECLARE_HOOK(name, query, per_thread) EXPORT CUresult name(); static fn_##name real_##name;
 LITHOS_HOOKS(DECLARE_HOOK)
@@ -101,11 +107,13 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuGreenCtxCreate, "cuGreenCtxCreate")                                 \
     X(cuGreenCtxStreamCreate, "cuGreenCtxStreamCreate")                     \
     X(cuEventCreate, "cuEventCreate")                                       \
+    X(cuEventDestroy, "cuEventDestroy_v2")                                  \
     X(cuEventRecord, "cuEventRecord")                                       \
     X(cuEventQuery, "cuEventQuery")                                         \
     X(cuEventElapsedTime, "cuEventElapsedTime_v2")                          \
     X(cuStreamWaitEvent, "cuStreamWaitEvent")                               \
     X(cuStreamGetPriority, "cuStreamGetPriority")                           \
+    X(cuStreamGetCtx, "cuStreamGetCtx")                                     \
     X(cuStreamIsCapturing, "cuStreamIsCapturing")                           \
     X(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode") \
     X(cuFuncGetAttribute, "cuFuncGetAttribute")                             \
@@ -133,16 +141,27 @@ typedef struct allowance_route {
 } allowance_route;
 
 #define TIMING_PAIRS 4
-/* The green stream paired with one application stream in one view of one route. */
+/*
+ * Where launches on one application stream go in one view of one route. Two kinds:
+ *  - owned: the application created this stream through the shim while this route was in force,
+ *    so the stream IS a green stream of the route's TPC view (green_stream == app_stream) and
+ *    launches on it need no events;
+ *  - paired: a green stream of the shim's own, ordered with the application's stream by an event
+ *    each way on every launch (default/legacy, per-thread and foreign streams, cluster kernels,
+ *    and owned streams after the allowance changed).
+ * Never freed (threads cache pointers); a destroyed application stream marks its entries dead.
+ */
 typedef struct stream_pair {
-    CUcontext app_ctx;
+    CUcontext app_ctx; /* current context when built; part of the key only for NULL/legacy/per-thread */
     CUstream app_stream;
     pid_t thread; /* only for the per-thread default stream */
     allowance_route *route;
     int view;
+    int owned;
+    int dead; /* atomic; set when the application destroys app_stream */
     CUstream green_stream;
-    CUevent app_done;   /* in app_ctx: recorded on the app stream */
-    CUevent green_done; /* in the green context: recorded on the green stream */
+    CUevent app_done;   /* paired only; in app_stream's context: recorded on the app stream */
+    CUevent green_done; /* paired only; in the green context: recorded on the green stream */
     CUevent timing[TIMING_PAIRS][2];
     uint64_t timing_index[TIMING_PAIRS]; /* ring index + 1 of the sampled launch; 0 = free */
     unsigned timing_next;
@@ -171,8 +190,13 @@ static struct {
     unsigned cosched_group_count;
     allowance_route *routes;
     stream_pair *pairs;
+    int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
+    int green_streams_tested;
     char warned[16];
 } g = {.once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* The three launch paths, counted per thread (lithos_client_launch_counts). */
+enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, LITHOS_PATHS = 3 };
 
 /* Per-thread cache in front of the locked lists. */
 #define TLS_PAIRS 8
@@ -183,6 +207,7 @@ static __thread struct {
     CUcontext ctx;
     int ctx_managed;
     stream_pair *pairs[TLS_PAIRS];
+    uint64_t launches[LITHOS_PATHS]; /* this thread's launches by path, for tools */
 } tls;
 
 static void notice_once(int which, const char *fmt, ...) {
@@ -194,7 +219,7 @@ static void notice_once(int which, const char *fmt, ...) {
     fputc('\n', stderr);
     va_end(ap);
 }
-enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED };
+enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -273,6 +298,8 @@ static void init_once(void) {
     g.verbose = getenv("LITHOS_VERBOSE") && atoi(getenv("LITHOS_VERBOSE")) > 0;
     const char *sample_text = getenv("LITHOS_SAMPLE_EVERY");
     g.sample_every = sample_text ? (uint32_t)strtoul(sample_text, NULL, 10) : 64u;
+    const char *green_text = getenv("LITHOS_GREEN_STREAMS");
+    g.green_streams = !(green_text && strcmp(green_text, "0") == 0);
     g.mode = MODE_PASS_THROUGH;
     if (!table_path || !slot_text || !*table_path || !*slot_text) {
         notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");
@@ -515,12 +542,34 @@ static int prepare_device(CUdevice dev) {
     return 1;
 }
 
+static int special_stream(CUstream s) { return s == NULL || s == CU_STREAM_LEGACY || s == CU_STREAM_PER_THREAD; }
+
+/* Does entry p serve launches on app_stream in this view of this route? Special handles stand for
+ * a different stream in every context (and every thread, for the per-thread stream); a real handle
+ * names one stream. */
+static int pair_matches(const stream_pair *p, CUcontext app_ctx, CUstream app_stream, pid_t thread, allowance_route *route,
+                        int view) {
+    return p->app_stream == app_stream && p->route == route && p->view == view && p->thread == thread &&
+           (!special_stream(app_stream) || p->app_ctx == app_ctx) && !__atomic_load_n(&p->dead, __ATOMIC_RELAXED);
+}
+
+/* Called with g.lock held: the four timing-event pairs, created in the green context of `v`. */
+static int create_timing_events(stream_pair *p, const view_ctx *v) {
+    if (drv_cuCtxPushCurrent(v->ctx) != CUDA_SUCCESS) return 0;
+    int ok = 1;
+    for (int i = 0; ok && i < TIMING_PAIRS; i++)
+        ok = drv_cuEventCreate(&p->timing[i][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS &&
+             drv_cuEventCreate(&p->timing[i][1], CU_EVENT_DEFAULT) == CUDA_SUCCESS;
+    CUcontext popped;
+    drv_cuCtxPopCurrent(&popped);
+    return ok;
+}
+
 /* Called with g.lock held. */
 static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, allowance_route *route, int view) {
     pid_t thread = app_stream == CU_STREAM_PER_THREAD ? gettid() : 0;
     for (stream_pair *p = g.pairs; p; p = p->next)
-        if (p->app_ctx == app_ctx && p->app_stream == app_stream && p->thread == thread && p->route == route && p->view == view)
-            return p;
+        if (pair_matches(p, app_ctx, app_stream, thread, route, view)) return p;
     stream_pair *p = calloc(1, sizeof(*p));
     if (!p) return NULL;
     p->app_ctx = app_ctx;
@@ -529,21 +578,24 @@ static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, a
     p->route = route;
     p->view = view;
     int priority = 0;
-    if (app_stream != NULL && app_stream != CU_STREAM_LEGACY && app_stream != CU_STREAM_PER_THREAD &&
-        drv_cuStreamGetPriority(app_stream, &priority) != CUDA_SUCCESS)
-        priority = 0;
+    if (!special_stream(app_stream) && drv_cuStreamGetPriority(app_stream, &priority) != CUDA_SUCCESS) priority = 0;
     view_ctx *v = &route->views[view];
-    int ok = drv_cuEventCreate(&p->app_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS &&
-             drv_cuGreenCtxStreamCreate(&p->green_stream, v->green, CU_STREAM_NON_BLOCKING, priority) == CUDA_SUCCESS &&
-             drv_cuCtxPushCurrent(v->ctx) == CUDA_SUCCESS;
+    /* app_done must live in the app stream's own context (event and stream of one context): for an
+     * owned stream of an earlier allowance that is that allowance's green context. */
+    CUcontext stream_ctx = NULL, popped;
+    int ok = drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx &&
+             drv_cuCtxPushCurrent(stream_ctx) == CUDA_SUCCESS;
     if (ok) {
-        ok = drv_cuEventCreate(&p->green_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
-        for (int i = 0; ok && i < TIMING_PAIRS; i++)
-            ok = drv_cuEventCreate(&p->timing[i][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS &&
-                 drv_cuEventCreate(&p->timing[i][1], CU_EVENT_DEFAULT) == CUDA_SUCCESS;
-        CUcontext popped;
+        ok = drv_cuEventCreate(&p->app_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
         drv_cuCtxPopCurrent(&popped);
     }
+    ok = ok && drv_cuGreenCtxStreamCreate(&p->green_stream, v->green, CU_STREAM_NON_BLOCKING, priority) == CUDA_SUCCESS &&
+         drv_cuCtxPushCurrent(v->ctx) == CUDA_SUCCESS;
+    if (ok) {
+        ok = drv_cuEventCreate(&p->green_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
+        drv_cuCtxPopCurrent(&popped);
+    }
+    ok = ok && create_timing_events(p, v);
     if (!ok) {
         notice_once(WARN_ROUTE, "cannot create a green stream or its events: launches pass through");
         free(p);
@@ -552,6 +604,76 @@ static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, a
     p->next = g.pairs;
     g.pairs = p;
     return p;
+}
+
+/* Called with g.lock held, once: can the application use a green stream as its own? The one thing
+ * the driver may refuse is recording an event of the application's context on it (cuEventRecord
+ * wants event and stream in one context); if it does, application streams stay ordinary. */
+static int green_streams_usable(CUstream green_stream) {
+    if (g.green_streams_tested) return g.green_streams;
+    g.green_streams_tested = 1;
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    drv_cuThreadExchangeStreamCaptureMode(&mode);
+    CUevent app_event = NULL;
+    CUresult r = drv_cuEventCreate(&app_event, CU_EVENT_DISABLE_TIMING);
+    if (r == CUDA_SUCCESS) r = drv_cuEventRecord(app_event, green_stream);
+    if (app_event) drv_cuEventDestroy(app_event);
+    drv_cuThreadExchangeStreamCaptureMode(&mode);
+    if (r != CUDA_SUCCESS) {
+        g.green_streams = 0;
+        notice_once(WARN_GREEN_STREAMS, "the driver refuses application events on green streams (CUresult %d): "
+                    "application streams stay ordinary and every launch is ordered with events", (int)r);
+    }
+    return g.green_streams;
+}
+
+/* Called with g.lock held: create the application's stream as a green stream of the route's TPC
+ * view. Returns the owned entry, or NULL (the caller creates an ordinary stream). */
+static stream_pair *build_owned_stream(CUcontext app_ctx, allowance_route *route, unsigned flags, int priority) {
+    view_ctx *v = &route->views[LITHOS_VIEW_TPC];
+    stream_pair *p = calloc(1, sizeof(*p));
+    if (!p) return NULL;
+    if (drv_cuGreenCtxStreamCreate(&p->green_stream, v->green, flags, priority) != CUDA_SUCCESS) {
+        free(p);
+        return NULL;
+    }
+    if (!green_streams_usable(p->green_stream) || !create_timing_events(p, v)) {
+        real_cuStreamDestroy_v2(p->green_stream);
+        free(p);
+        return NULL;
+    }
+    p->app_ctx = app_ctx;
+    p->app_stream = p->green_stream;
+    p->route = route;
+    p->view = LITHOS_VIEW_TPC;
+    p->owned = 1;
+    p->next = g.pairs;
+    g.pairs = p;
+    return p;
+}
+
+/* Called with g.lock held: the application destroyed `stream`; retire every entry for it. The
+ * shim's own green streams and events of paired entries go too; owned streams are destroyed by
+ * the caller (they are the application's stream). */
+static void retire_pairs(CUstream stream) {
+    for (stream_pair **link = &g.pairs; *link;) {
+        stream_pair *p = *link;
+        if (p->app_stream != stream) {
+            link = &p->next;
+            continue;
+        }
+        __atomic_store_n(&p->dead, 1, __ATOMIC_RELAXED);
+        *link = p->next;
+        if (!p->owned) {
+            drv_cuEventDestroy(p->app_done);
+            drv_cuEventDestroy(p->green_done);
+            real_cuStreamDestroy_v2(p->green_stream);
+        }
+        for (int i = 0; i < TIMING_PAIRS; i++) {
+            drv_cuEventDestroy(p->timing[i][0]);
+            drv_cuEventDestroy(p->timing[i][1]);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- launch records */
@@ -593,7 +715,10 @@ static uint64_t record_launch(const launch_request *q, const func_info *info, co
     r->tpcs[0] = (uint16_t)tpcs;
     r->view[0] = (uint8_t)view;
     r->api[0] = (uint8_t)q->api;
-    snprintf(r->kernel_name, sizeof(r->kernel_name), "%s", info ? info->name : "cuGraphLaunch");
+    if (info) /* func_info names are NUL-padded to the same 64 bytes */
+        memcpy(r->kernel_name, info->name, sizeof(r->kernel_name));
+    else
+        strncpy(r->kernel_name, "cuGraphLaunch", sizeof(r->kernel_name));
     __atomic_store_n(&r->seq[0], index + 1, __ATOMIC_RELEASE);
     return index + 1;
 }
@@ -693,6 +818,14 @@ static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_o
     return route;
 }
 
+static CUresult launch_unconfined(const launch_request *q, const func_info *info, const unsigned cluster[3],
+                                  uint64_t generation) {
+    CUresult r = call_real(q, q->stream);
+    tls.launches[PATH_UNCONFINED]++;
+    if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
+    return r;
+}
+
 static CUresult route_launch(launch_request *q) {
     ensure_init();
     if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
@@ -707,39 +840,33 @@ static CUresult route_launch(launch_request *q) {
     allowance_route *route = current_route(&generation, &ctx);
     if (q->api == LITHOS_API_GRAPH_LAUNCH || !route) {
         CUresult r = call_real(q, q->stream);
+        tls.launches[PATH_UNCONFINED]++;
         if (r == CUDA_SUCCESS)
             record_launch(q, info, cluster, q->api == LITHOS_API_GRAPH_LAUNCH ? LITHOS_VIEW_GRAPH : LITHOS_VIEW_UNCONFINED, 0,
                           generation);
         return r;
     }
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    if (!route->views[view].green) {
-        CUresult r = call_real(q, q->stream);
-        if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
-        return r;
-    }
-    /* Green stream for (context, app stream, view): thread cache, then the locked list. */
+    if (!route->views[view].green) return launch_unconfined(q, info, cluster, generation);
+    /* Entry for (app stream, view, route): thread cache, then the locked list. */
     unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)view) % TLS_PAIRS;
     stream_pair *p = tls.pairs[h];
-    if (!p || p->app_stream != app_stream || p->view != view || p->route != route || p->app_ctx != ctx) {
+    if (!p || !pair_matches(p, ctx, app_stream, p->thread, route, view)) {
         pthread_mutex_lock(&g.lock);
         p = find_or_build_pair(ctx, app_stream, route, view);
         pthread_mutex_unlock(&g.lock);
-        if (!p) {
-            CUresult r = call_real(q, q->stream);
-            if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
-            return r;
-        }
+        if (!p) return launch_unconfined(q, info, cluster, generation);
         tls.pairs[h] = p;
     }
-    /* Order: everything before on the app stream, then the kernel, then everything after. */
-    if (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
-        drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS) {
+    /* Paired: everything before on the app stream, then the kernel, then everything after.
+     * Owned: the app stream is the green stream, so the driver keeps the order by itself. */
+    int paired = !p->owned;
+    if (paired && (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
+                   drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS)) {
         notice_once(WARN_RETRY, "cannot order the app stream before a green stream: this launch passes through");
-        CUresult r = call_real(q, q->stream);
-        if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
-        return r;
+        return launch_unconfined(q, info, cluster, generation);
     }
+    tls.launches[paired ? PATH_PAIRED : PATH_DIRECT]++;
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
     int timing_slot = -1;
     if (g.sample_every && g.ring && count % g.sample_every == 0) {
@@ -752,6 +879,11 @@ static CUresult route_launch(launch_request *q) {
     }
     CUresult r = call_real(q, p->green_stream);
     int launched_view = view;
+    if (r != CUDA_SUCCESS && !paired) {
+        /* The app's own stream is green: there is no unconfined place to retry in order. */
+        notice_once(WARN_RETRY, "a launch failed on a green application stream (CUresult %d)", (int)r);
+        return r;
+    }
     if (r != CUDA_SUCCESS) {
         /* E.g. a cooperative grid too large for the allowance: run it where the app asked. */
         notice_once(WARN_RETRY, "a launch failed in its green context (CUresult %d); it was retried unconfined", (int)r);
@@ -759,7 +891,7 @@ static CUresult route_launch(launch_request *q) {
         launched_view = LITHOS_VIEW_UNCONFINED;
         timing_slot = -1;
     }
-    if (drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
+    if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
         drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
     if (r != CUDA_SUCCESS) return r;
     uint64_t ticket = record_launch(q, info, cluster, launched_view,
@@ -815,6 +947,54 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
     }
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch_ptsz, 1)
+
+/* ---------------------------------------------------------------- streams */
+
+/* A non-blocking stream created while an allowance is in force becomes a green stream of that
+ * allowance's TPC view (green streams cannot be blocking, so blocking streams stay ordinary).
+ * Returns 1 with *stream set, or 0: the caller creates an ordinary stream. */
+static int create_green_stream(CUstream *stream, unsigned flags, int priority) {
+    ensure_init();
+    if (g.mode != MODE_CONFINED || !g.green_streams || !stream || flags != CU_STREAM_NON_BLOCKING) return 0;
+    uint64_t generation;
+    CUcontext ctx = NULL;
+    allowance_route *route = current_route(&generation, &ctx);
+    if (!route) return 0;
+    pthread_mutex_lock(&g.lock);
+    stream_pair *p = g.green_streams ? build_owned_stream(ctx, route, flags, priority) : NULL;
+    pthread_mutex_unlock(&g.lock);
+    if (p) *stream = p->green_stream;
+    return p != NULL;
+}
+
+EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned int flags) {
+    if (create_green_stream(stream, flags, 0)) return CUDA_SUCCESS;
+    return real_cuStreamCreate ? real_cuStreamCreate(stream, flags) : CUDA_ERROR_NOT_FOUND;
+}
+
+EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags, int priority) {
+    if (create_green_stream(stream, flags, priority)) return CUDA_SUCCESS;
+    return real_cuStreamCreateWithPriority ? real_cuStreamCreateWithPriority(stream, flags, priority) : CUDA_ERROR_NOT_FOUND;
+}
+
+EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
+    ensure_init();
+    if (!real_cuStreamDestroy_v2) return CUDA_ERROR_NOT_FOUND;
+    if (g.mode == MODE_CONFINED && !special_stream(stream)) {
+        pthread_mutex_lock(&g.lock);
+        retire_pairs(stream);
+        pthread_mutex_unlock(&g.lock);
+    }
+    return real_cuStreamDestroy_v2(stream);
+}
+
+/* For tests and tools: this thread's launches by path (direct on an owned green stream, paired
+ * with events, unconfined). Returns the number of paths filled. */
+EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {
+    int n = max_counts < LITHOS_PATHS ? max_counts : LITHOS_PATHS;
+    for (int i = 0; i < n; i++) counts[i] = tls.launches[i];
+    return n;
+}
 
 /* For tests and tools: the names of every hook, in list order; NULL past the end. */
 EXPORT const char *lithos_hook_name(int index) {

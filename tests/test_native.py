@@ -14,6 +14,8 @@ from lithos_ray import native
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH_ENTRY_POINTS = {"cuLaunchKernel", "cuLaunchKernelEx", "cuLaunchCooperativeKernel", "cuGraphLaunch"}
+STREAM_ENTRY_POINTS = {"cuStreamCreate", "cuStreamCreateWithPriority", "cuStreamDestroy_v2"}
+FAKE_GPU_UUID = "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"  # what native/fake_libcuda.c reports
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def test_build_status_reports_the_built_library(built_library):
 
 def test_every_launch_path_is_hooked_and_exported(built_library):
     names = native.hook_names()
-    expected = {"cuGetProcAddress", "cuGetProcAddress_v2"} | LAUNCH_ENTRY_POINTS | {n + "_ptsz" for n in LAUNCH_ENTRY_POINTS}
+    expected = ({"cuGetProcAddress", "cuGetProcAddress_v2"} | LAUNCH_ENTRY_POINTS | {n + "_ptsz" for n in LAUNCH_ENTRY_POINTS}
+                | STREAM_ENTRY_POINTS)
     assert expected <= set(names)
     assert len(names) == len(set(names))
     exported = subprocess.run(["nm", "-D", "--defined-only", str(built_library)], capture_output=True, text=True).stdout
@@ -222,3 +225,215 @@ def test_mps_helpers_without_a_daemon(tmp_path):
     from lithos_ray import mps
     assert mps.mps_running(str(tmp_path)) is False
     mps.stop_mps(str(tmp_path))  # nothing running: a no-op
+
+
+# ---- the launch path, against native/fake_libcuda.c (a recording stand-in for libcuda.so.1 that
+# ---- runs no kernels): which driver calls each kind of launch makes.
+
+FAKE_PRELUDE = """
+import ctypes, sys
+lib = ctypes.CDLL(None)
+cuda = ctypes.CDLL("libcuda.so.1")
+cuda.fake_log.restype = ctypes.c_char_p
+def log():
+    lines = cuda.fake_log().decode().splitlines()
+    cuda.fake_log_clear()
+    return [l for l in lines if not l.startswith("cuGreenCtxCreate")]
+def create(flags, priority=None):
+    s = ctypes.c_void_p()
+    r = (lib.cuStreamCreate(ctypes.byref(s), flags) if priority is None
+         else lib.cuStreamCreateWithPriority(ctypes.byref(s), flags, priority))
+    assert r == 0, r
+    return s.value
+def launch(stream):
+    assert lib.cuLaunchKernel(ctypes.c_void_p(0x77), 1, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
+def counts():
+    c = (ctypes.c_uint64 * 3)()
+    lib.lithos_client_launch_counts(c, 3)
+    return {"direct": c[0], "paired": c[1], "unconfined": c[2]}
+def show(*values):
+    print(*values, flush=True)
+def wait_for_parent():
+    show("ready")
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture(scope="module")
+def fake_driver(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("fake_cuda")
+    proc = subprocess.run(["gcc", "-O1", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-I",
+                           native_cuda_include(), "-o", str(directory / "libcuda.so.1"),
+                           str(ROOT / "native" / "fake_libcuda.c")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return str(directory)
+
+
+def native_cuda_include() -> str:
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT / "native"), "print-cuda-include"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.fixture
+def fake_table(built_library, tmp_path):
+    t = native.AllowanceTable.create(FAKE_GPU_UUID, str(tmp_path), max_slots=4)
+    t.set_allowance(0, list(range(8)))
+    yield t
+    if os.path.exists(t.path):
+        t.close()
+
+
+def fake_env(fake_driver, table=None, **extra):
+    env = {k: v for k, v in os.environ.items() if k not in (native.ENV_TABLE, native.ENV_SLOT)}
+    env.update(native.client_env(table.path, 0) if table else {"LD_PRELOAD": str(native.library_path())})
+    return {**env, "LD_LIBRARY_PATH": fake_driver, **extra}
+
+
+def run_fake(code: str, env: dict, timeout=60) -> list[list[str]]:
+    """Runs code with the fake driver; each show(...) gives one line of words."""
+    proc = subprocess.run([sys.executable, "-c", FAKE_PRELUDE + textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return [line.split() for line in proc.stdout.splitlines()], proc.stderr
+
+
+def test_without_an_allowance_stream_calls_and_launches_pass_through_unchanged(fake_driver):
+    lines, stderr = run_fake("""
+    s, b, p = create(1), create(0), create(1, -1)
+    launch(s); launch(None)
+    lib.cuStreamDestroy_v2(ctypes.c_void_p(s))
+    show(hex(s), hex(b), hex(p))
+    for line in log(): show(line)
+    show(counts())
+    """, fake_env(fake_driver))
+    s, b, p = lines[0]
+    assert [" ".join(words) for words in lines[1:-1]] == [
+        f"cuStreamCreate {s} flags=1", f"cuStreamCreate {b} flags=0", f"cuStreamCreateWithPriority {p} flags=1 priority=-1",
+        f"cuLaunchKernel {s}", "cuLaunchKernel 0", f"cuStreamDestroy {s}"]
+    assert stderr.count("lithos:") == 1 and "passing CUDA launches through unchanged" in stderr
+
+
+def test_streams_created_under_an_allowance_are_green_and_launch_without_events(fake_driver, fake_table):
+    lines, _ = run_fake("""
+    s, p = create(1), create(1, -1)
+    show(hex(s), hex(p))
+    for line in log(): show(line)
+    launch(s); launch(s); launch(p)
+    for line in log(): show(line)
+    show(counts()["direct"], counts()["paired"])
+    """, fake_env(fake_driver, fake_table))
+    s, p = lines[0]
+    created = [" ".join(w[:2]) for w in lines[1:] if w[0] == "cuGreenCtxStreamCreate"]
+    assert created == [f"cuGreenCtxStreamCreate {s}", f"cuGreenCtxStreamCreate {p}"]
+    assert [" ".join(w) for w in lines if w[0] == "cuGreenCtxStreamCreate"][1].endswith("priority=-1")
+    assert not any(w[0] == "cuStreamCreate" or w[0] == "cuStreamCreateWithPriority" for w in lines)
+    after_create = [w for w in lines[1:-1] if w[0] in ("cuLaunchKernel", "cuEventRecord", "cuStreamWaitEvent")]
+    # one self-test record at the first creation, then three launches and not one event call
+    assert after_create[0][:2] == ["cuEventRecord", s]
+    assert after_create[1:] == [["cuLaunchKernel", s], ["cuLaunchKernel", s], ["cuLaunchKernel", p]]
+    assert lines[-1] == ["3", "0"]
+
+
+def paired_calls(app: str, green: str) -> list[list[str]]:
+    return [["cuEventRecord", app, "same-context"], ["cuStreamWaitEvent", green], ["cuLaunchKernel", green],
+            ["cuEventRecord", green, "same-context"], ["cuStreamWaitEvent", app]]
+
+
+def test_blocking_streams_and_the_default_stream_keep_event_ordering(fake_driver, fake_table):
+    lines, _ = run_fake("""
+    b = create(0)
+    show(hex(b))
+    log()
+    launch(b)
+    for line in log(): show(line)
+    show("--")
+    launch(None)
+    for line in log(): show(line)
+    show(counts()["direct"], counts()["paired"])
+    """, fake_env(fake_driver, fake_table))
+    b = lines[0][0]
+    split = lines.index(["--"])
+    first, second = lines[1:split], lines[split + 1:-1]
+    green_b = [w for w in first if w[0] == "cuGreenCtxStreamCreate"][0][1]
+    assert [w for w in first if w[0] != "cuGreenCtxStreamCreate"] == paired_calls(b, green_b)
+    green_default = [w for w in second if w[0] == "cuGreenCtxStreamCreate"][0][1]
+    assert [w for w in second if w[0] != "cuGreenCtxStreamCreate"] == paired_calls("0", green_default)
+    assert lines[-1] == ["0", "2"]
+
+
+def test_an_owned_stream_is_ordered_with_events_only_while_the_allowance_differs(fake_driver, fake_table):
+    code = """
+    s = create(1)
+    show(hex(s))
+    log()
+    wait_for_parent()          # the parent changes the allowance
+    launch(s); launch(s)
+    for line in log(): show(line)
+    show("--")
+    wait_for_parent()          # the parent restores the allowance
+    launch(s)
+    for line in log(): show(line)
+    show(counts()["direct"], counts()["paired"])
+    """
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + textwrap.dedent(code)],
+                            env=fake_env(fake_driver, fake_table), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    s = proc.stdout.readline().split()[0]
+    assert proc.stdout.readline().strip() == "ready"
+    fake_table.set_allowance(0, list(range(8, 16)))
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    first = []
+    while (line := proc.stdout.readline().strip()) != "ready":
+        first.append(line.split())
+    fake_table.set_allowance(0, list(range(8)))
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    rest = [line.split() for line in out.splitlines()]
+    split = first.index(["--"])
+    changed = [w for w in first[:split] if w[0] != "cuGreenCtxStreamCreate"]
+    green = [w for w in first[:split] if w[0] == "cuGreenCtxStreamCreate"][0][1]
+    # both events live in the context of the stream they are recorded on ("same-context")
+    assert changed == paired_calls(s, green) * 2
+    assert rest[:-1] == [["cuLaunchKernel", s]]
+    assert rest[-1] == ["1", "2"]
+
+
+def test_a_driver_that_refuses_app_events_on_green_streams_keeps_streams_ordinary(fake_driver, fake_table):
+    lines, stderr = run_fake("""
+    s = create(1)
+    show(hex(s))
+    log()
+    launch(s)
+    for line in log(): show(line)
+    """, fake_env(fake_driver, fake_table, FAKE_STRICT_EVENTS="1"))
+    s = lines[0][0]
+    green = [w for w in lines[1:] if w[0] == "cuGreenCtxStreamCreate"][0][1]
+    assert [w for w in lines[1:] if w[0] != "cuGreenCtxStreamCreate"] == paired_calls(s, green)
+    assert "refuses application events on green streams" in stderr
+
+
+def test_green_streams_can_be_switched_off(fake_driver, fake_table):
+    lines, _ = run_fake("""
+    s = create(1)
+    for line in log(): show(line)
+    """, fake_env(fake_driver, fake_table, LITHOS_GREEN_STREAMS="0"))
+    assert [w[0] for w in lines] == ["cuStreamCreate"]
+
+
+def test_destroying_streams_retires_their_green_streams(fake_driver, fake_table):
+    lines, _ = run_fake("""
+    s, b = create(1), create(0)
+    launch(s); launch(b)
+    show(hex(s), hex(b))
+    log()
+    lib.cuStreamDestroy_v2(ctypes.c_void_p(s)); lib.cuStreamDestroy_v2(ctypes.c_void_p(b))
+    for line in log(): show(line)
+    launch(None)
+    show(counts()["direct"], counts()["paired"])
+    """, fake_env(fake_driver, fake_table))
+    s, b = lines[0]
+    destroyed = [w[1] for w in lines[1:-1] if w[0] == "cuStreamDestroy"]
+    assert destroyed.count(s) == 1 and destroyed.count(b) == 1 and len(destroyed) == 3  # + b's shim green stream
+    assert lines[-1] == ["1", "2"]
