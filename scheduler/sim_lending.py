@@ -32,8 +32,8 @@ from .gpu_models import GpuModel
 from .lending import (ActivityWord, ClientState, LendingPolicy, after_launch, check_priority, lenders_at_launch,
                       plan_lending)
 from .predictor import KernelKey, LatencyPredictor, PredictorAccuracy, prediction_accuracy
-from .simulated import (MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSequence, OpenLoop, Workload,
-                        _validate_tpc_ids, poisson_arrivals_ms)
+from .simulated import (MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSequence, Workload,
+                        _validate_tpc_ids, check_new_client, check_run_arguments, client_arrivals_ms)
 
 # A kernel counts as finished when less than this fraction of it is left (float round-off).
 _FINISHED_FRACTION = 1e-12
@@ -146,10 +146,7 @@ class LendingGpu:
 
     def add_client(self, name: str, priority: str, quota_tpc_ids: Sequence[int], workload: Workload) -> None:
         """Add a client with a quota disjoint from the others'; its slot is its index."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"client name must be a non-empty string, got {name!r}")
-        if any(client.name == name for client in self._clients):
-            raise ValueError(f"client {name!r} already added; names must be unique")
+        check_new_client(name, [client.name for client in self._clients], workload)
         check_priority(priority)
         ids = _validate_tpc_ids(quota_tpc_ids, self.model.tpcs, f"client {name!r} on {self.model.name}")
         for other in self._clients:
@@ -157,8 +154,6 @@ class LendingGpu:
             if shared:
                 raise ValueError(f"client {name!r}: TPCs {shared} are already in the quota of {other.name!r}; "
                                  "quotas must be disjoint (lending shares them, not the quotas)")
-        if not isinstance(workload, (OpenLoop, ClosedLoop)):
-            raise ValueError(f"client {name!r}: workload must be OpenLoop or ClosedLoop, got {type(workload).__name__}")
         self._clients.append(_Client(name, len(self._clients), priority, ids, workload))
 
     def run(self, duration_s: float, seed: int = 0) -> LendingResult:
@@ -167,12 +162,7 @@ class LendingGpu:
         Arrivals are drawn exactly as `SimulatedGpu.run` draws them (same seed and name, same
         requests), so results compare request by request with the static and shared baselines.
         """
-        if not (isinstance(duration_s, (int, float)) and math.isfinite(duration_s) and duration_s > 0):
-            raise ValueError(f"duration_s must be a finite number > 0, got {duration_s!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if not self._clients:
-            raise ValueError("no clients: call add_client before run")
+        check_run_arguments(duration_s, seed, len(self._clients))
         return _Run(self, float(duration_s), int(seed)).result()
 
 
@@ -197,11 +187,8 @@ class _Run:
                                   KernelKey(zlib.crc32(k.name.encode()), 1, 1)) for k in sequence.kernels])
         self.arrivals: list[list[float]] = []
         for client in self.clients:
-            if isinstance(client.workload, ClosedLoop):
-                self.arrivals.append([])
-            else:
-                rng = np.random.default_rng([seed, zlib.crc32(client.name.encode())])
-                self.arrivals.append(poisson_arrivals_ms(client.workload.rate_per_s, self.duration_ms, rng).tolist())
+            arrivals = client_arrivals_ms(client.name, client.workload, seed, self.duration_ms)
+            self.arrivals.append([] if arrivals is None else arrivals.tolist())
         self.predictors = [LatencyPredictor() for _ in range(count)]
         self.words = {c: ActivityWord() for c in range(count)}
         self.lenders = {c: () for c in range(count)}

@@ -198,6 +198,34 @@ def poisson_arrivals_ms(rate_per_s: float, duration_ms: float, rng: np.random.Ge
     return arrivals[arrivals < duration_ms]
 
 
+def check_run_arguments(duration_s: float, seed: int, clients: int) -> None:
+    """Validate the arguments of a simulator's run(); shared by SimulatedGpu and sim_lending.LendingGpu."""
+    if not (isinstance(duration_s, (int, float)) and math.isfinite(duration_s) and duration_s > 0):
+        raise ValueError(f"duration_s must be a finite number > 0, got {duration_s!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not clients:
+        raise ValueError("no clients: call add_client before run")
+
+
+def check_new_client(name: str, existing_names: Sequence[str], workload: Workload) -> None:
+    """Validate the name and workload of a client about to be added to a simulator."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"client name must be a non-empty string, got {name!r}")
+    if name in existing_names:
+        raise ValueError(f"client {name!r} already added; names must be unique")
+    if not isinstance(workload, (OpenLoop, ClosedLoop)):
+        raise ValueError(f"client {name!r}: workload must be OpenLoop or ClosedLoop, got {type(workload).__name__}")
+
+
+def client_arrivals_ms(name: str, workload: Workload, seed: int, duration_ms: float) -> np.ndarray | None:
+    """A client's request arrivals (None for a closed loop), from its own stream seeded by (seed, name)."""
+    if isinstance(workload, ClosedLoop):
+        return None
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    return poisson_arrivals_ms(workload.rate_per_s, duration_ms, rng)
+
+
 def lindley_departures_ms(arrivals_ms: np.ndarray, service_ms: np.ndarray) -> np.ndarray:
     """Departure times of a FIFO single server: D_i = max(A_i, D_{i-1}) + S_i, vectorised.
 
@@ -407,13 +435,8 @@ class SimulatedGpu:
 
     def add_client(self, name: str, tpc_ids: Sequence[int], workload: Workload) -> None:
         """Add a client running `workload` on `tpc_ids` (may overlap other clients' TPCs)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"client name must be a non-empty string, got {name!r}")
-        if any(client.name == name for client in self._clients):
-            raise ValueError(f"client {name!r} already added; names must be unique")
+        check_new_client(name, [client.name for client in self._clients], workload)
         ids = _validate_tpc_ids(tpc_ids, self.model.tpcs, f"client {name!r} on {self.model.name}")
-        if not isinstance(workload, (OpenLoop, ClosedLoop)):
-            raise ValueError(f"client {name!r}: workload must be OpenLoop or ClosedLoop, got {type(workload).__name__}")
         self._clients.append(_Client(name, ids, workload))
 
     def run(self, duration_s: float, seed: int = 0, event_loop_only: bool = False) -> SimulationResult:
@@ -423,21 +446,12 @@ class SimulatedGpu:
         does not change the others' arrivals. `event_loop_only` sends every client through the
         event loop (to cross-check the closed-form path; much slower).
         """
-        if not (isinstance(duration_s, (int, float)) and math.isfinite(duration_s) and duration_s > 0):
-            raise ValueError(f"duration_s must be a finite number > 0, got {duration_s!r}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if not self._clients:
-            raise ValueError("no clients: call add_client before run")
+        check_run_arguments(duration_s, seed, len(self._clients))
         duration_ms = duration_s * 1000.0
         speed = self.model.relative_tpc_speed
         arrivals: list[np.ndarray | None] = []
         for client in self._clients:
-            if client.closed_loop:
-                arrivals.append(None)
-            else:
-                rng = np.random.default_rng([int(seed), zlib.crc32(client.name.encode())])
-                arrivals.append(poisson_arrivals_ms(client.workload.rate_per_s, duration_ms, rng))
+            arrivals.append(client_arrivals_ms(client.name, client.workload, seed, duration_ms))
 
         outcomes: list[_Outcome | None] = [None] * len(self._clients)
         tpc_busy_ms = 0.0
