@@ -1,6 +1,10 @@
 // Times each cudaLaunchKernel call of an empty kernel (host side), 1e5 launches by default.
-// usage: launch_overhead N OUT.bin   (writes N uint32 nanoseconds)
+// usage: launch_overhead N OUT.bin [stream|legacy]   (writes N uint32 nanoseconds)
+//   stream: a stream the program creates (cudaStreamNonBlocking); legacy: the default stream 0.
+// Under liblithos.so it prints this thread's launches by path (direct, paired, unconfined).
 #include <cstdio>
+#include <cstring>
+#include <dlfcn.h>
 #include <cstdlib>
 #include <ctime>
 #include <vector>
@@ -16,8 +20,9 @@ static long long now_ns() {
 
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 100000;
-    cudaStream_t stream;
-    if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return 2;
+    bool legacy = argc > 3 && strcmp(argv[3], "legacy") == 0;
+    cudaStream_t stream = 0;
+    if (!legacy && cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return 2;
     for (int i = 0; i < 1000; i++) empty_kernel<<<1, 32, 0, stream>>>();
     cudaStreamSynchronize(stream);
     std::vector<unsigned> ns(n);
@@ -30,6 +35,13 @@ int main(int argc, char **argv) {
     cudaError_t err = cudaStreamSynchronize(stream);
     if (err == cudaSuccess) err = cudaGetLastError();
     if (err != cudaSuccess) { fprintf(stderr, "CUDA error %s\n", cudaGetErrorString(err)); return 1; }
+    typedef int (*counts_fn)(unsigned long long *, int);
+    counts_fn counts = (counts_fn)dlsym(RTLD_DEFAULT, "lithos_client_launch_counts");
+    if (counts) {
+        unsigned long long c[3] = {0, 0, 0};
+        counts(c, 3);
+        printf("{\"direct\": %llu, \"paired\": %llu, \"unconfined\": %llu}\n", c[0], c[1], c[2]);
+    }
     FILE *f = fopen(argv[2], "wb");
     fwrite(ns.data(), sizeof(unsigned), n, f);
     fclose(f);

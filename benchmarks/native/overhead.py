@@ -19,6 +19,10 @@ from common import metadata, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 LAUNCHES = 100000
+LAUNCH_TRIALS = 3
+E2E_TRIALS = 3
+MODES = ("stream", "legacy")  # a stream the program creates; the default (legacy) stream 0
+WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
 
 
 def percentiles(ns):
@@ -28,20 +32,24 @@ def percentiles(ns):
 def main(out_dir):
     work = tempfile.mkdtemp(prefix="lithos-overhead-")
     binary = os.path.join(work, "launch_overhead")
-    subprocess.run(["nvcc", "-O2", "-arch=sm_90", "-o", binary, os.path.join(HERE, "launch_overhead.cu")], check=True)
+    subprocess.run(["nvcc", "-O2", "-arch=sm_90", "-o", binary, os.path.join(HERE, "launch_overhead.cu"), "-ldl"], check=True)
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native._probe_into(table)
     table.set_allowance(0, list(range(66)))
     shim_env = {**os.environ, **native.client_env(table.path, 0)}
-    launch = {}
+    launch, launch_paths = {}, {}
     try:
-        for trial in range(2):  # alternate to expose drift
-            for name, env in (("plain", dict(os.environ)), ("shim", shim_env)):
-                raw = os.path.join(work, f"{name}{trial}.bin")
-                subprocess.run([binary, str(LAUNCHES), raw], env=env, check=True)
-                launch.setdefault(name, []).append(np.fromfile(raw, dtype=np.uint32))
+        for trial in range(LAUNCH_TRIALS):  # interleaved: plain, shim, plain, shim, ... per stream kind
+            for mode in MODES:
+                for name, env in (("plain", dict(os.environ)), ("shim", shim_env)):
+                    raw = os.path.join(work, f"{mode}_{name}{trial}.bin")
+                    proc = subprocess.run([binary, str(LAUNCHES), raw, mode], env=env, check=True, capture_output=True,
+                                          text=True)
+                    launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
+                    if name == "shim":
+                        launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
         e2e = {"plain": [], "shim": []}
-        for trial in range(3):  # interleaved: plain, shim, plain, shim, ...
+        for trial in range(E2E_TRIALS):  # interleaved: plain, shim, plain, shim, ...
             for name, env in (("plain", dict(os.environ)), ("shim", shim_env)):
                 proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env=env, capture_output=True,
                                       text=True, timeout=400)
@@ -52,11 +60,15 @@ def main(out_dir):
     finally:
         table.close()
     stats = {name: [percentiles(a) for a in arrays] for name, arrays in launch.items()}
-    plain_all, shim_all = np.concatenate(launch["plain"]), np.concatenate(launch["shim"])
-    added = {"median_ns": float(np.median(shim_all) - np.median(plain_all)),
-             "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(plain_all, 99))}
+    added = {}
+    for mode in MODES:
+        plain_all, shim_all = np.concatenate(launch[f"{mode}_plain"]), np.concatenate(launch[f"{mode}_shim"])
+        added[mode] = {"median_ns": float(np.median(shim_all) - np.median(plain_all)),
+                       "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(plain_all, 99)),
+                       "per_trial_median_ns": [float(np.median(s) - np.median(p)) for p, s in
+                                               zip(launch[f"{mode}_plain"], launch[f"{mode}_shim"])]}
     e2e_summary = {}
-    for workload in ("resnet50_train_ms", "bert_base_infer_ms"):
+    for workload in WORKLOADS:
         per_run = {name: [float(np.median(run[workload])) for run in e2e[name]] for name in e2e}
         medians = {name: float(np.median(values)) for name, values in per_run.items()}
         e2e_summary[workload] = {"median_ms": medians, "per_run_median_ms": per_run,
@@ -67,12 +79,19 @@ def main(out_dir):
         key = native.VIEW_NAMES[int(r["view"])]
         views[key] = views.get(key, 0) + 1
     payload = {**metadata("python benchmarks/native/overhead.py " + out_dir),
-               "launch": {"launches_per_run": LAUNCHES, "per_run": stats, "added_per_launch": added},
+               "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
+                          "added_per_launch": added, "shim_launch_paths": launch_paths},
                "end_to_end": e2e_summary, "end_to_end_raw_ms": e2e, "shim_launch_views_sample": views,
                "notes": "allowance = all 66 TPCs; cluster>2 kernels run in the co-scheduled view (the 8-SM groups "
-                        "cover 120 of 132 SMs on an H100), so part of the e2e difference is fewer SMs, not call overhead"}
+                        "cover 120 of 132 SMs on an H100), so part of the e2e difference is fewer SMs, not call overhead. "
+                        "launch modes: 'stream' = a cudaStreamNonBlocking stream the program creates (a green stream "
+                        "under the shim: direct path), 'legacy' = the default stream 0 (paired path: 4 event calls). "
+                        "e2e *_side_stream = the same step inside torch.cuda.stream(torch.cuda.Stream())"}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
-    print(json.dumps({"added_per_launch": added, "per_run": stats, "end_to_end": e2e_summary}, indent=1))
+    print(json.dumps({"added_per_launch": added, "shim_launch_paths": launch_paths,
+                      "end_to_end": {k: {"median_ms": v["median_ms"], "shim_vs_plain_percent": round(v["shim_vs_plain_percent"], 1),
+                                         "plain_run_spread_percent": round(v["plain_run_spread_percent"], 1)}
+                                     for k, v in e2e_summary.items()}}, indent=1))
     plot(launch, e2e_summary, os.path.join(out_dir, "native_overhead.png"))
 
 
@@ -80,19 +99,27 @@ def plot(launch, e2e_summary, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, color in (("plain", "C0"), ("shim", "C3")):
-        data = np.sort(np.concatenate(launch[name])) / 1000.0
-        left.plot(data, np.linspace(0, 1, len(data)), color=color, label=name)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode, style in zip(MODES, ("-", "--")):
+        for name, color in (("plain", "C0"), ("shim", "C3")):
+            data = np.sort(np.concatenate(launch[f"{mode}_{name}"])) / 1000.0
+            left.plot(data, np.linspace(0, 1, len(data)), color=color, ls=style, label=f"{name}, {mode} stream")
     left.set_xscale("log")
     left.set_xlabel("host time per cudaLaunchKernel (us)")
     left.set_ylabel("CDF")
-    left.legend()
-    left.set_title("Empty-kernel launch, 2 x 1e5 launches each")
+    left.legend(fontsize=8)
+    left.set_title(f"Empty-kernel launch, {LAUNCH_TRIALS} x 1e5 launches each")
     names = list(e2e_summary)
-    right.bar([n + "\nplain" for n in names], [e2e_summary[n]["median_ms"]["plain"] for n in names], color="C0")
-    right.bar([n + "\nshim" for n in names], [e2e_summary[n]["median_ms"]["shim"] for n in names], color="C3")
+    labels = [n.replace("_ms", "").replace("_side_stream", "\nside stream") for n in names]
+    x = np.arange(len(names))
+    right.bar(x - 0.2, [e2e_summary[n]["median_ms"]["plain"] for n in names], 0.4, color="C0", label="plain")
+    right.bar(x + 0.2, [e2e_summary[n]["median_ms"]["shim"] for n in names], 0.4, color="C3", label="shim")
+    for i, n in enumerate(names):
+        right.text(i + 0.2, e2e_summary[n]["median_ms"]["shim"], f"{e2e_summary[n]['shim_vs_plain_percent']:+.0f}%",
+                   ha="center", va="bottom", fontsize=8)
+    right.set_xticks(x, labels, fontsize=7)
     right.set_ylabel("median ms per step")
+    right.legend(fontsize=8)
     right.set_title("End to end (H100)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
