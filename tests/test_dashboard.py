@@ -5,9 +5,7 @@ chromium (/usr/bin/chromium) and the `playwright` Python package; it skips namin
 Set LITHOS_DASHBOARD_SCREENSHOT=docs/dashboard.png to refresh the screenshot in the docs.
 """
 import json
-import logging
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -15,11 +13,12 @@ from pathlib import Path
 import pytest
 import ray
 from test_cluster import wait_for
+from test_serve import start_simulated_ray
 
 import lithos_ray.dashboard as dashboard
 from lithos_ray.errors import LithosRequestError
 from lithos_ray.grafana import OUTPUT_FILE_NAME, provision_grafana_dashboard
-from lithos_ray.node import node_gpus, ray_node_options, start_agents, stop_agents, worker_env
+from lithos_ray.node import stop_agents
 from lithos_ray.status import ClientReport, ClusterStatus, GpuReport, NodeReport
 
 CHROMIUM = "/usr/bin/chromium"
@@ -29,23 +28,9 @@ METRIC_NAMES = ["ray_lithos_gpu_tpcs_total", "ray_lithos_gpu_tpcs_granted", "ray
                 "ray_lithos_gpu_tpcs_lent", "ray_lithos_client_granted_tpcs"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    os.environ["LITHOS_RUN_DIR"] = str(tmp_path_factory.mktemp("lithos-run"))
-    gpus = node_gpus("H100:2")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
-    os.environ.update(worker_env(gpus))
-    metrics_port = free_port()
-    ray.init(address="local", num_cpus=1, namespace="lithos", include_dashboard=False, logging_level=logging.ERROR,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500},
-             **ray_node_options(gpus))
-    start_agents(ray.get_runtime_context().get_node_id(), gpus)
+    metrics_port = start_simulated_ray("H100:2", tmp_path_factory.mktemp("lithos-run"))
     url = dashboard.start_dashboard(port=0)
     yield {"url": url, "metrics_port": metrics_port}
     dashboard.stop_dashboard()

@@ -29,11 +29,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    os.environ["LITHOS_RUN_DIR"] = str(tmp_path_factory.mktemp("lithos-run"))
-    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    gpus = node_gpus("H100:1")
+def start_simulated_ray(simulate: str, run_dir) -> int:
+    """One-node Ray with lithos agents on simulated GPUs, metrics exported every 0.5 s; returns the
+    Prometheus port. Tests' actor classes reach the workers through PYTHONPATH."""
+    os.environ["LITHOS_RUN_DIR"] = str(run_dir)
+    gpus = node_gpus(simulate)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
     os.environ.update(worker_env(gpus))
     metrics_port = free_port()
@@ -41,6 +41,13 @@ def cluster(tmp_path_factory):
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 500},
              **ray_node_options(gpus))
     start_agents(ray.get_runtime_context().get_node_id(), gpus)
+    return metrics_port
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    metrics_port = start_simulated_ray("H100:1", tmp_path_factory.mktemp("lithos-run"))
     serve.start(proxy_location="Disabled")
     yield {"metrics_port": metrics_port}
     serve.shutdown()
@@ -146,10 +153,12 @@ def test_replica_is_a_latency_critical_client_and_its_latency_feeds_back(cluster
     def exported():
         text = urllib.request.urlopen(f"http://127.0.0.1:{cluster['metrics_port']}/metrics").read().decode()
         return [line for line in text.splitlines() if line.startswith("ray_lithos_client_")]
-    lines = wait_for(lambda: [l for l in exported() if "slo_attainment" in l], what="lithos metrics in Prometheus")
-    assert 'SloMs="50"' in lines[0] and lines[0].endswith(" 0.75")
-    buckets = [l for l in exported() if l.startswith("ray_lithos_client_latency_ms_count")]
-    assert buckets and buckets[0].endswith(" 8.0")
+    def exported_after_the_slow_requests():
+        lines = exported()
+        attainment = [l for l in lines if l.startswith("ray_lithos_client_slo_attainment{") and 'SloMs="50"' in l]
+        count = [l for l in lines if l.startswith("ray_lithos_client_latency_ms_count{")]
+        return attainment and attainment[0].endswith(" 0.75") and count and count[0].endswith(" 8.0")
+    wait_for(exported_after_the_slow_requests, what="the attainment and latency count in Prometheus")
     serve.delete("echo")
     wait_for(lambda: not clients(), what="the replica's grant to be released")
 
