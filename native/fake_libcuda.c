@@ -163,6 +163,8 @@ EXPORT CUresult cuFuncGetAttribute(int *value, CUfunction_attribute attr, CUfunc
 EXPORT CUresult cuFuncGetName(const char **name, CUfunction f) { *name = "fake_kernel"; return CUDA_SUCCESS; }
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, CUstream stream, void **params, void **extra) {
-    logf_("cuLaunchKernel %#lx", (unsigned long)(uintptr_t)stream);
-    return CUDA_SUCCESS;
+    /* grid x 912 stands for a kernel green contexts refuse (CUDA_ERROR_INVALID_CLUSTER_SIZE = 912) */
+    int refused = gx == 912 && ctx_of((uintptr_t)stream) != (CUcontext)0x10;
+    logf_("cuLaunchKernel %#lx%s", (unsigned long)(uintptr_t)stream, refused ? " refused" : "");
+    return refused ? CUDA_ERROR_INVALID_CLUSTER_SIZE : CUDA_SUCCESS;
 }

@@ -407,6 +407,7 @@ EXPORT int64_t lithos_client_allowance(uint64_t tpc_mask[LITHOS_MASK_WORDS]) {
 typedef struct {
     uintptr_t function; /* atomic; 0 = empty */
     uint32_t ready;     /* atomic; 1 once the fields below are filled */
+    uint32_t whole_gpu; /* atomic; 1 once a launch of it failed in a green context: it runs unconfined */
     uint32_t cluster[3];
     char name[LITHOS_KERNEL_NAME_BYTES];
 } func_info;
@@ -565,6 +566,32 @@ static int create_timing_events(stream_pair *p, const view_ctx *v) {
     return ok;
 }
 
+/* Called with g.lock held: where kernels that fail in green contexts run for this app stream. An
+ * ordinary stream of the current context takes them itself (no events, as without the shim); a
+ * green application stream is paired with an ordinary helper stream of the current context. */
+static stream_pair *build_unconfined_pair(stream_pair *p, int priority) {
+    CUcontext stream_ctx = NULL, popped;
+    int ok = drv_cuStreamGetCtx(p->app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx;
+    if (ok && stream_ctx == p->app_ctx) {
+        p->owned = 1; /* launches go on the app stream itself */
+        p->green_stream = p->app_stream;
+    } else if (ok && drv_cuCtxPushCurrent(stream_ctx) == CUDA_SUCCESS) {
+        ok = drv_cuEventCreate(&p->app_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
+        drv_cuCtxPopCurrent(&popped);
+        ok = ok && real_cuStreamCreateWithPriority(&p->green_stream, CU_STREAM_NON_BLOCKING, priority) == CUDA_SUCCESS &&
+             drv_cuEventCreate(&p->green_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
+    } else {
+        ok = 0;
+    }
+    if (!ok) {
+        free(p);
+        return NULL;
+    }
+    p->next = g.pairs;
+    g.pairs = p;
+    return p;
+}
+
 /* Called with g.lock held. */
 static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, allowance_route *route, int view) {
     pid_t thread = app_stream == CU_STREAM_PER_THREAD ? gettid() : 0;
@@ -579,6 +606,7 @@ static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, a
     p->view = view;
     int priority = 0;
     if (!special_stream(app_stream) && drv_cuStreamGetPriority(app_stream, &priority) != CUDA_SUCCESS) priority = 0;
+    if (view == LITHOS_VIEW_UNCONFINED) return build_unconfined_pair(p, priority);
     view_ctx *v = &route->views[view];
     /* app_done must live in the app stream's own context (event and stream of one context): for an
      * owned stream of an earlier allowance that is that allowance's green context. */
@@ -686,6 +714,7 @@ typedef struct {
     void **params, **extra;
     const CUlaunchConfig *config;
     CUgraphExec graph;
+    int whole_gpu; /* retry of a launch that failed in a green context */
 } launch_request;
 
 static uint64_t monotonic_ns(void) {
@@ -847,7 +876,12 @@ static CUresult route_launch(launch_request *q) {
         return r;
     }
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    if (!route->views[view].green) return launch_unconfined(q, info, cluster, generation);
+    if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED))) {
+        if (special_stream(app_stream)) return launch_unconfined(q, info, cluster, generation);
+        view = LITHOS_VIEW_UNCONFINED;
+    } else if (!route->views[view].green) {
+        return launch_unconfined(q, info, cluster, generation);
+    }
     /* Entry for (app stream, view, route): thread cache, then the locked list. */
     unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)view) % TLS_PAIRS;
     stream_pair *p = tls.pairs[h];
@@ -879,18 +913,18 @@ static CUresult route_launch(launch_request *q) {
     }
     CUresult r = call_real(q, p->green_stream);
     int launched_view = view;
-    if (r != CUDA_SUCCESS && !paired) {
-        /* The app's own stream is green: there is no unconfined place to retry in order. */
-        notice_once(WARN_RETRY, "a launch failed on a green application stream (CUresult %d)", (int)r);
-        return r;
+    if (r != CUDA_SUCCESS && view != LITHOS_VIEW_UNCONFINED) {
+        /* E.g. a cooperative grid too large for the allowance, or a cluster shape the TPC view
+         * refuses: this and every later launch of the kernel run unconfined, in stream order. */
+        notice_once(WARN_RETRY, "kernel %s failed in its green context (CUresult %d): it runs unconfined from now on",
+                    info ? info->name : "?", (int)r);
+        if (info && info != &scratch) __atomic_store_n(&((func_info *)info)->whole_gpu, 1u, __ATOMIC_RELAXED);
+        if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
+            drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair ordered */
+        q->whole_gpu = 1;
+        return route_launch(q);
     }
-    if (r != CUDA_SUCCESS) {
-        /* E.g. a cooperative grid too large for the allowance: run it where the app asked. */
-        notice_once(WARN_RETRY, "a launch failed in its green context (CUresult %d); it was retried unconfined", (int)r);
-        r = call_real(q, q->stream);
-        launched_view = LITHOS_VIEW_UNCONFINED;
-        timing_slot = -1;
-    }
+    if (view == LITHOS_VIEW_UNCONFINED) launched_view = LITHOS_VIEW_UNCONFINED;
     if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
         drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
     if (r != CUDA_SUCCESS) return r;
@@ -909,7 +943,7 @@ static CUresult route_launch(launch_request *q) {
     EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
                          unsigned shared_bytes, CUstream stream, void **params, void **extra) {                        \
         launch_request q = {api_kind, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz}, shared_bytes, stream, params,  \
-                            extra, NULL, NULL};                                                                        \
+                            extra, NULL, NULL, 0};                                                                        \
         return route_launch(&q);                                                                                       \
     }
 LAUNCH_KERNEL_HOOK(cuLaunchKernel, LITHOS_API_LAUNCH_KERNEL, 0)
@@ -919,7 +953,7 @@ LAUNCH_KERNEL_HOOK(cuLaunchKernel_ptsz, LITHOS_API_LAUNCH_KERNEL, 1)
     EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
                          unsigned shared_bytes, CUstream stream, void **params) {                                      \
         launch_request q = {LITHOS_API_LAUNCH_COOPERATIVE, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz},            \
-                            shared_bytes, stream, params, NULL, NULL, NULL};                                           \
+                            shared_bytes, stream, params, NULL, NULL, NULL, 0};                                           \
         return route_launch(&q);                                                                                       \
     }
 LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel, 0)
@@ -928,7 +962,7 @@ LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel_ptsz, 1)
 #define LAUNCH_EX_HOOK(name, per_thread_stream)                                                                        \
     EXPORT CUresult name(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {                   \
         launch_request q = {LITHOS_API_LAUNCH_KERNEL_EX, per_thread_stream, f, {0, 0, 0}, {0, 0, 0}, 0, NULL, params,  \
-                            extra, config, NULL};                                                                      \
+                            extra, config, NULL, 0};                                                                      \
         if (config) {                                                                                                  \
             q.grid[0] = config->gridDimX, q.grid[1] = config->gridDimY, q.grid[2] = config->gridDimZ;                  \
             q.block[0] = config->blockDimX, q.block[1] = config->blockDimY, q.block[2] = config->blockDimZ;            \
@@ -942,7 +976,7 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
 #define GRAPH_LAUNCH_HOOK(name, per_thread_stream)                                                                     \
     EXPORT CUresult name(CUgraphExec graph, CUstream stream) {                                                        \
         launch_request q = {LITHOS_API_GRAPH_LAUNCH, per_thread_stream, NULL, {0, 0, 0}, {0, 0, 0}, 0, stream, NULL,    \
-                            NULL, NULL, graph};                                                                        \
+                            NULL, NULL, graph, 0};                                                                        \
         return route_launch(&q);                                                                                       \
     }
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)

@@ -245,8 +245,8 @@ def create(flags, priority=None):
          else lib.cuStreamCreateWithPriority(ctypes.byref(s), flags, priority))
     assert r == 0, r
     return s.value
-def launch(stream):
-    assert lib.cuLaunchKernel(ctypes.c_void_p(0x77), 1, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
+def launch(stream, grid=1):
+    assert lib.cuLaunchKernel(ctypes.c_void_p(0x77), grid, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
 def counts():
     c = (ctypes.c_uint64 * 3)()
     lib.lithos_client_launch_counts(c, 3)
@@ -437,3 +437,26 @@ def test_destroying_streams_retires_their_green_streams(fake_driver, fake_table)
     destroyed = [w[1] for w in lines[1:-1] if w[0] == "cuStreamDestroy"]
     assert destroyed.count(s) == 1 and destroyed.count(b) == 1 and len(destroyed) == 3  # + b's shim green stream
     assert lines[-1] == ["1", "2"]
+
+
+def test_a_kernel_refused_by_green_contexts_runs_unconfined_in_stream_order(fake_driver, fake_table):
+    """The fake refuses grid x = 912 in green contexts (as the H100 refused a cuDNN kernel in the TPC view)."""
+    lines, stderr = run_fake("""
+    s = create(1)
+    show(hex(s))
+    log()
+    launch(s, 912)
+    for line in log(): show(line)
+    show("--")
+    launch(s, 912); launch(None, 912)
+    for line in log(): show(line)
+    """, fake_env(fake_driver, fake_table))
+    s = lines[0][0]
+    split = lines.index(["--"])
+    first, later = lines[1:split], lines[split + 1:]
+    assert first[0] == ["cuLaunchKernel", s, "refused"]
+    helper = [w for w in first if w[0] == "cuStreamCreateWithPriority"][0][1]  # an ordinary stream
+    assert [w for w in first[1:] if w[0] != "cuStreamCreateWithPriority"] == paired_calls(s, helper)
+    # later launches of that kernel go straight to the unconfined place, without a refused attempt
+    assert later == paired_calls(s, helper) + [["cuLaunchKernel", "0"]]
+    assert stderr.count("runs unconfined from now on") == 1
