@@ -20,7 +20,7 @@ from lithos_ray import native  # noqa: E402
 
 LAUNCHES = 100000
 LAUNCH_TRIALS = 3
-E2E_TRIALS = 3
+E2E_TRIALS = 2
 MODES = ("stream", "legacy")  # a stream the program creates; the default (legacy) stream 0
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
 
