@@ -10,10 +10,13 @@
  *   1. load this slot's allowance generation (one atomic load); if it changed, read the TPC mask
  *      under the seqlock and find (or build, once per distinct TPC set) the green contexts;
  *   2. pick the view: kernels with clusters > 2 -> co-scheduled 8-SM view, else TPC view;
- *   3. pick the green stream paired with the application's stream (created once per pair);
- *   4. app stream -> event -> green stream waits; launch on the green stream; green stream ->
- *      event -> app stream waits. Everything later on the app stream (event records, syncs,
- *      copies, graph capture joins) therefore sees the moved kernel;
+ *   3. find the entry for (application stream, view, route) (thread cache, then a locked list);
+ *   4. direct: a non-blocking stream the program created through the cuStreamCreate* hooks under
+ *      this allowance is itself a green stream of the TPC view: launch on it, no events.
+ *      paired (every other stream, cluster kernels, created streams after a change): app stream
+ *      -> event -> green stream waits; launch on the green stream; green stream -> event -> app
+ *      stream waits. Everything later on the app stream (event records, syncs, copies, graph
+ *      capture joins) therefore sees the moved kernel;
  *   5. write the launch identity into this slot's ring; every sample_every-th launch also gets
  *      timing events and its GPU duration is filled in once it has finished.
  *
