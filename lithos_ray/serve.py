@@ -16,7 +16,8 @@
   replica `tpc` TPCs on one GPU before the replica starts, and its SLO reaches the GPU's agent;
 - every public method (and `__call__`) is timed by the replica; latencies go to the
   `ray_lithos_client_*` metrics, to the lithos dashboard, and to Serve's autoscaler through
-  `record_autoscaling_stats` (lithos_slo_attainment, lithos_slice_busy_fraction).
+  `record_autoscaling_stats` (lithos_slo_attainment, lithos_slice_busy_fraction); a replica's
+  `lithos_latency_summary()` returns them (p50/p99, attainment, busy fraction) through a handle.
 
 `SloAutoscalingPolicy` is a Serve custom autoscaling policy that scales on SLO attainment and slice
 use as well as queue length, capped by a placement plan when one is given. `slo_autoscaling(...)`
@@ -40,7 +41,7 @@ DEFAULT_TARGET_SLICE_BUSY_FRACTION = 0.6
 DEFAULT_LATENCY_WINDOW_S = 30.0
 # Serve calls these itself; they are not requests.
 _NOT_TIMED = frozenset({"reconfigure", "check_health", "record_autoscaling_stats", "record_routing_stats",
-                        "record_replica_metadata"})
+                        "record_replica_metadata", "lithos_latency_summary"})
 
 
 # -- the deployment option ----------------------------------------------------------------------
@@ -100,8 +101,12 @@ def _instrument(cls, slo_ms: float, window_s: float):
         def record_autoscaling_stats(self):
             return {**(user_stats(self) if user_stats else {}), **lithos_stats(self)}
 
+    def lithos_latency_summary(self) -> dict:
+        """This replica's latencies over its window (lithos_ray.metrics.LatencySummary as a dict)."""
+        return self._lithos_recorder.summary().to_dict()
+
     namespace.update(__init__=functools.wraps(original_init)(__init__),
-                     record_autoscaling_stats=record_autoscaling_stats)
+                     record_autoscaling_stats=record_autoscaling_stats, lithos_latency_summary=lithos_latency_summary)
     for name in dir(cls):
         if name in _NOT_TIMED or (name.startswith("_") and name != "__call__"):
             continue

@@ -1,0 +1,199 @@
+"""Three models on one GPU, each a Ray Serve deployment with its own TPC slice and SLO, next to a
+best-effort Ray task on the rest of the GPU (lithos_ray.serve).
+
+    python examples/serve_three_models.py [--seconds 10] [--simulate H100:1]
+
+Without an NVIDIA GPU it runs on a SIMULATED H100: grants, Serve routing, queueing and timing are
+real, but each request takes the time the simulator's calibrated kernel model predicts for the
+replica's TPC slice (scheduler/calibration.py), and the training task's steps come from the
+simulator; those numbers are labelled [simulated]. On a GPU the replicas run torch models built from
+configs with random weights, and the training task runs bf16 matmuls.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    workload: str        # calibrated simulator workload of the same model (scheduler/calibration.py)
+    tpcs: int            # multiples of 4: real-GPU grants are whole GPC slices
+    slo_ms: float
+    rate_per_s: float
+
+
+MODELS = [
+    ModelSpec("bert-en", "bert_base_b1", tpcs=16, slo_ms=10.0, rate_per_s=40.0),
+    ModelSpec("bert-de", "bert_base_b1", tpcs=12, slo_ms=15.0, rate_per_s=20.0),
+    ModelSpec("normalize", "elementwise_mul_1gib", tpcs=8, slo_ms=5.0, rate_per_s=40.0),
+]
+TRAINING_TPCS = 28
+# Requests wait inside the replica (timed, so queueing counts against the SLO), not in Serve's router.
+MAX_ONGOING_REQUESTS = 32
+
+
+class ModelServer:
+    """One model. Simulated GPU: answer after the predicted latency on this slice. Real GPU: run it."""
+
+    def __init__(self, workload: str):
+        import threading
+
+        import lithos_ray
+
+        self.one_at_a_time = threading.Lock()    # one model instance, one request at a time (FIFO-ish)
+        self.grant = lithos_ray.current_grant()
+        if self.grant.simulated:
+            from lithos_ray.scheduler.calibration import named_workload
+            from lithos_ray.scheduler.gpu_models import lookup_model
+            speed = lookup_model(self.grant.gpu_model).relative_tpc_speed
+            self.service_ms = named_workload(workload).latency_ms(self.grant.tpcs, speed)
+        else:
+            self.run_once = _build_torch_model(workload)
+            for _ in range(10):
+                self.run_once()
+
+    def __call__(self, request=None) -> None:
+        with self.one_at_a_time:
+            if self.grant.simulated:
+                time.sleep(self.service_ms / 1000)
+            else:
+                self.run_once()
+
+
+def _build_torch_model(workload: str):
+    """Random-weight torch versions of the calibrated workloads; returns a function doing one request."""
+    import torch
+
+    torch.manual_seed(0)
+    if workload == "bert_base_b1":       # 12-layer BERT-base encoder, fp16, batch 1, sequence 128
+        layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
+        model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
+        x = torch.randn(1, 128, 768, device="cuda", dtype=torch.half)
+
+        def run_once():
+            with torch.no_grad():
+                model(x)
+            torch.cuda.synchronize()
+        return run_once
+    if workload == "elementwise_mul_1gib":   # memory-bound: one pass over 1 GiB of fp32
+        x = torch.ones(2 ** 28, device="cuda")
+
+        def run_once():
+            x.mul_(1.0001)
+            torch.cuda.synchronize()
+        return run_once
+    raise ValueError(f"no torch model for workload {workload!r}")
+
+
+def train(seconds: float) -> dict:
+    """The best-effort Ray task: training steps on its own TPC slice."""
+    from lithos_ray.demo import TrainingJob
+    return TrainingJob().train(seconds)
+
+
+async def drive(handle, rate_per_s: float, seconds: float, seed: int) -> list[float]:
+    """Open-loop Poisson requests; returns end-to-end latencies (ms) seen by the caller."""
+    rng = np.random.default_rng(seed)
+    latencies_ms: list[float] = []
+
+    async def one(arrival_s: float) -> None:
+        await handle.remote()
+        latencies_ms.append((time.monotonic() - arrival_s) * 1000)
+
+    tasks, arrival_s = [], time.monotonic()
+    end_s = arrival_s + seconds
+    while True:
+        arrival_s += rng.exponential(1.0 / rate_per_s)
+        if arrival_s >= end_s:
+            break
+        await asyncio.sleep(max(0.0, arrival_s - time.monotonic()))
+        tasks.append(asyncio.create_task(one(arrival_s)))
+    await asyncio.gather(*tasks)
+    return latencies_ms
+
+
+async def drive_all(handles: dict, seconds: float, rate_scale: float) -> dict:
+    results = await asyncio.gather(*(drive(handles[m.name], m.rate_per_s * rate_scale, seconds, seed)
+                                     for seed, m in enumerate(MODELS)))
+    return {m.name: r for m, r in zip(MODELS, results)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to send requests (default 10)")
+    parser.add_argument("--simulate", default=None, help="simulated GPUs, e.g. H100:1 (default: the real GPU, "
+                        "or a simulated H100 when this machine has none)")
+    parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply every model's request rate "
+                        "(default 1: 100 requests/s in all, which a 2-core machine's Serve routing still keeps up with)")
+    args = parser.parse_args()
+    if not (args.seconds > 0 and args.rate_scale > 0):
+        parser.error("--seconds and --rate-scale must be > 0")
+
+    import ray
+    from ray import serve
+
+    import lithos_ray.serve as lithos_serve
+    from lithos_ray.config import NAMESPACE
+    from lithos_ray.dashboard import start_dashboard
+    from lithos_ray.gpus import detect_gpus
+    from lithos_ray.node import MPS_DIR, node_gpus, ray_node_options, start_agents, start_node_mps, stop_agents, worker_env
+    from lithos_ray.status import cluster_status, format_table
+
+    simulate = args.simulate
+    if simulate is None and not detect_gpus():
+        simulate = "H100:1"
+        print("No NVIDIA GPU here: running on a SIMULATED H100; service times are [simulated].")
+    gpus = node_gpus(simulate)[:1]
+    label = " [simulated]" if gpus[0].simulated else ""
+    os.environ.update({**worker_env(gpus), **start_node_mps(gpus)})
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
+    ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False, **ray_node_options(gpus))
+    try:
+        start_agents(ray.get_runtime_context().get_node_id(), gpus)
+        print(f"lithos page: {start_dashboard(port=0)}")
+        serve.start(proxy_location="Disabled")
+        handles = {}
+        for m in MODELS:
+            app = lithos_serve.deployment(ModelServer, tpc=m.tpcs, slo_ms=m.slo_ms, name=m.name, num_replicas=1,
+                                          max_ongoing_requests=MAX_ONGOING_REQUESTS, latency_window_s=min(3600.0, args.seconds + 60), ray_actor_options={"num_cpus": 0}).bind(m.workload)
+            handles[m.name] = serve.run(app, name=m.name, route_prefix=None)
+        training = ray.remote(train).options(resources={"lithos_tpc": TRAINING_TPCS}, num_cpus=0).remote(args.seconds)
+        print(format_table(cluster_status()))
+
+        print(f"\nSending requests for {args.seconds:g} s while training runs ...")
+        client_ms = asyncio.run(drive_all(handles, args.seconds, args.rate_scale))
+        steps = ray.get(training)
+        print(f"\n{'model':<10} {'TPCs':>4} {'SLO':>6} {'rate':>6} {'served':>6}   "
+              f"{'caller p50/p99 ms':>18}   {'replica p50/p99 ms':>18}   {'replica within SLO':>18}")
+        for m in MODELS:
+            replica = handles[m.name].lithos_latency_summary.remote().result()
+            caller = np.asarray(client_ms[m.name])
+            print(f"{m.name:<10} {m.tpcs:>4} {m.slo_ms:>4g}ms {m.rate_per_s * args.rate_scale:>4g}/s {caller.size:>6}   "
+                  f"{np.percentile(caller, 50):>8.2f}/{np.percentile(caller, 99):<9.2f}   "
+                  f"{replica['p50_ms']:>8.2f}/{replica['p99_ms']:<9.2f}   "
+                  f"{100 * replica['slo_attainment']:>17.1f}%{label}")
+        print(f"training  {TRAINING_TPCS:>4} best-effort: {steps['steps']} steps, {steps['steps_per_s']:.1f} steps/s{label}")
+        print("Caller latency adds Serve's routing in this process; replica latency is what the model took "
+              "on its slice (what the SLO policy and the metrics see).")
+    finally:
+        serve.shutdown()
+        stop_agents()
+        ray.shutdown()
+        if not gpus[0].simulated:
+            from lithos_ray.mps import stop_mps
+            stop_mps(str(MPS_DIR))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
