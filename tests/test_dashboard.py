@@ -6,6 +6,7 @@ Set LITHOS_DASHBOARD_SCREENSHOT=docs/dashboard.png to refresh the screenshot in 
 """
 import json
 import os
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +17,7 @@ from test_cluster import wait_for
 from test_serve import start_simulated_ray
 
 import lithos_ray.dashboard as dashboard
-from lithos_ray.errors import LithosRequestError
+from lithos_ray.errors import LithosError, LithosRequestError
 from lithos_ray.grafana import OUTPUT_FILE_NAME, provision_grafana_dashboard
 from lithos_ray.node import stop_agents
 from lithos_ray.status import ClientReport, ClusterStatus, GpuReport, NodeReport
@@ -204,6 +205,12 @@ def test_page_in_chromium_shows_gpus_and_updates_when_a_client_arrives(cluster):
 def test_stop_and_restart_on_another_port(cluster):
     assert dashboard.stop_dashboard() is True
     assert dashboard.dashboard_url() is None and dashboard.stop_dashboard() is False
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(LithosError, match=f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}"):
+            dashboard.start_dashboard(port=busy.getsockname()[1])
+    assert dashboard.dashboard_url() is None
     url = dashboard.start_dashboard(port=0)
     assert url.startswith("http://127.0.0.1:") and state(url)["nodes"]
     cluster["url"] = url
