@@ -1,8 +1,9 @@
 """Apply a placement plan on Ray: turn (replica -> planned GPU, reserved TPCs) into actor options.
 
 Plain data in, plain dicts out; Ray itself is not imported. How a replica lands where the plan says:
-- node: Ray's built-in per-node resource `node:<node_ip>` (a tiny amount), which Serve accepts in
-  `ray_actor_options` (Serve forbids `scheduling_strategy`);
+- node: Ray's `ray.io/node-id` node label through `label_selector` when the node id is known (from
+  the live status), else the built-in per-node resource `node:<node_ip>` (a tiny amount); Serve
+  accepts both in `ray_actor_options` (it forbids `scheduling_strategy`);
 - GPU: `runtime_env.env_vars.LITHOS_GPU_INDEX`, which makes the node's agent grant TPCs only on that
   GPU;
 - TPCs: `resources={"lithos_tpc": reserved_tpcs}`; the reservations of one GPU add up to its TPCs, so
@@ -35,6 +36,16 @@ class ClusterGpu:
     gpu_index: int
     model: str      # GPU model short name, e.g. "H100"
     tpcs: int
+    node_id: str = ""   # when known, replicas target the node by Ray's `ray.io/node-id` label
+
+
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+def cluster_gpus_from_status(status) -> list[ClusterGpu]:
+    """The live cluster's GPUs from `lithos_ray.status.cluster_status()`."""
+    return [ClusterGpu(node.node_ip, gpu.index, gpu.model, gpu.total_tpcs, node.node_id)
+            for node in status.nodes for gpu in node.gpus]
 
 
 def parse_cluster_gpus(entries: list[dict]) -> list[ClusterGpu]:
@@ -97,7 +108,10 @@ def actor_options(placement: Placement, gpu: ClusterGpu, base_options: dict | No
         raise LithosRequestError(f"base options already ask for {RESOURCE_NAME}; the plan sets it "
                                  f"({placement.reserved_tpcs} TPCs for {placement.item})")
     resources[RESOURCE_NAME] = placement.reserved_tpcs
-    resources[f"node:{gpu.node_ip}"] = NODE_RESOURCE_AMOUNT
+    if gpu.node_id:   # exact even with several Ray nodes on one host
+        options["label_selector"] = {**(options.get("label_selector") or {}), NODE_ID_LABEL: gpu.node_id}
+    else:
+        resources[f"node:{gpu.node_ip}"] = NODE_RESOURCE_AMOUNT
     options["resources"] = resources
     runtime_env = dict(options.get("runtime_env") or {})
     env_vars = dict(runtime_env.get("env_vars") or {})

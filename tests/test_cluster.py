@@ -198,3 +198,24 @@ def _try(fn):
         return fn()
     except Exception:
         return None
+
+
+def test_a_placement_plan_lands_on_its_planned_node_and_gpu(cluster):
+    from lithos_ray.placement.generators import synthetic_profile_set
+    from lithos_ray.placement.planner import plan_placement
+    from lithos_ray.placement_ray import assign_plan_gpus, cluster_gpus_from_status, plan_actor_options
+
+    plan = plan_placement(synthetic_profile_set(4, seed=3, slots_per_day=24), time_limit_s=2)
+    live = [g for g in cluster_gpus_from_status(cluster_status()) if g.node_id == cluster["nodes"][1]]
+    assignment = assign_plan_gpus(plan, live[::-1])          # planned GPU 0 -> the second node's GPU 1
+    options = plan_actor_options(plan, assignment)
+    holders = {item: Holder.options(**opts).remote() for item, opts in options.items()}
+    infos = dict(zip(holders, ray.get([h.info.remote() for h in holders.values()])))
+    for placement in plan.placements:
+        gpu = assignment[placement.gpu_index]
+        expected_uuid = next(g.uuid for g in gpus_of(gpu.node_id).values() if g.index == gpu.gpu_index)
+        assert infos[placement.item]["gpu"] == expected_uuid
+        assert len(infos[placement.item]["tpc_ids"]) == placement.reserved_tpcs
+    for h in holders.values():
+        ray.kill(h)
+    wait_for(lambda: granted_on(cluster["nodes"][1]) == 0, what="release")
