@@ -15,5 +15,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lithos-ray demo
 
+# The dashboard test drives a real headless Chromium (Debian's package; skipped with a reason without it).
 test: $(STAMP)
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1)) || true
 	$(VENV)/bin/python -m pytest -q --durations=10

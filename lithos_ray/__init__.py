@@ -3,13 +3,16 @@
 Kept light on purpose: nothing heavy is imported until used (GPU-side code runs without Ray).
 """
 __version__ = "0.1.0"
-__all__ = ["remote", "ray_options", "current_grant"]
+__all__ = ["remote", "ray_options", "current_grant", "serve"]
 
 
 def __getattr__(name):
     if name in ("remote", "ray_options"):
         from . import api
         return getattr(api, name)
+    if name == "serve":
+        import importlib
+        return importlib.import_module(".serve", __name__)
     if name == "current_grant":
         from .client import current_grant
         return current_grant

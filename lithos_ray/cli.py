@@ -40,6 +40,8 @@ def cmd_start(args) -> int:
         tag = "SIMULATED" if agent["simulated"] else "real"
         print(f"  GPU {agent['index']} {agent['model']} [{tag}] {agent['tpcs']} TPCs, agent gRPC on "
               f"127.0.0.1:{agent['port']}")
+    if state.get("dashboard_url"):
+        print(f"lithos page: {state['dashboard_url']}")
     print("Use it: @ray.remote(resources={'lithos_tpc': 12}); see `lithos-ray status`.")
     return 0
 

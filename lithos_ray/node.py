@@ -181,7 +181,14 @@ def start_node(head: bool, address: str | None, simulate: str | None, port: int 
     node_id = ray.get_runtime_context().get_node_id()
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     agents = start_agents(node_id, gpus)
-    state = {"node_id": node_id, "gcs_address": ray.get_runtime_context().gcs_address, "ray_session_dir": session_dir, "head": head, "mps_env": mps_env,
+    dashboard = ""
+    if head:
+        from .dashboard import start_dashboard
+        try:
+            dashboard = start_dashboard()
+        except Exception as exc:   # the page is optional; grants work without it
+            logger.warning("lithos page not started: %s", exc)
+    state = {"dashboard_url": dashboard, "node_id": node_id, "gcs_address": ray.get_runtime_context().gcs_address, "ray_session_dir": session_dir, "head": head, "mps_env": mps_env,
              "gpus": [asdict(g) for g in gpus], "agents": agents}
     RUN_ROOT.mkdir(parents=True, exist_ok=True)
     NODE_STATE_FILE.write_text(json.dumps(state, indent=2))
@@ -201,6 +208,9 @@ def stop_node() -> dict:
             raise LithosNotRunning("no Ray GCS answers on this node")
         ray.init(address=gcs, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
         killed = stop_agents(state["node_id"])
+        if state.get("dashboard_url"):
+            from .dashboard import stop_dashboard
+            stop_dashboard()
         ray.shutdown()
     except Exception as exc:  # Ray already gone: nothing of ours is left in it
         logger.warning("could not reach Ray to stop the agents (%s)", exc)

@@ -50,6 +50,7 @@ class NodeReport(BaseModel):
 
 class ClusterStatus(BaseModel):
     schema_id: Literal["lithos-ray/status/v1"] = SCHEMA_ID
+    dashboard_url: str | None = None      # the live lithos page, when the head node runs it
     nodes: list[NodeReport]
 
 
@@ -79,7 +80,8 @@ def cluster_status() -> ClusterStatus:
     for agent in list_agents():
         node = nodes.setdefault(agent.node_id, NodeReport(node_id=agent.node_id, node_ip=agent.node_ip, gpus=[]))
         node.gpus.append(gpu_report(agent_status(agent, local)))
-    return ClusterStatus(nodes=list(nodes.values()))
+    from .dashboard import dashboard_url
+    return ClusterStatus(nodes=list(nodes.values()), dashboard_url=dashboard_url())
 
 
 def format_table(status: ClusterStatus) -> str:
@@ -98,6 +100,8 @@ def format_table(status: ClusterStatus) -> str:
                 slo = f" slo {c.slo_ms:g} ms" if c.slo_ms else ""
                 lines.append(f"    pid {c.pid:<7} {c.name[:24]:<24} {who:<19} {c.priority:<16} "
                              f"{c.granted_tpcs:>3} TPCs {_ranges(c.tpc_ids)}{slo}")
+    if status.dashboard_url:
+        lines.append(f"lithos page: {status.dashboard_url}")
     return "\n".join(lines) if lines else "no lithos agents are registered in this Ray cluster"
 
 

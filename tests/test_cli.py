@@ -18,7 +18,8 @@ def run_cli(*args, env, timeout=180):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ, LITHOS_RUN_DIR=str(tmp_path_factory.mktemp("run")), RAY_USAGE_STATS_ENABLED="0")
+    e = dict(os.environ, LITHOS_RUN_DIR=str(tmp_path_factory.mktemp("run")), RAY_USAGE_STATS_ENABLED="0",
+             LITHOS_DASHBOARD_PORT="0")
     e.pop("RAY_ADDRESS", None)
     return e
 
@@ -92,6 +93,7 @@ def test_start_status_use_stop(env):
 
         table = run_cli("status", env=env)
         assert table.returncode == 0 and "GPU 1 H100" in table.stdout and "[SIMULATED]" in table.stdout
+        assert "lithos page: http://127.0.0.1:" in table.stdout
     finally:
         out = run_cli("stop", env=env)
     assert out.returncode == 0, out.stderr
