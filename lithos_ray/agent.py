@@ -145,8 +145,11 @@ class GpuAgentCore:
                 for g in self.grants.values()
             ]
             free = self.allocator.free_tpcs
+        reading = self.device.telemetry()
+        sensors = {k: v for k, v in (("clock_mhz", reading.clock_mhz), ("power_w", reading.power_w),
+                                     ("energy_j", reading.energy_j)) if v is not None}
         return pb.GpuStatus(
-            node_id=self.node_id, node_ip=self.node_ip, gpu_index=self.info.index, gpu_uuid=self.info.uuid,
+            **sensors, node_id=self.node_id, node_ip=self.node_ip, gpu_index=self.info.index, gpu_uuid=self.info.uuid,
             gpu_model=self.info.model, simulated=self.info.simulated, sms=self.info.sms,
             total_tpcs=self.info.tpcs, granted_tpcs=self.info.tpcs - free, free_tpcs=free,
             clients=clients, agent_address=self.address, native_status=self.native_status,

@@ -39,6 +39,9 @@ class GpuReport(BaseModel):
     free_tpcs: int
     agent_address: str
     native_status: str
+    clock_mhz: float | None = None     # NVML readings of real GPUs; None on simulated ones
+    power_w: float | None = None
+    energy_j: float | None = None
     clients: list[ClientReport]
 
 
@@ -66,6 +69,7 @@ def gpu_report(s: pb.GpuStatus) -> GpuReport:
     return GpuReport(index=s.gpu_index, uuid=s.gpu_uuid, model=s.gpu_model, simulated=s.simulated, sms=s.sms,
                      total_tpcs=s.total_tpcs, granted_tpcs=s.granted_tpcs, free_tpcs=s.free_tpcs,
                      agent_address=s.agent_address, native_status=s.native_status,
+                     **{f: getattr(s, f) for f in ("clock_mhz", "power_w", "energy_j") if s.HasField(f)},
                      clients=sorted(clients, key=lambda c: c.tpc_ids[:1]))
 
 

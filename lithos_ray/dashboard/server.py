@@ -13,7 +13,6 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPORT_STALE_S = 10.0          # a client's latency report older than this is not shown
-TELEMETRY_TIMEOUT_S = 5.0
 
 
 def page_state(status, telemetry_by_uuid: dict, reports: dict, now_unix_s: float, error: str | None = None,
@@ -56,7 +55,6 @@ class DashboardActor:
         self.reports: dict[str, tuple[float, dict]] = {}
         self.state: dict = {"nodes": [], "error": "starting", "updated_unix_s": None}
         self.grafana_dashboard: str | None = None
-        self._readers: dict = {}
         self._runner = None
         self._poller = None
         self._start_lock = None
@@ -135,7 +133,7 @@ class DashboardActor:
         error = None
         try:
             status = await asyncio.to_thread(cluster_status)
-            telemetry = await asyncio.to_thread(self._telemetry, status)
+            telemetry = self._telemetry(status)
             self._metrics.publish(status, telemetry)
         except Exception as exc:   # show the last good state with the error
             logger.warning("refresh failed: %s", exc)
@@ -155,21 +153,10 @@ class DashboardActor:
             await self.refresh()
 
     def _telemetry(self, status) -> dict:
-        """Readings of the real GPUs, from a small reader actor on each GPU node (NVML is per machine)."""
-        import ray
-
-        from .telemetry import reader_for_node
-        wanted = {node.node_id: [g.uuid for g in node.gpus if not g.simulated] for node in status.nodes}
-        refs = {node_id: reader_for_node(self._readers, node_id).read.remote(uuids)
-                for node_id, uuids in wanted.items() if uuids}
-        readings = {}
-        for node_id, ref in refs.items():
-            try:
-                readings.update(ray.get(ref, timeout=TELEMETRY_TIMEOUT_S))
-            except Exception as exc:   # a node without NVML shows no telemetry
-                logger.warning("telemetry of node %s unavailable: %s", node_id[:12], exc)
-                self._readers.pop(node_id, None)
-        return readings
+        """Readings of the real GPUs, as their agents report them (simulated GPUs have none)."""
+        from ..scheduler.device import Telemetry
+        return {g.uuid: Telemetry(g.clock_mhz, g.power_w, g.energy_j, simulated=False)
+                for node in status.nodes for g in node.gpus if not g.simulated and g.power_w is not None}
 
     # -- HTTP --------------------------------------------------------------------------------
     async def _index(self, request):
