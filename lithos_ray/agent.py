@@ -27,6 +27,7 @@ from .scheduler.device import Device
 logger = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 0.1
+MAX_CLIENTS_PER_GPU = 64   # slots of the shared-memory allowance table (LITHOS_DEFAULT_SLOTS)
 _PRIORITY_TO_PB = {Priority.LATENCY_CRITICAL.value: pb.LATENCY_CRITICAL, Priority.BEST_EFFORT.value: pb.BEST_EFFORT}
 _PB_TO_PRIORITY = {v: k for k, v in _PRIORITY_TO_PB.items()}
 
@@ -93,9 +94,10 @@ class GpuAgentCore:
         tmp.write_text(json.dumps([asdict(g) for g in self.grants.values()]))
         os.replace(tmp, self.state_file)
 
-    def _free_slot(self) -> int:
+    def _free_slot(self) -> int | None:
         used = {g.slot for g in self.grants.values()}
-        return next(s for s in range(len(used) + 1) if s not in used)
+        slot = next(s for s in range(len(used) + 1) if s not in used)
+        return slot if slot < MAX_CLIENTS_PER_GPU else None
 
     # -- operations ------------------------------------------------------------------------
     def acquire(self, tpcs: int, priority: str, slo_ms: float, client: dict) -> GrantRecord | None:
@@ -103,10 +105,11 @@ class GpuAgentCore:
             raise ValueError(f"this GPU ({self.info.model}) has {self.info.tpcs} TPCs; asked for {tpcs}")
         with self._lock:
             grant_id = uuid.uuid4().hex[:16]
-            tpc_ids = self.allocator.allocate(grant_id, tpcs)
+            slot = self._free_slot()
+            tpc_ids = self.allocator.allocate(grant_id, tpcs) if slot is not None else None
             if tpc_ids is None:
                 return None
-            record = GrantRecord(grant_id, tpc_ids, self._free_slot(), priority, slo_ms, **client)
+            record = GrantRecord(grant_id, tpc_ids, slot, priority, slo_ms, **client)
             self.device.set_allowance(record.slot, tpc_ids)
             self.grants[grant_id] = record
             self._persist()

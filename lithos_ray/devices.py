@@ -30,7 +30,7 @@ class NvidiaDevice(Device):
             saved = os.environ.get("CUDA_VISIBLE_DEVICES")
             os.environ["CUDA_VISIBLE_DEVICES"] = uuid
             try:
-                native._probe_into(self._table)
+                native.probe_layout_into(self._table)
             except Exception as exc:
                 logger.warning("co-scheduled group probe failed (%s): cluster>2 kernels will run unconfined", exc)
             finally:

@@ -400,7 +400,7 @@ def _default_gpu_uuid() -> str:
         pynvml.nvmlShutdown()
 
 
-def _probe_into(table: AllowanceTable) -> None:
+def probe_layout_into(table: AllowanceTable) -> None:
     """Fill the table's co-scheduled map from a child process that is not an MPS client."""
     env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="lithos-nomps-"))
     env.pop("LD_PRELOAD", None)
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "probe-layout":
         table = AllowanceTable.open(args.table)
-        _probe_into(table)
+        probe_layout_into(table)
         print(f"co-scheduled group of each TPC: {table.cosched_map()}")
         table.close(unlink=False)
         return 0
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         else AllowanceTable.open(args.table)
     try:
         if args.probe_layout:
-            _probe_into(table)
+            probe_layout_into(table)
         table.set_allowance(args.slot, parse_tpcs(args.tpcs, table.tpcs_on_gpu))
         print(f"lithos: {table.path} slot {args.slot} TPCs {args.tpcs}", file=sys.stderr, flush=True)
         return subprocess.call(cmd, env={**os.environ, **client_env(table.path, args.slot)})

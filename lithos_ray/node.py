@@ -51,7 +51,7 @@ def worker_env(gpus: list[NodeGpu], base: dict | None = None) -> dict[str, str]:
         from . import native
         lib = native.library_path()
         if lib:
-            env["LD_PRELOAD"] = " ".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+            env["LD_PRELOAD"] = ":".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
     return env
 
 

@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpu_reason() is not None, rea
 def table():
     assert subprocess.run(["make", "-C", str(ROOT / "native")], capture_output=True).returncode == 0
     t = native.AllowanceTable.create(native._default_gpu_uuid(), tempfile.mkdtemp(prefix="lithos-test-"))
-    native._probe_into(t)
+    native.probe_layout_into(t)
     yield t
     t.close()
 

@@ -35,7 +35,7 @@ def run(env):
 
 def main(out_dir, tpcs_text="0-31"):
     table = native.AllowanceTable.create(native._default_gpu_uuid())
-    native._probe_into(table)
+    native.probe_layout_into(table)
     table.set_allowance(0, native.parse_tpcs(tpcs_text))
     cosched_groups = table.cosched_groups()
     try:

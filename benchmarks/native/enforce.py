@@ -63,7 +63,7 @@ def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, duri
 def main(out_dir: str) -> None:
     uuid = native._default_gpu_uuid()
     table = native.AllowanceTable.create(uuid)
-    native._probe_into(table)
+    native.probe_layout_into(table)
     cosched_map = table.cosched_map()
     run_dir = tempfile.mkdtemp(prefix="lithos-mps-")
     mps_env = mps.start_mps(run_dir)

@@ -34,7 +34,7 @@ def main(out_dir):
     binary = os.path.join(work, "launch_overhead")
     subprocess.run(["nvcc", "-O2", "-arch=sm_90", "-o", binary, os.path.join(HERE, "launch_overhead.cu"), "-ldl"], check=True)
     table = native.AllowanceTable.create(native._default_gpu_uuid())
-    native._probe_into(table)
+    native.probe_layout_into(table)
     table.set_allowance(0, list(range(66)))
     shim_env = {**os.environ, **native.client_env(table.path, 0)}
     launch, launch_paths = {}, {}

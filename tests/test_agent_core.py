@@ -1,0 +1,58 @@
+"""The per-GPU agent's core without Ray: grants, slots, persistence across restarts, reaping dead clients."""
+import os
+import subprocess
+import sys
+
+from lithos_ray.agent import MAX_CLIENTS_PER_GPU, GpuAgentCore, process_start_ticks
+from lithos_ray.scheduler.gpu_models import lookup_model
+from lithos_ray.scheduler.simulated import SimulatedDevice
+
+
+def core_at(tmp_path):
+    device = SimulatedDevice(lookup_model("H100"), 0, "SIM-H100-test-0")
+    return GpuAgentCore(device, "node", "127.0.0.1", tmp_path / "gpu-0.json")
+
+
+def me(**extra):
+    return dict(pid=os.getpid(), pid_start_ticks=process_start_ticks(os.getpid()), **extra)
+
+
+def test_grants_set_allowances_and_release_clears_them(tmp_path):
+    core = core_at(tmp_path)
+    a = core.acquire(12, "latency_critical", 50.0, me(name="a"))
+    b = core.acquire(8, "best_effort", 0.0, me(name="b"))
+    assert core.device.allowances() == {a.slot: a.tpc_ids, b.slot: b.tpc_ids}
+    assert core.acquire(47, "best_effort", 0.0, me()) is None     # 46 left: refused, not oversubscribed
+    assert core.release(a.grant_id) and not core.release(a.grant_id)
+    assert core.device.allowances() == {b.slot: b.tpc_ids} and core.free_tpcs() == 58
+
+
+def test_a_restarted_agent_keeps_live_grants_and_drops_dead_ones(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        core = core_at(tmp_path)
+        live = core.acquire(10, "best_effort", 0.0, me())
+        doomed = core.acquire(20, "best_effort", 0.0, dict(pid=child.pid, pid_start_ticks=process_start_ticks(child.pid)))
+        child.kill()
+        child.wait()
+        restarted = core_at(tmp_path)
+        assert list(restarted.grants) == [live.grant_id]
+        assert restarted.device.allowances() == {live.slot: live.tpc_ids}
+        assert doomed.grant_id not in restarted.grants and restarted.free_tpcs() == 56
+    finally:
+        child.kill()
+
+
+def test_reaper_releases_grants_of_dead_processes(tmp_path):
+    core = core_at(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    grant = core.acquire(4, "best_effort", 0.0, dict(pid=child.pid, pid_start_ticks=12345))
+    assert core.reap_dead() == [grant.grant_id] and core.free_tpcs() == 66
+
+
+def test_slots_are_a_capacity_too(tmp_path):
+    core = core_at(tmp_path)
+    grants = [core.acquire(1, "best_effort", 0.0, me()) for _ in range(MAX_CLIENTS_PER_GPU)]
+    assert all(grants) and len({g.slot for g in grants}) == MAX_CLIENTS_PER_GPU
+    assert core.acquire(1, "best_effort", 0.0, me()) is None
