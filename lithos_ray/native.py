@@ -5,6 +5,12 @@ struct sizes and field offsets come from the compiled library (``lithos_layout_e
 allowances are written through the library's seqlock writer. Only numpy, ctypes and mmap are
 used here, so GPU-side code can import it without ray or pydantic.
 
+Lending (scheduler/lending.py's launch-path rule, applied by the shim at every launch): the agent
+writes each slot's lend list with ``AllowanceTable.set_lending`` and the table-wide knobs with
+``set_lending_knobs``; every client's shim publishes its activity word (``activity``), and launch
+records carry the TPCs used, the lenders borrowed from and the predictor's duration
+(``prediction_pairs`` for the accuracy report).
+
 Standalone use (no Ray, no agent)::
 
     python -m lithos_ray.native run --tpcs 0-11 -- python my_script.py
@@ -33,15 +39,16 @@ _SOURCE_TREE_LIBRARY = _PACKAGE_DIR.parent / "native" / "build" / LIBRARY_NAME
 _INSTALLED_LIBRARY = _PACKAGE_DIR / "_lib" / LIBRARY_NAME
 
 VIEW_NAMES = {0: "tpc", 1: "cosched", 2: "unconfined", 3: "graph"}
+LEND_SLOTS = 64              # LITHOS_LEND_SLOTS: the lend list is one 64-bit mask
+LEND_LOW_PRIORITY = 1        # LITHOS_LEND_LOW_PRIORITY in lithos_slot.lending_flags
 API_NAMES = {0: "cuLaunchKernel", 1: "cuLaunchKernelEx", 2: "cuLaunchCooperativeKernel", 3: "cuGraphLaunch"}
 
 
 def library_path() -> pathlib.Path | None:
-    """The built liblithos.so: the installed copy first, then a source tree's native/build."""
-    for candidate in (_INSTALLED_LIBRARY, _SOURCE_TREE_LIBRARY):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The built liblithos.so: the newer of the installed copy and a source tree's native/build
+    (in an editable install `make -C native` updates only the latter)."""
+    built = [candidate for candidate in (_INSTALLED_LIBRARY, _SOURCE_TREE_LIBRARY) if candidate.is_file()]
+    return max(built, key=lambda candidate: candidate.stat().st_mtime) if built else None
 
 
 def build_status() -> str:
@@ -84,6 +91,23 @@ def _lib() -> ctypes.CDLL:
         lib.lithos_ring_copy.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint32]
         lib.lithos_hook_name.restype = ctypes.c_char_p
         lib.lithos_hook_name.argtypes = [ctypes.c_int]
+        lib.lithos_table_set_lending.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_uint32]
+        lib.lithos_table_set_lending_knobs.argtypes = [ctypes.c_void_p] + [ctypes.c_uint64] * 3
+        lib.lithos_activity_bytes.restype = ctypes.c_size_t
+        lib.lithos_activity_bytes.argtypes = [ctypes.c_uint32]
+        lib.lithos_lender_is_idle.argtypes = [ctypes.c_uint64] * 4
+        lib.lithos_activity_after_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint64] * 3
+        lib.lithos_predictor_create.restype = ctypes.c_void_p
+        lib.lithos_predictor_create.argtypes = [ctypes.c_uint32]
+        lib.lithos_predictor_destroy.argtypes = [ctypes.c_void_p]
+        lib.lithos_predictor_observe.argtypes = [ctypes.c_void_p] + [ctypes.c_uint64] * 4 + [ctypes.c_uint32]
+        lib.lithos_predictor_predict_ns.restype = ctypes.c_uint64
+        lib.lithos_predictor_predict_ns.argtypes = [ctypes.c_void_p] + [ctypes.c_uint64] * 3 + [ctypes.c_uint32]
+        lib.lithos_predictor_samples.restype = ctypes.c_uint32
+        lib.lithos_predictor_samples.argtypes = [ctypes.c_void_p] + [ctypes.c_uint64] * 3 + [
+            ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32), ctypes.c_uint32]
+        lib.lithos_predictor_size.restype = ctypes.c_uint32
+        lib.lithos_predictor_size.argtypes = [ctypes.c_void_p]
         _library = lib
     return _library
 
@@ -166,6 +190,11 @@ def ring_path(table_path: str, slot: int) -> str:
     return f"{table_path}.ring{slot}"
 
 
+def activity_path(table_path: str) -> str:
+    """The activity pages of a table's clients (the agent creates it with the table)."""
+    return f"{table_path}.activity"
+
+
 class AllowanceTable:
     """The per-GPU allowance table, owned and written by the agent; clients map it read-only."""
 
@@ -183,6 +212,13 @@ class AllowanceTable:
         self.gpu_uuid = header["gpu_uuid"].decode()
         self._header_bytes = int(header["header_bytes"])
         self._slot_bytes = int(header["slot_bytes"])
+        self._activity_stride = int(header["activity_stride"])
+        activity_fd = os.open(activity_path(path), os.O_RDWR if owner else os.O_RDONLY)
+        try:
+            access = mmap.PROT_READ | (mmap.PROT_WRITE if owner else 0)
+            self._activity_map = mmap.mmap(activity_fd, _lib().lithos_activity_bytes(self.max_slots), mmap.MAP_SHARED, access)
+        finally:
+            os.close(activity_fd)
 
     @classmethod
     def create(cls, gpu_uuid: str, directory: str = "/dev/shm", max_slots: int = 64,
@@ -197,6 +233,11 @@ class AllowanceTable:
         lib = _lib()
         path = os.path.join(directory, f"lithos-{gpu_uuid}")
         size = lib.lithos_table_bytes(max_slots)
+        # The activity pages first: a client that finds the table finds them too. All zero = never launched.
+        activity_fd = os.open(activity_path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.fchmod(activity_fd, 0o644)
+        os.ftruncate(activity_fd, lib.lithos_activity_bytes(max_slots))
+        os.close(activity_fd)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.fchmod(fd, 0o644)
         os.ftruncate(fd, size)
@@ -268,18 +309,92 @@ class AllowanceTable:
         self._check_slot(slot)
         return LaunchRing(ring_path(self.path, slot)).read(since_index, max_records)
 
+    # --- lending: written by the agent, applied by the clients' shims at every launch ---------------
+
+    def set_lending(self, slot: int, lender_slots: list[int], low_priority: bool) -> None:
+        """Let `slot` add the TPCs of `lender_slots` to a launch whenever they are idle (the rule of
+        scheduler/lending.py); with low_priority, its launches that borrow run at the least stream
+        priority. An empty list switches lending off for `slot`. Takes effect at its next launch."""
+        self._check_slot(slot)
+        lend_slots = min(self.max_slots, LEND_SLOTS)
+        lenders = list(lender_slots)
+        bad = [s for s in lenders if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < lend_slots]
+        if bad:
+            raise ValueError(f"lender slots {bad[:5]} are out of range: allowed 0..{lend_slots - 1} "
+                             f"(the lend list is one 64-bit mask)")
+        if slot in lenders or len(set(lenders)) != len(lenders):
+            raise ValueError(f"lender slots {lenders} must be distinct and must not include the borrower's slot {slot}")
+        if not isinstance(low_priority, bool):
+            raise ValueError(f"low_priority must be True or False, got {low_priority!r}")
+        mask = 0
+        for lender in lenders:
+            mask |= 1 << int(lender)
+        _lib().lithos_table_set_lending(self._writable(), slot, mask, LEND_LOW_PRIORITY if low_priority else 0)
+
+    def lending(self, slot: int) -> tuple[list[int], bool]:
+        """(lender slots, low_priority) of `slot`, as its shim reads them."""
+        self._check_slot(slot)
+        record = np.frombuffer(self._map, dtype=layout()["lithos_slot"], count=1,
+                               offset=self._header_bytes + slot * self._slot_bytes)[0]
+        mask = int(record["lender_mask"])
+        return [s for s in range(LEND_SLOTS) if (mask >> s) & 1], bool(int(record["lending_flags"]) & LEND_LOW_PRIORITY)
+
+    def set_lending_knobs(self, atom_us: float, idle_window_us: float, unknown_kernel_busy_us: float) -> None:
+        """The table-wide knobs of the launch-path rule (validated as LendingPolicy's; defaults 250 / 500 / 10000 us)."""
+        from .scheduler.lending import LendingPolicy  # pure Python: validation and rounding to ns in one place
+
+        policy = LendingPolicy(atom_us=atom_us, idle_window_us=idle_window_us, unknown_kernel_busy_us=unknown_kernel_busy_us)
+        knobs_ns = (policy.atom_ns, policy.idle_window_ns, policy.unknown_kernel_busy_ns)
+        if min(knobs_ns) < 1:
+            raise ValueError(f"lending knobs must be at least 0.001 us (1 ns), got {atom_us}, {idle_window_us}, "
+                             f"{unknown_kernel_busy_us} us")
+        _lib().lithos_table_set_lending_knobs(self._writable(), *knobs_ns)
+
+    def lending_knobs(self) -> dict[str, int]:
+        """{"atom_ns", "idle_window_ns", "unknown_kernel_busy_ns"} as the shims read them."""
+        header = np.frombuffer(self._map, dtype=layout()["lithos_table_header"], count=1)[0]
+        return {"atom_ns": int(header["lend_atom_ns"]), "idle_window_ns": int(header["lend_idle_window_ns"]),
+                "unknown_kernel_busy_ns": int(header["lend_unknown_kernel_busy_ns"])}
+
+    def _activity_record(self, slot: int):
+        self._check_slot(slot)
+        return np.frombuffer(self._activity_map, dtype=layout()["lithos_activity"], count=1,
+                             offset=slot * self._activity_stride)[0]
+
+    def activity(self, slot: int):
+        """The activity word `slot`'s shim publishes (scheduler.lending.ActivityWord; CLOCK_MONOTONIC ns,
+        the clock of time.monotonic_ns())."""
+        from .scheduler.lending import ActivityWord
+
+        record = self._activity_record(slot)
+        last_launch_ns = int(record["last_launch_ns"])
+        return ActivityWord(last_launch_ns or None, int(record["busy_until_ns"]))
+
+    def activity_writer_pid(self, slot: int) -> int:
+        """Process id of the last shim that mapped `slot`'s activity word writable (0: none yet). A client
+        that cannot publish its activity must not be anyone's lender."""
+        return int(self._activity_record(slot)["writer_pid"])
+
+    def prediction_pairs(self, slot: int, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, np.ndarray, int]:
+        """(predicted_ns, measured_ns, next index) of `slot`'s launches that were both predicted and
+        timed (see prediction_pairs()). Timing lands after the launch, so read a little behind the head."""
+        records, next_index = self.read_launches(slot, since_index, max_records)
+        predicted_ns, measured_ns = prediction_pairs(records)
+        return predicted_ns, measured_ns, next_index
+
     def close(self, unlink: bool = True) -> None:
         """Unmap; with unlink, also remove the table and every client's ring file."""
         self._address = None
-        try:
-            self._map.close()
-        except BufferError:  # a numpy view is still alive; the mapping goes with the process
-            pass
+        for mapped in (self._map, self._activity_map):
+            try:
+                mapped.close()
+            except BufferError:  # a numpy view is still alive; the mapping goes with the process
+                pass
         os.close(self._fd)
         if unlink and self._owner:
-            for slot in range(self.max_slots):
+            for path in [ring_path(self.path, slot) for slot in range(self.max_slots)] + [activity_path(self.path)]:
                 try:
-                    os.unlink(ring_path(self.path, slot))
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
             os.unlink(self.path)
@@ -314,6 +429,54 @@ class LaunchRing:
             return out[:copied].copy(), int(next_index.value)
         finally:
             mapped.close()
+
+
+def prediction_pairs(records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted_ns, measured_ns) of the launch records that carry both a prediction (on the TPCs
+    the launch used) and a sampled GPU duration; feed them to
+    lithos_ray.scheduler.predictor.prediction_accuracy."""
+    both = (records["predicted_ns"] > 0) & (records["gpu_ns"] > 0)
+    return records["predicted_ns"][both].astype(np.int64), records["gpu_ns"][both].astype(np.int64)
+
+
+def lenders_of(record) -> list[int]:
+    """The slots whose TPCs one launch record borrowed (empty: it ran on its own TPCs)."""
+    mask = int(record["lender_slots_used"])
+    return [s for s in range(LEND_SLOTS) if (mask >> s) & 1]
+
+
+class NativeLatencyPredictor:
+    """The shim's C predictor (native/lithos_predictor.c) behind the interface of
+    lithos_ray.scheduler.predictor.LatencyPredictor, to check that both give the same answers."""
+
+    def __init__(self, capacity: int = 1024):
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or not 1 <= capacity <= 1 << 24:
+            raise ValueError(f"capacity must be an integer in 1..{1 << 24}, got {capacity!r}")
+        self._lib = _lib()
+        self._handle = self._lib.lithos_predictor_create(int(capacity))
+        if not self._handle:
+            raise MemoryError(f"cannot allocate a predictor of {capacity} keys")
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            self._lib.lithos_predictor_destroy(self._handle)
+            self._handle = None
+
+    def __len__(self) -> int:
+        return int(self._lib.lithos_predictor_size(self._handle))
+
+    def observe(self, key, duration_ns: int, tpcs: int) -> None:
+        if self._lib.lithos_predictor_observe(self._handle, *map(int, key), int(duration_ns), int(tpcs)) != 0:
+            raise ValueError(f"duration_ns and tpcs must be integers >= 1, got {duration_ns!r}, {tpcs!r}")
+
+    def predict_ns(self, key, tpcs: int) -> int | None:
+        predicted = int(self._lib.lithos_predictor_predict_ns(self._handle, *map(int, key), int(tpcs)))
+        return predicted or None
+
+    def samples(self, key) -> list[tuple[int, int]]:
+        durations, tpcs = (ctypes.c_uint64 * 8)(), (ctypes.c_uint32 * 8)()
+        count = self._lib.lithos_predictor_samples(self._handle, *map(int, key), durations, tpcs, 8)
+        return [(int(durations[i]), int(tpcs[i])) for i in range(count)]
 
 
 def client_env(table_path: str, slot: int) -> dict[str, str]:
@@ -453,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in records:
             print(f"{r['kernel_name'].decode()[:40]:40s} grid={tuple(r['grid'])} block={tuple(r['block'])} "
                   f"cluster={tuple(r['cluster'])} view={VIEW_NAMES.get(int(r['view']))} tpcs={int(r['tpcs'])} "
+                  f"own_tpcs={int(r['own_tpcs'])} lenders={lenders_of(r)} predicted_ns={int(r['predicted_ns'])} "
                   f"gpu_ns={int(r['gpu_ns'])}")
         print(f"{len(records)} records, next index {next_index}")
         return 0

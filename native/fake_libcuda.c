@@ -6,9 +6,14 @@
  * fake_log(). It keeps the one rule of the real driver that the shim's design depends on: with
  * FAKE_STRICT_EVENTS=1, cuEventRecord refuses an event and a stream of different contexts
  * (CUDA_ERROR_INVALID_HANDLE), as cuda.h documents.
+ * For the lending tests: cuGreenCtxCreate logs how many TPC groups the green context holds,
+ * streams keep the priority they were created with, and cuEventElapsedTime reports FAKE_KERNEL_US
+ * microseconds (default 1) as every kernel's duration. Thread-safe (the shim builds green contexts
+ * on a thread of its own); the current context is per thread, as in the real driver.
  * Built by tests/test_native.py as <tmp>/libcuda.so.1 and found through LD_LIBRARY_PATH.
  */
 #include <cuda.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -18,17 +23,20 @@
 #define EXPORT __attribute__((visibility("default")))
 #define MAX_HANDLES 4096
 
-static char log_text[1 << 16];
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER; /* guards everything below except the context stack */
+static char log_text[1 << 16], log_copy[1 << 16];
 static size_t log_used;
 static uintptr_t next_handle = 0x1000;
-static CUcontext current_ctx = (CUcontext)0x10, ctx_stack[16]; /* 0x10: the primary context */
-static int ctx_depth;
-/* handle -> context, for streams and events */
+static __thread CUcontext current_ctx = (CUcontext)0x10, ctx_stack[16]; /* 0x10: the primary context */
+static __thread int ctx_depth;
+/* handle -> context and value (a stream's priority, a resource descriptor's group count) */
 static uintptr_t owner_handle[MAX_HANDLES];
 static CUcontext owner_ctx[MAX_HANDLES];
+static int owner_value[MAX_HANDLES];
 static int owners;
 
 static void logf_(const char *fmt, ...) {
+    pthread_mutex_lock(&lock);
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(log_text + log_used, sizeof(log_text) - log_used, fmt, ap);
@@ -38,26 +46,51 @@ static void logf_(const char *fmt, ...) {
         log_text[log_used++] = '\n';
         log_text[log_used] = '\0';
     }
+    pthread_mutex_unlock(&lock);
 }
 
-static uintptr_t new_handle(CUcontext ctx) {
-    next_handle += 0x10;
+static uintptr_t new_handle_with(CUcontext ctx, int value) {
+    pthread_mutex_lock(&lock);
+    uintptr_t handle = next_handle += 0x10;
     if (owners < MAX_HANDLES) {
-        owner_handle[owners] = next_handle;
+        owner_handle[owners] = handle;
+        owner_value[owners] = value;
         owner_ctx[owners++] = ctx;
     }
-    return next_handle;
+    pthread_mutex_unlock(&lock);
+    return handle;
+}
+
+static uintptr_t new_handle(CUcontext ctx) { return new_handle_with(ctx, 0); }
+
+/* Index of a handle in the owner table, or -1. */
+static int owner_of(uintptr_t handle) {
+    pthread_mutex_lock(&lock);
+    int found = -1;
+    for (int i = 0; i < owners && found < 0; i++)
+        if (owner_handle[i] == handle) found = i;
+    pthread_mutex_unlock(&lock);
+    return found;
 }
 
 static CUcontext ctx_of(uintptr_t handle) {
     if (handle == 0 || handle == (uintptr_t)CU_STREAM_LEGACY || handle == (uintptr_t)CU_STREAM_PER_THREAD) return current_ctx;
-    for (int i = 0; i < owners; i++)
-        if (owner_handle[i] == handle) return owner_ctx[i];
-    return NULL;
+    int i = owner_of(handle);
+    return i < 0 ? NULL : owner_ctx[i];
 }
 
-EXPORT const char *fake_log(void) { return log_text; }
-EXPORT void fake_log_clear(void) { log_used = 0, log_text[0] = '\0'; }
+/* A stable copy of the log (the shim's builder thread may append meanwhile). */
+EXPORT const char *fake_log(void) {
+    pthread_mutex_lock(&lock);
+    memcpy(log_copy, log_text, log_used + 1);
+    pthread_mutex_unlock(&lock);
+    return log_copy;
+}
+EXPORT void fake_log_clear(void) {
+    pthread_mutex_lock(&lock);
+    log_used = 0, log_text[0] = '\0';
+    pthread_mutex_unlock(&lock);
+}
 
 EXPORT CUresult cuInit(unsigned flags) { return CUDA_SUCCESS; }
 EXPORT CUresult cuCtxGetCurrent(CUcontext *ctx) { *ctx = current_ctx; return CUDA_SUCCESS; }
@@ -97,12 +130,13 @@ EXPORT CUresult cuDevSmResourceSplitByCount(CUdevResource *result, unsigned *gro
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuDevResourceGenerateDesc(CUdevResourceDesc *desc, CUdevResource *resources, unsigned count) {
-    *desc = (CUdevResourceDesc)new_handle(NULL);
+    *desc = (CUdevResourceDesc)new_handle_with(NULL, (int)count);
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuGreenCtxCreate(CUgreenCtx *green, CUdevResourceDesc desc, CUdevice dev, unsigned flags) {
+    int i = owner_of((uintptr_t)desc);
     *green = (CUgreenCtx)new_handle(NULL);
-    logf_("cuGreenCtxCreate %#lx", (unsigned long)(uintptr_t)*green);
+    logf_("cuGreenCtxCreate %#lx groups=%d", (unsigned long)(uintptr_t)*green, i < 0 ? -1 : owner_value[i]);
     return CUDA_SUCCESS;
 }
 /* The converted context of green context G is G + 1. */
@@ -112,7 +146,7 @@ EXPORT CUresult cuCtxFromGreenCtx(CUcontext *ctx, CUgreenCtx green) {
 }
 EXPORT CUresult cuGreenCtxStreamCreate(CUstream *stream, CUgreenCtx green, unsigned flags, int priority) {
     if (flags != CU_STREAM_NON_BLOCKING) return CUDA_ERROR_INVALID_VALUE;
-    *stream = (CUstream)new_handle((CUcontext)((uintptr_t)green + 1));
+    *stream = (CUstream)new_handle_with((CUcontext)((uintptr_t)green + 1), priority);
     logf_("cuGreenCtxStreamCreate %#lx green=%#lx priority=%d", (unsigned long)(uintptr_t)*stream,
           (unsigned long)(uintptr_t)green, priority);
     return CUDA_SUCCESS;
@@ -123,7 +157,7 @@ EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned flags) {
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned flags, int priority) {
-    *stream = (CUstream)new_handle(current_ctx);
+    *stream = (CUstream)new_handle_with(current_ctx, priority);
     logf_("cuStreamCreateWithPriority %#lx flags=%u priority=%d", (unsigned long)(uintptr_t)*stream, flags, priority);
     return CUDA_SUCCESS;
 }
@@ -135,7 +169,17 @@ EXPORT CUresult cuStreamGetCtx(CUstream stream, CUcontext *ctx) {
     *ctx = ctx_of((uintptr_t)stream);
     return *ctx ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
 }
-EXPORT CUresult cuStreamGetPriority(CUstream stream, int *priority) { *priority = 0; return CUDA_SUCCESS; }
+EXPORT CUresult cuStreamGetPriority(CUstream stream, int *priority) {
+    int i = owner_of((uintptr_t)stream);
+    *priority = i < 0 ? 0 : owner_value[i];
+    return CUDA_SUCCESS;
+}
+/* Priorities from 0 (least) to -5 (greatest). */
+EXPORT CUresult cuCtxGetStreamPriorityRange(int *least, int *greatest) {
+    *least = 0;
+    *greatest = -5;
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *status) {
     *status = CU_STREAM_CAPTURE_STATUS_NONE;
     return CUDA_SUCCESS;
@@ -154,12 +198,22 @@ EXPORT CUresult cuEventRecord(CUevent event, CUstream stream) {
     return strict && !same ? CUDA_ERROR_INVALID_HANDLE : CUDA_SUCCESS;
 }
 EXPORT CUresult cuEventQuery(CUevent event) { return CUDA_SUCCESS; }
-EXPORT CUresult cuEventElapsedTime_v2(float *ms, CUevent start, CUevent end) { *ms = 0.001f; return CUDA_SUCCESS; }
+EXPORT CUresult cuEventElapsedTime_v2(float *ms, CUevent start, CUevent end) {
+    const char *kernel_us = getenv("FAKE_KERNEL_US");
+    *ms = (float)((kernel_us ? atof(kernel_us) : 1.0) / 1000.0);
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuStreamWaitEvent(CUstream stream, CUevent event, unsigned flags) {
     logf_("cuStreamWaitEvent %#lx", (unsigned long)(uintptr_t)stream);
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuFuncGetAttribute(int *value, CUfunction_attribute attr, CUfunction f) { *value = 0; return CUDA_SUCCESS; }
+/* Function handle 0xc1 stands for a kernel compiled with a required 2x2x1 cluster (> 2: co-scheduled view). */
+EXPORT CUresult cuFuncGetAttribute(int *value, CUfunction_attribute attr, CUfunction f) {
+    int clustered = (uintptr_t)f == 0xc1 && (attr == CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH ||
+                                             attr == CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT);
+    *value = clustered ? 2 : 0;
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuFuncGetName(const char **name, CUfunction f) { *name = "fake_kernel"; return CUDA_SUCCESS; }
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, CUstream stream, void **params, void **extra) {

@@ -18,7 +18,16 @@
  *      stream waits. Everything later on the app stream (event records, syncs, copies, graph
  *      capture joins) therefore sees the moved kernel;
  *   5. write the launch identity into this slot's ring; every sample_every-th launch also gets
- *      timing events and its GPU duration is filled in once it has finished.
+ *      timing events and its GPU duration is filled in once it has finished (and fed to the
+ *      latency predictor, lithos_predictor.c).
+ * Lending (the rule of scheduler/lending.py; lithos_shm.h "Notes on lending"), between 2 and 3:
+ *   read the clock once (CLOCK_MONOTONIC through the vDSO); if this slot's lender_mask is not
+ *   empty and the predictor says the kernel ends within lend_atom_ns on the own TPCs, add the
+ *   allowances of the lenders whose activity words say idle; the union's green contexts are
+ *   looked up by TPC set (thread cache, then the locked list). A union not built yet is queued to
+ *   a builder thread and this launch uses the own TPCs (green contexts are never created on the
+ *   launch path for lending). Then this client's own activity word is updated (atomics only),
+ *   before the launch is handed to the driver.
  *
  * Supported: CUDA 13.0 headers, driver 580.159.04, H100 80GB HBM3 under MPS; x86-64 glibc >= 2.34.
  */
@@ -39,6 +48,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "lithos_predictor.h"
 #include "lithos_shm.h"
 
 #define EXPORT __attribute__((visibility("default")))
@@ -116,6 +126,7 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuEventElapsedTime, "cuEventElapsedTime_v2")                          \
     X(cuStreamWaitEvent, "cuStreamWaitEvent")                               \
     X(cuStreamGetPriority, "cuStreamGetPriority")                           \
+    X(cuCtxGetStreamPriorityRange, "cuCtxGetStreamPriorityRange")           \
     X(cuStreamGetCtx, "cuStreamGetCtx")                                     \
     X(cuStreamIsCapturing, "cuStreamIsCapturing")                           \
     X(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode") \
@@ -136,10 +147,12 @@ typedef struct {
     uint16_t tpcs;
 } view_ctx;
 
-/* Green contexts for one distinct TPC set; never freed (a handful per process). */
+/* Green contexts for one distinct TPC set (an allowance, or an allowance plus borrowed TPCs);
+ * never freed (a handful per process). */
 typedef struct allowance_route {
     uint64_t tpc_mask[LITHOS_MASK_WORDS];
     view_ctx views[2]; /* LITHOS_VIEW_TPC, LITHOS_VIEW_COSCHED; green == NULL: no such view */
+    int failed;        /* a borrowed set whose TPC view could not be built: never used, never rebuilt */
     struct allowance_route *next;
 } allowance_route;
 
@@ -160,6 +173,7 @@ typedef struct stream_pair {
     pid_t thread; /* only for the per-thread default stream */
     allowance_route *route;
     int view;
+    int low_priority; /* a green stream of the least priority (borrowed TPCs of a low-priority slot) */
     int owned;
     int dead; /* atomic; set when the application destroys app_stream */
     CUstream green_stream;
@@ -180,6 +194,9 @@ static struct {
     uint32_t slot;
     lithos_ring_header *ring;
     lithos_launch_record *records;
+    const char *activity;          /* every slot's activity page, mapped read-only */
+    lithos_activity *own_activity; /* this slot's page, mapped writable (NULL: cannot publish) */
+    lithos_predictor *predictor;
     uint32_t sample_every;
     uint64_t launch_count; /* atomic */
     int verbose;
@@ -191,6 +208,7 @@ static struct {
     unsigned tpc_group_count;
     CUdevResource cosched_groups[32];
     unsigned cosched_group_count;
+    int least_priority; /* cuCtxGetStreamPriorityRange: the least (numerically greatest) priority */
     allowance_route *routes;
     stream_pair *pairs;
     int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
@@ -200,9 +218,22 @@ static struct {
 
 /* The three launch paths, counted per thread (lithos_client_launch_counts). */
 enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, LITHOS_PATHS = 3 };
+/* Lending outcomes, counted per thread (lithos_client_lending_counts): launches that used borrowed
+ * TPCs; launches that found idle lenders but whose union was still being built (own TPCs used). */
+enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LITHOS_LEND_COUNTS = 2 };
+
+/* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
+#define BUILD_QUEUE 8
+static struct {
+    pthread_cond_t wake, done;
+    uint64_t masks[BUILD_QUEUE][LITHOS_MASK_WORDS];
+    unsigned count;
+    pid_t pid; /* the process whose builder thread runs (a forked child starts its own) */
+} builder = {.wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
 
 /* Per-thread cache in front of the locked lists. */
 #define TLS_PAIRS 8
+#define TLS_UNIONS 4
 static __thread struct {
     uint64_t generation; /* +1, so 0 = nothing cached */
     allowance_route *route;
@@ -210,7 +241,13 @@ static __thread struct {
     CUcontext ctx;
     int ctx_managed;
     stream_pair *pairs[TLS_PAIRS];
-    uint64_t launches[LITHOS_PATHS]; /* this thread's launches by path, for tools */
+    struct {
+        uint64_t tpc_mask[LITHOS_MASK_WORDS];
+        allowance_route *route;
+    } unions[TLS_UNIONS];
+    unsigned union_next;
+    uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
+    uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
 } tls;
 
 static void notice_once(int which, const char *fmt, ...) {
@@ -222,7 +259,8 @@ static void notice_once(int which, const char *fmt, ...) {
     fputc('\n', stderr);
     va_end(ap);
 }
-enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS };
+enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
+       WARN_ACTIVITY, WARN_BUILDER };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -295,6 +333,44 @@ static int open_ring(const char *table_path, uint32_t slot) {
     return 0;
 }
 
+/* Map every slot's activity page read-only and this slot's page writable (lithos_shm.h, region 3). */
+static void open_activity(const char *table_path) {
+    char path[4096];
+    snprintf(path, sizeof(path), "%s.activity", table_path);
+    size_t bytes = lithos_activity_bytes(g.table->max_slots[0]);
+    if (g.table->activity_stride[0] != LITHOS_ACTIVITY_STRIDE || sysconf(_SC_PAGESIZE) > (long)LITHOS_ACTIVITY_STRIDE) {
+        notice_once(WARN_ACTIVITY, "activity pages do not fit this machine's page size: no lending for this client");
+        return;
+    }
+    int fd = open(path, O_RDWR | O_CLOEXEC), writable = fd >= 0;
+    if (fd < 0) fd = open(path, O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || (size_t)st.st_size < bytes) {
+        notice_once(WARN_ACTIVITY, "activity file %s not usable (%s): no lending for this client", path,
+                    fd < 0 ? strerror(errno) : "too small");
+        if (fd >= 0) close(fd);
+        return;
+    }
+    void *all = mmap(NULL, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    void *own = writable ? mmap(NULL, LITHOS_ACTIVITY_STRIDE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                                (off_t)g.slot * LITHOS_ACTIVITY_STRIDE)
+                         : MAP_FAILED;
+    close(fd);
+    if (all == MAP_FAILED) {
+        notice_once(WARN_ACTIVITY, "cannot map %s: no lending for this client", path);
+        if (own != MAP_FAILED) munmap(own, LITHOS_ACTIVITY_STRIDE);
+        return;
+    }
+    g.activity = all;
+    if (own == MAP_FAILED) {
+        notice_once(WARN_ACTIVITY, "cannot write this client's activity word in %s: its TPCs must not be lent "
+                    "(its writer_pid stays 0)", path);
+        return;
+    }
+    g.own_activity = own;
+    __atomic_store_n(&g.own_activity->writer_pid[0], (uint32_t)getpid(), __ATOMIC_RELEASE);
+}
+
 static void init_once(void) {
     resolve_driver();
     const char *table_path = getenv("LITHOS_SHM"), *slot_text = getenv("LITHOS_SLOT");
@@ -335,6 +411,8 @@ static void init_once(void) {
     }
     g.table = table;
     g.slot = (uint32_t)slot;
+    g.predictor = lithos_predictor_create(LITHOS_PREDICTOR_DEFAULT_CAPACITY);
+    open_activity(table_path);
     if (open_ring(table_path, g.slot) != 0)
         notice_once(WARN_RING, "cannot open launch ring %s.ring%lu: launches are confined but not recorded", table_path, slot);
     g.mode = MODE_CONFINED;
@@ -467,10 +545,9 @@ static int build_view(view_ctx *view, CUdevResource *groups, unsigned count) {
 
 static int mask_has(const uint64_t *mask, unsigned tpc) { return (mask[tpc / 64] >> (tpc % 64)) & 1u; }
 
-/* Called with g.lock held. */
-static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
-    for (allowance_route *r = g.routes; r; r = r->next)
-        if (memcmp(r->tpc_mask, mask, sizeof(r->tpc_mask)) == 0) return r;
+/* The green contexts of one TPC set (1-2 ms on an H100). Needs no lock: it reads only what
+ * prepare_device fixed. Returns NULL without memory, else a route (failed = 1 without a TPC view). */
+static allowance_route *build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
     allowance_route *r = calloc(1, sizeof(*r));
     if (!r) return NULL;
     memcpy(r->tpc_mask, mask, sizeof(r->tpc_mask));
@@ -480,9 +557,10 @@ static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORD
         if (mask_has(mask, t)) picked[n++] = g.tpc_groups[t];
     r->views[LITHOS_VIEW_TPC].tpcs = (uint16_t)n;
     if (n == 0 || build_view(&r->views[LITHOS_VIEW_TPC], picked, n) != 0) {
-        notice_once(WARN_ROUTE, "cannot build a green context for the %u allowed TPCs: launches pass through", n);
-        free(r);
-        return NULL;
+        notice_once(WARN_ROUTE, "cannot build a green context for a set of %u TPCs: launches on it pass through or "
+                    "stay on the own TPCs", n);
+        r->failed = 1;
+        return r;
     }
     /* Co-scheduled view: the 8-SM groups whose TPCs all lie in the allowance. */
     n = 0;
@@ -507,9 +585,91 @@ static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORD
         notice_once(WARN_COSCHED, "%s: kernels with clusters > 2 pass through unconfined",
                     g.table->cosched_probed[0] ? "no co-scheduled 8-SM group lies inside the allowance"
                                                : "the table has no co-scheduled group map (run probe-layout)");
-    r->next = g.routes;
-    g.routes = r;
     return r;
+}
+
+/* Called with g.lock held: the route of this exact TPC set, built or failed; NULL if none yet. */
+static allowance_route *find_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
+    for (allowance_route *r = g.routes; r; r = r->next)
+        if (memcmp(r->tpc_mask, mask, sizeof(r->tpc_mask)) == 0) return r;
+    return NULL;
+}
+
+/* Called with g.lock held: the route of the slot's own allowance, built here if new (the one
+ * green-context build on the launch path, once per distinct allowance). */
+static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
+    allowance_route *r = find_route(mask);
+    if (r && !r->failed) return r;
+    r = build_route(mask);
+    if (r && r->failed) {
+        free(r);
+        return NULL;
+    }
+    if (r) {
+        r->next = g.routes;
+        g.routes = r;
+    }
+    return r;
+}
+
+/* The builder thread: creates the green contexts of queued unions off the launch path. */
+static void *builder_main(void *unused) {
+    pthread_mutex_lock(&g.lock);
+    for (;;) {
+        while (builder.count == 0) pthread_cond_wait(&builder.wake, &g.lock);
+        uint64_t mask[LITHOS_MASK_WORDS];
+        memcpy(mask, builder.masks[0], sizeof(mask));
+        pthread_mutex_unlock(&g.lock);
+        allowance_route *r = build_route(mask);
+        pthread_mutex_lock(&g.lock);
+        if (r) {
+            r->next = g.routes;
+            g.routes = r;
+        }
+        builder.count--; /* dequeued only now, so a launch meanwhile does not queue it again */
+        memmove(builder.masks[0], builder.masks[1], builder.count * sizeof(builder.masks[0]));
+        if (builder.count == 0) pthread_cond_broadcast(&builder.done);
+    }
+    return NULL;
+}
+
+/* Called with g.lock held: queue a union for the builder thread (started on first use per process). */
+static void request_build(const uint64_t mask[LITHOS_MASK_WORDS]) {
+    for (unsigned i = 0; i < builder.count; i++)
+        if (memcmp(builder.masks[i], mask, sizeof(builder.masks[i])) == 0) return;
+    if (builder.count == BUILD_QUEUE) return;
+    pid_t pid = getpid();
+    if (builder.pid != pid) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int started = pthread_create(&thread, &attr, builder_main, NULL) == 0;
+        pthread_attr_destroy(&attr);
+        if (!started) {
+            notice_once(WARN_BUILDER, "cannot start the green-context builder thread: no lending for this client");
+            return;
+        }
+        builder.pid = pid;
+    }
+    memcpy(builder.masks[builder.count++], mask, sizeof(builder.masks[0]));
+    pthread_cond_signal(&builder.wake);
+}
+
+/* The route of own + borrowed TPCs, or NULL while it is being built (or could not be). */
+static allowance_route *union_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
+    for (unsigned i = 0; i < TLS_UNIONS; i++)
+        if (tls.unions[i].route && memcmp(tls.unions[i].tpc_mask, mask, sizeof(tls.unions[i].tpc_mask)) == 0)
+            return tls.unions[i].route->failed ? NULL : tls.unions[i].route;
+    pthread_mutex_lock(&g.lock);
+    allowance_route *r = find_route(mask);
+    if (!r) request_build(mask);
+    pthread_mutex_unlock(&g.lock);
+    if (!r) return NULL;
+    unsigned i = tls.union_next++ % TLS_UNIONS;
+    memcpy(tls.unions[i].tpc_mask, mask, sizeof(tls.unions[i].tpc_mask));
+    tls.unions[i].route = r;
+    return r->failed ? NULL : r;
 }
 
 /* Called with g.lock held: is the current context's device the one the table manages? */
@@ -542,6 +702,9 @@ static int prepare_device(CUdevice dev) {
         drv_cuDevSmResourceSplitByCount(g.cosched_groups, &count, &all, &rest, 0, 8) != CUDA_SUCCESS)
         count = 0;
     g.cosched_group_count = count;
+    int least = 0, greatest = 0;
+    g.least_priority = drv_cuCtxGetStreamPriorityRange && drv_cuCtxGetStreamPriorityRange(&least, &greatest) == CUDA_SUCCESS
+                           ? least : 0;
     g.device_state = 1;
     return 1;
 }
@@ -552,8 +715,9 @@ static int special_stream(CUstream s) { return s == NULL || s == CU_STREAM_LEGAC
  * a different stream in every context (and every thread, for the per-thread stream); a real handle
  * names one stream. */
 static int pair_matches(const stream_pair *p, CUcontext app_ctx, CUstream app_stream, pid_t thread, allowance_route *route,
-                        int view) {
+                        int view, int low_priority) {
     return p->app_stream == app_stream && p->route == route && p->view == view && p->thread == thread &&
+           p->low_priority == low_priority &&
            (!special_stream(app_stream) || p->app_ctx == app_ctx) && !__atomic_load_n(&p->dead, __ATOMIC_RELAXED);
 }
 
@@ -596,10 +760,11 @@ static stream_pair *build_unconfined_pair(stream_pair *p, int priority) {
 }
 
 /* Called with g.lock held. */
-static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, allowance_route *route, int view) {
+static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, allowance_route *route, int view,
+                                       int low_priority) {
     pid_t thread = app_stream == CU_STREAM_PER_THREAD ? gettid() : 0;
     for (stream_pair *p = g.pairs; p; p = p->next)
-        if (pair_matches(p, app_ctx, app_stream, thread, route, view)) return p;
+        if (pair_matches(p, app_ctx, app_stream, thread, route, view, low_priority)) return p;
     stream_pair *p = calloc(1, sizeof(*p));
     if (!p) return NULL;
     p->app_ctx = app_ctx;
@@ -607,8 +772,10 @@ static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, a
     p->thread = thread;
     p->route = route;
     p->view = view;
+    p->low_priority = low_priority;
     int priority = 0;
     if (!special_stream(app_stream) && drv_cuStreamGetPriority(app_stream, &priority) != CUDA_SUCCESS) priority = 0;
+    if (low_priority) priority = g.least_priority;
     if (view == LITHOS_VIEW_UNCONFINED) return build_unconfined_pair(p, priority);
     view_ctx *v = &route->views[view];
     /* app_done must live in the app stream's own context (event and stream of one context): for an
@@ -717,8 +884,19 @@ typedef struct {
     void **params, **extra;
     const CUlaunchConfig *config;
     CUgraphExec graph;
-    int whole_gpu; /* retry of a launch that failed in a green context */
+    int whole_gpu;          /* retry of a launch that failed in a green context */
+    int activity_published; /* after_launch done for this launch (not again on a retry) */
 } launch_request;
+
+/* Where one launch goes and what the lending rule found (recorded in its launch record). */
+typedef struct {
+    allowance_route *route;    /* the own route, or the union of own and borrowed TPCs */
+    uint64_t lenders_used;     /* slots whose TPCs were added (bit s = slot s); 0 = own TPCs only */
+    uint64_t predicted_own_ns; /* predictor on the own TPCs of the view; 0 = unknown or not asked */
+    uint64_t predicted_ns;     /* predictor on the TPCs used; 0 = unknown */
+    uint16_t own_tpcs;
+    int low_priority;
+} lend_choice;
 
 static uint64_t monotonic_ns(void) {
     struct timespec ts;
@@ -728,14 +906,14 @@ static uint64_t monotonic_ns(void) {
 
 /* Returns the ring index + 1 of the record, or 0 when nothing was recorded. */
 static uint64_t record_launch(const launch_request *q, const func_info *info, const unsigned cluster[3], int view,
-                              unsigned tpcs, uint64_t generation) {
+                              unsigned tpcs, uint64_t generation, const lend_choice *lend, uint64_t now_ns) {
     if (!g.ring) return 0;
     uint64_t index = __atomic_fetch_add(&g.ring->head[0], 1, __ATOMIC_RELAXED);
     lithos_launch_record *r = &g.records[index % g.ring->capacity[0]];
     __atomic_store_n(&r->seq[0], 0, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     r->function[0] = q->api == LITHOS_API_GRAPH_LAUNCH ? (uint64_t)(uintptr_t)q->graph : (uint64_t)(uintptr_t)q->function;
-    r->host_ns[0] = monotonic_ns();
+    r->host_ns[0] = now_ns;
     __atomic_store_n(&r->gpu_ns[0], 0, __ATOMIC_RELAXED);
     r->allowance_generation[0] = generation;
     for (int i = 0; i < 3; i++) {
@@ -751,12 +929,17 @@ static uint64_t record_launch(const launch_request *q, const func_info *info, co
         memcpy(r->kernel_name, info->name, sizeof(r->kernel_name));
     else
         strncpy(r->kernel_name, "cuGraphLaunch", sizeof(r->kernel_name));
+    r->predicted_ns[0] = lend->predicted_ns;
+    r->predicted_own_ns[0] = lend->predicted_own_ns;
+    r->lender_slots_used[0] = lend->lenders_used;
+    r->own_tpcs[0] = lend->own_tpcs;
+    r->low_priority[0] = (uint8_t)lend->low_priority;
     __atomic_store_n(&r->seq[0], index + 1, __ATOMIC_RELEASE);
     return index + 1;
 }
 
-/* Fill gpu_ns of finished sampled launches. Runs in relaxed capture mode (event queries are
- * otherwise forbidden while any thread captures a graph in global mode). */
+/* Fill gpu_ns of finished sampled launches and feed them to the predictor. Runs in relaxed
+ * capture mode (event queries are otherwise forbidden while any thread captures a graph in global mode). */
 static void harvest_timings(stream_pair *p) {
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     drv_cuThreadExchangeStreamCaptureMode(&mode);
@@ -766,8 +949,16 @@ static void harvest_timings(stream_pair *p) {
         float ms = 0.0f;
         if (drv_cuEventElapsedTime(&ms, p->timing[i][0], p->timing[i][1]) == CUDA_SUCCESS) {
             lithos_launch_record *r = &g.records[(ticket - 1) % g.ring->capacity[0]];
-            if (__atomic_load_n(&r->seq[0], __ATOMIC_ACQUIRE) == ticket)
-                __atomic_store_n(&r->gpu_ns[0], (uint64_t)((double)ms * 1e6), __ATOMIC_RELAXED);
+            uint64_t gpu_ns = (uint64_t)((double)ms * 1e6);
+            if (__atomic_load_n(&r->seq[0], __ATOMIC_ACQUIRE) == ticket) {
+                __atomic_store_n(&r->gpu_ns[0], gpu_ns, __ATOMIC_RELAXED);
+                lithos_kernel_key key = {r->function[0], (uint64_t)r->grid[0] * r->grid[1] * r->grid[2],
+                                         (uint64_t)r->block[0] * r->block[1] * r->block[2]};
+                uint32_t tpcs = r->tpcs[0];
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (__atomic_load_n(&r->seq[0], __ATOMIC_RELAXED) == ticket && g.predictor && gpu_ns && tpcs)
+                    lithos_predictor_observe(g.predictor, key.function, key.grid_blocks, key.block_threads, gpu_ns, tpcs);
+            }
         }
         p->timing_index[i] = 0;
     }
@@ -850,11 +1041,71 @@ static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_o
     return route;
 }
 
-static CUresult launch_unconfined(const launch_request *q, const func_info *info, const unsigned cluster[3],
-                                  uint64_t generation) {
+static const lithos_slot *slot_at_index(uint32_t slot) {
+    return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
+}
+
+static uint64_t predict_ns(const lithos_kernel_key *key, unsigned tpcs) {
+    if (!g.predictor || !key->function || !tpcs) return 0;
+    return lithos_predictor_predict_ns(g.predictor, key->function, key->grid_blocks, key->block_threads, tpcs);
+}
+
+/* after_launch of scheduler/lending.py on this client's activity word (once per launch). */
+static void publish_activity(launch_request *q, uint64_t now_ns, uint64_t predicted_ns) {
+    if (q->activity_published || !g.own_activity) return;
+    q->activity_published = 1;
+    lithos_activity_after_launch(g.own_activity, now_ns, predicted_ns,
+                                 __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
+}
+
+/* lenders_at_launch of scheduler/lending.py: sets c->route to the union of the own TPCs and every
+ * idle lender's when the kernel is predicted to end within the atom on the own TPCs. */
+static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t now_ns) {
+    c->route = own;
+    c->own_tpcs = own->views[view].tpcs;
+    const lithos_slot *me = slot_at_index(g.slot);
+    uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
+    if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
+    if (!lender_mask || !g.activity) return;
+    c->predicted_own_ns = predict_ns(key, c->own_tpcs);
+    if (!c->predicted_own_ns || c->predicted_own_ns > __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED)) return;
+    uint64_t idle_window_ns = __atomic_load_n(&g.table->lend_idle_window_ns[0], __ATOMIC_RELAXED);
+    uint64_t mask[LITHOS_MASK_WORDS], lenders = 0;
+    memcpy(mask, own->tpc_mask, sizeof(mask));
+    for (uint32_t s = 0; s < LITHOS_LEND_SLOTS && s < g.table->max_slots[0]; s++) {
+        if (!((lender_mask >> s) & 1u)) continue;
+        const lithos_activity *word = (const lithos_activity *)(g.activity + (size_t)s * LITHOS_ACTIVITY_STRIDE);
+        if (!lithos_lender_is_idle(__atomic_load_n(&word->last_launch_ns[0], __ATOMIC_ACQUIRE),
+                                   __atomic_load_n(&word->busy_until_ns[0], __ATOMIC_ACQUIRE), now_ns, idle_window_ns))
+            continue;
+        uint64_t lent[LITHOS_MASK_WORDS];
+        uint32_t flags = 0;
+        lithos_table_read_allowance(g.table, s, lent, &flags);
+        if (!(flags & LITHOS_SLOT_ACTIVE)) continue;
+        for (unsigned w = 0; w < LITHOS_MASK_WORDS; w++) mask[w] |= lent[w];
+        lenders |= 1ull << s;
+    }
+    if (!lenders || memcmp(mask, own->tpc_mask, sizeof(mask)) == 0) return;
+    allowance_route *u = union_route(mask);
+    if (!u) {
+        tls.lending[LEND_UNION_PENDING]++;
+        return;
+    }
+    if (!u->views[view].green || u->views[view].tpcs <= c->own_tpcs) return; /* e.g. no whole co-scheduled group gained */
+    c->route = u;
+    c->lenders_used = lenders;
+    c->low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
+    tls.lending[LEND_BORROWED]++;
+}
+
+static CUresult launch_unconfined(launch_request *q, const func_info *info, const unsigned cluster[3], uint64_t generation,
+                                  const lithos_kernel_key *key, uint64_t now_ns) {
+    lend_choice lend = {0};
+    lend.predicted_ns = predict_ns(key, g.table->tpcs_on_gpu[0]);
+    publish_activity(q, now_ns, lend.predicted_ns);
     CUresult r = call_real(q, q->stream);
     tls.launches[PATH_UNCONFINED]++;
-    if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation);
+    if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation, &lend, now_ns);
     return r;
 }
 
@@ -867,32 +1118,48 @@ static CUresult route_launch(launch_request *q) {
     const func_info *info = q->api == LITHOS_API_GRAPH_LAUNCH ? NULL : lookup_func(q->function, &scratch);
     unsigned cluster[3];
     cluster_of(q, info, cluster);
+    uint64_t now_ns = monotonic_ns(); /* CLOCK_MONOTONIC through the vDSO: no syscall */
+    lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
+                             (uint64_t)q->block[0] * q->block[1] * q->block[2]};
+    if (q->api == LITHOS_API_GRAPH_LAUNCH) key.function = 0; /* no prediction for graphs */
     uint64_t generation = 0;
     CUcontext ctx = NULL;
     allowance_route *route = current_route(&generation, &ctx);
     if (q->api == LITHOS_API_GRAPH_LAUNCH || !route) {
+        lend_choice lend = {0};
+        lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
+        publish_activity(q, now_ns, lend.predicted_ns);
         CUresult r = call_real(q, q->stream);
         tls.launches[PATH_UNCONFINED]++;
         if (r == CUDA_SUCCESS)
             record_launch(q, info, cluster, q->api == LITHOS_API_GRAPH_LAUNCH ? LITHOS_VIEW_GRAPH : LITHOS_VIEW_UNCONFINED, 0,
-                          generation);
+                          generation, &lend, now_ns);
         return r;
     }
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    lend_choice lend = {.route = route};
     if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED))) {
-        if (special_stream(app_stream)) return launch_unconfined(q, info, cluster, generation);
+        if (special_stream(app_stream)) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
         view = LITHOS_VIEW_UNCONFINED;
+        lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
     } else if (!route->views[view].green) {
-        return launch_unconfined(q, info, cluster, generation);
+        return launch_unconfined(q, info, cluster, generation, &key, now_ns);
+    } else {
+        choose_lending(&lend, route, view, &key, now_ns);
+        unsigned used_tpcs = lend.route->views[view].tpcs;
+        lend.predicted_ns = lend.route == route && lend.predicted_own_ns ? lend.predicted_own_ns : predict_ns(&key, used_tpcs);
     }
-    /* Entry for (app stream, view, route): thread cache, then the locked list. */
-    unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)view) % TLS_PAIRS;
+    publish_activity(q, now_ns, lend.predicted_ns);
+    route = lend.route;
+    /* Entry for (app stream, view, route, priority): thread cache, then the locked list. */
+    unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)view + ((uintptr_t)route >> 4) * 3 +
+                            (unsigned)lend.low_priority) % TLS_PAIRS;
     stream_pair *p = tls.pairs[h];
-    if (!p || !pair_matches(p, ctx, app_stream, p->thread, route, view)) {
+    if (!p || !pair_matches(p, ctx, app_stream, p->thread, route, view, lend.low_priority)) {
         pthread_mutex_lock(&g.lock);
-        p = find_or_build_pair(ctx, app_stream, route, view);
+        p = find_or_build_pair(ctx, app_stream, route, view, lend.low_priority);
         pthread_mutex_unlock(&g.lock);
-        if (!p) return launch_unconfined(q, info, cluster, generation);
+        if (!p) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
         tls.pairs[h] = p;
     }
     /* Paired: everything before on the app stream, then the kernel, then everything after.
@@ -901,7 +1168,7 @@ static CUresult route_launch(launch_request *q) {
     if (paired && (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
                    drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS)) {
         notice_once(WARN_RETRY, "cannot order the app stream before a green stream: this launch passes through");
-        return launch_unconfined(q, info, cluster, generation);
+        return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     }
     tls.launches[paired ? PATH_PAIRED : PATH_DIRECT]++;
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
@@ -932,7 +1199,8 @@ static CUresult route_launch(launch_request *q) {
         drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
     if (r != CUDA_SUCCESS) return r;
     uint64_t ticket = record_launch(q, info, cluster, launched_view,
-                                    launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation);
+                                    launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation, &lend,
+                                    now_ns);
     if (timing_slot >= 0 && drv_cuEventRecord(p->timing[timing_slot][1], p->green_stream) == CUDA_SUCCESS && ticket) {
         p->timing_index[timing_slot] = ticket;
         p->timing_next++;
@@ -946,7 +1214,7 @@ static CUresult route_launch(launch_request *q) {
     EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
                          unsigned shared_bytes, CUstream stream, void **params, void **extra) {                        \
         launch_request q = {api_kind, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz}, shared_bytes, stream, params,  \
-                            extra, NULL, NULL, 0};                                                                        \
+                            extra, NULL, NULL, 0, 0};                                                                      \
         return route_launch(&q);                                                                                       \
     }
 LAUNCH_KERNEL_HOOK(cuLaunchKernel, LITHOS_API_LAUNCH_KERNEL, 0)
@@ -956,7 +1224,7 @@ LAUNCH_KERNEL_HOOK(cuLaunchKernel_ptsz, LITHOS_API_LAUNCH_KERNEL, 1)
     EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
                          unsigned shared_bytes, CUstream stream, void **params) {                                      \
         launch_request q = {LITHOS_API_LAUNCH_COOPERATIVE, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz},            \
-                            shared_bytes, stream, params, NULL, NULL, NULL, 0};                                           \
+                            shared_bytes, stream, params, NULL, NULL, NULL, 0, 0};                                         \
         return route_launch(&q);                                                                                       \
     }
 LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel, 0)
@@ -965,7 +1233,7 @@ LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel_ptsz, 1)
 #define LAUNCH_EX_HOOK(name, per_thread_stream)                                                                        \
     EXPORT CUresult name(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {                   \
         launch_request q = {LITHOS_API_LAUNCH_KERNEL_EX, per_thread_stream, f, {0, 0, 0}, {0, 0, 0}, 0, NULL, params,  \
-                            extra, config, NULL, 0};                                                                      \
+                            extra, config, NULL, 0, 0};                                                                    \
         if (config) {                                                                                                  \
             q.grid[0] = config->gridDimX, q.grid[1] = config->gridDimY, q.grid[2] = config->gridDimZ;                  \
             q.block[0] = config->blockDimX, q.block[1] = config->blockDimY, q.block[2] = config->blockDimZ;            \
@@ -979,7 +1247,7 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
 #define GRAPH_LAUNCH_HOOK(name, per_thread_stream)                                                                     \
     EXPORT CUresult name(CUgraphExec graph, CUstream stream) {                                                        \
         launch_request q = {LITHOS_API_GRAPH_LAUNCH, per_thread_stream, NULL, {0, 0, 0}, {0, 0, 0}, 0, stream, NULL,    \
-                            NULL, NULL, graph, 0};                                                                        \
+                            NULL, NULL, graph, 0, 0};                                                                     \
         return route_launch(&q);                                                                                       \
     }
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
@@ -1031,6 +1299,30 @@ EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {
     int n = max_counts < LITHOS_PATHS ? max_counts : LITHOS_PATHS;
     for (int i = 0; i < n; i++) counts[i] = tls.launches[i];
     return n;
+}
+
+/* For tests and tools: this thread's lending outcomes (launches that borrowed; launches that found
+ * idle lenders while their union was still being built). Returns the number filled. */
+EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {
+    int n = max_counts < LITHOS_LEND_COUNTS ? max_counts : LITHOS_LEND_COUNTS;
+    for (int i = 0; i < n; i++) counts[i] = tls.lending[i];
+    return n;
+}
+
+/* For tests and tools: wait until the builder thread has built every queued union. Returns 0, or
+ * -1 after timeout_ms. */
+EXPORT int lithos_client_wait_union_builds(int timeout_ms) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) deadline.tv_sec++, deadline.tv_nsec -= 1000000000L;
+    pthread_mutex_lock(&g.lock);
+    int r = 0;
+    while (builder.count > 0 && r == 0) r = pthread_cond_timedwait(&builder.done, &g.lock, &deadline);
+    int pending = builder.count > 0;
+    pthread_mutex_unlock(&g.lock);
+    return pending ? -1 : 0;
 }
 
 /* For tests and tools: the names of every hook, in list order; NULL past the end. */

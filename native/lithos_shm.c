@@ -17,6 +17,7 @@ static const layout_entry layout_entries[] = {
     LITHOS_SLOT_FIELDS(LITHOS_FIELD_ENTRY) LITHOS_SIZE_ENTRY(lithos_slot)
     LITHOS_RING_HEADER_FIELDS(LITHOS_FIELD_ENTRY) LITHOS_SIZE_ENTRY(lithos_ring_header)
     LITHOS_LAUNCH_RECORD_FIELDS(LITHOS_FIELD_ENTRY) LITHOS_SIZE_ENTRY(lithos_launch_record)
+    LITHOS_ACTIVITY_FIELDS(LITHOS_FIELD_ENTRY) LITHOS_SIZE_ENTRY(lithos_activity)
 };
 
 int lithos_layout_entry(int index, const char **struct_name, const char **field_name, uint32_t *offset,
@@ -55,6 +56,10 @@ int lithos_table_init(void *table, size_t table_bytes, const char *gpu_uuid, uin
     h->tpcs_on_gpu[0] = tpcs_on_gpu;
     strncpy(h->gpu_uuid, gpu_uuid, sizeof(h->gpu_uuid) - 1);
     memset(h->cosched_group_of_tpc, LITHOS_NO_GROUP, sizeof(h->cosched_group_of_tpc));
+    h->activity_stride[0] = LITHOS_ACTIVITY_STRIDE;
+    h->lend_atom_ns[0] = LITHOS_DEFAULT_ATOM_NS;
+    h->lend_idle_window_ns[0] = LITHOS_DEFAULT_IDLE_WINDOW_NS;
+    h->lend_unknown_kernel_busy_ns[0] = LITHOS_DEFAULT_UNKNOWN_KERNEL_BUSY_NS;
     /* The magic goes last: a reader that sees it sees a complete header. */
     __atomic_thread_fence(__ATOMIC_RELEASE);
     memcpy(h->magic, LITHOS_TABLE_MAGIC, sizeof(h->magic));
@@ -86,6 +91,45 @@ int lithos_table_set_allowance(void *table, uint32_t slot, const uint64_t tpc_ma
 int lithos_table_clear(void *table, uint32_t slot) {
     const uint64_t none[LITHOS_MASK_WORDS] = {0};
     return slot_write(table, slot, none, 0);
+}
+
+int lithos_table_set_lending(void *table, uint32_t slot, uint64_t lender_mask, uint32_t lending_flags) {
+    lithos_slot *s = slot_at(table, slot);
+    if (!s) return -1;
+    if (slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << slot); /* never one's own lender */
+    __atomic_store_n(&s->lending_flags[0], lending_flags, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->lender_mask[0], lender_mask, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int lithos_table_set_lending_knobs(void *table, uint64_t atom_ns, uint64_t idle_window_ns, uint64_t unknown_kernel_busy_ns) {
+    lithos_table_header *h = table;
+    if (atom_ns == 0 || idle_window_ns == 0 || unknown_kernel_busy_ns == 0) return -1;
+    __atomic_store_n(&h->lend_atom_ns[0], atom_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->lend_idle_window_ns[0], idle_window_ns, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->lend_unknown_kernel_busy_ns[0], unknown_kernel_busy_ns, __ATOMIC_RELEASE);
+    return 0;
+}
+
+size_t lithos_activity_bytes(uint32_t max_slots) { return (size_t)max_slots * LITHOS_ACTIVITY_STRIDE; }
+
+int lithos_lender_is_idle(uint64_t last_launch_ns, uint64_t busy_until_ns, uint64_t now_ns, uint64_t idle_window_ns) {
+    /* Signed: a lender may have launched after this launch read the clock (now < last: recent). */
+    int recent = last_launch_ns != 0 && (int64_t)(now_ns - last_launch_ns) < (int64_t)idle_window_ns;
+    return !recent && now_ns >= busy_until_ns;
+}
+
+void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64_t predicted_ns,
+                                  uint64_t unknown_kernel_busy_ns) {
+    uint64_t added_ns = predicted_ns ? predicted_ns : unknown_kernel_busy_ns;
+    uint64_t busy = __atomic_load_n(&word->busy_until_ns[0], __ATOMIC_RELAXED);
+    while (!__atomic_compare_exchange_n(&word->busy_until_ns[0], &busy, (busy > now_ns ? busy : now_ns) + added_ns, 1,
+                                        __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+    }
+    uint64_t last = __atomic_load_n(&word->last_launch_ns[0], __ATOMIC_RELAXED);
+    while (last < now_ns &&
+           !__atomic_compare_exchange_n(&word->last_launch_ns[0], &last, now_ns, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+    }
 }
 
 int lithos_table_set_cosched_map(void *table, const uint8_t *group_of_tpc, uint32_t tpcs) {

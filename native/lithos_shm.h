@@ -9,7 +9,7 @@
  *
  * Supported: CUDA 13.0 headers, driver 580.159.04, H100 80GB HBM3 (66 TPCs), x86-64 Linux.
  *
- * Two kinds of region, both plain files under /dev/shm:
+ * Three kinds of region, all plain files under /dev/shm:
  *
  *   1. The allowance table, one per GPU: /dev/shm/lithos-<gpu uuid>.
  *      Created and written only by the agent (mode 0644). Clients open it O_RDONLY and map it
@@ -19,6 +19,18 @@
  *   2. The launch ring, one per client slot: <table path>.ring<slot>, e.g.
  *      /dev/shm/lithos-GPU-1234.ring3. Created by the client shim (the writer), read by the agent.
  *      [lithos_ring_header][lithos_launch_record 0] ... [lithos_launch_record capacity-1]
+ *
+ *   3. The activity pages, one file per GPU: <table path>.activity, created by the agent with the
+ *      table (mode 0644; clients run as the agent's user, as Ray workers do). One page of
+ *      LITHOS_ACTIVITY_STRIDE (4096) bytes per slot; page s holds slot s's lithos_activity.
+ *      [lithos_activity 0 + padding][lithos_activity 1 + padding] ... (max_slots pages)
+ *      A client maps the whole file PROT_READ (to read its lenders' words) and, in a second
+ *      mapping, only its own page PROT_READ|PROT_WRITE. The MMU therefore lets its shim write its
+ *      own activity word and nothing else: not another client's word (read-only mapping), not any
+ *      allowance or lend list (the table is mapped read-only from an O_RDONLY descriptor).
+ *      Why not the ring header: a borrower must see every lender's word from its first launch, but
+ *      a ring exists only once its client has started; the agent creates this file up front, so a
+ *      borrower maps it once at start and never opens a file on the launch path.
  *
  * Notes on allowances (the one convention to get right)
  * -----------------------------------------------------
@@ -44,6 +56,40 @@
  * A slot whose flags lack LITHOS_SLOT_ACTIVE (never set, or cleared) means "no allowance": the
  * client's launches pass through to the whole GPU and are recorded with view LITHOS_VIEW_UNCONFINED.
  *
+ * Notes on lending (the launch-path rule of scheduler/lending.py, applied by the shim)
+ * -------------------------------------------------------------------------------------
+ * Written by the agent: per slot lender_mask (bit s set <=> this slot may add slot s's TPCs to a
+ * launch while s is idle) and lending_flags (LITHOS_LEND_LOW_PRIORITY: launches that use borrowed
+ * TPCs go to a green stream of the least stream priority); table-wide lend_atom_ns,
+ * lend_idle_window_ns, lend_unknown_kernel_busy_ns. Each is one aligned word stored atomically;
+ * they are not under the allowance seqlock (a lend-list change does not move the allowance
+ * generation). Written by each client's shim: its lithos_activity (CLOCK_MONOTONIC ns, read through
+ * the vDSO: no syscall; last_launch_ns 0 = never launched).
+ *
+ * At each launch of kernel k by client B at now_ns (one clock read):
+ *     own = B's TPCs in the launch's view; predicted_own = predict(k, own)   (0 = unknown)
+ *     lenders = 0
+ *     if lender_mask != 0 and predicted_own != 0 and predicted_own <= lend_atom_ns:
+ *         for each slot L in lender_mask (L != B, L < max_slots):
+ *             idle(L) = !(last_launch_ns != 0 and (int64)(now_ns - last_launch_ns) < lend_idle_window_ns)
+ *                       and now_ns >= busy_until_ns
+ *             if idle(L): lenders |= 1 << L
+ *     TPCs = own | the allowances of `lenders`   (green context cached per TPC set)
+ *     B.busy_until_ns  = max(B.busy_until_ns, now_ns) + (predict(k, |TPCs|) or lend_unknown_kernel_busy_ns)
+ *     B.last_launch_ns = now_ns
+ *
+ * Worked example: slot 0 owns TPCs 0..7, slot 1 owns 8..15, the agent sets
+ * lender_mask[slot 0] = 0x2 (may borrow from slot 1), defaults atom 250 us, idle window 500 us.
+ *   t = 1000000 ns: slot 1 has never launched (activity page 1 = {0, 0}): idle. Slot 0 launches a
+ *     kernel predicted at 90000 ns on 8 TPCs (<= 250000): it runs on TPCs 0..15 (record: tpcs 16,
+ *     lender_slots_used 0x2). Slot 0's shim stores page 0 = {last 1000000, busy_until 1090000 - or
+ *     1045000 when the predictor knows it takes 45000 ns on 16 TPCs}.
+ *   t = 1200000 ns: slot 1 launches; its shim stores page 1 = {1200000, 1200000 + its prediction}.
+ *     Its own launches always use TPCs 8..15 at once.
+ *   t = 1200400 ns: slot 0 launches again: now - 1200000 < 500000, so slot 1 is not idle: TPCs 0..7.
+ *   Slot 1 becomes idle for slot 0 once 500 us have passed since its last launch AND its
+ *   predicted busy time is over.
+ *
  * Kernels with thread-block clusters larger than 2 cannot run in TPC-granular green contexts on
  * H100 (they fail and poison the context), so they go to a second view built from co-scheduled
  * 8-SM groups (cuDevSmResourceSplitByCount flags 0, minCount 8). cosched_group_of_tpc[t] names
@@ -64,7 +110,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define LITHOS_LAYOUT_VERSION 1u
+#define LITHOS_LAYOUT_VERSION 2u
 #define LITHOS_TABLE_MAGIC "LITHOST"  /* 7 chars + NUL = 8 bytes */
 #define LITHOS_RING_MAGIC "LITHOSR"
 #define LITHOS_MAX_TPCS 128u          /* capacity of the masks; an H100 SXM uses 66 */
@@ -73,9 +119,17 @@
 #define LITHOS_DEFAULT_SLOTS 64u
 #define LITHOS_DEFAULT_RING_RECORDS 4096u
 #define LITHOS_KERNEL_NAME_BYTES 64u
+#define LITHOS_ACTIVITY_STRIDE 4096u   /* bytes per slot in the activity file: one x86-64 page */
+#define LITHOS_LEND_SLOTS 64u          /* lender_mask has one bit per slot 0..63 */
+/* Lending defaults; equal to LendingPolicy's in scheduler/lending.py (a test checks it). */
+#define LITHOS_DEFAULT_ATOM_NS 250000ull
+#define LITHOS_DEFAULT_IDLE_WINDOW_NS 500000ull
+#define LITHOS_DEFAULT_UNKNOWN_KERNEL_BUSY_NS 10000000ull
 
 /* lithos_slot.flags */
 #define LITHOS_SLOT_ACTIVE 1u
+/* lithos_slot.lending_flags */
+#define LITHOS_LEND_LOW_PRIORITY 1u
 
 /* lithos_launch_record.view: which view the launch ran in */
 #define LITHOS_VIEW_TPC 0u        /* TPC-granular green context (flag 1 groups) */
@@ -99,14 +153,20 @@
     X(lithos_table_header, tpcs_on_gpu, uint32_t, 1, "<u4")                    \
     X(lithos_table_header, cosched_probed, uint32_t, 1, "<u4")                 \
     X(lithos_table_header, gpu_uuid, char, 64, "S1")                           \
-    X(lithos_table_header, cosched_group_of_tpc, uint8_t, LITHOS_MAX_TPCS, "u1")
+    X(lithos_table_header, cosched_group_of_tpc, uint8_t, LITHOS_MAX_TPCS, "u1") \
+    X(lithos_table_header, activity_stride, uint32_t, 1, "<u4")                \
+    X(lithos_table_header, lend_atom_ns, uint64_t, 1, "<u8")                   \
+    X(lithos_table_header, lend_idle_window_ns, uint64_t, 1, "<u8")            \
+    X(lithos_table_header, lend_unknown_kernel_busy_ns, uint64_t, 1, "<u8")
 
 #define LITHOS_SLOT_FIELDS(X)                                                   \
     X(lithos_slot, generation, uint64_t, 1, "<u8")                             \
     X(lithos_slot, tpc_mask, uint64_t, LITHOS_MASK_WORDS, "<u8")               \
     X(lithos_slot, tpcs, uint32_t, 1, "<u4")                                   \
     X(lithos_slot, flags, uint32_t, 1, "<u4")                                  \
-    X(lithos_slot, reserved, uint64_t, 4, "<u8")
+    X(lithos_slot, lender_mask, uint64_t, 1, "<u8")                            \
+    X(lithos_slot, lending_flags, uint32_t, 1, "<u4")                          \
+    X(lithos_slot, reserved, uint32_t, 5, "<u4")
 
 #define LITHOS_RING_HEADER_FIELDS(X)                                            \
     X(lithos_ring_header, magic, char, 8, "S1")                                \
@@ -131,7 +191,18 @@
     X(lithos_launch_record, tpcs, uint16_t, 1, "<u2")                          \
     X(lithos_launch_record, view, uint8_t, 1, "u1")                            \
     X(lithos_launch_record, api, uint8_t, 1, "u1")                             \
-    X(lithos_launch_record, kernel_name, char, LITHOS_KERNEL_NAME_BYTES, "S1")
+    X(lithos_launch_record, kernel_name, char, LITHOS_KERNEL_NAME_BYTES, "S1")  \
+    X(lithos_launch_record, predicted_ns, uint64_t, 1, "<u8")                  \
+    X(lithos_launch_record, predicted_own_ns, uint64_t, 1, "<u8")              \
+    X(lithos_launch_record, lender_slots_used, uint64_t, 1, "<u8")             \
+    X(lithos_launch_record, own_tpcs, uint16_t, 1, "<u2")                      \
+    X(lithos_launch_record, low_priority, uint8_t, 1, "u1")
+
+/* One client's activity word (page `slot` of the activity file), written only by that client's shim. */
+#define LITHOS_ACTIVITY_FIELDS(X)                                               \
+    X(lithos_activity, last_launch_ns, uint64_t, 1, "<u8")                     \
+    X(lithos_activity, busy_until_ns, uint64_t, 1, "<u8")                      \
+    X(lithos_activity, writer_pid, uint32_t, 1, "<u4")
 
 #define LITHOS_DECLARE_FIELD(s, f, type, n, np) type f[n];
 
@@ -150,10 +221,17 @@ typedef struct lithos_ring_header {
     LITHOS_RING_HEADER_FIELDS(LITHOS_DECLARE_FIELD)
 } __attribute__((aligned(64))) lithos_ring_header;
 
-/* Identity of one launch (and, when sampled, its GPU duration). */
+/* Identity of one launch (and, when sampled, its GPU duration). predicted_ns: the predictor's
+ * duration on `tpcs` (0 = unknown); predicted_own_ns: on own_tpcs (the borrowing decision);
+ * lender_slots_used: slots whose TPCs this launch added (0 = did not borrow). */
 typedef struct lithos_launch_record {
     LITHOS_LAUNCH_RECORD_FIELDS(LITHOS_DECLARE_FIELD)
 } __attribute__((aligned(64))) lithos_launch_record;
+
+/* What one client publishes about itself at every launch (last_launch_ns 0 = never launched). */
+typedef struct lithos_activity {
+    LITHOS_ACTIVITY_FIELDS(LITHOS_DECLARE_FIELD)
+} __attribute__((aligned(64))) lithos_activity;
 
 #ifdef __cplusplus
 extern "C" {
@@ -181,6 +259,23 @@ size_t lithos_table_bytes(uint32_t max_slots);
 int lithos_table_set_allowance(void *table, uint32_t slot, const uint64_t tpc_mask[LITHOS_MASK_WORDS]);
 /* Agent side: clear an allowance (the client passes through unconfined). */
 int lithos_table_clear(void *table, uint32_t slot);
+/* Agent side: the slots `slot` may borrow from (bit s = slot s) and LITHOS_LEND_* flags. -1: bad slot. */
+int lithos_table_set_lending(void *table, uint32_t slot, uint64_t lender_mask, uint32_t lending_flags);
+/* Agent side: the table-wide lending knobs (ns, each >= 1). Returns 0, or -1 for a zero value. */
+int lithos_table_set_lending_knobs(void *table, uint64_t atom_ns, uint64_t idle_window_ns,
+                                   uint64_t unknown_kernel_busy_ns);
+/* Bytes of the activity file of a table with max_slots slots. */
+size_t lithos_activity_bytes(uint32_t max_slots);
+
+/*
+ * The launch-path rule on one activity word (scheduler/lending.py lender_is_idle / after_launch).
+ * lithos_lender_is_idle: 1 when the lender's last launch is at least idle_window_ns old (or it
+ * never launched) and now_ns >= busy_until_ns. lithos_activity_after_launch: the launching
+ * client's update (predicted_ns 0 = unknown -> unknown_kernel_busy_ns); safe from many threads.
+ */
+int lithos_lender_is_idle(uint64_t last_launch_ns, uint64_t busy_until_ns, uint64_t now_ns, uint64_t idle_window_ns);
+void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64_t predicted_ns,
+                                  uint64_t unknown_kernel_busy_ns);
 /* Agent side: store the co-scheduled group of each TPC (LITHOS_NO_GROUP for none). */
 int lithos_table_set_cosched_map(void *table, const uint8_t *group_of_tpc, uint32_t tpcs);
 /*

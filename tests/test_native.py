@@ -75,7 +75,8 @@ def test_dlsym_hands_out_the_hooks(built_library, tmp_path):
 
 def test_layout_comes_from_the_library(built_library):
     dtypes = native.layout()
-    assert set(dtypes) == {"lithos_table_header", "lithos_slot", "lithos_ring_header", "lithos_launch_record"}
+    assert set(dtypes) == {"lithos_table_header", "lithos_slot", "lithos_ring_header", "lithos_launch_record",
+                           "lithos_activity"}
     header_text = (ROOT / "native" / "lithos_shm.h").read_text()
     for struct, dtype in dtypes.items():
         for field in dtype.names:
@@ -284,9 +285,9 @@ def fake_table(built_library, tmp_path):
         t.close()
 
 
-def fake_env(fake_driver, table=None, **extra):
+def fake_env(fake_driver, table=None, slot=0, **extra):
     env = {k: v for k, v in os.environ.items() if k not in (native.ENV_TABLE, native.ENV_SLOT)}
-    env.update(native.client_env(table.path, 0) if table else {"LD_PRELOAD": str(native.library_path())})
+    env.update(native.client_env(table.path, slot) if table else {"LD_PRELOAD": str(native.library_path())})
     return {**env, "LD_LIBRARY_PATH": fake_driver, **extra}
 
 
@@ -460,3 +461,332 @@ def test_a_kernel_refused_by_green_contexts_runs_unconfined_in_stream_order(fake
     # later launches of that kernel go straight to the unconfined place, without a refused attempt
     assert later == paired_calls(s, helper) + [["cuLaunchKernel", "0"]]
     assert stderr.count("runs unconfined from now on") == 1
+
+
+
+# ---- lending: the launch-path rule of scheduler/lending.py in the shim ------------------------------
+
+from lithos_ray.scheduler.lending import ActivityWord, LendingPolicy, after_launch, lender_is_idle  # noqa: E402
+from lithos_ray.scheduler.predictor import KernelKey, LatencyPredictor  # noqa: E402
+
+
+def test_lending_knob_defaults_equal_the_policy_defaults(table):
+    policy = LendingPolicy()
+    assert table.lending_knobs() == {"atom_ns": policy.atom_ns, "idle_window_ns": policy.idle_window_ns,
+                                     "unknown_kernel_busy_ns": policy.unknown_kernel_busy_ns}
+    table.set_lending_knobs(atom_us=100, idle_window_us=0.5, unknown_kernel_busy_us=2000)
+    assert table.lending_knobs() == {"atom_ns": 100_000, "idle_window_ns": 500, "unknown_kernel_busy_ns": 2_000_000}
+    with pytest.raises(ValueError, match="atom_us"):
+        table.set_lending_knobs(atom_us=0, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    with pytest.raises(ValueError, match="1 ns"):
+        table.set_lending_knobs(atom_us=250, idle_window_us=0.0001, unknown_kernel_busy_us=10_000)
+
+
+def test_set_lending_round_trips_and_bad_lend_lists_fail_at_the_boundary(table):
+    assert table.lending(2) == ([], False)
+    table.set_lending(2, [0, 5, 7], low_priority=True)
+    assert table.lending(2) == ([0, 5, 7], True)
+    generation = table.allowance(2)[0]
+    table.set_lending(2, [], low_priority=False)
+    assert table.lending(2) == ([], False)
+    assert table.allowance(2)[0] == generation  # lend lists do not move the allowance generation
+    with pytest.raises(ValueError, match="0..7"):
+        table.set_lending(2, [8], low_priority=False)
+    with pytest.raises(ValueError, match="borrower's slot 2"):
+        table.set_lending(2, [2], low_priority=False)
+    with pytest.raises(ValueError, match="distinct"):
+        table.set_lending(2, [1, 1], low_priority=False)
+    with pytest.raises(ValueError, match="True or False"):
+        table.set_lending(2, [1], low_priority=1)
+    with pytest.raises(ValueError, match="slots 0..7"):
+        table.set_lending(9, [1], low_priority=False)
+    reader = native.AllowanceTable.open(table.path, writable=False)
+    with pytest.raises(PermissionError):
+        reader.set_lending(2, [1], low_priority=False)
+    assert reader.activity(3) == ActivityWord(None, 0)
+    reader.close(unlink=False)
+
+
+def test_c_launch_rule_equals_the_python_rule(built_library):
+    """lender_is_idle and after_launch of scheduler/lending.py against their C mirror, on random words."""
+    lib = native._lib()
+    rng = np.random.default_rng(4)
+    word = np.zeros(1, dtype=native.layout()["lithos_activity"])
+    for _ in range(3000):
+        last = int(rng.choice([0, int(rng.integers(1, 10**7))]))
+        busy = int(rng.integers(0, 2 * 10**7))
+        now = int(rng.integers(1, 2 * 10**7))       # now < last happens too: a lender that launched just after
+        window = int(rng.integers(1, 10**6))
+        python_word = ActivityWord(last or None, busy)
+        assert bool(lib.lithos_lender_is_idle(last, busy, now, window)) == lender_is_idle(python_word, now, window)
+        predicted = int(rng.choice([0, int(rng.integers(1, 10**6))]))
+        unknown = int(rng.integers(1, 10**7))
+        word["last_launch_ns"], word["busy_until_ns"] = last, busy
+        lib.lithos_activity_after_launch(word.ctypes.data, now, predicted, unknown)
+        expected = after_launch(python_word, now, predicted or None, unknown)
+        # C keeps last_launch_ns monotonic across threads; for one writer that is now whenever now >= last
+        if now >= last:
+            assert (int(word["last_launch_ns"][0]), int(word["busy_until_ns"][0])) == (expected.last_launch_ns,
+                                                                                        expected.busy_until_ns)
+
+
+def test_c_predictor_runs_the_golden_sequence(built_library, monkeypatch):
+    """tests/test_scheduler.py's golden sequence, its steps and its assertions, on the shim's C predictor."""
+    import test_scheduler
+    monkeypatch.setattr(test_scheduler, "LatencyPredictor", native.NativeLatencyPredictor)
+    test_scheduler.test_predictor_golden_sequence()
+
+
+def test_c_predictor_equals_the_python_predictor_on_random_sequences(built_library):
+    rng = np.random.default_rng(11)
+    for capacity in (1, 3, 16):
+        python_predictor, c_predictor = LatencyPredictor(capacity=capacity), native.NativeLatencyPredictor(capacity)
+        keys = [KernelKey(int(rng.integers(0, 2**63)), int(rng.integers(1, 2**40)), int(rng.integers(1, 1024)))
+                for _ in range(2 * capacity + 2)]
+        for _ in range(4000):
+            key = keys[int(rng.integers(len(keys)))]
+            if rng.random() < 0.6:
+                duration_ns = int(rng.choice([int(rng.integers(1, 10**6)), int(rng.integers(1, 2**50))]))
+                tpcs = int(rng.integers(1, 129))
+                python_predictor.observe(key, duration_ns, tpcs)
+                c_predictor.observe(key, duration_ns, tpcs)
+            else:
+                tpcs = int(rng.integers(1, 129))
+                assert c_predictor.predict_ns(key, tpcs) == python_predictor.predict_ns(key, tpcs)
+            assert len(c_predictor) == len(python_predictor)
+        for key in keys:
+            assert c_predictor.samples(key) == python_predictor.samples(key)
+
+
+LEND_PRELUDE = """
+lib.lithos_client_wait_union_builds.argtypes = [ctypes.c_int]
+def lending():
+    c = (ctypes.c_uint64 * 2)()
+    lib.lithos_client_lending_counts(c, 2)
+    return {"borrowed": c[0], "pending": c[1]}
+def full_log():
+    lines = cuda.fake_log().decode().splitlines()
+    cuda.fake_log_clear()
+    return lines
+def launch_fn(function, stream):
+    assert lib.cuLaunchKernel(ctypes.c_void_p(function), 1, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
+def warm_then_borrow(stream, function=0x77):
+    # every launch is sampled (LITHOS_SAMPLE_EVERY=1); the fake reports FAKE_KERNEL_US per kernel.
+    # Launch k sees the samples of launches 1..k-2, so launch 5 is the first with a prediction (3 samples).
+    for _ in range(5):
+        launch_fn(function, stream)
+    pending = lending()["pending"]
+    assert lib.lithos_client_wait_union_builds(20000) == 0
+    launch_fn(function, stream)
+    return pending
+def show_log():
+    for line in full_log(): show(line)
+"""
+
+
+@pytest.fixture
+def lend_table(built_library, tmp_path):
+    """Slot 0 owns TPCs 0-7, slot 1 owns 8-15; slot 0 may borrow slot 1's."""
+    t = native.AllowanceTable.create(FAKE_GPU_UUID, str(tmp_path), max_slots=4)
+    t.set_allowance(0, list(range(8)))
+    t.set_allowance(1, list(range(8, 16)))
+    t.set_lending(0, [1], low_priority=False)
+    yield t
+    if os.path.exists(t.path):
+        t.close()
+
+
+def run_lending_client(code: str, env: dict) -> list[list[str]]:
+    lines, _ = run_fake(LEND_PRELUDE + textwrap.dedent(code), env)
+    return lines
+
+
+def launch_places(lines) -> list[tuple[int, str]]:
+    """For each cuLaunchKernel in a fake log: (TPC groups of its green context, or 0 for an ordinary stream; stream)."""
+    groups_of_green = {w[1]: int(w[2].split("=")[1]) for w in lines if w and w[0] == "cuGreenCtxCreate"}
+    green_of_stream = {w[1]: w[2].split("=")[1] for w in lines if w and w[0] == "cuGreenCtxStreamCreate"}
+    return [(groups_of_green.get(green_of_stream.get(w[1]), 0), w[1]) for w in lines if w and w[0] == "cuLaunchKernel"]
+
+
+def lend_env(fake_driver, table, slot=0, **extra):
+    return fake_env(fake_driver, table, slot, **{"LITHOS_SAMPLE_EVERY": "1", **extra})
+
+
+def test_lending_off_launches_stay_on_the_own_tpcs_and_the_activity_word_is_published(fake_driver, lend_table):
+    lend_table.set_lending(0, [], low_priority=False)
+    before = time_ns = __import__("time").monotonic_ns()
+    lines = run_lending_client("""
+    s = create(1)
+    show("pending", warm_then_borrow(s), lending()["borrowed"])
+    show_log()
+    show("pid", __import__("os").getpid())
+    """, lend_env(fake_driver, lend_table))
+    assert lines[0] == ["pending", "0", "0"]
+    places = launch_places(lines)
+    assert len(places) == 6 and all(groups == 8 for groups, _ in places)
+    assert not any(w[0] == "cuGreenCtxCreate" and w[2] != "groups=8" for w in lines)
+    records, _ = lend_table.read_launches(0)
+    assert [int(r["tpcs"]) for r in records] == [8] * 6
+    assert all(int(r["lender_slots_used"]) == 0 and int(r["predicted_own_ns"]) == 0 for r in records)
+    # the own activity word is published at every launch even without a lend list (this client is a lender)
+    word = lend_table.activity(0)
+    assert before < word.last_launch_ns == int(records[-1]["host_ns"]) < word.busy_until_ns
+    assert lend_table.activity_writer_pid(0) == int(lines[-1][1])
+    assert lend_table.activity(1) == ActivityWord(None, 0)
+
+
+def test_a_borrower_whose_lender_is_idle_launches_on_the_union(fake_driver, lend_table):
+    lines = run_lending_client("""
+    s = create(1)
+    show("pending", warm_then_borrow(s))
+    show("counts", lending()["borrowed"], lending()["pending"])
+    show_log()
+    """, lend_env(fake_driver, lend_table))
+    assert lines[0] == ["pending", "1"]          # launch 5: union queued to the builder, own TPCs used
+    assert lines[1] == ["counts", "1", "1"]
+    places = launch_places(lines)
+    assert [groups for groups, _ in places] == [8] * 5 + [16]
+    # the borrowed launch is ordered with the application's (own green) stream by events
+    own_stream, borrowed_stream = places[0][1], places[-1][1]
+    assert own_stream != borrowed_stream and {stream for _, stream in places[:5]} == {own_stream}
+    after_union = lines[max(i for i, w in enumerate(lines) if w[0] == "cuGreenCtxStreamCreate") + 1:]
+    timing = ["cuEventRecord", borrowed_stream, "same-context"]   # sampled: a timing event each side
+    assert after_union == [["cuEventRecord", own_stream, "same-context"], ["cuStreamWaitEvent", borrowed_stream], timing,
+                           ["cuLaunchKernel", borrowed_stream], ["cuEventRecord", borrowed_stream, "same-context"],
+                           ["cuStreamWaitEvent", own_stream], timing]
+    records, _ = lend_table.read_launches(0)
+    last = records[-1]
+    assert (int(last["tpcs"]), int(last["own_tpcs"]), native.lenders_of(last)) == (16, 8, [1])
+    assert int(last["predicted_own_ns"]) == 1000 and int(last["predicted_ns"]) == 1000
+    assert [native.lenders_of(r) for r in records[:-1]] == [[]] * 5
+    assert [int(r["predicted_own_ns"]) for r in records[:5]] == [0, 0, 0, 0, 1000]
+
+
+def test_an_active_lender_keeps_its_tpcs_and_lends_them_again_once_idle(fake_driver, lend_table):
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=60e6, unknown_kernel_busy_us=1)
+    code = LEND_PRELUDE + textwrap.dedent("""
+    s = create(1)
+    warm_then_borrow(s)
+    show("borrowed", lending()["borrowed"])
+    wait_for_parent()          # the parent runs the lender (slot 1) once
+    launch(s)
+    show("borrowed", lending()["borrowed"])
+    wait_for_parent()          # the parent shortens the idle window: the lender is idle again
+    launch(s)
+    show("borrowed", lending()["borrowed"])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + code], env=lend_env(fake_driver, lend_table),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().split() == ["borrowed", "1"]
+    assert proc.stdout.readline().strip() == "ready"
+    lender, _ = run_fake("launch(None)\nshow(__import__('os').getpid())", lend_env(fake_driver, lend_table, slot=1))
+    word = lend_table.activity(1)
+    assert word.last_launch_ns > 0 and word.busy_until_ns == word.last_launch_ns + 1000
+    assert lend_table.activity_writer_pid(1) == int(lender[0][0])
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().split() == ["borrowed", "1"]   # the lender launched within the idle window
+    assert proc.stdout.readline().strip() == "ready"
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=1, unknown_kernel_busy_us=1)
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == ["borrowed", "2"]
+    records, _ = lend_table.read_launches(0)
+    assert [int(r["tpcs"]) for r in records[-3:]] == [16, 8, 16]
+    assert [native.lenders_of(r) for r in records[-3:]] == [[1], [], [1]]
+
+
+def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
+    lines = run_lending_client("""
+    s = create(1)
+    for _ in range(20): launch(s)
+    show("counts", lending()["borrowed"], lending()["pending"])
+    show_log()
+    """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))   # nothing timed: no prediction ever
+    assert lines[0] == ["counts", "0", "0"]
+    assert {groups for groups, _ in launch_places(lines)} == {8}
+    records, _ = lend_table.read_launches(0)
+    assert len(records) == 20 and not any(int(r["predicted_own_ns"]) or int(r["lender_slots_used"]) for r in records)
+    # unknown kernels credit unknown_kernel_busy_ns to the own activity word
+    word = lend_table.activity(0)
+    assert word.busy_until_ns >= word.last_launch_ns + LendingPolicy().unknown_kernel_busy_ns
+
+
+def test_a_kernel_predicted_beyond_the_atom_never_borrows(fake_driver, lend_table):
+    code = """
+    s = create(1)
+    show("pending", warm_then_borrow(s), lending()["borrowed"])
+    for _ in range(5): launch(s)
+    show("borrowed", lending()["borrowed"])
+    """
+    lines = run_lending_client(code, lend_env(fake_driver, lend_table, FAKE_KERNEL_US="300"))
+    assert lines == [["pending", "0", "0"], ["borrowed", "0"]]
+    records, _ = lend_table.read_launches(0)
+    assert {int(r["predicted_own_ns"]) for r in records[4:]} == {300_000}   # > atom 250 us
+    assert all(int(r["tpcs"]) == 8 for r in records)
+    # the same kernel with an atom of exactly its prediction borrows (the rule is <= atom)
+    lend_table.set_lending_knobs(atom_us=300, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    lines = run_lending_client(code, lend_env(fake_driver, lend_table, FAKE_KERNEL_US="300"))
+    # Launches 6-10 borrow. The fake's kernels take 300 us on 16 TPCs too, and one sample on 16 TPCs
+    # predicts ceil(300000 * 16 / 8) = 600 us on the own 8 (no speed-up is ever credited); once those
+    # samples are the median (4 of 8), launch 11 stays on the own TPCs.
+    assert lines == [["pending", "1", "1"], ["borrowed", "5"]]
+    records, _ = lend_table.read_launches(0, since_index=len(records))
+    assert [int(r["tpcs"]) for r in records] == [8] * 5 + [16] * 5 + [8]
+    assert int(records[-1]["predicted_own_ns"]) == 600_000
+
+
+def test_low_priority_borrowers_launch_on_least_priority_green_streams(fake_driver, lend_table):
+    code = """
+    p = create(1, -2)                 # an application stream of high priority
+    warm_then_borrow(p)
+    show_log()
+    """
+    for low_priority, expected in ((True, "priority=0"), (False, "priority=-2")):
+        lend_table.set_lending(0, [1], low_priority=low_priority)
+        lines = run_lending_client(code, lend_env(fake_driver, lend_table))
+        union_green = [w[1] for w in lines if w[0] == "cuGreenCtxCreate" and w[2] == "groups=16"]
+        union_streams = [w for w in lines if w[0] == "cuGreenCtxStreamCreate" and w[2] == f"green={union_green[0]}"]
+        assert [w[3] for w in union_streams] == [expected]
+        assert launch_places(lines)[-1] == (16, union_streams[0][1])
+        records, _ = lend_table.read_launches(0, since_index=native.LaunchRing(native.ring_path(lend_table.path, 0)).head() - 1)
+        assert int(records[-1]["low_priority"]) == int(low_priority)
+
+
+def test_cluster_kernels_borrow_whole_cosched_groups_only(fake_driver, lend_table):
+    """Clusters > 2 go to the co-scheduled view of the union: the 8-SM groups wholly inside own + lent TPCs."""
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)   # groups 0,1 own; 2,3 lent
+    lines = run_lending_client("""
+    s = create(1)
+    warm_then_borrow(s, function=0xc1)
+    show_log()
+    """, lend_env(fake_driver, lend_table))
+    records, _ = lend_table.read_launches(0)
+    assert [int(r["view"]) for r in records] == [1] * 6                   # co-scheduled view
+    assert [int(r["tpcs"]) for r in records] == [8] * 5 + [16]
+    assert native.lenders_of(records[-1]) == [1]
+    assert launch_places(lines)[-1][0] == 4                                # the union's 4 co-scheduled groups
+
+
+def test_clients_write_only_their_own_activity_word(fake_driver, lend_table):
+    code = """
+    import os
+    launch(None)
+    path = os.environ["LITHOS_SHM"] + ".activity"
+    maps = {l.split()[1]: l.split() for l in open("/proc/self/maps") if l.rstrip().endswith(path)}
+    for m in sorted(maps.values(), key=lambda m: m[1]):
+        show(m[1], m[2], int(m[0].split("-")[1], 16) - int(m[0].split("-")[0], 16))
+    mapping, offset = os.environ["WRITE_AT"].split(":")
+    ctypes.memset(int(maps[mapping][0].split("-")[0], 16) + int(offset) + 24, 0xff, 1)   # past writer_pid: harmless
+    show("wrote")
+    """
+    # the whole file read-only, and only this slot's page (offset 1 * 4096) read-write: writing there works
+    lines, _ = run_fake(code, lend_env(fake_driver, lend_table, slot=1, WRITE_AT="rw-s:0"))
+    assert lines == [["r--s", "00000000", str(4 * 4096)], ["rw-s", "00001000", "4096"], ["wrote"]]
+    # other slots' words (slots 0 and 2, through the read-only map) cannot be written
+    for write_at in ("r--s:0", "r--s:8192"):
+        proc = subprocess.run([sys.executable, "-c", FAKE_PRELUDE + textwrap.dedent(code)], capture_output=True,
+                              text=True, env=lend_env(fake_driver, lend_table, slot=1, WRITE_AT=write_at))
+        assert proc.returncode == -signal.SIGSEGV and "wrote" not in proc.stdout, write_at
+    assert lend_table.activity(0) == ActivityWord(None, 0)
+    assert lend_table.lending(1) == ([], False) and lend_table.lending(0) == ([1], False)
