@@ -82,8 +82,8 @@
  * lender_mask[slot 0] = 0x2 (may borrow from slot 1), defaults atom 250 us, idle window 500 us.
  *   t = 1000000 ns: slot 1 has never launched (activity page 1 = {0, 0}): idle. Slot 0 launches a
  *     kernel predicted at 90000 ns on 8 TPCs (<= 250000): it runs on TPCs 0..15 (record: tpcs 16,
- *     lender_slots_used 0x2). Slot 0's shim stores page 0 = {last 1000000, busy_until 1090000 - or
- *     1045000 when the predictor knows it takes 45000 ns on 16 TPCs}.
+ *     lender_slots_used 0x2). Slot 0's shim stores page 0 = {last 1000000, busy_until 1000000 +
+ *     predict(k, 16)} = {1000000, 1090000}: samples on 8 TPCs never credit a speed-up on 16.
  *   t = 1200000 ns: slot 1 launches; its shim stores page 1 = {1200000, 1200000 + its prediction}.
  *     Its own launches always use TPCs 8..15 at once.
  *   t = 1200400 ns: slot 0 launches again: now - 1200000 < 500000, so slot 1 is not idle: TPCs 0..7.
