@@ -635,10 +635,7 @@ static void *builder_main(void *unused) {
 
 /* Called with g.lock held: queue a union for the builder thread (started on first use per process). */
 static void request_build(const uint64_t mask[LITHOS_MASK_WORDS]) {
-    for (unsigned i = 0; i < builder.count; i++)
-        if (memcmp(builder.masks[i], mask, sizeof(builder.masks[i])) == 0) return;
-    if (builder.count == BUILD_QUEUE) return;
-    pid_t pid = getpid();
+    pid_t pid = getpid(); /* first: a forked child may have inherited a queue but no thread */
     if (builder.pid != pid) {
         pthread_t thread;
         pthread_attr_t attr;
@@ -652,7 +649,9 @@ static void request_build(const uint64_t mask[LITHOS_MASK_WORDS]) {
         }
         builder.pid = pid;
     }
-    memcpy(builder.masks[builder.count++], mask, sizeof(builder.masks[0]));
+    int queued = 0;
+    for (unsigned i = 0; i < builder.count; i++) queued |= memcmp(builder.masks[i], mask, sizeof(builder.masks[i])) == 0;
+    if (!queued && builder.count < BUILD_QUEUE) memcpy(builder.masks[builder.count++], mask, sizeof(builder.masks[0]));
     pthread_cond_signal(&builder.wake);
 }
 
