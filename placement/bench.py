@@ -20,6 +20,7 @@ from .generators import noisy_day, servegen_held_out_day, servegen_profile_set, 
 from .overload import compare_overload
 from .planner import DEFAULT_GPU, DEFAULT_HEADROOM_FRACTION, DEFAULT_TIME_LIMIT_S, build_problem, plan_placement
 from .profiles import ProfileError
+from .simulated_day import DEFAULT_WINDOW_S, compare_simulated_day
 
 DEFAULT_MODEL_COUNTS = "100,1000,10000"
 NOISE_SLOT_SIGMA = 0.15
@@ -44,6 +45,13 @@ def configure_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ServeGen trace folder (<category>/<model>/chunk-N-trace.csv) to add the derived set")
     parser.add_argument("--servegen-replica-shares", default="1.0,0.25", metavar="F,F",
                         help="max_replica_share values to plan the ServeGen set with (default 1.0,0.25)")
+    parser.add_argument("--simulated-day-models", type=int, default=200, metavar="N",
+                        help="simulate one noisy day of a synthetic set of N models on simulated GPUs, plan vs "
+                             "peak packing (0: skip; default 200); writes <output-dir>/<--simulated-day-name>.*")
+    parser.add_argument("--simulated-day-window", type=float, default=DEFAULT_WINDOW_S, metavar="SECONDS",
+                        help=f"simulated seconds per slot in the simulated day (default {DEFAULT_WINDOW_S:g})")
+    parser.add_argument("--simulated-day-name", default="place_simulated_day",
+                        help="file name stem of the simulated day's JSON and PNG (default place_simulated_day)")
     parser.add_argument("--output-dir", default="benchmarks/results", metavar="DIR",
                         help="where to write <name>.json and <name>.png (default benchmarks/results)")
     parser.add_argument("--name", default="place_bench", help="file name stem (default place_bench)")
@@ -175,6 +183,14 @@ def run_benchmark(args) -> int:
             overload.append({"set": row["set"], "noise": "real: held-out day 7 of the trace (language "
                              "clients only; the 1-day categories are skipped)", **check})
             plot_plan(plan, servegen, output_dir / f"{args.name}_servegen_{share:g}_plan.png")
+    simulated_day = None
+    if args.simulated_day_models > 0:
+        day_set = synthetic_profile_set(args.simulated_day_models, seed=args.seed, slots_per_day=args.slots)
+        day_plan = plan_placement(day_set, args.gpu, args.headroom, args.time_limit, exact_max_items=0,
+                                  seed=args.seed)
+        day = compare_simulated_day(day_set, day_plan, seed=args.seed, window_s=args.simulated_day_window)
+        written = write_simulated_day(day, output_dir, args.simulated_day_name)
+        simulated_day = {"file": str(written), **simulated_day_summary(day)}
     for check in overload:
         print(f"{check['set']:>28}: overloaded GPU-slots (simulated, fluid) plan "
               f"{100 * check['plan_overloaded_gpu_slot_share']:.2f}% vs peak packing "
@@ -191,9 +207,49 @@ def run_benchmark(args) -> int:
                      "seed": args.seed, "synthetic_slots_per_day": args.slots},
         "plans": rows,
         "overload_simulated": overload,
+        "simulated_day": simulated_day,
     }
     json_path = output_dir / f"{args.name}.json"
     json_path.write_text(json.dumps(result, indent=1))
     _plot_summary(rows, output_dir / f"{args.name}.png")
     print(f"wrote {json_path} and {output_dir / (args.name + '.png')}")
     return 0
+
+
+def simulated_day_summary(result: dict) -> dict:
+    """The headline numbers of a simulated day (no per-model or per-slot lists)."""
+    keys = ("variant", "gpus_used", "requests", "slo_attainment", "models_meeting_goal_share",
+            "p10_model_attainment", "worst_model_attainment")
+    return {"label": result["label"], "models": result["models"], "slots_per_day": result["slots_per_day"],
+            "settings": result["settings"],
+            "variants": [{key: variant[key] for key in keys} for variant in result["variants"]]}
+
+
+def print_simulated_day(result: dict) -> None:
+    print(f"SIMULATED day: {result['models']} models ({result['replicas']} replicas), {result['slots_per_day']} "
+          f"slots, {result['gpu_model']}; {result['time_compression']}")
+    print(f"{'variant':>28} {'GPUs':>5} {'requests':>11} {'attainment':>10} {'models>=' + str(result['settings']['attainment_goal']):>12} "
+          f"{'p10 model':>9}")
+    for v in result["variants"]:
+        print(f"{v['variant']:>28} {v['gpus_used']:>5} {v['requests']:>11} {100 * v['slo_attainment']:>9.2f}% "
+              f"{100 * v['models_meeting_goal_share']:>11.1f}% {100 * v['p10_model_attainment']:>8.1f}%")
+
+
+def write_simulated_day(result: dict, output_dir: str | Path, name: str) -> Path:
+    """Write <output_dir>/<name>.json (with command, git commit, machine, date) and <name>.png; print
+    the table. Returns the JSON path."""
+    from .plot import plot_simulated_day
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": "placement simulated day (SIMULATED)",
+              "command": " ".join([_program_name()] + sys.argv[1:]), "git_commit": _git_commit(),
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": {**_machine(), "gpu": "none: the GPUs are simulated (scheduler/simulated.py)"},
+              **result}
+    json_path = output_dir / f"{name}.json"
+    json_path.write_text(json.dumps(record, indent=1))
+    plot_simulated_day(result, output_dir / f"{name}.png")
+    print_simulated_day(result)
+    print(f"wrote {json_path} and {output_dir / (name + '.png')}")
+    return json_path

@@ -1,7 +1,8 @@
 """`lithos-ray place` and `lithos-ray bench place`: argument parsing and printing only.
 
 lithos_ray/cli.py wires these in; until then `python -m lithos_ray.placement.cli place ...` and
-`python -m lithos_ray.placement.cli bench ...` run them directly. `generate` writes profile sets.
+`python -m lithos_ray.placement.cli bench ...` run them directly. `generate` writes profile sets;
+`simulate-day` runs a plan and peak packing through a simulated day (SLO attainment, SIMULATED).
 """
 from __future__ import annotations
 
@@ -179,14 +180,84 @@ def run_generate(args) -> int:
     return 0
 
 
+def configure_simulate_day_parser(parser: argparse.ArgumentParser) -> None:
+    from .simulated_day import (DEFAULT_DAY_SIGMA, DEFAULT_REQUEST, DEFAULT_SLOT_SIGMA, DEFAULT_WINDOW_S,
+                                REQUEST_SHAPES, TPC_POLICIES)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profiles", metavar="FILE", help="profile set (JSON, or CSV traffic with --models)")
+    source.add_argument("--synthetic", type=int, metavar="N", help="a seeded synthetic set of N models")
+    parser.add_argument("--models", metavar="FILE", help="JSON with slots_per_day and models, for CSV traffic")
+    parser.add_argument("--slots", type=int, default=96, help="with --synthetic: slots per day (default 96)")
+    parser.add_argument("--plan", metavar="PLAN_JSON",
+                        help="plan to simulate (written by `place --output`); planned here when left out")
+    parser.add_argument("--gpu", default=DEFAULT_GPU, help=f"without --plan: GPU model (default {DEFAULT_GPU})")
+    parser.add_argument("--headroom", type=_fraction, default=DEFAULT_HEADROOM_FRACTION, metavar="FRACTION",
+                        help=f"without --plan: share of TPCs kept free (default {DEFAULT_HEADROOM_FRACTION})")
+    parser.add_argument("--max-replica-share", type=_fraction, default=DEFAULT_MAX_REPLICA_SHARE,
+                        metavar="FRACTION", help=f"without --plan (default {DEFAULT_MAX_REPLICA_SHARE})")
+    parser.add_argument("--time-limit", type=_fraction, default=DEFAULT_TIME_LIMIT_S, metavar="SECONDS",
+                        help=f"without --plan: planning budget (default {DEFAULT_TIME_LIMIT_S})")
+    parser.add_argument("--exact-max-items", type=int, default=DEFAULT_EXACT_MAX_ITEMS, metavar="N",
+                        help=f"without --plan: HiGHS up to N replicas (default {DEFAULT_EXACT_MAX_ITEMS})")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the synthetic set, the day's noise and the arrivals (default 1)")
+    parser.add_argument("--window", type=_fraction, default=DEFAULT_WINDOW_S, metavar="SECONDS",
+                        help=f"simulated seconds per slot (default {DEFAULT_WINDOW_S:g})")
+    parser.add_argument("--request", default=DEFAULT_REQUEST, choices=sorted(REQUEST_SHAPES),
+                        help=f"calibrated request shape (default {DEFAULT_REQUEST})")
+    parser.add_argument("--policies", default=",".join(TPC_POLICIES), metavar="P,P",
+                        help=f"TPC policies to run, of {', '.join(TPC_POLICIES)} (default all)")
+    parser.add_argument("--slot-sigma", type=_fraction, default=DEFAULT_SLOT_SIGMA,
+                        help=f"log-normal noise per model and slot (default {DEFAULT_SLOT_SIGMA})")
+    parser.add_argument("--day-sigma", type=_fraction, default=DEFAULT_DAY_SIGMA,
+                        help=f"log-normal noise per model for the day (default {DEFAULT_DAY_SIGMA})")
+    parser.add_argument("--output-dir", default="benchmarks/results", metavar="DIR",
+                        help="where to write <name>.json and <name>.png (default benchmarks/results)")
+    parser.add_argument("--name", default="place_simulated_day", help="file name stem (default place_simulated_day)")
+
+
+def run_simulate_day(args) -> int:
+    from .bench import write_simulated_day
+    from .generators import synthetic_profile_set
+    from .planner import plan_placement
+    from .profiles import load_profile_set
+    from .simulated_day import compare_simulated_day
+
+    try:
+        if args.synthetic is not None:
+            profile_set = synthetic_profile_set(args.synthetic, seed=args.seed, slots_per_day=args.slots)
+        else:
+            profile_set = load_profile_set(args.profiles, args.models)
+        if args.plan:
+            try:
+                plan = Plan.from_dict(json.loads(Path(args.plan).read_text()))
+            except (OSError, json.JSONDecodeError) as error:
+                raise ProfileError(f"cannot read --plan {args.plan!r}: {error}") from None
+        else:
+            plan = plan_placement(profile_set, args.gpu, args.headroom, args.time_limit, args.exact_max_items,
+                                  args.max_replica_share, args.seed)
+        policies = tuple(part.strip() for part in args.policies.split(",") if part.strip())
+        result = compare_simulated_day(profile_set, plan, seed=args.seed, window_s=args.window,
+                                       request=args.request, slot_sigma=args.slot_sigma,
+                                       day_sigma=args.day_sigma, policies=policies)
+    except ProfileError as error:
+        print(f"simulate-day: {error}", file=sys.stderr)
+        return 2
+    write_simulated_day(result, args.output_dir, args.name)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lithos_ray.placement.cli")
     commands = parser.add_subparsers(dest="command", required=True)
     configure_place_parser(commands.add_parser("place", help="plan model placement from traffic profiles"))
     configure_bench_parser(commands.add_parser("bench", help="placement benchmark (lithos-ray bench place)"))
     configure_generate_parser(commands.add_parser("generate", help="write a synthetic or ServeGen profile set"))
+    configure_simulate_day_parser(commands.add_parser(
+        "simulate-day", help="SIMULATED day of a plan and of peak packing on simulated GPUs: SLO attainment"))
     args = parser.parse_args(argv)
-    run = {"place": run_place, "bench": run_bench, "generate": run_generate}[args.command]
+    run = {"place": run_place, "bench": run_bench, "generate": run_generate,
+           "simulate-day": run_simulate_day}[args.command]
     return run(args)
 
 

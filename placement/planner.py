@@ -204,8 +204,9 @@ def peak_packing(problem: PackingProblem) -> Packing:
     return greedy_pack(reserved, order)
 
 
-def _reserved_tpcs(peaks_tpcs: np.ndarray, gpu_tpcs: int) -> np.ndarray:
-    """Split a GPU's TPCs over its replicas in proportion to their peaks (largest remainder, >= 1)."""
+def split_gpu_tpcs(peaks_tpcs: np.ndarray, gpu_tpcs: int) -> np.ndarray:
+    """Split a GPU's TPCs over its replicas in proportion to the given weights (their peaks, or one
+    slot's demand), largest remainder, at least 1 each; equal shares when all weights are 0."""
     count = peaks_tpcs.size
     weights = peaks_tpcs if peaks_tpcs.sum() > 0 else np.ones(count)
     exact = weights / weights.sum() * gpu_tpcs
@@ -225,7 +226,7 @@ def make_plan(problem: PackingProblem, profile_set: ProfileSet, gpu_of_item: np.
     reserved = np.zeros(len(problem.item_names), dtype=int)
     for gpu in np.unique(gpu_of_item):
         on_gpu = np.nonzero(gpu_of_item == gpu)[0]
-        reserved[on_gpu] = _reserved_tpcs(peaks[on_gpu], problem.gpu.tpcs)
+        reserved[on_gpu] = split_gpu_tpcs(peaks[on_gpu], problem.gpu.tpcs)
     placements = [
         Placement(item=problem.item_names[i], model=problem.item_models[i],
                   replica_index=int(problem.item_replica_index[i]), replicas=int(problem.item_replicas[i]),

@@ -12,6 +12,16 @@ from .profiles import ProfileSet
 DEFAULT_MAX_GPUS_SHOWN = 12
 
 
+def _save(figure, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_plan(plan: Plan, profile_set: ProfileSet, path: str | Path,
               max_gpus_shown: int = DEFAULT_MAX_GPUS_SHOWN) -> Path:
     """Write a PNG: one panel per GPU (`max_gpus_shown` evenly spaced ones if there are more),
@@ -59,8 +69,44 @@ def plot_plan(plan: Plan, profile_set: ProfileSet, path: str | Path,
     figure.suptitle(f"{len(plan.placements)} replicas on {shown_text}, {plan.gpu_model} "
                     f"{plan.gpu_tpcs} TPCs (red), usable {plan.usable_tpcs:.1f} (dashed); lower bound "
                     f"{plan.lower_bound_gpus}, peak packing {plan.peak_packing_gpus} GPUs", fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def plot_simulated_day(result: dict, path: str | Path) -> Path:
+    """Write a PNG of a `simulated_day.compare_simulated_day` result: SLO attainment per slot of the day
+    and the spread of per-model attainment, every variant; titled SIMULATED."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (day_axis, model_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
+    slots = result["slots_per_day"]
+    hours = (np.arange(slots) + 0.5) * 24.0 / slots
+    colors = {}
+    for variant in result["variants"]:
+        color = colors.setdefault(variant["tpc_policy"], f"C{len(colors)}")
+        style = "-" if variant["plan"] == "plan" else "--"
+        label = f"{variant['variant']} ({variant['gpus_used']} GPUs): {100 * variant['slo_attainment']:.1f}%"
+        per_slot = np.array([np.nan if a is None else a for a in variant["per_slot_slo_attainment"]])
+        day_axis.plot(hours, per_slot, style, color=color, linewidth=1.2, label=label)
+        per_model = np.sort([m["slo_attainment"] for m in variant["per_model"].values()
+                             if m["slo_attainment"] is not None])
+        model_axis.plot(per_model, np.arange(1, per_model.size + 1) / per_model.size, style, color=color,
+                        linewidth=1.2, drawstyle="steps-post")
+    day_axis.set_xlim(0, 24)
+    day_axis.set_xticks(range(0, 25, 3))
+    day_axis.set_xlabel("hour of day (profile clock)")
+    day_axis.set_ylabel("requests within SLO (share)")
+    day_axis.set_title("SLO attainment per slot (solid: plan, dashed: peak packing)", fontsize=9)
+    day_axis.legend(fontsize=7, loc="lower left")
+    model_axis.set_xlabel("a model's SLO attainment over the day")
+    model_axis.set_ylabel("share of models at or below")
+    model_axis.set_title("per-model SLO attainment (CDF)", fontsize=9)
+    model_axis.axvline(result["settings"]["attainment_goal"], color="gray", linestyle=":", linewidth=0.8)
+    settings = result["settings"]
+    figure.suptitle(f"SIMULATED day (discrete-event model, not measured): {result['models']} models, "
+                    f"{result['gpu_model']}, headroom {result['headroom_fraction']:g}, request "
+                    f"'{settings['request_shape']}', {settings['window_s']:g} s per slot, noise sigma slot "
+                    f"{settings['slot_noise_sigma']:g} / day {settings['day_noise_sigma']:g}, seed "
+                    f"{settings['seed']}", fontsize=9)
+    return _save(figure, path)

@@ -13,6 +13,7 @@ from lithos_ray.placement.overload import compare_overload, overloaded_gpu_slot_
 from lithos_ray.placement.planner import Plan, build_problem, gpu_demand_tpcs, plan_placement
 from lithos_ray.placement.profiles import ProfileError, build_profile_set, load_profile_set
 from lithos_ray.placement.replan import replan
+from lithos_ray.placement.simulated_day import compare_simulated_day, simulate_plan_day
 
 H100_TPCS = 66
 
@@ -302,9 +303,13 @@ def test_cli_place_prints_plan_writes_picture_and_json(tmp_path, capsys):
 
 def test_cli_bench_writes_json_and_png(tmp_path, capsys):
     code = placement_main(["bench", "--models", "30", "--exact-models", "6", "--noise-days", "2",
-                           "--time-limit", "0.5", "--output-dir", str(tmp_path), "--name", "t"])
+                           "--time-limit", "0.5", "--output-dir", str(tmp_path), "--name", "t",
+                           "--simulated-day-models", "20", "--simulated-day-window", "2", "--slots", "24"])
     assert code == 0
     result = json.loads((tmp_path / "t.json").read_text())
+    day = result["simulated_day"]
+    assert day["label"].startswith("SIMULATED") and len(day["variants"]) == 6
+    assert (tmp_path / "place_simulated_day.json").exists() and (tmp_path / "place_simulated_day.png").exists()
     assert [row["set"] for row in result["plans"]] == ["synthetic 6 (exact)", "synthetic 30"]
     assert result["machine"]["cpu_count"] >= 1 and result["overload_simulated"][0]["days"] == 2
     assert (tmp_path / "t.png").exists() and (tmp_path / "t_synthetic_30_plan.png").exists()
@@ -334,3 +339,77 @@ def test_recorded_prometheus_rates_fold_into_a_profile(tmp_path, capsys):
                            str(tmp_path / "models.json"), "--output", str(tmp_path / "set.json")])
     assert code == 0 and "wrote 2 models x 24 slots" in capsys.readouterr().out
     assert load_profile_set(tmp_path / "set.json").traffic["embed"][21] == 10.0
+
+
+def _variants_without_timing(result: dict) -> list[dict]:
+    return [{k: v for k, v in variant.items() if k != "simulated_requests_per_wall_s"}
+            for variant in result["variants"]]
+
+
+def test_simulated_day_attainment_is_a_share_and_reproducible():
+    profile_set = synthetic_profile_set(30, seed=2, slots_per_day=24)
+    plan = plan_placement(profile_set, time_limit_s=0.5, exact_max_items=0)
+    first = compare_simulated_day(profile_set, plan, seed=3, window_s=4)
+    assert first["simulated"] is True and first["label"].startswith("SIMULATED")
+    assert any("no stealing" in limit for limit in first["simulator_limits"])
+    assert [v["variant"] for v in first["variants"]] == [
+        "plan, slo_quota", "plan, demand_quota", "plan, static",
+        "peak packing, slo_quota", "peak packing, demand_quota", "peak packing, static"]
+    for variant in first["variants"]:
+        assert variant["requests"] > 1000 and 0.0 <= variant["slo_attainment"] <= 1.0
+        assert variant["gpus_used"] == (plan.gpus_used if variant["plan"] == "plan" else plan.peak_packing_gpus)
+        for model in variant["per_model"].values():
+            assert model["slo_attainment"] is None or 0.0 <= model["slo_attainment"] <= 1.0
+            assert model["within_slo"] + model["unfinished_at_window_end"] <= model["requests"]
+    # both plans see the same traffic (same noise, same arrivals per replica)
+    assert len({v["requests"] for v in first["variants"]}) == 1
+    again = compare_simulated_day(profile_set, plan, seed=3, window_s=4)
+    assert _variants_without_timing(again) == _variants_without_timing(first)
+    other = compare_simulated_day(profile_set, plan, seed=4, window_s=4, policies=("static",))
+    assert other["variants"][0]["requests"] != first["variants"][2]["requests"]
+
+
+def test_simulated_day_overloaded_gpu_misses_slos():
+    traffic = {f"m{i}": _day_peak_profile(30.0, peak_slot=12) for i in range(4)}
+    profile_set = build_profile_set(_profile_data(traffic))     # SLO 100 ms each
+    problem = build_problem(profile_set)
+    from lithos_ray.placement.planner import make_plan
+    crowded = make_plan(problem, profile_set, np.array([0, 0, 0, 0]), "by hand", False, 0.0)
+    spread = make_plan(problem, profile_set, np.array([0, 0, 1, 1]), "by hand", False, 0.0)
+    observed = profile_set.demand_matrix_tpcs()                 # no noise: the profile itself
+    for policy in ("slo_quota", "demand_quota", "static"):
+        over = simulate_plan_day(crowded, profile_set, observed, policy, window_s=3, seed=1)
+        fits = simulate_plan_day(spread, profile_set, observed, policy, window_s=3, seed=1)
+        assert sum(over.requests_by_model.values()) == sum(fits.requests_by_model.values())
+        assert fits.slo_attainment > 0.95, policy
+        assert over.slo_attainment < fits.slo_attainment - 0.2, policy
+        peak_slot = int(np.argmax(over.requests_by_slot))
+        assert over.within_slo_by_slot[peak_slot] < 0.5 * over.requests_by_slot[peak_slot]
+
+
+def test_simulated_day_rejects_bad_input():
+    profile_set = synthetic_profile_set(6, seed=1, slots_per_day=24)
+    plan = plan_placement(profile_set, time_limit_s=0.2, exact_max_items=0)
+    with pytest.raises(ProfileError, match="unknown TPC policy 'fair'; allowed: slo_quota, demand_quota, static"):
+        compare_simulated_day(profile_set, plan, policies=("fair",))
+    with pytest.raises(ProfileError, match="unknown request shape 'gpt'; known shapes: matmul_8192_bf16"):
+        compare_simulated_day(profile_set, plan, request="gpt")
+    with pytest.raises(ProfileError, match=r"window_s \(simulated seconds per slot\) must be in \(0, 3600\]"):
+        simulate_plan_day(plan, profile_set, profile_set.demand_matrix_tpcs(), window_s=0)
+    other = synthetic_profile_set(6, seed=1, slots_per_day=48)
+    with pytest.raises(ProfileError, match="the plan has 24 slots per day and the profile set 48"):
+        compare_simulated_day(other, plan)
+
+
+def test_cli_simulate_day_writes_labelled_json_and_png(tmp_path, capsys):
+    code = placement_main(["simulate-day", "--synthetic", "12", "--slots", "24", "--window", "2",
+                           "--time-limit", "0.3", "--output-dir", str(tmp_path), "--name", "day"])
+    out = capsys.readouterr().out
+    assert code == 0 and "SIMULATED day: 12 models" in out and "peak packing, static" in out
+    record = json.loads((tmp_path / "day.json").read_text())
+    assert record["simulated"] is True and record["command"] and "git_commit" in record and record["machine"]["cpu_count"]
+    assert record["simulator_limits_source"] == "docs/SIMULATOR.md, section Limits"
+    assert (tmp_path / "day.png").stat().st_size > 10_000
+    code = placement_main(["simulate-day", "--synthetic", "12", "--slots", "24", "--policies", "slo_quota,x",
+                           "--output-dir", str(tmp_path)])
+    assert code == 2 and "unknown TPC policy 'x'" in capsys.readouterr().err
