@@ -1,0 +1,517 @@
+"""Runs a co-location plan on one GPU: starts worker groups, runs phases, reads the shim's launch rings.
+
+The driver itself never touches CUDA (no torch import): workers are separate processes, so MPS,
+time-slicing and the shim act on them exactly as on independent jobs.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from . import metrics
+from .plan import (BEST_EFFORT, CALIBRATE_S, ESTIMATE_GROUP_START_S, LATENCY_CRITICAL, MIXES, PHASE_DRAIN_S,
+                   PHASE_LEAD_S, Group, Phase, Plan, assign_quotas, mps_be_percent, scheduler_module)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+READY_TIMEOUT_S = 240.0
+REPLY_MARGIN_S = 60.0
+RING_POLL_S = 0.02
+OVERRUN_FACTOR = 1.15   # phases still due after budget_s x this are skipped (the device call must end)
+LENDING_KNOB_NAMES = ("atom_us", "idle_window_us", "unknown_kernel_busy_us")
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Worker:
+    """One workload process speaking the JSON-lines protocol of worker.py."""
+
+    def __init__(self, workload, variants: tuple[str, ...], env: dict, log_dir: str, tag: str):
+        self.workload = workload
+        self.log_path = os.path.join(log_dir, f"worker_{tag}_{workload.name}.log")
+        self._log = open(self.log_path, "w")
+        args = [sys.executable, "-m", "benchmarks.colocate.worker", "--workload", workload.name,
+                "--role", workload.role, "--batch", str(workload.batch), "--seq-len", str(workload.seq_len),
+                "--variants", ",".join(variants)]
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True, bufsize=1)
+        self.info: dict = {}
+        self.error: str | None = None
+
+    def receive(self, timeout_s: float) -> dict:
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not selector.select(timeout_s):
+                raise WorkerError(f"{self.workload.name}: no reply within {timeout_s:.0f} s (log {self.log_path})")
+        finally:
+            selector.close()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(f"{self.workload.name} exited (rc {self.proc.poll()}): {self.log_tail()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise WorkerError(f"{self.workload.name}: {reply['error']}")
+        return reply
+
+    def send(self, cmd: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise WorkerError(f"{self.workload.name} is gone ({exc}): {self.log_tail()}") from None
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        try:
+            self.info = self.receive(timeout_s)
+        except WorkerError as exc:
+            self.error = str(exc)
+            return
+        if not self.info.get("ready"):
+            self.error = f"{self.workload.name} failed to start: {self.info.get('error')}"
+
+    def log_tail(self, chars: int = 1500) -> str:
+        self._log.flush()
+        try:
+            with open(self.log_path) as handle:
+                return handle.read()[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send({"cmd": "exit"})
+                self.proc.wait(timeout=20)
+            except (WorkerError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class RingCollector:
+    """Reads the launch rings of the shim's slots every RING_POLL_S while a phase runs."""
+
+    def __init__(self, table_path: str, slots: list[int]):
+        from lithos_ray import native
+        self.rings = {slot: native.LaunchRing(native.ring_path(table_path, slot)) for slot in slots}
+        self.records: dict[int, list[np.ndarray]] = {slot: [] for slot in slots}
+        self._next = {slot: ring.head() for slot, ring in self.rings.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _read_all(self) -> None:
+        for slot, ring in self.rings.items():
+            batch, self._next[slot] = ring.read(self._next[slot], 4096)
+            if len(batch):
+                self.records[slot].append(batch)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(RING_POLL_S):
+            self._read_all()
+
+    def finish(self) -> dict[int, np.ndarray]:
+        self._stop.set()
+        self._thread.join()
+        self._read_all()
+        return {slot: (np.concatenate(parts) if parts else None) for slot, parts in self.records.items()}
+
+
+def lending_support(table) -> tuple[bool, str]:
+    """Whether this build's AllowanceTable can set lend lists (the launch-path lending API)."""
+    if callable(getattr(table, "set_lending", None)):
+        return True, "AllowanceTable.set_lending present"
+    return False, ("lending unavailable: lithos_ray.native.AllowanceTable has no set_lending(slot, lender_slots, "
+                   "low_priority) in this build (lending on the launch path not built yet)")
+
+
+def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
+    """Set every slot's lend list from scheduler.lending.plan_lending (all clients idle at plan time, so each
+    may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled."""
+    lending = scheduler_module("lending")
+    clients = [lending.ClientState(slot, lending.LATENCY_CRITICAL if role == LATENCY_CRITICAL else lending.BEST_EFFORT,
+                                   quota, active=False) for slot, role, quota in slots_roles_quotas]
+    policy = lending.LendingPolicy(atom_us=atom_us, lending_enabled=enabled)
+    decisions = lending.plan_lending(clients, policy)
+    for slot, decision in decisions.items():
+        table.set_lending(slot, list(decision.lender_slots), decision.low_priority_on_borrowed)
+    knobs = {"atom_us": policy.atom_us, "idle_window_us": policy.idle_window_us,
+             "unknown_kernel_busy_us": policy.unknown_kernel_busy_us}
+    setter = getattr(table, "set_lending_knobs", None)
+    knob_status = "no set_lending_knobs in this build: the shim's defaults apply"
+    if callable(setter):
+        accepted = inspect.signature(setter).parameters
+        given = {k: v for k, v in knobs.items() if k in accepted}
+        setter(**given)
+        knob_status = f"set {sorted(given)}"
+    return {"enabled": enabled, "lend_lists": {s: list(d.lender_slots) for s, d in decisions.items()},
+            "low_priority": {s: d.low_priority_on_borrowed for s, d in decisions.items()}, "knobs": knob_status}
+
+
+def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple[int, ...]],
+                  owner_slots: list[int], idle_window_us: float) -> dict:
+    """TPCs lent per slot from its launch records (launch TPCs beyond its quota) and estimated reclaim times."""
+    out: dict = {"per_slot": {}, "extra_record_fields": []}
+    durations: dict[int, np.ndarray] = {}
+    borrow_ns, borrow_dur = [], []
+    known = {"seq", "function", "host_ns", "gpu_ns", "allowance_generation", "grid", "block", "cluster",
+             "shared_bytes", "tpcs", "view", "api", "kernel_name"}
+    for slot, recs in records.items():
+        if recs is None or not len(recs):
+            out["per_slot"][slot] = {"launches": 0}
+            continue
+        out["extra_record_fields"] = sorted(set(out["extra_record_fields"]) | (set(recs.dtype.names) - known))
+        borrowed = metrics.borrowed_tpcs_per_launch(recs["tpcs"], len(quotas[slot]))
+        sampled = recs["gpu_ns"] > 0
+        median_by_function: dict[int, float] = {}
+        for function in np.unique(recs["function"][sampled]):
+            median_by_function[int(function)] = float(np.median(recs["gpu_ns"][sampled & (recs["function"] == function)]))
+        fallback_ns = float(np.median(recs["gpu_ns"][sampled])) if sampled.any() else 0.0
+        dur = np.array([g if g > 0 else median_by_function.get(int(f), fallback_ns)
+                        for g, f in zip(recs["gpu_ns"], recs["function"])], dtype=float)
+        durations[slot] = dur
+        lending_launches = borrowed > 0
+        out["per_slot"][slot] = {
+            "launches": int(len(recs)), "sampled_launches": int(sampled.sum()),
+            "borrowing_launches": int(lending_launches.sum()),
+            "borrowing_share": float(lending_launches.mean()),
+            "borrowed_tpcs_mean": float(borrowed[lending_launches].mean()) if lending_launches.any() else 0.0,
+            "borrowed_tpcs_max": int(borrowed.max()),
+            "borrowed_tpc_seconds_estimate": float(np.sum(borrowed * dur) / 1e9),
+        }
+        if slot not in owner_slots:
+            borrow_ns.append(recs["host_ns"][lending_launches].astype(np.int64))
+            borrow_dur.append(dur[lending_launches].astype(np.int64))
+    reclaim = {}
+    all_borrow_ns = np.concatenate(borrow_ns) if borrow_ns else np.zeros(0, np.int64)
+    all_borrow_dur = np.concatenate(borrow_dur) if borrow_dur else np.zeros(0, np.int64)
+    for slot in owner_slots:
+        recs = records.get(slot)
+        if recs is None or not len(recs):
+            continue
+        times = metrics.reclaim_times_us(recs["host_ns"].astype(np.int64), all_borrow_ns, all_borrow_dur,
+                                         int(idle_window_us * 1000))
+        reclaim[slot] = {"wakeups": int(times.size), "with_borrowed_kernel_running": int(np.count_nonzero(times > 0)),
+                         "p50_us": float(np.percentile(times, 50)) if times.size else None,
+                         "p99_us": float(np.percentile(times, 99)) if times.size else None}
+    out["reclaim_estimate"] = reclaim
+    out["notes"] = ("TPCs lent = launch TPCs beyond the launching slot's quota (lithos_launch_record.tpcs); durations of "
+                    "unsampled launches = median sampled GPU time of the same function. Reclaim = owner's first launch "
+                    "after an idle gap -> estimated end of the last borrowed kernel launched before it (lower bound).")
+    return out
+
+
+class Run:
+    """State of one run: plan, rates, raw phase results, errors, timeline."""
+
+    def __init__(self, plan: Plan, args, out_dir: str):
+        self.plan, self.args, self.out_dir = plan, args, out_dir
+        self.log_dir = tempfile.mkdtemp(prefix="lithos-colocate-logs-")
+        self.rates: dict[str, dict[str, float]] = {}
+        self.calibration: dict[str, dict] = {}
+        self.phase_results: list[dict] = []
+        self.errors: list[str] = []
+        self.timeline: list[dict] = []
+        self.mix_setup: dict[str, dict] = {}
+        self.workers_info: dict[str, dict] = {}
+        self.started = time.monotonic()
+        self.deadline = self.started + plan.budget_s * OVERRUN_FACTOR
+        self.table = None
+        self.mps_dir: str | None = None
+        self.mps_env: dict = {}
+
+    def mark(self, what: str) -> None:
+        self.timeline.append({"t_s": round(time.monotonic() - self.started, 2), "what": what})
+        print(f"[{time.monotonic() - self.started:7.1f} s] {what}", flush=True)
+
+    # --- environments -------------------------------------------------------------------------
+    def base_env(self) -> dict:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("LD_PRELOAD", None)
+        for name in ("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "LITHOS_SHM", "LITHOS_SLOT"):
+            env.pop(name, None)
+        return env
+
+    def plain_env(self) -> dict:
+        return dict(self.base_env(), CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="lithos-colocate-nomps-"))
+
+    def ensure_mps(self) -> None:
+        if self.mps_dir is None:
+            from lithos_ray import mps
+            self.mps_dir = tempfile.mkdtemp(prefix="lithos-colocate-mps-")
+            self.mps_env = mps.start_mps(self.mps_dir)
+            self.mark("MPS control daemon started")
+
+    def ensure_table(self):
+        if self.table is None:
+            from lithos_ray import native
+            self.table = native.AllowanceTable.create(native._default_gpu_uuid())
+            native.probe_layout_into(self.table)
+            self.mark(f"allowance table {self.table.path}; co-scheduled groups probed "
+                      f"({len(self.table.cosched_groups())} groups)")
+        return self.table
+
+    # --- groups ------------------------------------------------------------------------------------
+    def start_workers(self, names, env_of, tag: str) -> dict[str, Worker]:
+        workers = {}
+        for name in names:
+            workload = self.plan.workloads[name]
+            variants = self.plan.variants if workload.role == LATENCY_CRITICAL else ("eager",)
+            workers[name] = Worker(workload, variants, env_of(name), self.log_dir, tag)
+        ready_timeout_s = min(READY_TIMEOUT_S, max(60.0, self.deadline - time.monotonic()))
+        for name, worker in workers.items():
+            worker.wait_ready(ready_timeout_s)
+            self.workers_info[f"{tag}:{name}"] = {k: v for k, v in worker.info.items() if k != "traceback"}
+            if worker.error:
+                self.errors.append(f"group {tag}: {worker.error}")
+                self.mark(f"worker {name} failed: {worker.error[:300]}")
+        self.mark(f"group {tag}: workers ready: " + ", ".join(
+            f"{n} ({w.info.get('build_s', '?')} s)" for n, w in workers.items() if not w.error))
+        return workers
+
+    def shim_setup(self, mix_name: str) -> dict:
+        table = self.ensure_table()
+        mix = MIXES[mix_name]
+        slices = scheduler_module("allocator").slices_from_cosched_groups(table.cosched_groups(), table.tpcs_on_gpu)
+        quota_list = assign_quotas(slices, mix.lc_quota_groups)
+        names = (*mix.services, mix.best_effort)
+        setup = {"slots": {name: slot for slot, name in enumerate(names)},
+                 "quota_tpcs": {name: list(q) for name, q in zip(names, quota_list)},
+                 "total_tpcs": table.tpcs_on_gpu}
+        for slot, quota in enumerate(quota_list):
+            table.set_allowance(slot, list(quota))
+        self.mix_setup.setdefault(mix_name, {}).update(setup)
+        return setup
+
+    def be_percent(self, mix_name: str) -> int:
+        if self.args.mps_be_percent is not None:
+            return int(self.args.mps_be_percent)
+        setup = self.mix_setup.get(mix_name, {})
+        if "quota_tpcs" in setup:
+            return mps_be_percent(len(setup["quota_tpcs"][MIXES[mix_name].best_effort]), setup["total_tpcs"])
+        # nominal H100 layout (no shim group ran): 15 co-scheduled groups of 4 TPCs + 6 loose TPCs
+        nominal = [tuple(range(4 * i, 4 * i + 4)) for i in range(15)] + [(t,) for t in range(60, 66)]
+        return mps_be_percent(len(assign_quotas(nominal, MIXES[mix_name].lc_quota_groups)[-1]), 66)
+
+    # --- phases ------------------------------------------------------------------------------------
+    def seed_of(self, phase: Phase, name: str) -> int:
+        names = list(self.plan.workloads)
+        return int(self.args.seed) * 100_000 + phase.trial * 100 + names.index(name)
+
+    def run_phase(self, phase: Phase, workers: dict[str, Worker], shim: dict | None = None) -> dict:
+        result = {"system": phase.system, "mix": phase.mix, "variant": phase.variant, "trial": phase.trial,
+                  "active": list(phase.active), "label": phase.label, "workloads": {}}
+        if time.monotonic() > self.deadline:
+            result["status"] = f"skipped: past the time budget ({self.plan.budget_s:g} s x {OVERRUN_FACTOR})"
+            return result
+        running = {}
+        start_at = time.time() + PHASE_LEAD_S
+        for name in phase.active:
+            worker, workload = workers.get(name), self.plan.workloads[name]
+            if worker is None or worker.error:
+                result["workloads"][name] = {"status": f"worker unavailable: {worker.error if worker else 'not started'}"}
+                continue
+            if workload.role == LATENCY_CRITICAL:
+                if phase.variant not in worker.info.get("variants", []):
+                    reason = worker.info.get("variant_errors", {}).get(phase.variant, "variant not built")
+                    result["workloads"][name] = {"status": f"variant unavailable: {reason}"}
+                    continue
+                cmd = {"cmd": "serve", "variant": phase.variant, "rate_per_s": self.rates[name][phase.variant],
+                       "seed": self.seed_of(phase, name)}
+            else:
+                cmd = {"cmd": "train"}
+            cmd.update(start_at=start_at, warmup_s=self.plan.warmup_s, window_s=self.plan.phase_s, drain_s=PHASE_DRAIN_S)
+            try:
+                worker.send(cmd)
+                running[name] = worker
+            except WorkerError as exc:
+                worker.error = str(exc)
+                result["workloads"][name] = {"status": f"failed: {exc}"}
+        collector = RingCollector(self.table.path, list(shim["slots"].values())) if shim and running else None
+        timeout_s = PHASE_LEAD_S + self.plan.warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
+        for name, worker in running.items():
+            try:
+                reply = worker.receive(timeout_s)
+                result["workloads"][name] = {"status": "ok", **reply}
+            except WorkerError as exc:
+                worker.error = str(exc)
+                result["workloads"][name] = {"status": f"failed: {exc}"}
+                self.errors.append(f"{phase.label}: {exc}")
+        if collector is not None:
+            records = collector.finish()
+            slots = shim["slots"]
+            quotas = {slot: tuple(shim["quota_tpcs"][name]) for name, slot in slots.items()}
+            owners = [slot for name, slot in slots.items() if self.plan.workloads[name].role == LATENCY_CRITICAL]
+            result["lending"] = lending_stats(records, quotas, owners, scheduler_module("lending").DEFAULT_IDLE_WINDOW_US)
+            result["lending"]["slot_names"] = {slot: name for name, slot in slots.items()}
+        result["status"] = "ok" if all(w.get("status") == "ok" for w in result["workloads"].values()) else "partial"
+        return result
+
+    def calibrate(self, phase: Phase, workers: dict[str, Worker]) -> None:
+        name = phase.active[0]
+        worker = workers.get(name)
+        if worker is None or worker.error or phase.variant not in worker.info.get("variants", []):
+            self.errors.append(f"calibration of {name}/{phase.variant} impossible: "
+                               f"{worker.error if worker else 'no worker'} {worker.info.get('variant_errors', '') if worker else ''}")
+            return
+        worker.send({"cmd": "calibrate", "variant": phase.variant, "seconds": CALIBRATE_S})
+        service_ms = np.asarray(worker.receive(CALIBRATE_S + REPLY_MARGIN_S)["service_ms"])
+        median_ms = float(np.median(service_ms))
+        rate = self.plan.load * 1000.0 / median_ms
+        self.rates.setdefault(name, {})[phase.variant] = rate
+        self.calibration.setdefault(name, {})[phase.variant] = {
+            "service_ms_p50": median_ms, "service_ms_p99": float(np.percentile(service_ms, 99)),
+            "closed_loop_requests": int(service_ms.size), "rate_per_s": rate}
+        self.mark(f"calibrated {name}/{phase.variant}: service p50 {median_ms:.3f} ms -> {rate:.1f} requests/s")
+
+    def run_group(self, group: Group, kept: dict[str, Worker]) -> dict[str, Worker]:
+        """Run one group's phases; returns the workers to keep for the next group (mps -> mps_pct)."""
+        shim = None
+        if group.environment == "plain":
+            env = self.plain_env()
+            workers = self.start_workers(group.workers, lambda name: env, "plain")
+        elif group.environment == "shim":
+            from lithos_ray import native
+            self.ensure_mps()
+            try:
+                shim = self.shim_setup(group.mix)
+            except (ValueError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                self.errors.append(f"shim setup for {group.mix} failed: {exc}")
+                self.mark(f"shim setup for {group.mix} failed: {exc}")
+                for phase in group.phases:
+                    self.phase_results.append({**_phase_keys(phase), "status": f"failed: shim setup: {exc}"})
+                return {}
+            table_path = self.table.path
+            workers = self.start_workers(
+                group.workers, lambda name: {**self.base_env(), **self.mps_env,
+                                             **native.client_env(table_path, shim["slots"][name])},
+                f"shim-{group.mix}")
+        else:
+            self.ensure_mps()
+            if group.environment == "mps":
+                workers = self.start_workers(group.workers, lambda name: {**self.base_env(), **self.mps_env}, "mps")
+            else:
+                restart = [n for n in group.workers if n not in kept or n in group.restart_only]
+                for name in restart:
+                    if name in kept:
+                        kept.pop(name).stop()
+                pct_env = {}
+                for mix_name in self.plan.mixes:
+                    pct = self.be_percent(mix_name)
+                    pct_env[MIXES[mix_name].best_effort] = pct
+                    self.mix_setup.setdefault(mix_name, {})["mps_be_percent"] = pct
+
+                def env_of(name):
+                    env = {**self.base_env(), **self.mps_env}
+                    if self.plan.workloads[name].role == BEST_EFFORT:
+                        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(pct_env[name])
+                    return env
+                workers = {**kept, **self.start_workers(restart, env_of, "mps_pct")}
+        try:
+            self.run_phases(group, workers, shim)
+        except BaseException:
+            for worker in workers.values():
+                worker.stop()
+            raise
+        keep = group.environment == "mps" and "mps_pct" in self.plan.systems
+        if not keep:
+            for worker in workers.values():
+                worker.stop()
+            return {}
+        return workers
+
+    def run_phases(self, group: Group, workers: dict[str, Worker], shim: dict | None) -> None:
+        lending_ok, lending_reason = (lending_support(self.table) if shim else (False, ""))
+        for phase in group.phases:
+            if phase.system == "calibrate":
+                try:
+                    self.calibrate(phase, workers)
+                except WorkerError as exc:
+                    self.errors.append(f"calibration {phase.label}: {exc}")
+                continue
+            if any(self.plan.workloads[n].role == LATENCY_CRITICAL and n not in self.rates for n in phase.active):
+                self.phase_results.append({**_phase_keys(phase), "status": "failed: a service has no calibrated rate"})
+                continue
+            if shim is not None:
+                if phase.system == "lithos" and not lending_ok:
+                    self.phase_results.append({**_phase_keys(phase), "status": lending_reason})
+                    continue
+                if lending_ok:
+                    roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n]))
+                             for n, slot in shim["slots"].items()]
+                    self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
+                        self.table, roles, phase.system == "lithos", self.args.atom_us)
+            result = self.run_phase(phase, workers, shim)
+            self.phase_results.append(result)
+            self.mark(f"{phase.label}: {result['status']} " + _phase_summary(result))
+
+    def close(self) -> None:
+        if self.mps_dir is not None:
+            from lithos_ray import mps
+            try:
+                mps.stop_mps(self.mps_dir)
+                self.mark("MPS control daemon stopped")
+            except RuntimeError as exc:
+                self.errors.append(f"stopping MPS: {exc}")
+        if self.table is not None:
+            self.table.close()
+
+    def worker_logs(self, chars: int = 4000) -> str:
+        parts = []
+        for name in sorted(os.listdir(self.log_dir)):
+            with open(os.path.join(self.log_dir, name)) as handle:
+                text = handle.read()
+            parts.append(f"===== {name} ({len(text)} chars, last {chars})\n{text[-chars:]}")
+        return "\n".join(parts)
+
+
+def _phase_keys(phase: Phase) -> dict:
+    return {"system": phase.system, "mix": phase.mix, "variant": phase.variant, "trial": phase.trial,
+            "active": list(phase.active), "label": phase.label, "workloads": {}}
+
+
+def _phase_summary(result: dict) -> str:
+    parts = []
+    for name, w in result.get("workloads", {}).items():
+        if w.get("status") != "ok":
+            parts.append(f"{name}: {w.get('status', '')[:120]}")
+        elif "latency_ms" in w:
+            p = metrics.latency_percentiles_ms(w["latency_ms"])
+            if p["n"]:
+                parts.append(f"{name} p50 {p['p50_ms']:.2f} p99 {p['p99_ms']:.2f} ms n={p['n']} unserved={w['unserved']}")
+        else:
+            steps = metrics.steps_in_window(w["step_start_s"], w["step_end_s"], 0.0, w["window_s"])
+            parts.append(f"{name} {steps / w['window_s']:.2f} steps/s")
+    return "; ".join(parts)
+
+
+def execute(run: Run, after_group=None) -> None:
+    """Run every group of the plan in order (after_group(run) is called after each, e.g. to save partial
+    results); a group that cannot start before the deadline is skipped. Always stops MPS, workers, table."""
+    kept: dict[str, Worker] = {}
+    try:
+        for group in run.plan.groups:
+            if time.monotonic() + ESTIMATE_GROUP_START_S > run.deadline:
+                for phase in group.phases:
+                    run.phase_results.append({**_phase_keys(phase), "status": "skipped: past the time budget"})
+                run.mark(f"group {group.environment}{':' + group.mix if group.mix else ''}: skipped (time budget)")
+                continue
+            run.mark(f"group {group.environment}{':' + group.mix if group.mix else ''}: starting")
+            kept = run.run_group(group, kept)
+            if after_group is not None:
+                after_group(run)
+    finally:
+        for worker in kept.values():
+            worker.stop()
+        run.close()

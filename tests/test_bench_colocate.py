@@ -1,0 +1,294 @@
+"""The co-location benchmark harness without a GPU: metrics math, arrivals, plan and budget, input checks,
+the analysis of phase results; the GPU run itself is marked gpu."""
+import argparse
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.colocate import metrics, plan, report  # noqa: E402
+from benchmarks.colocate.driver import lending_stats  # noqa: E402
+from lithos_ray import bench_colocate  # noqa: E402
+from lithos_ray.errors import LithosRequestError  # noqa: E402
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+def test_percentiles_of_a_known_array():
+    values = np.arange(1, 101, dtype=float)  # 1..100 ms
+    p = metrics.latency_percentiles_ms(values)
+    assert p["n"] == 100
+    assert p["p50_ms"] == pytest.approx(50.5)
+    assert p["p95_ms"] == pytest.approx(95.05)
+    assert p["p99_ms"] == pytest.approx(99.01)
+    assert metrics.latency_percentiles_ms([])["p99_ms"] is None
+    with pytest.raises(ValueError, match="finite"):
+        metrics.latency_percentiles_ms([1.0, float("nan")])
+
+
+def test_slo_is_a_multiple_of_the_median_solo_p99_and_attainment_counts_unserved():
+    assert metrics.slo_ms_from_solo([2.0, 3.0, 10.0], 1.5) == pytest.approx(4.5)
+    latency = [1.0, 2.0, 4.0, 4.5, 9.0]
+    assert metrics.slo_attainment(latency, 4.5) == pytest.approx(4 / 5)
+    assert metrics.slo_attainment(latency, 4.5, unserved=3) == pytest.approx(4 / 8)
+    assert metrics.slo_attainment([], 1.0) is None
+    assert metrics.good_requests_per_s(latency, 4.5, window_s=2.0) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="no solo p99"):
+        metrics.slo_ms_from_solo([None], 1.5)
+
+
+def test_steps_in_window_counts_partial_steps_by_overlap():
+    starts, ends = [-0.5, 0.5, 1.5, 2.5], [0.5, 1.5, 2.5, 3.5]  # 1 s steps
+    assert metrics.steps_in_window(starts, ends, 0.0, 3.0) == pytest.approx(3.0)
+    assert metrics.steps_in_window(starts, ends, 0.0, 1.0) == pytest.approx(1.0)
+    assert metrics.steps_in_window(starts, ends, 10.0, 11.0) == 0.0
+    with pytest.raises(ValueError, match="end after"):
+        metrics.steps_in_window(starts, ends, 1.0, 1.0)
+
+
+def test_goodput_is_normalised_per_workload_to_solo():
+    solo = {"a": 100.0, "b": 50.0}
+    assert metrics.normalised_goodput(solo, solo, 4.0, 4.0) == pytest.approx(3.0)
+    assert metrics.normalised_goodput({"a": 50.0, "b": 50.0}, solo, 2.0, 4.0) == pytest.approx(0.5 + 1.0 + 0.5)
+    with pytest.raises(ValueError, match="no solo goodput"):
+        metrics.normalised_goodput({"c": 1.0}, solo, None, None)
+
+
+def test_median_and_spread_ignores_missing_trials():
+    assert metrics.median_and_spread([3.0, None, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "trials": 3}
+    assert metrics.median_and_spread([None])["median"] is None
+
+
+def test_reclaim_time_from_owner_wakeups_and_borrowed_kernels():
+    us = 1000
+    owner = [0, 100 * us, 5000 * us, 5100 * us, 9000 * us]   # wake-ups (gap >= 500 us) at 5000 and 9000 us
+    borrow_start = [4900 * us, 8000 * us]
+    borrow_duration = [300 * us, 200 * us]                   # ends 5200 us (running at 5000) and 8200 us (done)
+    times = metrics.reclaim_times_us(owner, borrow_start, borrow_duration, idle_window_ns=500 * us)
+    assert times.tolist() == pytest.approx([200.0, 0.0])
+    assert metrics.borrowed_tpcs_per_launch([20, 26, 30], 26).tolist() == [0, 0, 4]
+
+
+def test_lending_stats_from_launch_records():
+    dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8")])
+    us = 1000
+    owner = np.array([(0, 0, 20, 1), (5000 * us, 0, 20, 1)], dtype=dtype)
+    borrower = np.array([(4900 * us, 300 * us, 46, 2), (4950 * us, 0, 26, 3)], dtype=dtype)
+    stats = lending_stats({0: owner, 1: borrower}, {0: tuple(range(20)), 1: tuple(range(20, 46))}, [0], 500.0)
+    assert stats["per_slot"][1]["borrowing_launches"] == 1
+    assert stats["per_slot"][1]["borrowed_tpcs_max"] == 20
+    assert stats["per_slot"][0]["borrowing_launches"] == 0
+    assert stats["reclaim_estimate"][0]["p99_us"] == pytest.approx(200.0)
+
+
+# --- arrivals ------------------------------------------------------------------------------------
+
+def test_poisson_schedule_is_reproducible_sorted_and_has_the_asked_rate():
+    a = metrics.arrival_schedule_s(200.0, 50.0, seed=7)
+    b = metrics.arrival_schedule_s(200.0, 50.0, seed=7)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, metrics.arrival_schedule_s(200.0, 50.0, seed=8))
+    assert np.all(np.diff(a) >= 0) and a.min() >= 0 and a.max() < 50.0
+    assert a.size == pytest.approx(10_000, rel=0.05)
+    gaps = np.diff(a)
+    assert gaps.mean() == pytest.approx(1 / 200.0, rel=0.05)
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)  # exponential gaps: CV = 1
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="rate_per_s"):
+            metrics.arrival_schedule_s(bad, 1.0, seed=0)
+
+
+# --- plan, budget, quotas --------------------------------------------------------------------------
+
+def test_default_plan_covers_every_system_mix_variant_and_fits_the_budget():
+    p = plan.build_plan()
+    phases = [ph for ph in p.phases if ph.system != "calibrate"]
+    cells = {(ph.system, ph.mix, ph.variant) for ph in phases if ph.mix}
+    for system in ("timeslice", "mps", "mps_pct", "static", "lithos"):
+        for mix in plan.MIXES:
+            for variant in plan.VARIANTS:
+                assert sum(1 for ph in phases if (ph.system, ph.mix, ph.variant) == (system, mix, variant)) == 3
+                assert (system, mix, variant) in cells
+    solo = {(ph.active, ph.variant) for ph in phases if ph.system == "solo"}
+    assert (("bert_base",), "graph") in solo and (("gpt2_small_train",), None) in solo
+    # bert_base serves in both mixes but is measured solo once per trial and variant
+    assert sum(1 for ph in phases if ph.system == "solo" and ph.active == ("bert_base",)) == 3 * 2
+    assert [g.environment for g in p.groups] == ["plain", "shim", "shim", "mps", "mps_pct"]
+    assert p.groups[-1].restart_only == ("resnet50_train", "gpt2_small_train")
+    assert p.estimate["total_s"] <= 480.0 + 1e-6
+    assert p.phase_s >= plan.MIN_PHASE_S
+
+
+def test_fewer_choices_give_longer_phases_and_fewer_groups():
+    full = plan.build_plan()
+    small = plan.build_plan(mixes="hybrid", systems="solo,mps,lithos", variants="graph", trials=2)
+    assert small.phase_s > full.phase_s
+    assert [g.environment for g in small.groups] == ["plain", "shim", "mps"]
+    assert all(ph.system != "timeslice" for ph in small.phases)
+    only = plan.build_plan(systems="solo,mps_pct", mixes="hybrid")
+    assert only.groups[-1].restart_only == ()  # no mps group to keep workers from
+
+
+def test_budget_planner_refuses_what_does_not_fit_and_honours_phase_s():
+    with pytest.raises(ValueError, match="do not fit in --budget-s 100"):
+        plan.build_plan(budget_s=100)
+    with pytest.raises(ValueError, match="over --budget-s"):
+        plan.build_plan(phase_s=60.0)
+    p = plan.build_plan(mixes="hybrid", trials=1, phase_s=5.0)
+    assert p.phase_s == 5.0 and p.estimate["total_s"] < 480
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mixes": "inference,offline"}, "unknown 'offline'; allowed: inference, hybrid"),
+    ({"systems": "mps,lithos"}, "must include solo"),
+    ({"systems": ""}, "give at least one"),
+    ({"variants": "compiled"}, "allowed: eager, graph"),
+    ({"trials": 0}, r"--trials must be an integer in \[1, 20\]"),
+    ({"trials": 2.5}, "--trials must be an integer"),
+    ({"load": 1.0}, r"--load must be a fraction of solo capacity in \(0, 1\)"),
+    ({"budget_s": 10}, r"--budget-s must be a number in \[60, 3600\]"),
+    ({"phase_s": 0.5}, r"--phase-s must be a number in \[2, 120\]"),
+    ({"resnet_batch": 16}, r"--resnet-batch must be an integer in \[1, 8\]"),
+])
+def test_bad_choices_are_refused_with_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan.build_plan(**kwargs)
+
+
+def test_quotas_are_whole_groups_for_services_and_the_rest_for_best_effort():
+    groups = [tuple(range(4 * i, 4 * i + 4)) for i in range(15)]
+    slices = groups + [(t,) for t in range(60, 66)]
+    quotas = plan.assign_quotas(slices, (5, 5))
+    assert [len(q) for q in quotas] == [20, 20, 26]
+    assert sorted(t for q in quotas for t in q) == list(range(66))
+    assert quotas[0] == tuple(range(20))
+    with pytest.raises(ValueError, match="want 15 co-scheduled groups but the GPU has 15"):
+        plan.assign_quotas(slices, (10, 5))
+    assert plan.mps_be_percent(26, 66) == 39
+    assert plan.mps_be_percent(0, 66) == 1
+
+
+# --- analysis of phase results ---------------------------------------------------------------------
+
+def _service(latency_ms, window_s=10.0, unserved=0):
+    return {"status": "ok", "latency_ms": list(latency_ms), "service_ms": [1.0] * len(latency_ms),
+            "unserved": unserved, "unserved_wait_ms": [500.0] * unserved, "arrivals": len(latency_ms) + unserved,
+            "window_s": window_s}
+
+
+def _training(steps_per_s, window_s=10.0, batch=8):
+    ends = np.arange(1, int(steps_per_s * window_s) + 1) / steps_per_s
+    return {"status": "ok", "step_start_s": list(ends - 1 / steps_per_s), "step_end_s": list(ends),
+            "window_s": window_s, "samples_per_step": batch}
+
+
+def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases():
+    p = plan.build_plan(mixes="hybrid", systems="solo,mps,lithos", variants="graph", trials=1)
+    solo_latency = np.linspace(1.0, 2.0, 1000)           # solo p99 = 1.99 ms -> SLO 2.985 ms
+    results = [
+        {"system": "solo", "mix": None, "variant": "graph", "trial": 0, "active": ["bert_base"], "status": "ok",
+         "workloads": {"bert_base": _service(solo_latency)}},
+        {"system": "solo", "mix": None, "variant": None, "trial": 0, "active": ["gpt2_small_train"], "status": "ok",
+         "workloads": {"gpt2_small_train": _training(10.0)}},
+        {"system": "mps", "mix": "hybrid", "variant": "graph", "trial": 0, "active": ["bert_base", "gpt2_small_train"],
+         "status": "ok", "workloads": {"bert_base": _service(solo_latency * 20), "gpt2_small_train": _training(10.0)}},
+        {"system": "lithos", "mix": "hybrid", "variant": "graph", "trial": 0,
+         "active": ["bert_base", "gpt2_small_train"], "status": "ok",
+         "workloads": {"bert_base": _service(solo_latency * 1.05), "gpt2_small_train": _training(9.5)}},
+    ]
+    analysis = report.analyse(p, results)
+    assert analysis["slo_ms"]["bert_base"]["graph"] == pytest.approx(1.5 * np.percentile(solo_latency, 99))
+    mps = analysis["mixes"]["hybrid"]["mps"]["graph"]
+    lithos = analysis["mixes"]["hybrid"]["lithos"]["graph"]
+    assert mps["services"]["bert_base"]["slo_attainment"]["median"] == 0.0
+    assert lithos["services"]["bert_base"]["slo_attainment"]["median"] == 1.0
+    assert lithos["services"]["bert_base"]["p99_vs_solo"] == pytest.approx(1.05)
+    assert lithos["best_effort"]["vs_solo"]["median"] == pytest.approx(0.95)
+    assert lithos["goodput_normalised"]["median"] == pytest.approx(1.0 + 0.95)
+    assert mps["goodput_normalised"]["median"] == pytest.approx(0.0 + 1.0)
+    target = analysis["targets"]["hybrid/graph"]
+    assert target["mps_p99_over_lithos_p99"]["bert_base"] == pytest.approx(20 / 1.05)
+    assert target["best_baseline"] == "mps"
+    assert target["goodput_vs_best_baseline"] == pytest.approx(1.95)
+    assert all(target["met"].values())
+    assert "hybrid lithos/graph" in report.table(analysis)
+
+
+def test_unavailable_lithos_is_reported_not_scored():
+    p = plan.build_plan(mixes="hybrid", systems="solo,lithos", variants="eager", trials=1)
+    reason = "lending unavailable: lithos_ray.native.AllowanceTable has no set_lending"
+    results = [{"system": "lithos", "mix": "hybrid", "variant": "eager", "trial": 0,
+                "active": ["bert_base", "gpt2_small_train"], "status": reason, "workloads": {}}]
+    analysis = report.analyse(p, results)
+    assert analysis["mixes"]["hybrid"]["lithos"]["eager"]["status"] == reason
+    assert analysis["targets"]["hybrid/eager"]["status"] == reason
+
+
+# --- CLI boundary ------------------------------------------------------------------------------------
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    bench_colocate.configure_parser(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_cli_dry_run_prints_the_plan(capsys):
+    assert bench_colocate.run(_args("--dry-run", "--mixes", "hybrid", "--trials", "2")) == 0
+    out = capsys.readouterr().out
+    assert "mixes hybrid" in out and "group shim:hybrid" in out and "estimated" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--systems", "lithos"), "must include solo"),
+    (("--mps-be-percent", "0"), "--mps-be-percent must be an integer percentage in 1..100"),
+    (("--atom-us", "-5"), r"--atom-us must be microseconds in \(0, 100000\]"),
+    (("--tag", "a/b"), "--tag 'a/b'"),
+    (("--seed", "-1"), "--seed must be a non-negative integer"),
+])
+def test_cli_refuses_bad_input_before_touching_a_gpu(argv, message):
+    with pytest.raises(LithosRequestError, match=message):
+        bench_colocate.run(_args("--dry-run", *argv))
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU driver")
+def test_cli_names_what_this_machine_lacks():
+    with pytest.raises(LithosRequestError, match="nvidia-smi not found"):
+        bench_colocate.run(_args("--mixes", "hybrid", "--trials", "1"))
+
+
+@pytest.mark.gpu
+def test_short_gpu_run_writes_results(tmp_path):
+    pytest.importorskip("torch")
+    args = _args("--mixes", "hybrid", "--systems", "solo,static", "--variants", "graph", "--trials", "1",
+                 "--phase-s", "2", "--budget-s", "200", "--out-dir", str(tmp_path), "--tag", "test")
+    bench_colocate.run(args)
+    import json
+    payload = json.loads((tmp_path / "colocate_test.json").read_text())
+    assert payload["solo"]["bert_base"]["graph"]["p99_ms"]["median"] > 0
+    assert payload["mixes"]["hybrid"]["static"]["graph"]["status"] == "ok"
+
+
+def test_plot_draws_the_analysis(tmp_path):
+    p = plan.build_plan(mixes="hybrid", systems="solo,mps", variants="eager,graph", trials=2)
+    results = []
+    for trial in range(2):
+        for variant in ("eager", "graph"):
+            base = np.linspace(1.0, 2.0, 200) * (3 if variant == "eager" else 1)
+            results.append({"system": "solo", "mix": None, "variant": variant, "trial": trial, "active": ["bert_base"],
+                            "status": "ok", "workloads": {"bert_base": _service(base)}})
+            results.append({"system": "mps", "mix": "hybrid", "variant": variant, "trial": trial,
+                            "active": ["bert_base", "gpt2_small_train"], "status": "ok",
+                            "workloads": {"bert_base": _service(base * (4 + trial)),
+                                          "gpt2_small_train": _training(8.0)}})
+        results.append({"system": "solo", "mix": None, "variant": None, "trial": trial, "active": ["gpt2_small_train"],
+                        "status": "ok", "workloads": {"gpt2_small_train": _training(10.0)}})
+    analysis = report.analyse(p, results)
+    assert analysis["mixes"]["hybrid"]["mps"]["eager"]["services"]["bert_base"]["p99_ms"]["trials"] == 2
+    path = tmp_path / "colocate.png"
+    report.plot(analysis, str(path), "synthetic")
+    assert path.stat().st_size > 10_000
