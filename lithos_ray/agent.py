@@ -127,6 +127,10 @@ class GpuAgentCore:
         logger.info("released grant %s (%d TPCs) of pid %d", grant_id, len(record.tpc_ids), record.pid)
         return True
 
+    def snapshot(self) -> list[GrantRecord]:
+        with self._lock:
+            return list(self.grants.values())
+
     def reap_dead(self) -> list[str]:
         dead = [g.grant_id for g in list(self.grants.values()) if not g.alive()]
         return [g for g in dead if self.release(g)]
@@ -164,6 +168,14 @@ class GpuAgentCore:
             simulated=self.info.simulated, tpc_ids=record.tpc_ids, slot=record.slot,
             shm_path=getattr(self.device, "shm_path", "") or "",
         )
+
+
+def lending_policy_from_env():
+    """LITHOS_LENDING=0 turns lending off (static partitions); LITHOS_ATOM_US sets the atom budget."""
+    from .scheduler.lending import LendingPolicy
+
+    enabled = os.environ.get("LITHOS_LENDING", "1") != "0"
+    return LendingPolicy(atom_us=float(os.environ.get("LITHOS_ATOM_US", "250")), lending_enabled=enabled)
 
 
 def _identity_pb(g: GrantRecord) -> pb.ClientIdentity:
@@ -222,6 +234,12 @@ class GpuAgentActor:
         self.core.address = f"127.0.0.1:{self.port} on {node_ip}"
         self._stop = threading.Event()
         threading.Thread(target=self._reap_loop, name="lithos-reaper", daemon=True).start()
+        table = getattr(device, "allowance_table", None)
+        if table is not None and lending_policy_from_env().lending_enabled:
+            from .lending_loop import LendingController
+            controller = LendingController(table, self.core.snapshot, lending_policy_from_env())
+            threading.Thread(target=controller.run_forever, args=(self._stop,), name="lithos-lending",
+                             daemon=True).start()
 
     def _reap_loop(self) -> None:
         while not self._stop.wait(REAP_INTERVAL_S):

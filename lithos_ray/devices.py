@@ -24,6 +24,7 @@ class NvidiaDevice(Device):
         self._allowances: dict[int, tuple[int, ...]] = {}
         self._table = native.AllowanceTable.create(uuid, tpcs_on_gpu=sms // 2) if native.library_path() else None
         self.shm_path = self._table.path if self._table else ""
+        self.allowance_table = self._table   # the agent's lending loop publishes lend lists here
         if self._table:
             # Which co-scheduled 8-SM group holds each TPC (where cluster kernels may run), probed in a
             # child process that sees exactly this GPU.

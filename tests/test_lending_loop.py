@@ -1,0 +1,68 @@
+"""The agent's lending loop against a real allowance table (shared memory, no GPU needed)."""
+import numpy as np
+import pytest
+
+from lithos_ray import native
+from lithos_ray.agent import GrantRecord
+from lithos_ray.lending_loop import LendingController
+from lithos_ray.scheduler.lending import LendingPolicy
+
+pytestmark = pytest.mark.skipif(native.library_path() is None, reason=native.build_status())
+
+
+def grant(slot, priority, tpcs):
+    return GrantRecord(f"g{slot}", tuple(tpcs), slot, priority, 0.0, pid=1, pid_start_ticks=0)
+
+
+def publish(table, slot, last_launch_ns, writer_pid=4242):
+    """What a client's shim writes into its own activity page."""
+    record = np.frombuffer(table._activity_map, dtype=native.layout()["lithos_activity"], count=1,
+                           offset=slot * table._activity_stride)
+    record["last_launch_ns"] = last_launch_ns
+    record["writer_pid"] = writer_pid
+
+
+@pytest.fixture
+def table(tmp_path):
+    t = native.AllowanceTable.create("GPU-lending-loop-test", str(tmp_path))
+    yield t
+    t.close(unlink=True)
+
+
+def test_lend_lists_follow_activity_and_priority(table):
+    grants = [grant(0, "latency_critical", range(0, 16)), grant(1, "best_effort", range(16, 40)),
+              grant(2, "best_effort", range(40, 66))]
+    controller = LendingController(table, lambda: grants, LendingPolicy(atom_us=300))
+    assert table.lending_knobs()["atom_ns"] == 300_000
+    now = 10_000_000_000
+    controller.step(now)
+    assert [table.lending(s)[0] for s in range(3)] == [[], [], []]   # nobody published activity yet
+
+    for slot in range(3):
+        publish(table, slot, now - 50_000_000)      # all idle for 50 ms: everyone may borrow from everyone
+    controller.step(now)
+    assert [table.lending(s) for s in range(3)] == [([1, 2], False), ([0, 2], True), ([0, 1], True)]
+
+    publish(table, 0, now - 100_000)                # LC active: what it may borrow is out of BE's reach;
+    controller.step(now)                            # its own TPCs stay lendable (used only when idle at launch)
+    assert [table.lending(s) for s in range(3)] == [([1, 2], False), ([0], True), ([0], True)]
+
+
+def test_released_clients_lose_their_lend_lists(table):
+    grants = [grant(0, "best_effort", range(0, 8)), grant(1, "best_effort", range(8, 16))]
+    controller = LendingController(table, lambda: grants, LendingPolicy())
+    for slot in (0, 1):
+        publish(table, slot, 1)
+    controller.step(10_000_000_000)
+    assert table.lending(0) == ([1], True)
+    grants.pop(0)
+    controller.step(10_000_000_000)
+    assert table.lending(0) == ([], False) and table.lending(1) == ([], True)
+
+
+def test_lending_off_is_static_partitions(table):
+    grants = [grant(0, "best_effort", range(0, 8)), grant(1, "best_effort", range(8, 16))]
+    for slot in (0, 1):
+        publish(table, slot, 1)
+    LendingController(table, lambda: grants, LendingPolicy(lending_enabled=False)).step(10_000_000_000)
+    assert table.lending(0) == ([], False) and table.lending(1) == ([], False)
