@@ -165,6 +165,18 @@ def _add_optional_commands(sub) -> None:
     p = bench.add_parser("place", help="placement quality and planning time at 100..10,000 models")
     placement_cli.configure_bench_parser(p)
     p.set_defaults(func=placement_cli.run_bench)
+    p = bench.add_parser("colocate", help="services next to training under each sharing system (needs a GPU "
+                                          "and a source checkout)")
+    try:
+        from . import bench_colocate
+        bench_colocate.configure_parser(p)
+        p.set_defaults(func=bench_colocate.run)
+    except LithosError as exc:   # benchmarks/ lives in the source tree only
+        p.set_defaults(func=lambda args, why=str(exc): _unavailable(why))
+
+
+def _unavailable(why: str) -> int:
+    raise LithosError(why)
 
 
 def main(argv: list[str] | None = None) -> int:
