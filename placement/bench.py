@@ -47,11 +47,9 @@ def configure_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_replica_share values to plan the ServeGen set with (default 1.0,0.25)")
     parser.add_argument("--simulated-day-models", type=int, default=200, metavar="N",
                         help="simulate one noisy day of a synthetic set of N models on simulated GPUs, plan vs "
-                             "peak packing (0: skip; default 200); writes <output-dir>/<--simulated-day-name>.*")
+                             "peak packing (0: skip; default 200); writes <output-dir>/<name>_simulated_day.*")
     parser.add_argument("--simulated-day-window", type=float, default=DEFAULT_WINDOW_S, metavar="SECONDS",
                         help=f"simulated seconds per slot in the simulated day (default {DEFAULT_WINDOW_S:g})")
-    parser.add_argument("--simulated-day-name", default="place_simulated_day",
-                        help="file name stem of the simulated day's JSON and PNG (default place_simulated_day)")
     parser.add_argument("--output-dir", default="benchmarks/results", metavar="DIR",
                         help="where to write <name>.json and <name>.png (default benchmarks/results)")
     parser.add_argument("--name", default="place_bench", help="file name stem (default place_bench)")
@@ -189,7 +187,7 @@ def run_benchmark(args) -> int:
         day_plan = plan_placement(day_set, args.gpu, args.headroom, args.time_limit, exact_max_items=0,
                                   seed=args.seed)
         day = compare_simulated_day(day_set, day_plan, seed=args.seed, window_s=args.simulated_day_window)
-        written = write_simulated_day(day, output_dir, args.simulated_day_name)
+        written = write_simulated_day(day, output_dir, f"{args.name}_simulated_day")
         simulated_day = {"file": str(written), **simulated_day_summary(day)}
     for check in overload:
         print(f"{check['set']:>28}: overloaded GPU-slots (simulated, fluid) plan "

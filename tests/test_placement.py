@@ -309,7 +309,7 @@ def test_cli_bench_writes_json_and_png(tmp_path, capsys):
     result = json.loads((tmp_path / "t.json").read_text())
     day = result["simulated_day"]
     assert day["label"].startswith("SIMULATED") and len(day["variants"]) == 6
-    assert (tmp_path / "place_simulated_day.json").exists() and (tmp_path / "place_simulated_day.png").exists()
+    assert (tmp_path / "t_simulated_day.json").exists() and (tmp_path / "t_simulated_day.png").exists()
     assert [row["set"] for row in result["plans"]] == ["synthetic 6 (exact)", "synthetic 30"]
     assert result["machine"]["cpu_count"] >= 1 and result["overload_simulated"][0]["days"] == 2
     assert (tmp_path / "t.png").exists() and (tmp_path / "t_synthetic_30_plan.png").exists()
