@@ -234,10 +234,10 @@ class GpuAgentActor:
         self.core.address = f"127.0.0.1:{self.port} on {node_ip}"
         self._stop = threading.Event()
         threading.Thread(target=self._reap_loop, name="lithos-reaper", daemon=True).start()
-        table = getattr(device, "allowance_table", None)
-        if table is not None and lending_policy_from_env().lending_enabled:
+        table, policy = getattr(device, "allowance_table", None), lending_policy_from_env()
+        if table is not None and policy.lending_enabled:
             from .lending_loop import LendingController
-            controller = LendingController(table, self.core.snapshot, lending_policy_from_env())
+            controller = LendingController(table, self.core.snapshot, policy)
             threading.Thread(target=controller.run_forever, args=(self._stop,), name="lithos-lending",
                              daemon=True).start()
 

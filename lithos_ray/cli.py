@@ -99,9 +99,6 @@ def cmd_run(args) -> int:
     env = {**os.environ, **client.grant_env(grant)}
     if NODE_STATE_FILE.exists():
         env.update(json.loads(NODE_STATE_FILE.read_text()).get("mps_env") or {})
-    if grant.shm_path:
-        from . import native
-        env.update(native.client_env(grant.shm_path, grant.slot))
     print(f"lithos-ray run: {grant.tpcs} TPCs {list(grant.tpc_ids)} on GPU {grant.gpu_index} ({grant.gpu_uuid}"
           f"{', simulated' if grant.simulated else ''})", file=sys.stderr, flush=True)
     try:

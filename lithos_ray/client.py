@@ -183,10 +183,10 @@ def grant_env(grant: Grant) -> dict[str, str]:
         "LITHOS_GPU_MODEL": grant.gpu_model,
         "LITHOS_TPC_IDS": ",".join(map(str, grant.tpc_ids)),
         "LITHOS_SIMULATED": "1" if grant.simulated else "0",
-        "LITHOS_SLOT": str(grant.slot),
     }
-    if grant.shm_path:
-        env["LITHOS_SHM"] = grant.shm_path
+    if grant.shm_path:   # the shim's allowance table and slot, and the shim itself
+        from . import native
+        env.update(native.client_env(grant.shm_path, grant.slot))
     return env
 
 

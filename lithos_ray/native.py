@@ -479,15 +479,20 @@ class NativeLatencyPredictor:
         return [(int(durations[i]), int(tpcs[i])) for i in range(count)]
 
 
-def client_env(table_path: str, slot: int) -> dict[str, str]:
-    """Environment for a client process: LD_PRELOAD of the shim plus LITHOS_SHM and LITHOS_SLOT."""
+def preload_with_shim(existing: str = "") -> str:
+    """LD_PRELOAD value with the shim first and `existing` entries after it (no duplicate)."""
     path = library_path()
     if path is None:
         raise RuntimeError(f"cannot confine a client: {build_status()}")
+    return ":".join([str(path)] + [p for p in existing.replace(" ", ":").split(":") if p and p != str(path)])
+
+
+def client_env(table_path: str, slot: int) -> dict[str, str]:
+    """Environment for a client process: LD_PRELOAD of the shim plus LITHOS_SHM and LITHOS_SLOT."""
     if not isinstance(slot, (int, np.integer)) or slot < 0:
         raise ValueError(f"slot {slot!r} must be a non-negative integer")
-    preload = [str(path)] + [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != str(path)]
-    return {"LD_PRELOAD": ":".join(preload), ENV_TABLE: str(table_path), ENV_SLOT: str(int(slot))}
+    return {"LD_PRELOAD": preload_with_shim(os.environ.get("LD_PRELOAD", "")), ENV_TABLE: str(table_path),
+            ENV_SLOT: str(int(slot))}
 
 
 def probe_cosched_map(device_index: int = 0) -> list[int]:

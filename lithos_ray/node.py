@@ -49,9 +49,8 @@ def worker_env(gpus: list[NodeGpu], base: dict | None = None) -> dict[str, str]:
     env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
     if any(not g.simulated for g in gpus):
         from . import native
-        lib = native.library_path()
-        if lib:
-            env["LD_PRELOAD"] = ":".join(p for p in (str(lib), env.get("LD_PRELOAD", "")) if p)
+        if native.library_path():
+            env["LD_PRELOAD"] = native.preload_with_shim(env.get("LD_PRELOAD", ""))
     return env
 
 
