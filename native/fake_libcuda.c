@@ -8,7 +8,8 @@
  * (CUDA_ERROR_INVALID_HANDLE), as cuda.h documents.
  * For the lending tests: cuGreenCtxCreate logs how many TPC groups the green context holds,
  * streams keep the priority they were created with, and cuEventElapsedTime reports FAKE_KERNEL_US
- * microseconds (default 1) as every kernel's duration. Thread-safe (the shim builds green contexts
+ * microseconds (default 1) as every kernel's duration, and cuStreamQuery says drained unless
+ * FAKE_STREAM_BUSY=1. Thread-safe (the shim builds green contexts
  * on a thread of its own); the current context is per thread, as in the real driver.
  * Built by tests/test_native.py as <tmp>/libcuda.so.1 and found through LD_LIBRARY_PATH.
  */
@@ -185,6 +186,12 @@ EXPORT CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *stat
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode) { return CUDA_SUCCESS; }
+/* Kernels run nowhere, so streams are drained, unless FAKE_STREAM_BUSY=1 (a borrower queued deep). */
+EXPORT CUresult cuStreamQuery(CUstream stream) {
+    int busy = getenv("FAKE_STREAM_BUSY") && strcmp(getenv("FAKE_STREAM_BUSY"), "1") == 0;
+    logf_("cuStreamQuery %#lx %s", (unsigned long)(uintptr_t)stream, busy ? "busy" : "drained");
+    return busy ? CUDA_ERROR_NOT_READY : CUDA_SUCCESS;
+}
 EXPORT CUresult cuEventCreate(CUevent *event, unsigned flags) {
     *event = (CUevent)new_handle(current_ctx);
     return CUDA_SUCCESS;

@@ -129,6 +129,7 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuCtxGetStreamPriorityRange, "cuCtxGetStreamPriorityRange")           \
     X(cuStreamGetCtx, "cuStreamGetCtx")                                     \
     X(cuStreamIsCapturing, "cuStreamIsCapturing")                           \
+    X(cuStreamQuery, "cuStreamQuery")                                       \
     X(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode") \
     X(cuFuncGetAttribute, "cuFuncGetAttribute")                             \
     X(cuFuncGetName, "cuFuncGetName")
@@ -213,6 +214,7 @@ static struct {
     stream_pair *pairs;
     int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
     int green_streams_tested;
+    int pace; /* low-priority borrowers wait for their queue to drain to one atom (LITHOS_LEND_PACE, default 1) */
     char warned[16];
 } g = {.once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -220,7 +222,9 @@ static struct {
 enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, LITHOS_PATHS = 3 };
 /* Lending outcomes, counted per thread (lithos_client_lending_counts): launches that used borrowed
  * TPCs; launches that found idle lenders but whose union was still being built (own TPCs used). */
-enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LITHOS_LEND_COUNTS = 2 };
+enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LITHOS_LEND_COUNTS = 4 };
+/* A paced borrower waits at most this many atoms per launch for its queue to drain. */
+#define PACE_MAX_ATOMS 2u
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
 #define BUILD_QUEUE 8
@@ -234,6 +238,7 @@ static struct {
 /* Per-thread cache in front of the locked lists. */
 #define TLS_PAIRS 8
 #define TLS_UNIONS 4
+#define TLS_QUEUES 4
 static __thread struct {
     uint64_t generation; /* +1, so 0 = nothing cached */
     allowance_route *route;
@@ -246,6 +251,12 @@ static __thread struct {
         allowance_route *route;
     } unions[TLS_UNIONS];
     unsigned union_next;
+    struct {
+        CUcontext ctx;
+        CUstream stream;
+        uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
+    } queues[TLS_QUEUES];
+    unsigned queue_next;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
     uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
 } tls;
@@ -379,6 +390,8 @@ static void init_once(void) {
     g.sample_every = sample_text ? (uint32_t)strtoul(sample_text, NULL, 10) : 64u;
     const char *green_text = getenv("LITHOS_GREEN_STREAMS");
     g.green_streams = !(green_text && strcmp(green_text, "0") == 0);
+    const char *pace_text = getenv("LITHOS_LEND_PACE");
+    g.pace = !(pace_text && strcmp(pace_text, "0") == 0);
     g.mode = MODE_PASS_THROUGH;
     if (!table_path || !slot_text || !*table_path || !*slot_text) {
         notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");
@@ -1057,20 +1070,63 @@ static void publish_activity(launch_request *q, uint64_t now_ns, uint64_t predic
                                  __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
 }
 
-/* lenders_at_launch of scheduler/lending.py: sets c->route to the union of the own TPCs and every
- * idle lender's when the kernel is predicted to end within the atom on the own TPCs. */
-static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t now_ns) {
-    c->route = own;
-    c->own_tpcs = own->views[view].tpcs;
-    const lithos_slot *me = slot_at_index(g.slot);
-    uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
-    if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
-    if (!lender_mask || !g.activity) return;
-    c->predicted_own_ns = predict_ns(key, c->own_tpcs);
-    if (!c->predicted_own_ns || c->predicted_own_ns > __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED)) return;
-    uint64_t idle_window_ns = __atomic_load_n(&g.table->lend_idle_window_ns[0], __ATOMIC_RELAXED);
-    uint64_t mask[LITHOS_MASK_WORDS], lenders = 0;
-    memcpy(mask, own->tpc_mask, sizeof(mask));
+/* This thread's predicted end of its queued work on one stream. A stream seen for the first time
+ * starts at the process's busy_until (its activity word): an over-estimate, never an under-one. */
+static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
+    for (unsigned i = 0; i < TLS_QUEUES; i++)
+        if (tls.queues[i].stream == stream && tls.queues[i].ctx == ctx) return &tls.queues[i].end_ns;
+    unsigned i = tls.queue_next++ % TLS_QUEUES;
+    tls.queues[i].ctx = ctx;
+    tls.queues[i].stream = stream;
+    tls.queues[i].end_ns = g.own_activity ? __atomic_load_n(&g.own_activity->busy_until_ns[0], __ATOMIC_RELAXED) : 0;
+    return &tls.queues[i].end_ns;
+}
+
+/* Whether everything queued on the stream has finished (never while any thread captures a graph). */
+static int stream_drained(CUstream stream) {
+    if (!drv_cuStreamQuery) return 0;
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if (drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return 0;
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    drv_cuThreadExchangeStreamCaptureMode(&mode);
+    int drained = drv_cuStreamQuery(stream) == CUDA_SUCCESS;
+    drv_cuThreadExchangeStreamCaptureMode(&mode);
+    return drained;
+}
+
+/* The queue rule of lenders_at_launch: a borrowed kernel must be predicted to END within the atom,
+ * counting the work queued ahead of it on its stream. A kernel queued behind others runs later
+ * than its launch call, so without this a borrower queueing far ahead would hold lent TPCs long
+ * after their owner woke. When the estimate says no, the stream is asked once (it may have
+ * drained early); a paced borrower (low priority) then sleeps until the estimate fits, at most
+ * PACE_MAX_ATOMS atoms. *now_ns moves on when it slept. */
+static int queue_fits(uint64_t *end_ns, uint64_t *now_ns, uint64_t predicted_ns, uint64_t atom_ns, CUstream stream,
+                      int pace) {
+    uint64_t waited = 0;
+    for (int asked = 0;; asked = 1) {
+        uint64_t ahead = *end_ns > *now_ns ? *end_ns - *now_ns : 0;
+        if (ahead + predicted_ns <= atom_ns) return 1;
+        if (!asked && stream_drained(stream)) {
+            *end_ns = *now_ns;
+            return 1;
+        }
+        uint64_t nap = ahead + predicted_ns - atom_ns;
+        if (!pace || waited + nap > PACE_MAX_ATOMS * atom_ns) {
+            tls.lending[LEND_QUEUE_TOO_DEEP]++;
+            return 0;
+        }
+        struct timespec ts = {(time_t)(nap / 1000000000u), (long)(nap % 1000000000u)};
+        nanosleep(&ts, NULL);
+        uint64_t after = monotonic_ns();
+        waited += after - *now_ns;
+        *now_ns = after;
+        tls.lending[LEND_PACED]++;
+    }
+}
+
+/* Idle lenders of this slot at now_ns, and the union of their TPCs with `own_mask`. */
+static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mask[LITHOS_MASK_WORDS]) {
+    uint64_t idle_window_ns = __atomic_load_n(&g.table->lend_idle_window_ns[0], __ATOMIC_RELAXED), lenders = 0;
     for (uint32_t s = 0; s < LITHOS_LEND_SLOTS && s < g.table->max_slots[0]; s++) {
         if (!((lender_mask >> s) & 1u)) continue;
         const lithos_activity *word = (const lithos_activity *)(g.activity + (size_t)s * LITHOS_ACTIVITY_STRIDE);
@@ -1084,6 +1140,33 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
         for (unsigned w = 0; w < LITHOS_MASK_WORDS; w++) mask[w] |= lent[w];
         lenders |= 1ull << s;
     }
+    return lenders;
+}
+
+/* lenders_at_launch of scheduler/lending.py: sets c->route to the union of the own TPCs and every
+ * idle lender's when the kernel, queued behind this thread's earlier work on the stream, is
+ * predicted to end within the atom on the own TPCs. */
+static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t *now_ns,
+                           uint64_t *stream_end_ns, CUstream app_stream) {
+    c->route = own;
+    c->own_tpcs = own->views[view].tpcs;
+    const lithos_slot *me = slot_at_index(g.slot);
+    uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
+    if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
+    if (!lender_mask || !g.activity) return;
+    c->predicted_own_ns = predict_ns(key, c->own_tpcs);
+    uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
+    if (!c->predicted_own_ns || c->predicted_own_ns > atom_ns) return;
+    int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
+    uint64_t mask[LITHOS_MASK_WORDS];
+    memcpy(mask, own->tpc_mask, sizeof(mask));
+    uint64_t lenders = idle_lenders(lender_mask, *now_ns, mask), before = *now_ns;
+    if (!lenders) return;
+    if (!queue_fits(stream_end_ns, now_ns, c->predicted_own_ns, atom_ns, app_stream, g.pace && low_priority)) return;
+    if (*now_ns != before) { /* it slept: lenders may have woken */
+        memcpy(mask, own->tpc_mask, sizeof(mask));
+        lenders = idle_lenders(lender_mask, *now_ns, mask);
+    }
     if (!lenders || memcmp(mask, own->tpc_mask, sizeof(mask)) == 0) return;
     allowance_route *u = union_route(mask);
     if (!u) {
@@ -1093,7 +1176,7 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
     if (!u->views[view].green || u->views[view].tpcs <= c->own_tpcs) return; /* e.g. no whole co-scheduled group gained */
     c->route = u;
     c->lenders_used = lenders;
-    c->low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
+    c->low_priority = low_priority;
     tls.lending[LEND_BORROWED]++;
 }
 
@@ -1137,6 +1220,7 @@ static CUresult route_launch(launch_request *q) {
     }
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
+    uint64_t *stream_end_ns = NULL;
     if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED))) {
         if (special_stream(app_stream)) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
         view = LITHOS_VIEW_UNCONFINED;
@@ -1144,7 +1228,8 @@ static CUresult route_launch(launch_request *q) {
     } else if (!route->views[view].green) {
         return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     } else {
-        choose_lending(&lend, route, view, &key, now_ns);
+        stream_end_ns = queue_end(ctx, app_stream);
+        choose_lending(&lend, route, view, &key, &now_ns, stream_end_ns, app_stream);
         unsigned used_tpcs = lend.route->views[view].tpcs;
         lend.predicted_ns = lend.route == route && lend.predicted_own_ns ? lend.predicted_own_ns : predict_ns(&key, used_tpcs);
     }
@@ -1197,6 +1282,10 @@ static CUresult route_launch(launch_request *q) {
     if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
         drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
     if (r != CUDA_SUCCESS) return r;
+    if (stream_end_ns) /* after_launch on this thread's queue estimate */
+        *stream_end_ns = (*stream_end_ns > now_ns ? *stream_end_ns : now_ns) +
+                         (lend.predicted_ns ? lend.predicted_ns
+                                            : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
     uint64_t ticket = record_launch(q, info, cluster, launched_view,
                                     launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation, &lend,
                                     now_ns);

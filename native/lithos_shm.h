@@ -69,7 +69,8 @@
  * At each launch of kernel k by client B at now_ns (one clock read):
  *     own = B's TPCs in the launch's view; predicted_own = predict(k, own)   (0 = unknown)
  *     lenders = 0
- *     if lender_mask != 0 and predicted_own != 0 and predicted_own <= lend_atom_ns:
+ *     ahead = B's predicted work queued before k on the same stream (per thread; see below)
+ *     if lender_mask != 0 and predicted_own != 0 and ahead + predicted_own <= lend_atom_ns:
  *         for each slot L in lender_mask (L != B, L < max_slots):
  *             idle(L) = !(last_launch_ns != 0 and (int64)(now_ns - last_launch_ns) < lend_idle_window_ns)
  *                       and now_ns >= busy_until_ns
@@ -89,6 +90,13 @@
  *   t = 1200400 ns: slot 0 launches again: now - 1200000 < 500000, so slot 1 is not idle: TPCs 0..7.
  *   Slot 1 becomes idle for slot 0 once 500 us have passed since its last launch AND its
  *   predicted busy time is over.
+ *
+ * The queue term ("ahead"): a launch call returns long before a kernel queued behind others runs,
+ * so the rule bounds when a borrowed kernel ENDS, not when it is launched. Each thread keeps, per
+ * stream, the predicted end of what it queued (unknown kernels count lend_unknown_kernel_busy_ns);
+ * when that says no, the shim asks the stream once (cuStreamQuery: drained resets it). A borrower
+ * with LITHOS_LEND_LOW_PRIORITY sleeps until the estimate fits (at most two atoms per launch;
+ * LITHOS_LEND_PACE=0 turns this off). Not in shared memory: private to each shim.
  *
  * Kernels with thread-block clusters larger than 2 cannot run in TPC-granular green contexts on
  * H100 (they fail and poison the context), so they go to a second view built from co-scheduled

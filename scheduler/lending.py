@@ -24,8 +24,13 @@ Rules of the plan:
 The launch-path rule (client B launches kernel k at time now):
     own TPCs, plus the TPCs of every lender L in B's lend list that is idle right now
       (idle: now - L.last_launch_ns >= idle_window_ns  and  now >= L.busy_until_ns),
-    but only if the predictor says k finishes within the atom budget on B's own quota
-      (predict_ns(k, own quota size) is not None and <= atom_ns); otherwise own TPCs only.
+    but only if the predictor says k ENDS within the atom budget on B's own quota, counting the
+      work B queued ahead of it on the same stream (queue_ahead_ns + predict_ns(k, own quota size)
+      <= atom_ns, the prediction not None); otherwise own TPCs only. A launch call returns long
+      before a kernel queued behind others runs, so without the queue term a borrower queueing far
+      ahead would hold lent TPCs long after their owner woke. (The shim estimates queue_ahead_ns per
+      thread and stream from its own predictions, asks the stream once when the estimate says no,
+      and makes a low-priority borrower sleep until the estimate fits, at most two atoms.)
 Then B's own activity word is updated: last_launch_ns = now;
     busy_until_ns = max(busy_until_ns, now) + (predicted ns of k on the TPCs it launched on,
                                                or unknown_kernel_busy_ns when k is unknown).
@@ -197,12 +202,14 @@ def lender_is_idle(word: ActivityWord, now_ns: int, idle_window_ns: int) -> bool
 
 
 def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityWord], now_ns: int,
-                      predicted_own_ns: int | None, atom_ns: int, idle_window_ns: int) -> tuple[int, ...]:
+                      predicted_own_ns: int | None, atom_ns: int, idle_window_ns: int,
+                      queue_ahead_ns: int = 0) -> tuple[int, ...]:
     """The lenders whose TPCs this launch adds to the borrower's own quota (possibly none).
 
     predicted_own_ns: the predictor's duration of this kernel on the borrower's own quota (None: unknown).
+    queue_ahead_ns: predicted time until the work queued before this kernel on its stream ends.
     """
-    if predicted_own_ns is None or predicted_own_ns > atom_ns:
+    if predicted_own_ns is None or queue_ahead_ns + predicted_own_ns > atom_ns:
         return ()
     return tuple(slot for slot in lender_slots if lender_is_idle(words[slot], now_ns, idle_window_ns))
 

@@ -241,8 +241,9 @@ class _Run:
         own_tpcs = self.quota_tpcs[c]
         lenders = ()
         if self.lenders[c]:
+            # a simulated client launches when its previous kernel ends: nothing queued ahead
             lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predictor.predict_ns(key, own_tpcs),
-                                        policy.atom_ns, policy.idle_window_ns)
+                                        policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0)
         tpcs = own_tpcs + sum(self.quota_tpcs[lender] for lender in lenders)
         predicted_ns = predictor.predict_ns(key, tpcs)
         old_word = self.words[c]

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -561,9 +562,9 @@ def test_c_predictor_equals_the_python_predictor_on_random_sequences(built_libra
 LEND_PRELUDE = """
 lib.lithos_client_wait_union_builds.argtypes = [ctypes.c_int]
 def lending():
-    c = (ctypes.c_uint64 * 2)()
-    lib.lithos_client_lending_counts(c, 2)
-    return {"borrowed": c[0], "pending": c[1]}
+    c = (ctypes.c_uint64 * 4)()
+    lib.lithos_client_lending_counts(c, 4)
+    return {"borrowed": c[0], "pending": c[1], "too_deep": c[2], "paced": c[3]}
 def full_log():
     lines = cuda.fake_log().decode().splitlines()
     cuda.fake_log_clear()
@@ -694,6 +695,40 @@ def test_an_active_lender_keeps_its_tpcs_and_lends_them_again_once_idle(fake_dri
     records, _ = lend_table.read_launches(0)
     assert [int(r["tpcs"]) for r in records[-3:]] == [16, 8, 16]
     assert [native.lenders_of(r) for r in records[-3:]] == [[1], [], [1]]
+
+
+QUEUED_DEEP = """
+s = create(1)
+warm_then_borrow(s)      # launches 1-4 unknown: 70 ms each in the queue estimate; the stream never drains
+counts = lending()
+show("counts", counts["borrowed"], counts["too_deep"] > 0, counts["paced"])
+"""
+
+
+def test_a_borrower_queued_deeper_than_the_atom_keeps_to_its_own_tpcs(fake_driver, lend_table):
+    """A kernel queued behind others would run on lent TPCs long after its launch: no borrowing."""
+    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    lines = run_lending_client(QUEUED_DEEP + "show_log()", lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
+    assert lines[0] == ["counts", "0", "True", "0"]
+    assert ["cuStreamQuery", launch_places(lines[1:])[0][1], "busy"] in lines   # asked the stream once
+    assert [groups for groups, _ in launch_places(lines)] == [8] * 6
+
+
+def test_a_paced_low_priority_borrower_waits_for_its_queue_then_borrows(fake_driver, lend_table):
+    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    lend_table.set_lending(0, [1], low_priority=True)
+    start = time.monotonic()
+    lines = run_lending_client(QUEUED_DEEP + "show_log()", lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
+    assert lines[0] == ["counts", "1", "False", "1"]   # launch 5 slept ~180 ms, then found the union pending
+    assert time.monotonic() - start > 0.15
+    assert [groups for groups, _ in launch_places(lines)] == [8] * 5 + [16]
+
+
+def test_pacing_can_be_switched_off(fake_driver, lend_table):
+    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    lend_table.set_lending(0, [1], low_priority=True)
+    lines = run_lending_client(QUEUED_DEEP, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE="0"))
+    assert lines[0] == ["counts", "0", "True", "0"]
 
 
 def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):

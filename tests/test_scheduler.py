@@ -191,6 +191,9 @@ def test_launch_rule():
     assert lenders_at_launch((1, 2, 3, 4), words, now, 250_001, atom_ns, idle_ns) == ()      # too long: own only
     assert lenders_at_launch((1, 2, 3, 4), words, now, None, atom_ns, idle_ns) == ()          # unknown: own only
     assert lenders_at_launch((), words, now, 1, atom_ns, idle_ns) == ()
+    # queued behind 50 us of its own work, a 200 us kernel still ends within the atom; behind 51 us it does not
+    assert lenders_at_launch((1, 2, 3, 4), words, now, 200_000, atom_ns, idle_ns, queue_ahead_ns=50_000) == (1, 4)
+    assert lenders_at_launch((1, 2, 3, 4), words, now, 200_000, atom_ns, idle_ns, queue_ahead_ns=50_001) == ()
     assert lender_is_idle(words[4], now, idle_ns) and not lender_is_idle(words[3], now, idle_ns)
 
 
