@@ -248,7 +248,7 @@ def plot(analysis: dict, path: str, title: str) -> None:
                         else:
                             med, low, high = stat["median"], stat["min"], stat["max"]
                         offset = (vi - (len(variants) - 1) / 2) * width + (ei - (len(entries) - 1) / 2) * width / max(1, len(entries))
-                        ax.bar(x[si] + offset, med, width / max(1, len(entries)), yerr=[[med - low], [high - med]],
+                        ax.bar(x[si] + offset, med, width / max(1, len(entries)), yerr=[[max(0.0, med - low)], [max(0.0, high - med)]],
                                color=f"C{ei}", alpha=1.0 if variant == "eager" else 0.55,
                                hatch=None if variant == "eager" else "//", edgecolor="k", linewidth=0.3,
                                label=f"{who} {variant}" if si == 0 and who else (variant if si == 0 and not who else None))
