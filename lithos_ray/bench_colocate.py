@@ -154,10 +154,12 @@ def run(args) -> int:
             handle.write(state.worker_logs())
         return payload, analysis
 
+    finished = False
     try:
         driver.execute(state, after_group=lambda _: save(False))
+        finished = True
     finally:
-        payload, analysis = save(True)
+        payload, analysis = save(finished)  # "complete": false when the run broke off
         try:
             report.plot(analysis, json_path.replace(".json", ".png"),
                         f"{payload['gpu']} driver {payload['driver']} commit {payload['git_commit'][:10]} {payload['date']}")
