@@ -84,6 +84,21 @@ def test_lending_stats_from_launch_records():
     assert stats["per_slot"][1]["borrowed_tpcs_max"] == 20
     assert stats["per_slot"][0]["borrowing_launches"] == 0
     assert stats["reclaim_estimate"][0]["p99_us"] == pytest.approx(200.0)
+    assert stats["per_slot"][1]["predictor"] is None   # these records carry no predictions
+
+
+def test_predictor_accuracy_from_launch_records():
+    dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("predicted_ns", "<u8"), ("tpcs", "<u2"),
+                      ("function", "<u8")])
+    us = 1000
+    # predicted vs measured: off by 10, 60 and 0 us; one launch not timed, one not predicted
+    recs = np.array([(0, 100 * us, 110 * us, 20, 1), (1, 100 * us, 160 * us, 20, 1), (2, 50 * us, 50 * us, 20, 1),
+                     (3, 0, 70 * us, 20, 1), (4, 80 * us, 0, 20, 1)], dtype=dtype)
+    stats = lending_stats({0: recs}, {0: tuple(range(20))}, [], 500.0)
+    accuracy = stats["per_slot"][0]["predictor"]
+    assert accuracy["pairs"] == 3
+    assert accuracy["share_off_by_more_than_threshold"] == pytest.approx(1 / 3)
+    assert accuracy["error_max_us"] == pytest.approx(60.0)
 
 
 # --- arrivals ------------------------------------------------------------------------------------
@@ -292,3 +307,14 @@ def test_plot_draws_the_analysis(tmp_path):
     path = tmp_path / "colocate.png"
     report.plot(analysis, str(path), "synthetic")
     assert path.stat().st_size > 10_000
+
+
+def test_lending_summary_line_reports_borrowing_reclaim_and_predictor():
+    from benchmarks.colocate.report import lending_summary
+    trial = {"per_slot": {0: {"launches": 10, "borrowing_launches": 0},
+                          1: {"launches": 30, "borrowing_launches": 12,
+                              "predictor": {"share_off_by_more_than_threshold": 0.25, "error_p99_us": 80.0, "pairs": 8}}},
+             "reclaim_estimate": {0: {"p99_us": 140.0}}}
+    assert lending_summary([trial, trial]) == ("borrowing launches 24/80; reclaim p99 (estimate) max 140 us; "
+                                               "predictor: 25.0% off by > 50 us, error p99 <= 80 us (16 pairs)")
+    assert lending_summary([{"per_slot": {}, "reclaim_estimate": {}}]) == "borrowing launches 0/0; no reclaim"

@@ -5,6 +5,7 @@ time-slicing and the shim act on them exactly as on independent jobs.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -159,6 +160,19 @@ def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...
             "low_priority": {s: d.low_priority_on_borrowed for s, d in decisions.items()}, "knobs": knob_status}
 
 
+def predictor_accuracy(recs: np.ndarray) -> dict | None:
+    """The shim's predictions against the sampled GPU times of the same launches (the issue's figures:
+    share off by more than 50 us, error p99); None when no launch was both predicted and timed."""
+    if "predicted_ns" not in (recs.dtype.names or ()):
+        return None
+    both = (recs["predicted_ns"] > 0) & (recs["gpu_ns"] > 0)
+    if not both.any():
+        return None
+    from lithos_ray.scheduler.predictor import prediction_accuracy
+    return dataclasses.asdict(prediction_accuracy(recs["predicted_ns"][both].astype(np.int64),
+                                                  recs["gpu_ns"][both].astype(np.int64)))
+
+
 def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple[int, ...]],
                   owner_slots: list[int], idle_window_us: float) -> dict:
     """TPCs lent per slot from its launch records (launch TPCs beyond its quota) and estimated reclaim times."""
@@ -189,6 +203,7 @@ def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple
             "borrowed_tpcs_mean": float(borrowed[lending_launches].mean()) if lending_launches.any() else 0.0,
             "borrowed_tpcs_max": int(borrowed.max()),
             "borrowed_tpc_seconds_estimate": float(np.sum(borrowed * dur) / 1e9),
+            "predictor": predictor_accuracy(recs),
         }
         if slot not in owner_slots:
             borrow_ns.append(recs["host_ns"][lending_launches].astype(np.int64))

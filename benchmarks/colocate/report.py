@@ -196,10 +196,32 @@ def table(analysis: dict) -> str:
                 parts.append(f"BE {_fmt(be, '.0%')} of solo" if be else "BE -")
                 parts.append(f"goodput {_fmt(cell['goodput_normalised'])}/{cell['goodput_normalised']['solo_alone']}")
                 lines.append(f"{mix_name} {system}/{variant}: " + "; ".join(parts))
+                if cell.get("lending_per_trial"):
+                    lines.append("    " + lending_summary(cell["lending_per_trial"]))
     for key, entry in analysis["targets"].items():
         lines.append(f"targets {key}: " + (", ".join(f"{k}: {v}" for k, v in entry.get("met", {}).items())
                                            or entry.get("status", "")))
     return "\n".join(lines)
+
+
+def lending_summary(per_trial: list[dict]) -> str:
+    """One line over a cell's trials: launches that borrowed, worst reclaim p99 estimate, predictor accuracy."""
+    borrowing, launches, reclaim_p99, off, pairs = 0, 0, [], [], 0
+    for trial in per_trial:
+        for stats in trial.get("per_slot", {}).values():
+            borrowing += stats.get("borrowing_launches", 0)
+            launches += stats.get("launches", 0)
+            accuracy = stats.get("predictor")
+            if accuracy:
+                off.append((accuracy["share_off_by_more_than_threshold"], accuracy["error_p99_us"]))
+                pairs += accuracy["pairs"]
+        reclaim_p99 += [r["p99_us"] for r in trial.get("reclaim_estimate", {}).values() if r.get("p99_us") is not None]
+    text = f"borrowing launches {borrowing}/{launches}"
+    text += f"; reclaim p99 (estimate) max {max(reclaim_p99):.0f} us" if reclaim_p99 else "; no reclaim"
+    if off:
+        text += (f"; predictor: {max(o for o, _ in off):.1%} off by > 50 us, error p99 <= "
+                 f"{max(e for _, e in off):.0f} us ({pairs} pairs)")
+    return text
 
 
 def _fmt(stat, spec: str = ".2f") -> str:
