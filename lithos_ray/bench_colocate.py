@@ -60,6 +60,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the best-effort job in mps_pct (1..100; "
                              "default: its static quota's share of the GPU's TPCs)")
     parser.add_argument("--atom-us", type=float, default=250.0, help="lithos atom budget in microseconds (default 250)")
+    parser.add_argument("--sample-every", type=int, default=8,
+                        help="shim workers time every Nth launch (LITHOS_SAMPLE_EVERY; default 8: the predictor "
+                             "needs 3 samples per kernel shape before a kernel may borrow)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival schedules (default 0)")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help=f"where results go (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--tag", default=None, help="file names colocate_<tag>.json/.png (default: the mixes)")
@@ -79,6 +82,9 @@ def _checked(args):
         raise LithosRequestError(f"--mps-be-percent must be an integer percentage in 1..100, got {args.mps_be_percent!r}")
     if isinstance(args.atom_us, bool) or not isinstance(args.atom_us, (int, float)) or not 0 < args.atom_us <= 100_000:
         raise LithosRequestError(f"--atom-us must be microseconds in (0, 100000], got {args.atom_us!r}")
+    sample_every = getattr(args, "sample_every", 8)
+    if isinstance(sample_every, bool) or not isinstance(sample_every, int) or not 1 <= sample_every <= 1_000_000:
+        raise LithosRequestError(f"--sample-every must be an integer in 1..1000000, got {sample_every!r}")
     if not isinstance(args.seed, int) or args.seed < 0:
         raise LithosRequestError(f"--seed must be a non-negative integer, got {args.seed!r}")
     tag = args.tag if args.tag is not None else "_".join(plan.mixes)

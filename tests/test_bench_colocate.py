@@ -264,6 +264,7 @@ def test_cli_dry_run_prints_the_plan(capsys):
     (("--atom-us", "-5"), r"--atom-us must be microseconds in \(0, 100000\]"),
     (("--tag", "a/b"), "--tag 'a/b'"),
     (("--seed", "-1"), "--seed must be a non-negative integer"),
+    (("--sample-every", "0"), "--sample-every must be an integer in 1..1000000"),
 ])
 def test_cli_refuses_bad_input_before_touching_a_gpu(argv, message):
     with pytest.raises(LithosRequestError, match=message):

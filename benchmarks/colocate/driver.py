@@ -410,7 +410,8 @@ class Run:
             table_path = self.table.path
             workers = self.start_workers(
                 group.workers, lambda name: {**self.base_env(), **self.mps_env,
-                                             **native.client_env(table_path, shim["slots"][name])},
+                                             **native.client_env(table_path, shim["slots"][name]),
+                                             "LITHOS_SAMPLE_EVERY": str(getattr(self.args, "sample_every", 8))},
                 f"shim-{group.mix}")
         else:
             self.ensure_mps()
