@@ -5,6 +5,9 @@ scheduler/sim_lending.py), not from a GPU, and is labelled SIMULATED in the JSON
 
     /tmp/venv/bin/python benchmarks/sim_scheduler.py [--seconds 20] [--trials 3] [--out benchmarks/results]
 
+Also a launch-ahead scenario: a training client whose CPU queues kernels far ahead, under the old
+launch rule, the queue term, and the queue term with pacing (report["launch_ahead"]).
+
 Writes <out>/sim_scheduler.json and <out>/sim_scheduler.png.
 """
 from __future__ import annotations
@@ -31,6 +34,14 @@ LABEL = "SIMULATED (discrete-event model of an H100, not GPU measurements)"
 SLO_MULTIPLE_OF_SOLO_P99 = 1.5
 BERT_KERNELS = 48           # ASSUMPTION: a BERT-base forward pass as 48 equal kernels (12 layers x 4)
 MATMUL_PIECES = 8           # ASSUMPTION: each 8192^3 matmul issued as 8 row-block GEMMs (1024 x 8192 x 8192)
+DEEP_MATMUL_PIECES = 16     # ASSUMPTION: launch-ahead scenario, 16 row blocks per matmul (about 100 us kernels)
+LAUNCH_AHEAD = 32           # kernels the training client's CPU keeps queued beyond the running one
+LAUNCH_AHEAD_SYSTEMS = {    # system: LendingGpu switches (None: static partitions)
+    "static_partitions": None,
+    "lithos_old_rule": {"queue_term": False, "pacing": False},
+    "lithos_queue_term": {"queue_term": True, "pacing": False},
+    "lithos_queue_term_paced": {"queue_term": True, "pacing": True},
+}
 MODEL_LIMITS = [
     "From docs/SIMULATOR.md 'Limits': interference between unpartitioned clients is far too mild "
     "(measured on the H100: BERT p50 3.7 ms -> 12.5 ms next to a matmul loop; the model predicts 3.78 ms), "
@@ -44,6 +55,9 @@ MODEL_LIMITS = [
     "equal kernels with the same total latency at every TPC count; real kernels are unequal.",
     "Green-context constraints (cluster kernels need whole 8-SM groups), the shim's launch overhead "
     "(+2.1 us per launch measured) and green-context creation on the launch path are not modelled.",
+    "Launch-ahead scenario: the CPU issues in zero time (no Python or launch cost), so a queue refills "
+    "instantly and a paced CPU issues exactly when its estimate fits; the shim's union build delay "
+    "and its sampled predictor (every 64th launch) are not modelled.",
 ]
 
 
@@ -54,6 +68,7 @@ class Client:
     quota_tpc_ids: tuple[int, ...]
     rate_per_s: float | None        # None: closed loop (training)
     work: object                    # KernelSequence
+    launch_ahead: int = 0           # kernels its CPU queues beyond the running one (lithos systems)
 
     def workload(self):
         return ClosedLoop(self.work) if self.rate_per_s is None else OpenLoop(self.work, self.rate_per_s)
@@ -81,12 +96,22 @@ def workloads() -> dict[str, dict]:
     }
 
 
+def launch_ahead_workload() -> dict:
+    bert = split_kernels(bert_base_b1(), BERT_KERNELS, "bert_base_b1_like")
+    train = split_kernels(matmul_train_step(), DEEP_MATMUL_PIECES, "matmul_train_step_like_100us")
+    return {
+        "what": f"hybrid with the training client queueing {LAUNCH_AHEAD} kernels (about 100 us each) ahead of "
+                "the running one: old launch rule (no queue term) vs queue term vs queue term + pacing",
+        "clients": [Client("bert", LATENCY_CRITICAL, tuple(range(0, 16)), 100.0, bert),
+                    Client("train", BEST_EFFORT, tuple(range(16, 66)), None, train, LAUNCH_AHEAD)]}
+
+
 def run_system(system: str, clients: list[Client], seconds: float, seed: int, model):
     """One trial of one system; returns per-client latency arrays/throughputs and lithos extras."""
-    if system == "lithos":
-        gpu = LendingGpu(model, LendingPolicy())
+    if system.startswith("lithos"):
+        gpu = LendingGpu(model, LendingPolicy(), **(LAUNCH_AHEAD_SYSTEMS.get(system) or {}))
         for c in clients:
-            gpu.add_client(c.name, c.priority, c.quota_tpc_ids, c.workload())
+            gpu.add_client(c.name, c.priority, c.quota_tpc_ids, c.workload(), launch_ahead=c.launch_ahead)
         result = gpu.run(seconds, seed)
         return result.clients, result
     gpu = SimulatedGpu(model)
@@ -147,7 +172,7 @@ def summarise(system: str, clients: list[Client], trials: list, solo_ref: dict, 
                                            for r in rows])
             entry["slo_attainment"] = spread([float(np.mean(r.latencies_ms <= solo_ref[c.name]["slo_ms"]))
                                               for r in rows])
-        if system == "lithos":
+        if system.startswith("lithos"):
             entry["tpcs_lent_mean"] = spread([r.lent_tpc_s / seconds for r in rows])
             entry["tpcs_borrowed_mean"] = spread([r.borrowed_tpc_s / seconds for r in rows])
             reclaims = np.concatenate([r.reclaim_ms for r in rows])
@@ -157,6 +182,11 @@ def summarise(system: str, clients: list[Client], trials: list, solo_ref: dict, 
                 entry["reclaim_p99_ms"] = float(np.percentile(reclaims, 99))
                 entry["reclaim_max_ms"] = float(reclaims.max())
             entry["quota_violations"] = int(sum(r.quota_violations for r in rows))
+            if c.launch_ahead:
+                entry["launch_ahead"] = c.launch_ahead
+                entry["borrowed_tpc_s"] = spread([r.borrowed_tpc_s for r in rows])
+                entry["launches_borrowing"] = spread([r.launches_borrowing for r in rows])
+                entry["launches_paced"] = spread([r.launches_paced for r in rows])
             accuracies = [r.predictor for r in rows if r.predictor is not None]
             if accuracies:
                 entry["predictor_share_off_by_more_than_50us"] = spread(
@@ -164,7 +194,7 @@ def summarise(system: str, clients: list[Client], trials: list, solo_ref: dict, 
                 entry["predictor_error_p99_us"] = spread([a.error_p99_us for a in accuracies])
         per_client[c.name] = entry
     summary = {"clients": per_client, "goodput_normalised": spread(goodputs)}
-    if system == "lithos":
+    if system.startswith("lithos"):
         summary["quota_violations"] = int(sum(result.quota_violations for _, result in trials))
         all_reclaims = np.concatenate([result.reclaim_ms_all() for _, result in trials])
         summary["reclaim_p99_ms"] = float(np.percentile(all_reclaims, 99)) if all_reclaims.size else None
@@ -179,7 +209,7 @@ def plot(report: dict, timeline: dict, path: str) -> None:
     names = list(report["workloads"])
     systems = report["systems"]
     colors = {"static_partitions": "#888888", "full_sharing_mps_like": "#d98c3a", "lithos": "#2a6fb0"}
-    fig, axes = plt.subplots(2, len(names) + 1, figsize=(5 * (len(names) + 1), 8))
+    fig, axes = plt.subplots(2, len(names) + 2, figsize=(5 * (len(names) + 2), 8))
     for col, name in enumerate(names):
         results = report["workloads"][name]["results"]
         clients = report["workloads"][name]["clients"]
@@ -207,6 +237,7 @@ def plot(report: dict, timeline: dict, path: str) -> None:
                       [f"{c['name']} throughput" for c in be] + ["goodput / clients"])
         ax.set_ylabel("fraction of solo, SIMULATED")
         ax.set_ylim(0, 1.1)
+    plot_launch_ahead(report["launch_ahead"], axes[0, len(names)], axes[1, len(names)])
     ax = axes[0, -1]
     t_ms = np.arange(timeline["values"].size) * timeline["bin_ms"]
     ax.plot(t_ms, timeline["values"], color=colors["lithos"], lw=0.8)
@@ -225,6 +256,34 @@ def plot(report: dict, timeline: dict, path: str) -> None:
     fig.suptitle(f"lithos TPC lending vs static partitions vs full sharing - {LABEL}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_launch_ahead(section: dict, top, bottom) -> None:
+    """Reclaim p99 (with violations) and training throughput / borrowed TPCs per launch-rule variant."""
+    results = section["results"]
+    lending = [s for s in section["systems"] if s.startswith("lithos")]
+    labels = [s.replace("lithos_", "").replace("_", "\n") for s in lending]
+    reclaim = [results[s]["reclaim_p99_ms"] or 0.0 for s in lending]
+    bars = top.bar(range(len(lending)), reclaim, color="#2a6fb0")
+    for bar, s in zip(bars, lending):
+        top.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{reclaim[lending.index(s)]:.2f} ms\n{results[s]['quota_violations']} viol.",
+                 ha="center", va="bottom", fontsize=8)
+    top.axhline(section["atom_us"] / 1000, color="k", ls="--", lw=0.8, label="atom budget")
+    top.set_xticks(range(len(lending)), labels, fontsize=8)
+    top.set_ylabel("reclaim p99 (ms), SIMULATED")
+    top.set_title(f"launch-ahead {section['launch_ahead']} kernels: reclaims\nSIMULATED", fontsize=10)
+    top.legend(fontsize=7)
+    systems = section["systems"]
+    train = [results[s]["clients"]["train"] for s in systems]
+    bars = bottom.bar(range(len(systems)), [t["throughput_vs_solo"]["median"] for t in train],
+                      color=["#888888"] + ["#2a6fb0"] * (len(systems) - 1))
+    for bar, t in zip(bars, train):
+        borrowed = t.get("tpcs_borrowed_mean", {"median": 0.0})["median"]
+        bottom.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{borrowed:.1f} TPCs\nborrowed",
+                    ha="center", va="bottom", fontsize=7)
+    bottom.set_xticks(range(len(systems)), [s.replace("lithos_", "").replace("_", "\n") for s in systems], fontsize=8)
+    bottom.set_ylabel("train throughput / solo, SIMULATED")
+    bottom.set_ylim(0, 1.1)
 
 
 def git_commit() -> str | None:
@@ -282,6 +341,21 @@ def main(argv=None) -> int:
             "clients": [{"name": c.name, "priority": c.priority, "quota_tpcs": len(c.quota_tpc_ids),
                          "rate_per_s": c.rate_per_s, "work": c.work.name} for c in clients],
             "solo": solo_ref, "results": results}
+    spec = launch_ahead_workload()
+    clients = spec["clients"]
+    solo_ref = solo(clients, args.seconds, seeds, model)
+    results = {}
+    for system in LAUNCH_AHEAD_SYSTEMS:
+        trials = [run_system(system, clients, args.seconds, seed, model) for seed in seeds]
+        results[system] = summarise(system, clients, trials, solo_ref, args.seconds)
+    report["launch_ahead"] = {
+        "what": spec["what"], "launch_ahead": LAUNCH_AHEAD, "atom_us": LendingPolicy().atom_us,
+        "systems": list(LAUNCH_AHEAD_SYSTEMS),
+        "system_switches": {name: switches for name, switches in LAUNCH_AHEAD_SYSTEMS.items()},
+        "clients": [{"name": c.name, "priority": c.priority, "quota_tpcs": len(c.quota_tpc_ids),
+                     "rate_per_s": c.rate_per_s, "work": c.work.name, "launch_ahead": c.launch_ahead}
+                    for c in clients],
+        "solo": solo_ref, "results": results}
     report["wall_s"] = round(time.time() - wall_start, 1)
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "sim_scheduler.json")

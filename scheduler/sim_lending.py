@@ -9,13 +9,23 @@ with each client's `LatencyPredictor` fed by the simulated durations. A control 
 lend lists (`lending.plan_lending`) every `policy.control_period_ms` from launch activity.
 Quotas are disjoint, so the TPCs of a kernel are a union of whole quotas ("regions").
 
+Launch-ahead queues: a client's CPU keeps up to `launch_ahead` kernels queued (one stream) behind
+the running one, within one request/step; a request/step ends when its last kernel completes (the
+real workers synchronize per request/step). The TPCs of a kernel are decided when it is ISSUED, by
+`lenders_at_launch` with the shim's queue estimate (queue_ahead_ns = the client's predicted end of
+its issued work - now; 0 when that says no and nothing is in flight, as the shim's stream query),
+and it runs on them whenever it reaches the head of its queue. A low-priority borrower paces as the
+shim does: when the estimate says no, its CPU waits until it fits (at most 2 atoms per kernel, else
+it issues on its own TPCs) and then decides again. launch_ahead=0: one kernel at a time, issued when
+the previous one ends (nothing queued ahead; the queue term and pacing never apply).
+
 Measured per client: latencies, throughput, TPC-seconds borrowed and lent, reclaim times (an
-owner's launch that finds borrowers' kernels on its TPCs, until the last of them ends) and quota
-violations:
-  - a borrower's launch takes a lender's TPCs while that lender has a kernel running (the launch
+owner's issue that finds borrowers' issued kernels, running or queued, on its TPCs, until the last
+of them ends) and quota violations:
+  - a borrower's issue takes a lender's TPCs while that lender has a kernel in flight (the launch
     rule's idle test was wrong), or
   - a borrower's kernel is still on an owner's TPCs more than the atom budget after the owner's
-    launch that reclaimed them.
+    issue that reclaimed them.
 Stream priorities are recorded, not modelled: a low-priority kernel shares TPCs equally (the GPU
 does not preempt running thread blocks, and the sharing model has no block scheduler).
 """
@@ -23,7 +33,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -39,6 +50,8 @@ from .simulated import (MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSe
 _FINISHED_FRACTION = 1e-12
 # Tolerance on "within the atom budget" for float time (ms).
 _TIME_EPSILON_MS = 1e-9
+# A paced borrower waits at most this many atoms per kernel (PACE_MAX_ATOMS in native/lithos.c).
+PACE_MAX_ATOMS = 2
 DEFAULT_TIMELINE_BIN_MS = 10.0
 
 
@@ -83,6 +96,8 @@ class LendingClientResult:
     reclaims_uncontended: int       # launches after idle that found no borrower on its TPCs (reclaim time 0)
     quota_violations: int
     predictor: PredictorAccuracy | None     # its predictions (on the TPCs used) against simulated durations
+    launch_ahead: int = 0           # kernels its CPU keeps queued beyond the running one
+    launches_paced: int = 0         # issues its CPU delayed to fit the atom budget (pacing)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,8 @@ class LendingResult:
     clients: dict[str, LendingClientResult]
     timeline_bin_ms: float
     lent_tpcs_timeline: np.ndarray  # mean number of TPCs lent (held by borrowers' kernels) in each bin
+    queue_term: bool = True         # the launch rule counted the work queued ahead
+    pacing: bool = True             # low-priority borrowers paced their issues
 
     @property
     def quota_violations(self) -> int:
@@ -114,6 +131,19 @@ class _Client:
     priority: str
     quota: tuple[int, ...]
     workload: Workload
+    launch_ahead: int
+
+
+@dataclass
+class _Issued:
+    """A kernel issued to a client's stream: running (queue head) or queued, on the TPCs decided at issue."""
+
+    index: int                      # in the client's request/step
+    regions: tuple[int, ...]        # quotas (client indices) it runs on, its own first
+    tpcs: int
+    predicted_ns: int | None        # at issue, on `tpcs`
+    sampled: bool                   # its duration feeds the predictor
+    owners_waiting: list[int] = field(default_factory=list)     # owners whose reclaim waits for it
 
 
 class LendingGpu:
@@ -128,7 +158,10 @@ class LendingGpu:
     """
 
     def __init__(self, model: GpuModel, policy: LendingPolicy = LendingPolicy(), sample_every: int = 1,
-                 timeline_bin_ms: float = DEFAULT_TIMELINE_BIN_MS):
+                 timeline_bin_ms: float = DEFAULT_TIMELINE_BIN_MS, queue_term: bool = True, pacing: bool = True):
+        """queue_term=False: the old launch rule (queue_ahead_ns = 0 always, so a client that queues
+        ahead borrows for kernels that run long after their issue). pacing=False: low-priority
+        borrowers never wait for their queue to drain (the shim's LITHOS_LEND_PACE=0)."""
         if not isinstance(model, GpuModel):
             raise ValueError(f"model must be a GpuModel (see gpu_models.lookup_model), got {type(model).__name__}")
         if not isinstance(policy, LendingPolicy):
@@ -138,23 +171,35 @@ class LendingGpu:
                              f"got {sample_every!r}")
         if not (isinstance(timeline_bin_ms, (int, float)) and math.isfinite(timeline_bin_ms) and timeline_bin_ms > 0):
             raise ValueError(f"timeline_bin_ms must be a finite number > 0, got {timeline_bin_ms!r}")
+        for name, value in (("queue_term", queue_term), ("pacing", pacing)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.queue_term = queue_term
+        self.pacing = pacing
         self.model = model
         self.policy = policy
         self.sample_every = sample_every
         self.timeline_bin_ms = float(timeline_bin_ms)
         self._clients: list[_Client] = []
 
-    def add_client(self, name: str, priority: str, quota_tpc_ids: Sequence[int], workload: Workload) -> None:
-        """Add a client with a quota disjoint from the others'; its slot is its index."""
+    def add_client(self, name: str, priority: str, quota_tpc_ids: Sequence[int], workload: Workload,
+                   launch_ahead: int = 0) -> None:
+        """Add a client with a quota disjoint from the others'; its slot is its index.
+
+        launch_ahead: how many kernels its CPU keeps queued beyond the running one (0: it issues the
+        next kernel when the previous one ends)."""
         check_new_client(name, [client.name for client in self._clients], workload)
         check_priority(priority)
+        if isinstance(launch_ahead, bool) or not isinstance(launch_ahead, (int, np.integer)) or launch_ahead < 0:
+            raise ValueError(f"client {name!r}: launch_ahead must be an integer >= 0 (kernels queued beyond the "
+                             f"running one), got {launch_ahead!r}")
         ids = _validate_tpc_ids(quota_tpc_ids, self.model.tpcs, f"client {name!r} on {self.model.name}")
         for other in self._clients:
             shared = sorted(set(ids) & set(other.quota))
             if shared:
                 raise ValueError(f"client {name!r}: TPCs {shared} are already in the quota of {other.name!r}; "
                                  "quotas must be disjoint (lending shares them, not the quotas)")
-        self._clients.append(_Client(name, len(self._clients), priority, ids, workload))
+        self._clients.append(_Client(name, len(self._clients), priority, ids, workload, int(launch_ahead)))
 
     def run(self, duration_s: float, seed: int = 0) -> LendingResult:
         """Simulate `duration_s` seconds from an idle GPU with cold predictors; same seed, same result.
@@ -192,21 +237,24 @@ class _Run:
         self.predictors = [LatencyPredictor() for _ in range(count)]
         self.words = {c: ActivityWord() for c in range(count)}
         self.lenders = {c: () for c in range(count)}
-        # per client: the running kernel
-        self.running = [False] * count
-        self.kernel_index = [0] * count
-        self.remaining = [0.0] * count
-        self.regions: list[tuple[int, ...]] = [()] * count      # quotas (client indices) its kernel holds
-        self.launch_ms = [0.0] * count
-        self.launch_tpcs = [0] * count
-        self.launch_predicted_ns: list[int | None] = [None] * count
-        self.pending_reclaims: list[set[int]] = [set() for _ in range(count)]   # owners waiting for this kernel
+        self.low_priority = [False] * count
+        # per client: its stream (head running, the rest queued) and its CPU
+        self.queue: list[deque[_Issued]] = [deque() for _ in range(count)]
+        self.remaining = [0.0] * count              # fraction of the head kernel left
+        self.head_start_ms = [0.0] * count          # when the head kernel started running
+        self.next_kernel = [0] * count              # next kernel of the request/step to issue
+        self.in_request = [False] * count
+        self.queue_end_ns = [0] * count             # the shim's estimate: predicted end of the issued work
+        self.pace_until_ms = [math.inf] * count     # the CPU sleeps until then (pacing)
+        self.pace_began_ns: list[int | None] = [None] * count
+        self.stream_asked = [False] * count         # the stream was asked once for the kernel being issued
         self.request_arrival = [0.0] * count
         self.next_arrival = [0] * count
         self.started = [0] * count
         self.latencies: list[list[float]] = [[] for _ in range(count)]
         self.launches = [0] * count
         self.launches_borrowing = [0] * count
+        self.launches_paced = [0] * count
         self.borrowed_tpc_ms = [0.0] * count
         self.lent_tpc_ms = [0.0] * count
         self.reclaim_start_ms: list[float | None] = [None] * count
@@ -230,47 +278,91 @@ class _Run:
             states.append(ClientState(c, client.priority, client.quota, active, wants_more_tpcs=active))
         plan = plan_lending(states, self.policy)
         self.lenders = {c: plan[c].lender_slots for c in range(len(self.clients))}
+        self.low_priority = [plan[c].low_priority_on_borrowed for c in range(len(self.clients))]
 
-    # --- launches and completions ---------------------------------------------------------------
+    # --- issues and completions ------------------------------------------------------------------
 
-    def launch(self, c: int, now_ms: float) -> None:
+    def choose_lenders(self, c: int, now_ms: float) -> tuple[int, ...] | None:
+        """The lenders of the kernel client c issues now, as the shim chooses them; None: the CPU paces."""
+        if not self.lenders[c]:
+            return ()
         policy = self.policy
         now_ns = round(now_ms * 1e6)
-        key = self.kernels[c][self.kernel_index[c]][3]
-        predictor = self.predictors[c]
-        own_tpcs = self.quota_tpcs[c]
-        lenders = ()
-        if self.lenders[c]:
-            # a simulated client launches when its previous kernel ends: nothing queued ahead
-            lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predictor.predict_ns(key, own_tpcs),
-                                        policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0)
-        tpcs = own_tpcs + sum(self.quota_tpcs[lender] for lender in lenders)
-        predicted_ns = predictor.predict_ns(key, tpcs)
+        key = self.kernels[c][self.next_kernel[c]][3]
+        predicted_own_ns = self.predictors[c].predict_ns(key, self.quota_tpcs[c])
+        lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns,
+                                    policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0)
+        if not lenders or not self.gpu.queue_term:
+            return lenders
+        ahead_ns = max(0, self.queue_end_ns[c] - now_ns)
+        if ahead_ns + predicted_own_ns > policy.atom_ns and not self.stream_asked[c]:
+            self.stream_asked[c] = True
+            if not self.queue[c]:           # the stream query: it drained already
+                self.queue_end_ns[c] = now_ns
+                ahead_ns = 0
+        nap_ns = ahead_ns + predicted_own_ns - policy.atom_ns
+        if nap_ns > 0 and self.gpu.pacing and self.low_priority[c]:
+            began_ns = now_ns if self.pace_began_ns[c] is None else self.pace_began_ns[c]
+            if now_ns - began_ns + nap_ns <= PACE_MAX_ATOMS * policy.atom_ns:
+                self.pace_began_ns[c] = began_ns
+                self.pace_until_ms[c] = (now_ns + nap_ns) / 1e6
+                return None
+        return lenders_at_launch(lenders, self.words, now_ns, predicted_own_ns,
+                                 policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=ahead_ns)
+
+    def issue(self, c: int, now_ms: float, lenders: tuple[int, ...]) -> None:
+        """Client c's CPU issues its next kernel on its own TPCs plus `lenders`' (after_launch as the shim)."""
+        policy = self.policy
+        now_ns = round(now_ms * 1e6)
+        key = self.kernels[c][self.next_kernel[c]][3]
+        tpcs = self.quota_tpcs[c] + sum(self.quota_tpcs[lender] for lender in lenders)
+        predicted_ns = self.predictors[c].predict_ns(key, tpcs)
         old_word = self.words[c]
         self.words[c] = after_launch(old_word, now_ns, predicted_ns, policy.unknown_kernel_busy_ns)
+        self.queue_end_ns[c] = max(self.queue_end_ns[c], now_ns) + \
+            (policy.unknown_kernel_busy_ns if predicted_ns is None else predicted_ns)
         for lender in lenders:
-            if self.running[lender]:        # ground truth: the lender was not idle after all
+            if self.queue[lender]:          # ground truth: the lender was not idle after all
                 self.violations[lender] += 1
-        # Reclaim: this owner's launch finds borrowers' kernels on its TPCs.
+        # Reclaim: this owner's issue finds borrowers' kernels (running or queued) on its TPCs.
         if self.reclaim_start_ms[c] is None:
-            holders = [other for other in range(len(self.clients))
-                       if other != c and self.running[other] and c in self.regions[other]]
+            holders = [kernel for other in range(len(self.clients)) if other != c
+                       for kernel in self.queue[other] if c in kernel.regions]
             if holders:
                 self.reclaim_start_ms[c] = now_ms
                 self.reclaim_waiting[c] = len(holders)
-                for other in holders:
-                    self.pending_reclaims[other].add(c)
+                for kernel in holders:
+                    kernel.owners_waiting.append(c)
             elif old_word.last_launch_ns is None or now_ns - old_word.last_launch_ns >= policy.idle_window_ns:
                 self.reclaims_uncontended[c] += 1
-        self.running[c] = True
-        self.remaining[c] = 1.0
-        self.regions[c] = (c,) + lenders
-        self.launch_ms[c] = now_ms
-        self.launch_tpcs[c] = tpcs
-        self.launch_predicted_ns[c] = predicted_ns
         self.launches[c] += 1
         if lenders:
             self.launches_borrowing[c] += 1
+        if self.pace_began_ns[c] is not None:
+            self.launches_paced[c] += 1
+        self.pace_began_ns[c] = None
+        self.stream_asked[c] = False
+        if not self.queue[c]:
+            self.remaining[c] = 1.0
+            self.head_start_ms[c] = now_ms
+        self.queue[c].append(_Issued(self.next_kernel[c], (c,) + lenders, tpcs, predicted_ns,
+                                     self.launches[c] % self.gpu.sample_every == 0))
+        self.next_kernel[c] += 1
+
+    def issue_while_room(self, c: int, now_ms: float) -> None:
+        """Client c's CPU issues the request's kernels while its queue has room (and it is not pacing)."""
+        depth = 1 + self.clients[c].launch_ahead
+        while (self.pace_until_ms[c] == math.inf and self.next_kernel[c] < len(self.kernels[c])
+               and len(self.queue[c]) < depth):
+            lenders = self.choose_lenders(c, now_ms)
+            if lenders is None:             # pacing: wake() decides again
+                return
+            self.issue(c, now_ms, lenders)
+
+    def wake(self, c: int, now_ms: float) -> None:
+        """A paced CPU wakes up and decides again."""
+        self.pace_until_ms[c] = math.inf
+        self.issue_while_room(c, now_ms)
 
     def start_request(self, c: int, arrival_ms: float, now_ms: float) -> None:
         self.started[c] += 1
@@ -278,18 +370,19 @@ class _Run:
             raise ValueError(f"client {self.clients[c].name!r}: more than {MAX_EVENTS_PER_CLIENT} requests/steps "
                              "in this run; shorten duration_s")
         self.request_arrival[c] = arrival_ms
-        self.kernel_index[c] = 0
-        self.launch(c, now_ms)
+        self.in_request[c] = True
+        self.next_kernel[c] = 0
+        self.issue_while_room(c, now_ms)
 
     def complete(self, c: int, now_ms: float) -> None:
-        self.running[c] = False
-        duration_ns = max(1, round((now_ms - self.launch_ms[c]) * 1e6))
-        key = self.kernels[c][self.kernel_index[c]][3]
-        if self.launches[c] % self.gpu.sample_every == 0:
-            self.predictors[c].observe(key, duration_ns, self.launch_tpcs[c])
-        if self.launch_predicted_ns[c] is not None:
-            self.predicted_pairs[c].append((self.launch_predicted_ns[c], duration_ns))
-        for owner in self.pending_reclaims[c]:
+        kernel = self.queue[c].popleft()
+        duration_ns = max(1, round((now_ms - self.head_start_ms[c]) * 1e6))
+        key = self.kernels[c][kernel.index][3]
+        if kernel.sampled:
+            self.predictors[c].observe(key, duration_ns, kernel.tpcs)
+        if kernel.predicted_ns is not None:
+            self.predicted_pairs[c].append((kernel.predicted_ns, duration_ns))
+        for owner in kernel.owners_waiting:
             self.reclaim_waiting[owner] -= 1
             if self.reclaim_waiting[owner] == 0:
                 reclaim_ms = now_ms - self.reclaim_start_ms[owner]
@@ -297,15 +390,16 @@ class _Run:
                 if reclaim_ms > self.policy.atom_us / 1000.0 + _TIME_EPSILON_MS:
                     self.violations[owner] += 1
                 self.reclaim_start_ms[owner] = None
-        self.pending_reclaims[c].clear()
-        self.regions[c] = ()
         if now_ms >= self.duration_ms:
             return
-        self.kernel_index[c] += 1
-        if self.kernel_index[c] < len(self.kernels[c]):
-            self.launch(c, now_ms)
+        if self.queue[c]:                   # the next queued kernel starts
+            self.remaining[c] = 1.0
+            self.head_start_ms[c] = now_ms
+        self.issue_while_room(c, now_ms)
+        if self.queue[c] or self.next_kernel[c] < len(self.kernels[c]):
             return
         self.latencies[c].append(now_ms - self.request_arrival[c])
+        self.in_request[c] = False
         if self.closed[c]:
             self.start_request(c, now_ms, now_ms)
         elif self.next_arrival[c] < len(self.arrivals[c]) and self.arrivals[c][self.next_arrival[c]] <= now_ms:
@@ -318,8 +412,8 @@ class _Run:
         """Integrals of borrowed and lent TPCs over one step in which nothing changes."""
         lent_regions: set[int] = set()
         for c in range(len(self.clients)):
-            if self.running[c] and len(self.regions[c]) > 1:
-                for lender in self.regions[c][1:]:
+            if self.queue[c] and len(self.queue[c][0].regions) > 1:
+                for lender in self.queue[c][0].regions[1:]:
                     self.borrowed_tpc_ms[c] += step_ms * self.quota_tpcs[lender]
                     self.lent_tpc_ms[lender] += step_ms * self.quota_tpcs[lender]
                     lent_regions.add(lender)
@@ -352,30 +446,32 @@ class _Run:
         while True:
             holders_per_region = [0] * count
             for c in range(count):
-                if self.running[c]:
-                    for r in self.regions[c]:
+                if self.queue[c]:
+                    for r in self.queue[c][0].regions:
                         holders_per_region[r] += 1
             latency = [0.0] * count
             finish_ms, finisher = math.inf, -1
             for c in range(count):
-                if not self.running[c]:
+                if not self.queue[c]:
                     continue
-                t_eff = sum(self.quota_tpcs[r] / holders_per_region[r] for r in self.regions[c])
-                m, b, saturation, _ = self.kernels[c][self.kernel_index[c]]
+                head = self.queue[c][0]
+                t_eff = sum(self.quota_tpcs[r] / holders_per_region[r] for r in head.regions)
+                m, b, saturation, _ = self.kernels[c][head.index]
                 latency[c] = m / min(t_eff, saturation) + b
                 t = now + self.remaining[c] * latency[c]
                 if t < finish_ms:
                     finish_ms, finisher = t, c
             start_ms, starter = math.inf, -1
             for c in range(count):
-                if not self.running[c] and not self.closed[c] and self.next_arrival[c] < len(self.arrivals[c]):
+                if not self.in_request[c] and not self.closed[c] and self.next_arrival[c] < len(self.arrivals[c]):
                     t = self.arrivals[c][self.next_arrival[c]]
                     if t < start_ms:
                         start_ms, starter = t, c
-            event_ms = min(finish_ms, start_ms, next_tick, self.duration_ms)
+            wake_ms = min(self.pace_until_ms)
+            event_ms = min(finish_ms, start_ms, next_tick, wake_ms, self.duration_ms)
             step_ms = event_ms - now
             for c in range(count):
-                if self.running[c]:
+                if self.queue[c]:
                     if c == finisher and event_ms == finish_ms:
                         self.remaining[c] = 0.0
                     else:
@@ -384,7 +480,7 @@ class _Run:
             now = event_ms
             if event_ms == finish_ms:
                 for c in range(count):
-                    if self.running[c] and self.remaining[c] <= _FINISHED_FRACTION:
+                    if self.queue[c] and self.remaining[c] <= _FINISHED_FRACTION:
                         self.complete(c, now)
             elif event_ms == start_ms:
                 self.next_arrival[starter] += 1
@@ -392,6 +488,8 @@ class _Run:
             elif event_ms == next_tick:
                 self.control_tick(now)
                 next_tick += period_ms
+            elif event_ms == wake_ms:
+                self.wake(self.pace_until_ms.index(wake_ms), now)
             if now >= self.duration_ms:
                 break
         return self.build_result()
@@ -410,7 +508,8 @@ class _Run:
                 launches_borrowing=self.launches_borrowing[c], borrowed_tpc_s=self.borrowed_tpc_ms[c] / 1000.0,
                 lent_tpc_s=self.lent_tpc_ms[c] / 1000.0, reclaim_ms=np.array(self.reclaims[c], dtype=float),
                 reclaims_uncontended=self.reclaims_uncontended[c], quota_violations=self.violations[c],
-                predictor=accuracy)
+                predictor=accuracy, launch_ahead=client.launch_ahead, launches_paced=self.launches_paced[c])
         bin_ms = self.gpu.timeline_bin_ms
         return LendingResult(self.gpu.model.name, self.duration_s, self.seed, self.policy, clients, bin_ms,
-                             self.lent_timeline_tpc_ms / bin_ms)
+                             self.lent_timeline_tpc_ms / bin_ms, queue_term=self.gpu.queue_term,
+                             pacing=self.gpu.pacing)

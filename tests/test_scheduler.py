@@ -295,6 +295,12 @@ def test_same_seed_same_result():
     (lambda gpu: gpu.run(-1.0), "duration_s must be a finite number > 0"),
     (lambda gpu: LendingGpu(H100, sample_every=0), "sample_every must be an integer >= 1"),
     (lambda gpu: split_kernels(BERT_LIKE, 0), "pieces must be an integer >= 1"),
+    (lambda gpu: gpu.add_client("x", BEST_EFFORT, (20,), ClosedLoop(TRAIN_LIKE), launch_ahead=-1),
+     "launch_ahead must be an integer >= 0"),
+    (lambda gpu: gpu.add_client("x", BEST_EFFORT, (20,), ClosedLoop(TRAIN_LIKE), launch_ahead=2.5), "launch_ahead"),
+    (lambda gpu: gpu.add_client("x", BEST_EFFORT, (20,), ClosedLoop(TRAIN_LIKE), launch_ahead=True), "launch_ahead"),
+    (lambda gpu: LendingGpu(H100, queue_term="yes"), "queue_term must be True or False"),
+    (lambda gpu: LendingGpu(H100, pacing=None), "pacing must be True or False"),
 ])
 def test_simulator_rejects_bad_input(call, message):
     gpu = LendingGpu(H100)
@@ -318,3 +324,104 @@ def test_quota_violations_are_detected_when_the_idle_test_is_fooled():
     gpu.add_client("service", LATENCY_CRITICAL, range(0, 8), ClosedLoop(bert_base_b1()))   # one 4.3 ms kernel
     gpu.add_client("train", BEST_EFFORT, range(8, 66), ClosedLoop(TRAIN_LIKE))
     assert gpu.run(0.1, seed=5).quota_violations > 0
+
+
+# --- launch-ahead queues (all figures simulated) ----------------------------------------------------
+# A best-effort borrower whose CPU queues 32 kernels of about 100 us ahead, next to a latency-critical
+# service that is idle between requests (20 req/s, about 4 ms each): the lender wakes while the
+# borrower's queue holds kernels issued onto its TPCs.
+
+BE_100US = split_kernels(matmul_train_step(), 16)    # 64 kernels of about 108 us on 50 TPCs
+DEEP_QUEUE = 32
+DEEP_SECONDS = 2.0
+
+
+def deep_queue_gpu(policy=LendingPolicy(), lc_rate_per_s=20.0, **switches):
+    gpu = LendingGpu(H100, policy, **switches)
+    gpu.add_client("bert", LATENCY_CRITICAL, range(0, 16), OpenLoop(BERT_LIKE, lc_rate_per_s))
+    gpu.add_client("train", BEST_EFFORT, range(16, 66), ClosedLoop(BE_100US), launch_ahead=DEEP_QUEUE)
+    return gpu
+
+
+@pytest.fixture(scope="module")
+def deep_queue_runs():
+    return {"static": deep_queue_gpu(LendingPolicy(lending_enabled=False)).run(DEEP_SECONDS, seed=1),
+            "old_rule": deep_queue_gpu(queue_term=False).run(DEEP_SECONDS, seed=1),
+            "queue_term": deep_queue_gpu(pacing=False).run(DEEP_SECONDS, seed=1),
+            "paced": deep_queue_gpu().run(DEEP_SECONDS, seed=1)}
+
+
+def test_old_rule_lets_a_deep_queue_hold_lent_tpcs_long_after_their_owner_wakes(deep_queue_runs):
+    old = deep_queue_runs["old_rule"]
+    assert old.clients["train"].borrowed_tpc_s > 10
+    assert old.clients["bert"].reclaim_ms.size > 10
+    assert np.percentile(old.reclaim_ms_all(), 99) > 4 * old.policy.atom_us / 1000
+    assert old.clients["bert"].quota_violations > 0
+
+
+def test_queue_term_gives_lent_tpcs_back_within_the_atom_but_a_deep_queue_borrows_little(deep_queue_runs):
+    queue_term, old = deep_queue_runs["queue_term"], deep_queue_runs["old_rule"]
+    atom_ms = queue_term.policy.atom_us / 1000
+    assert queue_term.quota_violations == 0
+    assert np.all(queue_term.reclaim_ms_all() <= atom_ms)
+    train = queue_term.clients["train"]
+    assert 0 < train.launches_borrowing and train.borrowed_tpc_s < 0.05 * old.clients["train"].borrowed_tpc_s
+    assert train.launches_paced == 0
+    assert train.throughput_per_s >= deep_queue_runs["static"].clients["train"].throughput_per_s
+
+
+def test_pacing_borrows_within_the_atom_and_keeps_the_throughput_gain(deep_queue_runs):
+    paced, queue_term, static = deep_queue_runs["paced"], deep_queue_runs["queue_term"], deep_queue_runs["static"]
+    atom_ms = paced.policy.atom_us / 1000
+    bert, train = paced.clients["bert"], paced.clients["train"]
+    assert paced.quota_violations == 0
+    assert bert.reclaim_ms.size > 10                    # lent, and taken back, many times
+    assert np.percentile(bert.reclaim_ms, 99) <= atom_ms + 1e-9
+    assert train.launches_paced > 0
+    assert train.borrowed_tpc_s > 20 * queue_term.clients["train"].borrowed_tpc_s
+    assert train.throughput_per_s > 1.1 * static.clients["train"].throughput_per_s
+    assert np.percentile(bert.latencies_ms, 99) <= np.percentile(static.clients["bert"].latencies_ms, 99) + 0.1
+
+
+def test_deep_queue_best_effort_is_not_starved_when_latency_critical_is_idle():
+    static, queue_term, paced = (deep_queue_gpu(policy, lc_rate_per_s=0.5, **switches).run(DEEP_SECONDS, seed=2)
+                                 for policy, switches in ((LendingPolicy(lending_enabled=False), {}),
+                                                          (LendingPolicy(), {"pacing": False}),
+                                                          (LendingPolicy(), {})))
+    alone = static.clients["train"].throughput_per_s
+    assert queue_term.clients["train"].throughput_per_s >= alone
+    assert paced.clients["train"].throughput_per_s > 1.15 * alone
+    assert queue_term.quota_violations == paced.quota_violations == 0
+
+
+def test_launch_ahead_0_reproduces_the_one_kernel_in_flight_simulator(mixed_runs):
+    # Figures of mixed_gpu(LendingPolicy()).run(4.0, seed=1) before launch-ahead queues existed (commit 4d75fc4).
+    lithos = mixed_runs["lithos"]
+    bert, train = lithos.clients["bert"], lithos.clients["train"]
+    assert (bert.completed, train.completed, train.launches, train.launches_borrowing) == (431, 689, 22070, 11725)
+    assert (bert.reclaim_ms.size, bert.reclaims_uncontended, lithos.quota_violations) == (220, 3, 0)
+    assert bert.lent_tpc_s == pytest.approx(16.15494485495504, rel=1e-12)
+    assert bert.latencies_ms.sum() == pytest.approx(2658.036712523336, rel=1e-12)
+    assert train.latencies_ms.sum() == pytest.approx(3996.3028153389355, rel=1e-12)
+    # With nothing queued ahead, the queue term and pacing change nothing.
+    old_rule = LendingGpu(H100, LendingPolicy(), queue_term=False, pacing=False)
+    old_rule.add_client("bert", LATENCY_CRITICAL, range(0, 8), OpenLoop(BERT_LIKE, 100.0), launch_ahead=0)
+    old_rule.add_client("train", BEST_EFFORT, range(8, 66), ClosedLoop(TRAIN_LIKE), launch_ahead=0)
+    old_rule = old_rule.run(SIM_SECONDS, seed=1)
+    for name in ("bert", "train"):
+        np.testing.assert_array_equal(old_rule.clients[name].latencies_ms, lithos.clients[name].latencies_ms)
+        np.testing.assert_array_equal(old_rule.clients[name].reclaim_ms, lithos.clients[name].reclaim_ms)
+        assert old_rule.clients[name].borrowed_tpc_s == lithos.clients[name].borrowed_tpc_s
+
+
+def test_without_lending_launch_ahead_changes_nothing():
+    # Kernels of one stream run back to back either way when the CPU costs no time.
+    results = []
+    for ahead in (0, DEEP_QUEUE):
+        gpu = LendingGpu(H100, LendingPolicy(lending_enabled=False))
+        gpu.add_client("bert", LATENCY_CRITICAL, range(0, 16), OpenLoop(BERT_LIKE, 20.0), launch_ahead=ahead)
+        gpu.add_client("train", BEST_EFFORT, range(16, 66), ClosedLoop(BE_100US), launch_ahead=ahead)
+        results.append(gpu.run(1.0, seed=3))
+    for name in ("bert", "train"):
+        np.testing.assert_allclose(results[1].clients[name].latencies_ms, results[0].clients[name].latencies_ms,
+                                   rtol=1e-9)
