@@ -266,15 +266,21 @@ EXPORT CUresult cuFakeManyArgs(uint64_t i1, double d1, uint64_t i2, double d2, u
     return ok ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
+/* cuGetProcAddress hands out the library's own functions, as libcuda does: hidden aliases, because
+ * the address of an exported function would go through the GOT and so name whatever interposes it
+ * (liblithos.so exports stubs under these names). */
+#define LOCAL(name) extern __typeof__(name) local_##name __attribute__((alias(#name), visibility("hidden")));
+LOCAL(cuMemcpyDtoH_v2) LOCAL(cuMemsetD8_v2) LOCAL(cuCtxSynchronize) LOCAL(cuStreamSynchronize) LOCAL(cuCtxGetCurrent)
+LOCAL(cuLaunchKernel) LOCAL(cuEventRecord) LOCAL(cuStreamWaitEvent) LOCAL(cuFakeManyArgs)
 static const struct {
     const char *name;
     void *fn;
 } proc_table[] = {
-    {"cuMemcpyDtoH", (void *)cuMemcpyDtoH_v2},     {"cuMemsetD8", (void *)cuMemsetD8_v2},
-    {"cuCtxSynchronize", (void *)cuCtxSynchronize}, {"cuStreamSynchronize", (void *)cuStreamSynchronize},
-    {"cuCtxGetCurrent", (void *)cuCtxGetCurrent},   {"cuLaunchKernel", (void *)cuLaunchKernel},
-    {"cuEventRecord", (void *)cuEventRecord},       {"cuStreamWaitEvent", (void *)cuStreamWaitEvent},
-    {"cuFakeManyArgs", (void *)cuFakeManyArgs},
+    {"cuMemcpyDtoH", (void *)local_cuMemcpyDtoH_v2},     {"cuMemsetD8", (void *)local_cuMemsetD8_v2},
+    {"cuCtxSynchronize", (void *)local_cuCtxSynchronize}, {"cuStreamSynchronize", (void *)local_cuStreamSynchronize},
+    {"cuCtxGetCurrent", (void *)local_cuCtxGetCurrent},   {"cuLaunchKernel", (void *)local_cuLaunchKernel},
+    {"cuEventRecord", (void *)local_cuEventRecord},       {"cuStreamWaitEvent", (void *)local_cuStreamWaitEvent},
+    {"cuFakeManyArgs", (void *)local_cuFakeManyArgs},
 };
 EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, cuuint64_t flags,
                                     CUdriverProcAddressQueryResult *status) {

@@ -4,8 +4,10 @@ Programs linked with -lcuda call driver functions by symbol; LD_PRELOAD can inte
 liblithos.so exports the same names. Each exported stub pays owed deferred joins before the call
 (lithos_stubs.S) and resolves the real function lazily in libcuda.so.1 on its first call.
 
-Names: every `CUresult cuXxx(` declared by the cuda.h the build uses, preprocessed twice (as is
-and with -DCUDA_API_PER_THREAD_DEFAULT_STREAM, which selects the _ptds/_ptsz forms), minus the
+Names: every `CUresult cuXxx(` declared by the cuda.h the build uses (not static inline),
+preprocessed three times: as is, with -DCUDA_API_PER_THREAD_DEFAULT_STREAM (the _ptds/_ptsz forms)
+and with -D__CUDA_API_VERSION_INTERNAL (the older ABI versions libcuda still exports, e.g.
+cuMemPrefetchAsync before _v2, which binaries built against older headers call), minus the
 names lithos.c hooks in C (LITHOS_HOOKS) and the names of lithos_nojoin.h (those go straight to
 libcuda: they never need a flush).
 
@@ -27,7 +29,7 @@ def base_name(name: str) -> str:
 
 def declared_names(cc: str, include: str) -> set:
     names = set()
-    for defines in ([], ["-DCUDA_API_PER_THREAD_DEFAULT_STREAM"]):
+    for defines in ([], ["-DCUDA_API_PER_THREAD_DEFAULT_STREAM"], ["-D__CUDA_API_VERSION_INTERNAL"]):
         proc = subprocess.run(cc.split() + ["-E", "-P", "-x", "c", "-I", include, *defines, "-"],
                               input="#include <cuda.h>\n", capture_output=True, text=True)
         if proc.returncode != 0:

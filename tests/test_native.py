@@ -700,6 +700,23 @@ def test_per_thread_default_stream_joins_are_paid_by_their_own_thread(fake_drive
     assert " ".join(counted[0]) == "{'runs': 1, 'paid': 1, 'legacy_for_other': 0}"
 
 
+def test_with_deferral_off_driver_entry_points_are_the_drivers_own(fake_driver, fake_table):
+    """LITHOS_DEFER_JOIN=0: cuGetProcAddress and dlsym hand out no stubs, and nothing is ever owed."""
+    out = run_sections("""
+    memcpy, memset = proc("cuMemcpyDtoH"), by_dlsym("cuMemsetD8_v2")
+    show(owner(memcpy), owner(memset), len(stubs()) > 300)   # only the exported stubs are listed
+    log()
+    launch(None); launch(None)
+    memcpy_dtoh(memcpy)
+    section()
+    show(continued(), joins()["runs"])
+    """, fake_env(fake_driver, fake_table, LITHOS_DEFER_JOIN="0"))
+    assert out[0][0] == ["libcuda.so.1", "libcuda.so.1", "True"]
+    green = out[0][2][1]
+    assert out[0][1:] == paired_calls("0", green) * 2 + [["cuMemcpyDtoH", "0xd0", "8"]]
+    assert out[1] == [["0", "0"]]
+
+
 def test_a_capturing_stream_is_paired_eagerly(fake_driver, fake_table):
     """While the app stream captures a graph, every launch gets both dependencies (4 event calls)."""
     out = run_sections("""
