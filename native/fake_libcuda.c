@@ -9,7 +9,11 @@
  * For the lending tests: cuGreenCtxCreate logs how many TPC groups the green context holds,
  * streams keep the priority they were created with, and cuEventElapsedTime reports FAKE_KERNEL_US
  * microseconds (default 1) as every kernel's duration, and cuStreamQuery says drained unless
- * FAKE_STREAM_BUSY=1. Thread-safe (the shim builds green contexts
+ * FAKE_STREAM_BUSY=1. For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
+ * points of its table below; cuMemcpyDtoH_v2, cuMemsetD8_v2, cuCtxSynchronize, cuStreamSynchronize
+ * and cuFakeManyArgs (not a driver function: 9 integer and 9 double arguments, so some on the
+ * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
+ * context report an active graph capture. Thread-safe (the shim builds green contexts
  * on a thread of its own); the current context is per thread, as in the real driver.
  * Built by tests/test_native.py as <tmp>/libcuda.so.1 and found through LD_LIBRARY_PATH.
  */
@@ -182,7 +186,9 @@ EXPORT CUresult cuCtxGetStreamPriorityRange(int *least, int *greatest) {
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *status) {
-    *status = CU_STREAM_CAPTURE_STATUS_NONE;
+    int capturing = getenv("FAKE_CAPTURING") && strcmp(getenv("FAKE_CAPTURING"), "1") == 0;
+    *status = capturing && ctx_of((uintptr_t)stream) == (CUcontext)0x10 ? CU_STREAM_CAPTURE_STATUS_ACTIVE
+                                                                        : CU_STREAM_CAPTURE_STATUS_NONE;
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode) { return CUDA_SUCCESS; }
@@ -228,4 +234,68 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     int refused = gx == 912 && ctx_of((uintptr_t)stream) != (CUcontext)0x10;
     logf_("cuLaunchKernel %#lx%s", (unsigned long)(uintptr_t)stream, refused ? " refused" : "");
     return refused ? CUDA_ERROR_INVALID_CLUSTER_SIZE : CUDA_SUCCESS;
+}
+
+/* Entry points that enqueue or wait (the shim's stubs must pay owed joins before them). */
+EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
+    memset(dst, 0, bytes);
+    logf_("cuMemcpyDtoH %#lx %zu", (unsigned long)src, bytes);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count) {
+    logf_("cuMemsetD8 %#lx %u %zu", (unsigned long)dst, value, count);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxSynchronize(void) {
+    logf_("cuCtxSynchronize");
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuStreamSynchronize(CUstream stream) {
+    logf_("cuStreamSynchronize %#lx", (unsigned long)(uintptr_t)stream);
+    return CUDA_SUCCESS;
+}
+/* Not a driver function: arguments i1..i9 must be k * 0x1000000001 and d1..d9 k + 0.25 (k = 1..9). */
+EXPORT CUresult cuFakeManyArgs(uint64_t i1, double d1, uint64_t i2, double d2, uint64_t i3, double d3, uint64_t i4, double d4,
+                               uint64_t i5, double d5, uint64_t i6, double d6, uint64_t i7, double d7, uint64_t i8, double d8,
+                               uint64_t i9, double d9) {
+    const uint64_t ints[9] = {i1, i2, i3, i4, i5, i6, i7, i8, i9};
+    const double doubles[9] = {d1, d2, d3, d4, d5, d6, d7, d8, d9};
+    int ok = 1;
+    for (int k = 0; k < 9; k++) ok &= ints[k] == (uint64_t)(k + 1) * 0x1000000001ull && doubles[k] == k + 1.25;
+    logf_("cuFakeManyArgs %s", ok ? "ok" : "bad");
+    return ok ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+/* cuGetProcAddress hands out the library's own functions, as libcuda does: hidden aliases, because
+ * the address of an exported function would go through the GOT and so name whatever interposes it
+ * (liblithos.so exports stubs under these names). */
+#define LOCAL(name) extern __typeof__(name) local_##name __attribute__((alias(#name), visibility("hidden")));
+LOCAL(cuMemcpyDtoH_v2) LOCAL(cuMemsetD8_v2) LOCAL(cuCtxSynchronize) LOCAL(cuStreamSynchronize) LOCAL(cuCtxGetCurrent)
+LOCAL(cuLaunchKernel) LOCAL(cuEventRecord) LOCAL(cuStreamWaitEvent) LOCAL(cuFakeManyArgs)
+static const struct {
+    const char *name;
+    void *fn;
+} proc_table[] = {
+    {"cuMemcpyDtoH", (void *)local_cuMemcpyDtoH_v2},     {"cuMemsetD8", (void *)local_cuMemsetD8_v2},
+    {"cuCtxSynchronize", (void *)local_cuCtxSynchronize}, {"cuStreamSynchronize", (void *)local_cuStreamSynchronize},
+    {"cuCtxGetCurrent", (void *)local_cuCtxGetCurrent},   {"cuLaunchKernel", (void *)local_cuLaunchKernel},
+    {"cuEventRecord", (void *)local_cuEventRecord},       {"cuStreamWaitEvent", (void *)local_cuStreamWaitEvent},
+    {"cuFakeManyArgs", (void *)local_cuFakeManyArgs},
+};
+EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int version, cuuint64_t flags,
+                                    CUdriverProcAddressQueryResult *status) {
+    for (size_t i = 0; i < sizeof(proc_table) / sizeof(proc_table[0]); i++)
+        if (strcmp(proc_table[i].name, symbol) == 0) {
+            *pfn = proc_table[i].fn;
+            if (status) *status = CU_GET_PROC_ADDRESS_SUCCESS;
+            return CUDA_SUCCESS;
+        }
+    *pfn = NULL;
+    if (status) *status = CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
+    return CUDA_ERROR_NOT_FOUND;
+}
+EXPORT CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                    unsigned bz, unsigned shared, CUstream stream, void **params, void **extra) {
+    logf_("cuLaunchKernel_ptsz %#lx", (unsigned long)(uintptr_t)stream);
+    return CUDA_SUCCESS;
 }

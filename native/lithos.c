@@ -16,7 +16,9 @@
  *      paired (every other stream, cluster kernels, created streams after a change): app stream
  *      -> event -> green stream waits; launch on the green stream; green stream -> event -> app
  *      stream waits. Everything later on the app stream (event records, syncs, copies, graph
- *      capture joins) therefore sees the moved kernel;
+ *      capture joins) therefore sees the moved kernel. With deferred joins (default) only the first
+ *      launch of a run on one pair orders the green stream after the app stream; the join back is
+ *      owed until anything else happens ("Deferred joins" below);
  *   5. write the launch identity into this slot's ring; every sample_every-th launch also gets
  *      timing events and its GPU duration is filled in once it has finished (and fed to the
  *      latency predictor, lithos_predictor.c).
@@ -28,6 +30,35 @@
  *   a builder thread and this launch uses the own TPCs (green contexts are never created on the
  *   launch path for lending). Then this client's own activity word is updated (atomics only),
  *   before the launch is handed to the driver.
+ *
+ * Deferred joins (LITHOS_DEFER_JOIN, default on; off = the 4 event calls on every paired launch):
+ *   a RUN is a sequence of paired launches by one thread on one stream_pair (same app stream,
+ *   route, view, priority). Its first launch records app_done on the app stream and makes the green
+ *   stream wait (unless the app stream is capturing a graph: then the launch is paired eagerly);
+ *   later launches of the run go straight to the green stream, which keeps their order by itself.
+ *   The join back (green_done on the green stream, the app stream waits) is OWED (the pair is in
+ *   pending_pairs, lithos_pending_joins > 0) and paid by flush_joins() before:
+ *    - any launch that does not continue the run (another pair, another thread, direct, unconfined
+ *      and graph launches), and cuStreamDestroy;
+ *    - every other driver call except the names of lithos_nojoin.h (calls that neither enqueue nor
+ *      wait). The runtime and libraries get driver entry points through cuGetProcAddress or dlsym:
+ *      for every other name those hooks hand out a stub of lithos_stubs.S (a pool of 2048; deduped
+ *      by real pointer; when it runs out the process goes back to eager joins). Programs linked
+ *      with -lcuda reach the stubs liblithos.so exports under the driver's own names
+ *      (build/lithos_exports.S, generated from cuda.h by gen_stubs.py). A stub costs one load and
+ *      an indirect jump while nothing is owed.
+ *   Locking: join_lock (a mutex, uncontended = atomics only) guards pending_pairs and each pair's
+ *   pending/owner fields, and is held across a deferred launch (decide, events, launch, mark
+ *   owed), so a flush from another thread sees a run either before or after a launch, never in
+ *   between. Flushes name the app stream's context (pushed when the flushing thread's current one
+ *   differs). A per-thread default stream cannot be named from another thread: a foreign flush
+ *   makes that context's legacy stream wait instead (what the legacy stream, device syncs and
+ *   blocking streams need) and leaves the join owed to the owner, who pays it at its next call;
+ *   a thread exiting with one owed drops it (pthread key destructor).
+ *   Limit: a driver call from thread B that is not ordered on the host with thread A's launches
+ *   may check "nothing owed" just before A starts a run and then enqueue after A's first kernel:
+ *   the two then have no order on the GPU (without the shim they would run in one of the two
+ *   orders). Calls ordered on the host (the same thread, or a mutex/condition between them) are exact.
  *
  * Supported: CUDA 13.0 headers, driver 580.159.04, H100 80GB HBM3 under MPS; x86-64 glibc >= 2.34.
  */
@@ -49,7 +80,9 @@
 #include <unistd.h>
 
 #include "lithos_predictor.h"
+#include "lithos_nojoin.h"
 #include "lithos_shm.h"
+#include "lithos_stubs.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -183,6 +216,12 @@ typedef struct stream_pair {
     CUevent timing[TIMING_PAIRS][2];
     uint64_t timing_index[TIMING_PAIRS]; /* ring index + 1 of the sampled launch; 0 = free */
     unsigned timing_next;
+    /* Deferred joins, guarded by join_lock: the green stream holds launches the app stream has not
+     * joined (the pair is in pending_pairs); the thread whose run it is (its &tls); a per-thread
+     * default stream's join made to the legacy stream by another thread (the owner still owes it). */
+    int pending;
+    const void *pending_owner;
+    int legacy_joined;
     struct stream_pair *next;
 } stream_pair;
 
@@ -215,11 +254,19 @@ static struct {
     int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
     int green_streams_tested;
     int pace; /* low-priority borrowers wait for their queue to drain to one atom (LITHOS_LEND_PACE, default 1) */
+    int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
+    const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
+    pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
     char warned[16];
 } g = {.once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
 
-/* The three launch paths, counted per thread (lithos_client_launch_counts). */
-enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, LITHOS_PATHS = 3 };
+/* The three launch paths, counted per thread (lithos_client_launch_counts); PATH_CONTINUED counts
+ * the paired launches that continued a deferred run (no event calls), a subset of PATH_PAIRED. */
+enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, PATH_CONTINUED = 3, LITHOS_PATHS = 4 };
+/* Deferred joins, counted per thread (lithos_client_join_counts): runs started (app_done + wait),
+ * joins paid (green_done + wait, by this thread's flushes), per-thread-stream joins made to the
+ * legacy stream for another thread. */
+enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUNTS = 3 };
 /* Lending outcomes, counted per thread (lithos_client_lending_counts): launches that used borrowed
  * TPCs; launches that found idle lenders but whose union was still being built (own TPCs used). */
 enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LITHOS_LEND_COUNTS = 4 };
@@ -259,7 +306,22 @@ static __thread struct {
     unsigned queue_next;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
     uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
+    uint64_t joins[LITHOS_JOIN_COUNTS];     /* this thread's deferred-join events, for tools */
+    int in_join;      /* inside join_lock (a stub entered from the driver meanwhile must not flush) */
+    int in_init;      /* running init_once (dlsym hands out no stubs, stubs resolve without it) */
+    int exit_key_set; /* the exit_key destructor is armed for this thread */
 } tls;
+
+/* Deferred joins (see the top of the file): pairs whose join is owed, at most PENDING_MAX (a launch
+ * that would owe one more joins eagerly). lithos_pending_joins mirrors pending_count for the stubs. */
+#define PENDING_MAX 16
+LITHOS_HIDDEN int lithos_pending_joins;
+static pthread_mutex_t join_lock = PTHREAD_MUTEX_INITIALIZER;
+static stream_pair *pending_pairs[PENDING_MAX];
+static unsigned pending_count;
+/* Stub pool: slots handed out so far, guarded by stub_lock (taken by the cuGetProcAddress and dlsym hooks only). */
+static pthread_mutex_t stub_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned stubs_used;
 
 static void notice_once(int which, const char *fmt, ...) {
     if (which >= (int)sizeof(g.warned) || __atomic_exchange_n(&g.warned[which], 1, __ATOMIC_RELAXED)) return;
@@ -271,7 +333,7 @@ static void notice_once(int which, const char *fmt, ...) {
     va_end(ap);
 }
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
-       WARN_ACTIVITY, WARN_BUILDER };
+       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -382,7 +444,9 @@ static void open_activity(const char *table_path) {
     __atomic_store_n(&g.own_activity->writer_pid[0], (uint32_t)getpid(), __ATOMIC_RELEASE);
 }
 
-static void init_once(void) {
+static void on_thread_exit(void *unused);
+
+static void init_body(void) {
     resolve_driver();
     const char *table_path = getenv("LITHOS_SHM"), *slot_text = getenv("LITHOS_SLOT");
     g.verbose = getenv("LITHOS_VERBOSE") && atoi(getenv("LITHOS_VERBOSE")) > 0;
@@ -432,7 +496,22 @@ static void init_once(void) {
     if (g.verbose) notice_once(WARN_CONFINED, "slot %lu of %s: confining kernel launches", slot, table_path);
 }
 
+static void init_once(void) {
+    tls.in_init = 1;
+    init_body();
+    const char *defer_text = getenv("LITHOS_DEFER_JOIN");
+    int defer = g.mode == MODE_CONFINED && !(defer_text && strcmp(defer_text, "0") == 0);
+    Dl_info info;
+    if (defer && drv_cuCtxGetCurrent && dladdr((void *)drv_cuCtxGetCurrent, &info) && info.dli_fbase)
+        g.libcuda_base = info.dli_fbase;
+    if (defer && pthread_key_create(&g.exit_key, on_thread_exit) != 0) defer = 0;
+    __atomic_store_n(&g.defer, defer, __ATOMIC_RELEASE);
+    tls.in_init = 0;
+}
+
 static inline void ensure_init(void) { pthread_once(&g.once, init_once); }
+
+static void *stub_for(const char *name, void *fn, int only_libcuda);
 
 EXPORT void *dlsym(void *handle, const char *symbol) {
     void *(*rd)(void *, const char *) = real_dlsym_fn();
@@ -442,11 +521,16 @@ EXPORT void *dlsym(void *handle, const char *symbol) {
             ensure_init();
             return rd(handle, symbol) ? e->hook : NULL;
         }
+        if (symbol[2] >= 'A' && symbol[2] <= 'Z' && !tls.in_init) { /* a driver name: a stub that pays owed joins */
+            void *fn = rd(handle, symbol);
+            return fn ? stub_for(symbol, fn, 1) : NULL;
+        }
     }
     return rd(handle, symbol);
 }
 
-/* Swap a driver pointer the runtime asked for by name for our hook of the same function. */
+/* Swap a driver pointer the runtime asked for by name for our hook of the same function, or for a
+ * stub that pays owed joins (every other name but those of lithos_nojoin.h). */
 static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
     if (!pfn || !*pfn) return;
     const hook_entry *by_name = NULL;
@@ -461,9 +545,11 @@ static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
     if (by_name && !*by_name->real) { /* libcuda did not export it under our name: adopt this pointer */
         *by_name->real = *pfn;
         *pfn = by_name->hook;
+        return;
     } else if (by_name) {
         notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an unknown variant; it is not confined", symbol);
     }
+    *pfn = stub_for(symbol, *pfn, 0);
 }
 
 EXPORT CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cuda_version, cuuint64_t flags,
@@ -865,6 +951,7 @@ static stream_pair *build_owned_stream(CUcontext app_ctx, allowance_route *route
 /* Called with g.lock held: the application destroyed `stream`; retire every entry for it. The
  * shim's own green streams and events of paired entries go too; owned streams are destroyed by
  * the caller (they are the application's stream). */
+static void drop_pending(stream_pair *p);
 static void retire_pairs(CUstream stream) {
     for (stream_pair **link = &g.pairs; *link;) {
         stream_pair *p = *link;
@@ -874,6 +961,9 @@ static void retire_pairs(CUstream stream) {
         }
         __atomic_store_n(&p->dead, 1, __ATOMIC_RELAXED);
         *link = p->next;
+        pthread_mutex_lock(&join_lock); /* cuStreamDestroy flushed: owed only by a launch racing with the destroy */
+        drop_pending(p);
+        pthread_mutex_unlock(&join_lock);
         if (!p->owned) {
             drv_cuEventDestroy(p->app_done);
             drv_cuEventDestroy(p->green_done);
@@ -884,6 +974,183 @@ static void retire_pairs(CUstream stream) {
             drv_cuEventDestroy(p->timing[i][1]);
         }
     }
+}
+
+/* ---------------------------------------------------------------- deferred joins and stubs */
+
+static int defer_on(void) { return __atomic_load_n(&g.defer, __ATOMIC_ACQUIRE); }
+
+/* Called with join_lock held: `wait_stream` (p's app stream, or the legacy stream of p's context)
+ * waits for everything launched on p's green stream so far. A special handle means a stream of the
+ * current context, so p's context is made current around it when it is not. */
+static void join_pair(stream_pair *p, CUstream wait_stream) {
+    CUcontext current = NULL, popped;
+    int pushed = 0;
+    if (special_stream(wait_stream) && (drv_cuCtxGetCurrent(&current) != CUDA_SUCCESS || current != p->app_ctx)) {
+        if (drv_cuCtxPushCurrent(p->app_ctx) != CUDA_SUCCESS) return; /* its context is gone, and its streams with it */
+        pushed = 1;
+    }
+    if (drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS) drv_cuStreamWaitEvent(wait_stream, p->green_done, 0);
+    if (pushed) drv_cuCtxPopCurrent(&popped);
+}
+
+/* Called with join_lock held. */
+static void remove_pending_at(unsigned i) {
+    pending_pairs[i]->pending = 0;
+    pending_pairs[i] = pending_pairs[--pending_count];
+    __atomic_store_n(&lithos_pending_joins, (int)pending_count, __ATOMIC_RELEASE);
+}
+
+/* Called with join_lock held: pay every owed join this thread can. Another thread's per-thread
+ * default stream cannot be named from here: its context's legacy stream waits instead (once per
+ * run) and the owner keeps owing the join to its own stream. Returns the number of joins made. */
+static int flush_joins_locked(void) {
+    int made = 0;
+    for (unsigned i = 0; i < pending_count;) {
+        stream_pair *p = pending_pairs[i];
+        if (p->app_stream == CU_STREAM_PER_THREAD && p->pending_owner != (const void *)&tls) {
+            if (!p->legacy_joined) {
+                join_pair(p, CU_STREAM_LEGACY);
+                p->legacy_joined = 1;
+                tls.joins[JOIN_LEGACY_FOR_OTHER]++;
+                made++;
+            }
+            i++;
+            continue;
+        }
+        join_pair(p, p->app_stream);
+        tls.joins[JOIN_PAID]++;
+        made++;
+        remove_pending_at(i);
+    }
+    return made;
+}
+
+/* Called with join_lock held: p's green stream holds a launch its app stream has not joined. */
+static void owe_join(stream_pair *p, CUstream app_stream) {
+    if (!p->pending) {
+        p->pending = 1;
+        pending_pairs[pending_count++] = p; /* room checked when the run started */
+        __atomic_store_n(&lithos_pending_joins, (int)pending_count, __ATOMIC_RELEASE);
+    }
+    p->pending_owner = &tls;
+    p->legacy_joined = 0;
+    if (app_stream == CU_STREAM_PER_THREAD && !tls.exit_key_set) { /* no allocation for the first 32 keys (glibc) */
+        pthread_setspecific(g.exit_key, (void *)1);
+        tls.exit_key_set = 1;
+    }
+}
+
+/* Called with join_lock held: p's join was made (or is not owed any more). */
+static void drop_pending(stream_pair *p) {
+    for (unsigned i = 0; i < pending_count; i++)
+        if (pending_pairs[i] == p) {
+            remove_pending_at(i);
+            return;
+        }
+}
+
+/* Pay the owed joins (a no-op inside join_lock on this thread: a stub the driver calls meanwhile). */
+static int flush_joins(void) {
+    if (tls.in_join) return 0;
+    pthread_mutex_lock(&join_lock);
+    tls.in_join = 1;
+    int made = pending_count ? flush_joins_locked() : 0;
+    tls.in_join = 0;
+    pthread_mutex_unlock(&join_lock);
+    return made;
+}
+
+static inline void flush_if_pending(void) {
+    if (__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE)) flush_joins();
+}
+
+/* pthread key destructor: a thread that exits owing the join of its per-thread default stream (a
+ * stream nobody can name any more) makes its context's legacy stream wait for it instead. */
+static void on_thread_exit(void *unused) {
+    pthread_mutex_lock(&join_lock);
+    for (unsigned i = 0; i < pending_count;) {
+        stream_pair *p = pending_pairs[i];
+        if (p->pending_owner != (const void *)&tls || p->app_stream != CU_STREAM_PER_THREAD) {
+            i++;
+            continue;
+        }
+        if (!p->legacy_joined) join_pair(p, CU_STREAM_LEGACY);
+        remove_pending_at(i);
+    }
+    pthread_mutex_unlock(&join_lock);
+}
+
+/* Length of a driver symbol's base name: cuMemcpyDtoH_v2_ptds -> strlen("cuMemcpyDtoH"). The same
+ * rule as base_name() in gen_stubs.py. */
+static size_t base_name_length(const char *name) {
+    for (size_t i = 0; name[i]; i++)
+        if (name[i] == '_' && ((name[i + 1] == 'v' && name[i + 2] >= '0' && name[i + 2] <= '9') ||
+                               (name[i + 1] == 'p' && name[i + 2] == 't')))
+            return i;
+    return strlen(name);
+}
+
+/* Is `name` in lithos_nojoin.h (neither enqueues nor waits: no flush needed)? */
+static int no_flush_name(const char *name) {
+    size_t n = base_name_length(name);
+#define NO_FLUSH_MATCH(rule, prefix)                                                                  \
+    if ((prefix) ? n >= sizeof(rule) - 1 && strncmp(name, rule, sizeof(rule) - 1) == 0               \
+                 : n == sizeof(rule) - 1 && strncmp(name, rule, n) == 0)                              \
+        return 1;
+    LITHOS_NO_FLUSH(NO_FLUSH_MATCH)
+#undef NO_FLUSH_MATCH
+    return 0;
+}
+
+/* What the cuGetProcAddress and dlsym hooks hand out for driver function `fn` asked for as `name`:
+ * fn itself while deferral is off, for the names of lithos_nojoin.h and (only_libcuda, the dlsym
+ * hook) for functions outside libcuda.so.1; else the pool stub of fn (one per real pointer). When
+ * the pool is full the process goes back to eager joins and fn is returned. */
+static void *stub_for(const char *name, void *fn, int only_libcuda) {
+    ensure_init();
+    if (!fn || !defer_on() || no_flush_name(name)) return fn;
+    Dl_info info;
+    if (only_libcuda && (!g.libcuda_base || !dladdr(fn, &info) || info.dli_fbase != g.libcuda_base)) return fn;
+    void *stub = NULL;
+    pthread_mutex_lock(&stub_lock);
+    for (unsigned i = 0; i < stubs_used && !stub; i++)
+        if (lithos_stub_slots[i].real == fn) stub = lithos_stub_pool + (size_t)i * LITHOS_STUB_CODE_BYTES;
+    if (!stub && stubs_used < LITHOS_STUB_POOL) {
+        lithos_stub_slot *slot = &lithos_stub_slots[stubs_used];
+        slot->name = strdup(name);
+        __atomic_store_n(&slot->real, fn, __ATOMIC_RELEASE);
+        stub = lithos_stub_pool + (size_t)stubs_used++ * LITHOS_STUB_CODE_BYTES;
+    }
+    pthread_mutex_unlock(&stub_lock);
+    if (stub) return stub;
+    __atomic_store_n(&g.defer, 0, __ATOMIC_RELEASE); /* launches read it under join_lock: none defers after this flush */
+    notice_once(WARN_STUBS, "more than %d driver entry points handed out: deferred joins off (paired launches join at once)",
+                LITHOS_STUB_POOL);
+    flush_joins();
+    return fn;
+}
+
+/* The slow path of every stub (lithos_stubs.S), entered with a join owed or the real pointer not yet
+ * known: resolve an exported stub's function in libcuda.so.1 (once), pay the owed joins, return
+ * the function to jump to (NULL: the stub returns CUDA_ERROR_NOT_FOUND). */
+LITHOS_HIDDEN void *lithos_stub_slow(lithos_stub_slot *slot) {
+    void *real = __atomic_load_n(&slot->real, __ATOMIC_ACQUIRE);
+    if (!real && slot->name) {
+        void *handle = NULL;
+        if (tls.in_init) { /* the driver calls itself while init_once loads it */
+            handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+        } else {
+            ensure_init();
+            handle = g.libcuda;
+        }
+        void *(*rd)(void *, const char *) = real_dlsym_fn();
+        real = handle && rd ? rd(handle, slot->name) : NULL;
+        if (real) __atomic_store_n(&slot->real, real, __ATOMIC_RELEASE);
+    }
+    if (__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE) && !tls.in_init && flush_joins())
+        __atomic_add_fetch(&slot->flushes, 1, __ATOMIC_RELAXED);
+    return real;
 }
 
 /* ---------------------------------------------------------------- launch records */
@@ -1085,6 +1352,7 @@ static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
 /* Whether everything queued on the stream has finished (never while any thread captures a graph). */
 static int stream_drained(CUstream stream) {
     if (!drv_cuStreamQuery) return 0;
+    flush_if_pending(); /* the stream must hold the kernels of a deferred run to say whether they finished */
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
     if (drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return 0;
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
@@ -1185,6 +1453,7 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
     lend_choice lend = {0};
     lend.predicted_ns = predict_ns(key, g.table->tpcs_on_gpu[0]);
     publish_activity(q, now_ns, lend.predicted_ns);
+    flush_if_pending();
     CUresult r = call_real(q, q->stream);
     tls.launches[PATH_UNCONFINED]++;
     if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation, &lend, now_ns);
@@ -1211,6 +1480,7 @@ static CUresult route_launch(launch_request *q) {
         lend_choice lend = {0};
         lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
         publish_activity(q, now_ns, lend.predicted_ns);
+        flush_if_pending(); /* graphs and launches without an allowance end every run */
         CUresult r = call_real(q, q->stream);
         tls.launches[PATH_UNCONFINED]++;
         if (r == CUDA_SUCCESS)
@@ -1247,14 +1517,45 @@ static CUresult route_launch(launch_request *q) {
         tls.pairs[h] = p;
     }
     /* Paired: everything before on the app stream, then the kernel, then everything after.
-     * Owned: the app stream is the green stream, so the driver keeps the order by itself. */
-    int paired = !p->owned;
-    if (paired && (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
-                   drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS)) {
+     * Owned: the app stream is the green stream, so the driver keeps the order by itself.
+     * Deferred (paired, LITHOS_DEFER_JOIN on): the first launch of a run orders the green stream
+     * after the app stream; the join back is owed ("Deferred joins" at the top). join_lock is held
+     * from the decision to the end of this launch; every other launch pays the owed joins first. */
+    int paired = !p->owned, deferred = 0, continued = 0;
+    if (paired && defer_on()) {
+        pthread_mutex_lock(&join_lock);
+        tls.in_join = 1;
+        continued = p->pending && p->pending_owner == (const void *)&tls;
+        if (!continued) {
+            if (pending_count) flush_joins_locked();
+            /* A capturing stream is paired eagerly: the graph must get both dependencies as nodes. */
+            CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+            deferred = defer_on() && pending_count < PENDING_MAX &&
+                       drv_cuStreamIsCapturing(app_stream, &capture) == CUDA_SUCCESS &&
+                       capture == CU_STREAM_CAPTURE_STATUS_NONE;
+        } else {
+            deferred = 1;
+        }
+        if (!deferred) {
+            tls.in_join = 0;
+            pthread_mutex_unlock(&join_lock);
+        }
+    } else {
+        flush_if_pending();
+    }
+    if (paired && !continued &&
+        (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
+         drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS)) {
+        if (deferred) {
+            tls.in_join = 0;
+            pthread_mutex_unlock(&join_lock);
+        }
         notice_once(WARN_RETRY, "cannot order the app stream before a green stream: this launch passes through");
         return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     }
     tls.launches[paired ? PATH_PAIRED : PATH_DIRECT]++;
+    if (continued) tls.launches[PATH_CONTINUED]++;
+    else if (deferred) tls.joins[JOIN_RUNS]++;
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
     int timing_slot = -1;
     if (g.sample_every && g.ring && count % g.sample_every == 0) {
@@ -1274,24 +1575,38 @@ static CUresult route_launch(launch_request *q) {
                     info ? info->name : "?", (int)r);
         if (info && info != &scratch) __atomic_store_n(&((func_info *)info)->whole_gpu, 1u, __ATOMIC_RELAXED);
         if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
-            drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair ordered */
+            drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair (and a run) ordered */
+        if (deferred) {
+            drop_pending(p);
+            tls.in_join = 0;
+            pthread_mutex_unlock(&join_lock);
+        }
         q->whole_gpu = 1;
         return route_launch(q);
     }
     if (view == LITHOS_VIEW_UNCONFINED) launched_view = LITHOS_VIEW_UNCONFINED;
-    if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
-        drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
-    if (r != CUDA_SUCCESS) return r;
-    if (stream_end_ns) /* after_launch on this thread's queue estimate */
-        *stream_end_ns = (*stream_end_ns > now_ns ? *stream_end_ns : now_ns) +
-                         (lend.predicted_ns ? lend.predicted_ns
-                                            : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
-    uint64_t ticket = record_launch(q, info, cluster, launched_view,
-                                    launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation, &lend,
-                                    now_ns);
-    if (timing_slot >= 0 && drv_cuEventRecord(p->timing[timing_slot][1], p->green_stream) == CUDA_SUCCESS && ticket) {
-        p->timing_index[timing_slot] = ticket;
-        p->timing_next++;
+    if (deferred && r == CUDA_SUCCESS) {
+        owe_join(p, app_stream);
+    } else if (paired) {
+        if (drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS) drv_cuStreamWaitEvent(app_stream, p->green_done, 0);
+        if (deferred) drop_pending(p);
+    }
+    if (r == CUDA_SUCCESS) {
+        if (stream_end_ns) /* after_launch on this thread's queue estimate */
+            *stream_end_ns = (*stream_end_ns > now_ns ? *stream_end_ns : now_ns) +
+                             (lend.predicted_ns ? lend.predicted_ns
+                                                : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
+        uint64_t ticket = record_launch(q, info, cluster, launched_view,
+                                        launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation, &lend,
+                                        now_ns);
+        if (timing_slot >= 0 && drv_cuEventRecord(p->timing[timing_slot][1], p->green_stream) == CUDA_SUCCESS && ticket) {
+            p->timing_index[timing_slot] = ticket;
+            p->timing_next++;
+        }
+    }
+    if (deferred) {
+        tls.in_join = 0;
+        pthread_mutex_unlock(&join_lock);
     }
     return r;
 }
@@ -1373,6 +1688,7 @@ EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags,
 EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
     ensure_init();
     if (!real_cuStreamDestroy_v2) return CUDA_ERROR_NOT_FOUND;
+    flush_if_pending(); /* the stream's own owed join, and the order of anything it syncs with */
     if (g.mode == MODE_CONFINED && !special_stream(stream)) {
         pthread_mutex_lock(&g.lock);
         retire_pairs(stream);
@@ -1387,6 +1703,33 @@ EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {
     int n = max_counts < LITHOS_PATHS ? max_counts : LITHOS_PATHS;
     for (int i = 0; i < n; i++) counts[i] = tls.launches[i];
     return n;
+}
+
+/* For tests and tools: this thread's deferred-join events (runs started, joins paid, joins made to
+ * the legacy stream for another thread's per-thread stream). Returns the number filled. */
+EXPORT int lithos_client_join_counts(uint64_t *counts, int max_counts) {
+    int n = max_counts < LITHOS_JOIN_COUNTS ? max_counts : LITHOS_JOIN_COUNTS;
+    for (int i = 0; i < n; i++) counts[i] = tls.joins[i];
+    return n;
+}
+
+/* For tests and tools: the driver-call stubs, pool first (in hand-out order), then the exported
+ * ones. Returns the name (NULL past the end); *stub gets a pool stub's address (NULL for exported
+ * ones: dlsym their name), *flushes how many calls through it paid owed joins. */
+EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes) {
+    pthread_mutex_lock(&stub_lock);
+    unsigned used = stubs_used;
+    pthread_mutex_unlock(&stub_lock);
+    const lithos_stub_slot *slot = NULL;
+    if (index >= 0 && (unsigned)index < used) {
+        slot = &lithos_stub_slots[index];
+        if (stub) *stub = lithos_stub_pool + (size_t)index * LITHOS_STUB_CODE_BYTES;
+    } else if (index >= 0 && (unsigned)index - used < (unsigned)lithos_export_count) {
+        slot = &lithos_export_slots[(unsigned)index - used];
+        if (stub) *stub = NULL;
+    }
+    if (slot && flushes) *flushes = __atomic_load_n(&slot->flushes, __ATOMIC_RELAXED);
+    return slot ? slot->name : NULL;
 }
 
 /* For tests and tools: this thread's lending outcomes (launches that borrowed; launches that found

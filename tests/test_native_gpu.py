@@ -183,3 +183,95 @@ def test_an_active_lender_runs_at_its_solo_speed_next_to_a_borrower(table):
     while_lender_ran = [r for r in records if r["kernel_name"] == b"spin"
                         and lender_launches_ns[0] + 1_000_000 < int(r["host_ns"]) < lender_launches_ns[-1]]
     assert while_lender_ran and sum(bool(native.lenders_of(r)) for r in while_lender_ran) < 0.05 * len(while_lender_ran)
+
+
+# ---- deferred joins (written without a GPU; not yet run: the next GPU session must run these) ----
+
+DEFERRED_JOIN_PROGRAM = r"""
+import ctypes, hashlib, json, sys
+import torch
+
+torch.manual_seed(0)
+torch.backends.cudnn.deterministic = True
+results = {}
+def keep(name, t):
+    results[name] = hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+x = torch.rand(1 << 20, device="cuda")          # PyTorch's default stream = the legacy stream 0
+for i in range(3000):                            # a long run of small kernels
+    x = x * 1.0001 + 0.001
+    if i % 500 == 0:
+        x = torch.sin(x)
+first = x.cpu()                                  # synchronous copy right after the run
+keep("after_run", first)
+c = x.clone()
+keep("clone", c)
+side = torch.cuda.Stream()                       # non-default stream (a green stream under the shim)
+done = torch.cuda.Event()
+y = x * 3
+done.record()                                    # cudaEventRecord on the default stream
+with torch.cuda.stream(side):
+    side.wait_event(done)
+    z = y.sqrt() + 1
+    back = torch.cuda.Event()
+    back.record()
+while not back.query():                          # cudaEventQuery (no join needed: recorded after one)
+    pass
+torch.cuda.current_stream().wait_event(back)
+w = z * y
+for _ in range(200):
+    w = w * 0.999 + 0.0001
+a = torch.randn(256, 256, device="cuda", requires_grad=True)
+loss = ((a @ a).tanh() * w[: 256 * 256].view(256, 256)).sum()
+loss.backward()                                  # kernels from the autograd engine's device thread
+keep("grad", a.grad)
+torch.cuda.synchronize()                         # cudaDeviceSynchronize
+keep("w", w)
+host = torch.empty(w.shape, pin_memory=True)
+host.copy_(w, non_blocking=True)
+torch.cuda.current_stream().synchronize()
+keep("async_copy", host)
+lib = ctypes.CDLL(None)
+counts = {}
+if hasattr(lib, "lithos_client_launch_counts"):
+    c = (ctypes.c_uint64 * 4)()
+    lib.lithos_client_launch_counts(c, 4)
+    j = (ctypes.c_uint64 * 3)()
+    lib.lithos_client_join_counts(j, 3)
+    lib.lithos_client_stub.restype = ctypes.c_char_p
+    flushes = {}
+    for i in range(4096):
+        n = ctypes.c_uint64()
+        name = lib.lithos_client_stub(i, None, ctypes.byref(n))
+        if name is None:
+            break
+        if n.value:
+            flushes[name.decode()] = n.value
+    counts = {"direct": c[0], "paired": c[1], "unconfined": c[2], "continued": c[3], "runs": j[0], "joins_paid": j[1],
+              "flushes_by_stub": flushes}
+print(json.dumps({"results": results, "counts": counts}))
+"""
+
+
+def _run_deferred_join_program(env):
+    proc = subprocess.run([sys.executable, "-c", DEFERRED_JOIN_PROGRAM], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_deferred_joins_give_bitwise_the_results_of_the_program_without_the_shim(table):
+    """Legacy-stream runs, a synchronous copy, events across a created stream, cudaEventQuery, the
+    autograd thread, cudaDeviceSynchronize and an async copy: the same bytes with the shim (deferred
+    joins on and off) as without it, and most default-stream launches skip the event calls."""
+    table.set_allowance(5, list(range(0, 32)))
+    shim_env = {**os.environ, **native.client_env(table.path, 5)}
+    plain = _run_deferred_join_program(dict(os.environ))
+    deferred = _run_deferred_join_program(shim_env)
+    eager = _run_deferred_join_program({**shim_env, "LITHOS_DEFER_JOIN": "0"})
+    assert deferred["results"] == plain["results"], deferred["counts"]
+    assert eager["results"] == plain["results"]
+    counts = deferred["counts"]
+    assert counts["paired"] > 5000, counts
+    assert counts["continued"] > 0.9 * counts["paired"], counts   # flushes_by_stub says what ended the runs
+    assert eager["counts"]["continued"] == 0 and eager["counts"]["runs"] == 0

@@ -21,7 +21,10 @@ from lithos_ray import native  # noqa: E402
 LAUNCHES = 100000
 LAUNCH_TRIALS = 3
 E2E_TRIALS = 2
-MODES = ("stream", "legacy")  # a stream the program creates; the default (legacy) stream 0
+# case -> (launch_overhead mode, extra shim env): a stream the program creates (direct path); the
+# default (legacy) stream 0 (paired path) with deferred joins (the default) and without them.
+CASES = {"stream": ("stream", {}), "legacy": ("legacy", {}), "legacy_no_defer": ("legacy", {"LITHOS_DEFER_JOIN": "0"})}
+MODES = tuple(CASES)
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
 
 
@@ -37,20 +40,21 @@ def main(out_dir):
     native.probe_layout_into(table)
     table.set_allowance(0, list(range(66)))
     shim_env = {**os.environ, **native.client_env(table.path, 0)}
+    no_defer_env = {**shim_env, "LITHOS_DEFER_JOIN": "0"}
     launch, launch_paths = {}, {}
     try:
         for trial in range(LAUNCH_TRIALS):  # interleaved: plain, shim, plain, shim, ... per stream kind
-            for mode in MODES:
-                for name, env in (("plain", dict(os.environ)), ("shim", shim_env)):
+            for mode, (binary_mode, extra_env) in CASES.items():
+                for name, env in (("plain", dict(os.environ)), ("shim", {**shim_env, **extra_env})):
                     raw = os.path.join(work, f"{mode}_{name}{trial}.bin")
-                    proc = subprocess.run([binary, str(LAUNCHES), raw, mode], env=env, check=True, capture_output=True,
+                    proc = subprocess.run([binary, str(LAUNCHES), raw, binary_mode], env=env, check=True, capture_output=True,
                                           text=True)
                     launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        e2e = {"plain": [], "shim": []}
-        for trial in range(E2E_TRIALS):  # interleaved: plain, shim, plain, shim, ...
-            for name, env in (("plain", dict(os.environ)), ("shim", shim_env)):
+        e2e = {"plain": [], "shim": [], "shim_no_defer": []}
+        for trial in range(E2E_TRIALS):  # interleaved: plain, shim, shim without deferred joins, plain, ...
+            for name, env in (("plain", dict(os.environ)), ("shim", shim_env), ("shim_no_defer", no_defer_env)):
                 proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env=env, capture_output=True,
                                       text=True, timeout=400)
                 if proc.returncode != 0:
@@ -73,6 +77,7 @@ def main(out_dir):
         medians = {name: float(np.median(values)) for name, values in per_run.items()}
         e2e_summary[workload] = {"median_ms": medians, "per_run_median_ms": per_run,
                                  "shim_vs_plain_percent": 100.0 * (medians["shim"] / medians["plain"] - 1.0),
+                                 "shim_no_defer_vs_plain_percent": 100.0 * (medians["shim_no_defer"] / medians["plain"] - 1.0),
                                  "plain_run_spread_percent": 100.0 * (max(per_run["plain"]) / min(per_run["plain"]) - 1.0)}
     views = {}
     for r in records:
@@ -85,11 +90,15 @@ def main(out_dir):
                "notes": "allowance = all 66 TPCs; cluster>2 kernels run in the co-scheduled view (the 8-SM groups "
                         "cover 120 of 132 SMs on an H100), so part of the e2e difference is fewer SMs, not call overhead. "
                         "launch modes: 'stream' = a cudaStreamNonBlocking stream the program creates (a green stream "
-                        "under the shim: direct path), 'legacy' = the default stream 0 (paired path: 4 event calls). "
+                        "under the shim: direct path), 'legacy' = the default stream 0 (paired path with deferred joins: "
+                        "events only at the start of a run and at the join, here every 256 launches at cudaStreamSynchronize), "
+                        "'legacy_no_defer' = the same with LITHOS_DEFER_JOIN=0 (4 event calls per launch). "
+                        "e2e shim_no_defer = the shim with LITHOS_DEFER_JOIN=0; "
                         "e2e *_side_stream = the same step inside torch.cuda.stream(torch.cuda.Stream())"}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
     print(json.dumps({"added_per_launch": added, "shim_launch_paths": launch_paths,
                       "end_to_end": {k: {"median_ms": v["median_ms"], "shim_vs_plain_percent": round(v["shim_vs_plain_percent"], 1),
+                                         "shim_no_defer_vs_plain_percent": round(v["shim_no_defer_vs_plain_percent"], 1),
                                          "plain_run_spread_percent": round(v["plain_run_spread_percent"], 1)}
                                      for k, v in e2e_summary.items()}}, indent=1))
     plot(launch, e2e_summary, os.path.join(out_dir, "native_overhead.png"))
@@ -100,7 +109,7 @@ def plot(launch, e2e_summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for mode, style in zip(MODES, ("-", "--")):
+    for mode, style in zip(MODES, ("-", "--", ":")):
         for name, color in (("plain", "C0"), ("shim", "C3")):
             data = np.sort(np.concatenate(launch[f"{mode}_{name}"])) / 1000.0
             left.plot(data, np.linspace(0, 1, len(data)), color=color, ls=style, label=f"{name}, {mode} stream")
@@ -112,10 +121,12 @@ def plot(launch, e2e_summary, path):
     names = list(e2e_summary)
     labels = [n.replace("_ms", "").replace("_side_stream", "\nside stream") for n in names]
     x = np.arange(len(names))
-    right.bar(x - 0.2, [e2e_summary[n]["median_ms"]["plain"] for n in names], 0.4, color="C0", label="plain")
-    right.bar(x + 0.2, [e2e_summary[n]["median_ms"]["shim"] for n in names], 0.4, color="C3", label="shim")
+    right.bar(x - 0.27, [e2e_summary[n]["median_ms"]["plain"] for n in names], 0.27, color="C0", label="plain")
+    right.bar(x, [e2e_summary[n]["median_ms"]["shim"] for n in names], 0.27, color="C3", label="shim")
+    right.bar(x + 0.27, [e2e_summary[n]["median_ms"]["shim_no_defer"] for n in names], 0.27, color="C1",
+              label="shim, LITHOS_DEFER_JOIN=0")
     for i, n in enumerate(names):
-        right.text(i + 0.2, e2e_summary[n]["median_ms"]["shim"], f"{e2e_summary[n]['shim_vs_plain_percent']:+.0f}%",
+        right.text(i, e2e_summary[n]["median_ms"]["shim"], f"{e2e_summary[n]['shim_vs_plain_percent']:+.0f}%",
                    ha="center", va="bottom", fontsize=8)
     right.set_xticks(x, labels, fontsize=7)
     right.set_ylabel("median ms per step")
