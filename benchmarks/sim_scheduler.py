@@ -324,13 +324,18 @@ def main(argv=None) -> int:
         "workloads": {},
     }
     timeline = None
+    def run_systems(names, clients):
+        """(solo reference, summaries, trials) of every system on one set of clients."""
+        solo_ref = solo(clients, args.seconds, seeds, model)
+        trials = {system: [run_system(system, clients, args.seconds, seed, model) for seed in seeds] for system in names}
+        return solo_ref, {system: summarise(system, clients, trials[system], solo_ref, args.seconds)
+                          for system in names}, trials
+
     for name, spec in workloads().items():
         clients = spec["clients"]
-        solo_ref = solo(clients, args.seconds, seeds, model)
-        results = {}
+        solo_ref, results, trials_of = run_systems(systems, clients)
         for system in systems:
-            trials = [run_system(system, clients, args.seconds, seed, model) for seed in seeds]
-            results[system] = summarise(system, clients, trials, solo_ref, args.seconds)
+            trials = trials_of[system]
             if system == "lithos" and name == "hybrid":
                 first = trials[0][1]
                 shown = int(min(2000.0, args.seconds * 1000) / first.timeline_bin_ms)
@@ -343,11 +348,7 @@ def main(argv=None) -> int:
             "solo": solo_ref, "results": results}
     spec = launch_ahead_workload()
     clients = spec["clients"]
-    solo_ref = solo(clients, args.seconds, seeds, model)
-    results = {}
-    for system in LAUNCH_AHEAD_SYSTEMS:
-        trials = [run_system(system, clients, args.seconds, seed, model) for seed in seeds]
-        results[system] = summarise(system, clients, trials, solo_ref, args.seconds)
+    solo_ref, results, _ = run_systems(LAUNCH_AHEAD_SYSTEMS, clients)
     report["launch_ahead"] = {
         "what": spec["what"], "launch_ahead": LAUNCH_AHEAD, "atom_us": LendingPolicy().atom_us,
         "systems": list(LAUNCH_AHEAD_SYSTEMS),
