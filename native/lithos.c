@@ -496,6 +496,17 @@ static void init_body(void) {
     if (g.verbose) notice_once(WARN_CONFINED, "slot %lu of %s: confining kernel launches", slot, table_path);
 }
 
+/* A forked child owes no joins (its parent's streams are not its own) and must not inherit a lock
+ * another parent thread held at the fork. */
+static void forget_joins_in_child(void) {
+    pthread_mutex_init(&join_lock, NULL);
+    pthread_mutex_init(&stub_lock, NULL);
+    for (unsigned i = 0; i < pending_count; i++) pending_pairs[i]->pending = 0;
+    pending_count = 0;
+    __atomic_store_n(&lithos_pending_joins, 0, __ATOMIC_RELEASE);
+    tls.in_join = 0;
+}
+
 static void init_once(void) {
     tls.in_init = 1;
     init_body();
@@ -505,6 +516,7 @@ static void init_once(void) {
     if (defer && drv_cuCtxGetCurrent && dladdr((void *)drv_cuCtxGetCurrent, &info) && info.dli_fbase)
         g.libcuda_base = info.dli_fbase;
     if (defer && pthread_key_create(&g.exit_key, on_thread_exit) != 0) defer = 0;
+    if (defer) pthread_atfork(NULL, NULL, forget_joins_in_child);
     __atomic_store_n(&g.defer, defer, __ATOMIC_RELEASE);
     tls.in_init = 0;
 }
@@ -1026,8 +1038,13 @@ static int flush_joins_locked(void) {
     return made;
 }
 
-/* Called with join_lock held: p's green stream holds a launch its app stream has not joined. */
+/* Called with join_lock held: p's green stream holds (or is about to hold) a launch its app stream
+ * has not joined. */
 static void owe_join(stream_pair *p, CUstream app_stream) {
+    if (!p->pending && pending_count >= PENDING_MAX) { /* full since the run started: join now */
+        join_pair(p, app_stream);
+        return;
+    }
     if (!p->pending) {
         p->pending = 1;
         pending_pairs[pending_count++] = p; /* room checked when the run started */
@@ -1556,6 +1573,15 @@ static CUresult route_launch(launch_request *q) {
     tls.launches[paired ? PATH_PAIRED : PATH_DIRECT]++;
     if (continued) tls.launches[PATH_CONTINUED]++;
     else if (deferred) tls.joins[JOIN_RUNS]++;
+    if (deferred) {
+        /* Owed from before the launch and join_lock released across it: a launch can block (full
+         * queue, lazy loading) on work that another thread's driver call must first let go. A
+         * flush that lands meanwhile is not ordered with this launch on the host (README: limits);
+         * the launch owes its join again below. */
+        owe_join(p, app_stream);
+        tls.in_join = 0;
+        pthread_mutex_unlock(&join_lock);
+    }
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
     int timing_slot = -1;
     if (g.sample_every && g.ring && count % g.sample_every == 0) {
@@ -1567,6 +1593,10 @@ static CUresult route_launch(launch_request *q) {
         }
     }
     CUresult r = call_real(q, p->green_stream);
+    if (deferred) {
+        pthread_mutex_lock(&join_lock);
+        tls.in_join = 1;
+    }
     int launched_view = view;
     if (r != CUDA_SUCCESS && view != LITHOS_VIEW_UNCONFINED) {
         /* E.g. a cooperative grid too large for the allowance, or a cluster shape the TPC view

@@ -69,6 +69,18 @@
     X("cuEventDestroy", 0)                                                                          \
     X("cuEventElapsedTime", 0)                                                                      \
     X("cuEventQuery", 0)                                                                            \
-    X("cuEventSynchronize", 0)
+    X("cuEventSynchronize", 0)                                                                      \
+    /* host-side descriptors and properties (cuBLASLt, cuDNN, Triton build TMA descriptors per    */  \
+    /* launch): computed on the host, nothing enqueued                                           */  \
+    X("cuTensorMapEncode", 1)                                                                       \
+    X("cuTensorMapReplaceAddress", 0)                                                               \
+    X("cuStreamGetAttribute", 0)                                                                    \
+    X("cuFuncIsLoaded", 0)                                                                          \
+    X("cuFuncGetModule", 0)                                                                         \
+    X("cuMemGetAllocationGranularity", 0)                                                           \
+    X("cuDeviceTotalMem", 0)                                                                        \
+    X("cuDeviceComputeCapability", 0)                                                               \
+    X("cuDeviceCanAccessPeer", 0)                                                                   \
+    X("cuDevicePrimaryCtxGetState", 0)
 
 #endif
