@@ -1367,14 +1367,22 @@ static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
 }
 
 /* Whether everything queued on the stream has finished (never while any thread captures a graph). */
-static int stream_drained(CUstream stream) {
+static int stream_drained(CUcontext ctx, CUstream stream) {
     if (!drv_cuStreamQuery) return 0;
-    flush_if_pending(); /* the stream must hold the kernels of a deferred run to say whether they finished */
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
     if (drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return 0;
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     drv_cuThreadExchangeStreamCaptureMode(&mode);
     int drained = drv_cuStreamQuery(stream) == CUDA_SUCCESS;
+    /* A deferred run's kernels are on its green stream until the join: ask those too, rather than
+     * paying the join (that would end the run this launch may continue). */
+    if (drained && __atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE) && !tls.in_join) {
+        pthread_mutex_lock(&join_lock);
+        for (unsigned i = 0; drained && i < pending_count; i++)
+            if (pending_pairs[i]->app_stream == stream && pending_pairs[i]->app_ctx == ctx)
+                drained = drv_cuStreamQuery(pending_pairs[i]->green_stream) == CUDA_SUCCESS;
+        pthread_mutex_unlock(&join_lock);
+    }
     drv_cuThreadExchangeStreamCaptureMode(&mode);
     return drained;
 }
@@ -1385,13 +1393,13 @@ static int stream_drained(CUstream stream) {
  * after their owner woke. When the estimate says no, the stream is asked once (it may have
  * drained early); a paced borrower (low priority) then sleeps until the estimate fits, at most
  * PACE_MAX_ATOMS atoms. *now_ns moves on when it slept. */
-static int queue_fits(uint64_t *end_ns, uint64_t *now_ns, uint64_t predicted_ns, uint64_t atom_ns, CUstream stream,
-                      int pace) {
+static int queue_fits(uint64_t *end_ns, uint64_t *now_ns, uint64_t predicted_ns, uint64_t atom_ns, CUcontext ctx,
+                      CUstream stream, int pace) {
     uint64_t waited = 0;
     for (int asked = 0;; asked = 1) {
         uint64_t ahead = *end_ns > *now_ns ? *end_ns - *now_ns : 0;
         if (ahead + predicted_ns <= atom_ns) return 1;
-        if (!asked && stream_drained(stream)) {
+        if (!asked && stream_drained(ctx, stream)) {
             *end_ns = *now_ns;
             return 1;
         }
@@ -1432,7 +1440,7 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
  * idle lender's when the kernel, queued behind this thread's earlier work on the stream, is
  * predicted to end within the atom on the own TPCs. */
 static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t *now_ns,
-                           uint64_t *stream_end_ns, CUstream app_stream) {
+                           uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
     c->route = own;
     c->own_tpcs = own->views[view].tpcs;
     const lithos_slot *me = slot_at_index(g.slot);
@@ -1447,7 +1455,7 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
     memcpy(mask, own->tpc_mask, sizeof(mask));
     uint64_t lenders = idle_lenders(lender_mask, *now_ns, mask), before = *now_ns;
     if (!lenders) return;
-    if (!queue_fits(stream_end_ns, now_ns, c->predicted_own_ns, atom_ns, app_stream, g.pace && low_priority)) return;
+    if (!queue_fits(stream_end_ns, now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream, g.pace && low_priority)) return;
     if (*now_ns != before) { /* it slept: lenders may have woken */
         memcpy(mask, own->tpc_mask, sizeof(mask));
         lenders = idle_lenders(lender_mask, *now_ns, mask);
@@ -1516,7 +1524,7 @@ static CUresult route_launch(launch_request *q) {
         return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     } else {
         stream_end_ns = queue_end(ctx, app_stream);
-        choose_lending(&lend, route, view, &key, &now_ns, stream_end_ns, app_stream);
+        choose_lending(&lend, route, view, &key, &now_ns, stream_end_ns, ctx, app_stream);
         unsigned used_tpcs = lend.route->views[view].tpcs;
         lend.predicted_ns = lend.route == route && lend.predicted_own_ns ? lend.predicted_own_ns : predict_ns(&key, used_tpcs);
     }
