@@ -82,9 +82,8 @@ def _checked(args):
         raise LithosRequestError(f"--mps-be-percent must be an integer percentage in 1..100, got {args.mps_be_percent!r}")
     if isinstance(args.atom_us, bool) or not isinstance(args.atom_us, (int, float)) or not 0 < args.atom_us <= 100_000:
         raise LithosRequestError(f"--atom-us must be microseconds in (0, 100000], got {args.atom_us!r}")
-    sample_every = getattr(args, "sample_every", 8)
-    if isinstance(sample_every, bool) or not isinstance(sample_every, int) or not 1 <= sample_every <= 1_000_000:
-        raise LithosRequestError(f"--sample-every must be an integer in 1..1000000, got {sample_every!r}")
+    if not 1 <= args.sample_every <= 1_000_000:
+        raise LithosRequestError(f"--sample-every must be an integer in 1..1000000, got {args.sample_every!r}")
     if not isinstance(args.seed, int) or args.seed < 0:
         raise LithosRequestError(f"--seed must be a non-negative integer, got {args.seed!r}")
     tag = args.tag if args.tag is not None else "_".join(plan.mixes)

@@ -411,7 +411,7 @@ class Run:
             workers = self.start_workers(
                 group.workers, lambda name: {**self.base_env(), **self.mps_env,
                                              **native.client_env(table_path, shim["slots"][name]),
-                                             "LITHOS_SAMPLE_EVERY": str(getattr(self.args, "sample_every", 8))},
+                                             "LITHOS_SAMPLE_EVERY": str(self.args.sample_every)},
                 f"shim-{group.mix}")
         else:
             self.ensure_mps()
