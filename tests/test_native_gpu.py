@@ -117,7 +117,17 @@ def test_mps_start_query_stop():
     assert not mps.mps_running(run_dir)
 
 
-# ---- lending (written without a GPU; not yet run: the next GPU session must run and fix these) ----
+# ---- lending ----
+
+@pytest.fixture
+def mps_env():
+    """An MPS control daemon for the test: without MPS two processes time-slice the GPU (each at half speed)."""
+    from lithos_ray import mps
+    run_dir = tempfile.mkdtemp(prefix="lithos-mps-lend-")
+    env = mps.start_mps(run_dir)
+    yield env
+    mps.stop_mps(run_dir)
+
 
 def _spin_pair(table, borrower_env, lender_env=None, blocks=16 * 2 * 22, seconds=1.5):
     """Runs spin_worker.py in slot 3 (and, with lender_env, in slot 4 at the same time). Returns their JSON."""
@@ -143,7 +153,7 @@ def test_a_short_kernel_borrows_an_idle_lenders_tpcs_and_runs_faster(table):
         table.set_lending(3, [], low_priority=False)
         (own_only,) = _spin_pair(table, env)
         start = native.LaunchRing(native.ring_path(table.path, 3)).head()
-        table.set_lending(3, [4], low_priority=False)
+        table.set_lending(3, [4], low_priority=True)   # paced: the spin loop queues far ahead
         (lending,) = _spin_pair(table, env)
     finally:
         table.set_lending(3, [], low_priority=False)
@@ -159,13 +169,13 @@ def test_a_short_kernel_borrows_an_idle_lenders_tpcs_and_runs_faster(table):
     assert np.median(np.abs(predicted_ns - measured_ns)) < 50_000
 
 
-def test_an_active_lender_runs_at_its_solo_speed_next_to_a_borrower(table):
+def test_an_active_lender_runs_at_its_solo_speed_next_to_a_borrower(table, mps_env):
     """Both spin at once: the lender's launches publish its activity, the borrower stops borrowing."""
     table.set_allowance(3, list(range(11)))
     table.set_allowance(4, list(range(11, 22)))
     table.set_lending_knobs(atom_us=1000, idle_window_us=500, unknown_kernel_busy_us=10_000)
-    borrower_env = {**native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1"}
-    lender_env = native.client_env(table.path, 4)
+    borrower_env = {**mps_env, **native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1"}
+    lender_env = {**mps_env, **native.client_env(table.path, 4)}
     try:
         (lender_alone,) = _spin_pair(table, lender_env, blocks=16 * 2 * 11)
         start = native.LaunchRing(native.ring_path(table.path, 3)).head()
@@ -185,7 +195,7 @@ def test_an_active_lender_runs_at_its_solo_speed_next_to_a_borrower(table):
     assert while_lender_ran and sum(bool(native.lenders_of(r)) for r in while_lender_ran) < 0.05 * len(while_lender_ran)
 
 
-# ---- deferred joins (written without a GPU; not yet run: the next GPU session must run these) ----
+# ---- deferred joins ----
 
 DEFERRED_JOIN_PROGRAM = r"""
 import ctypes, hashlib, json, sys
