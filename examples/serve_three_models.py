@@ -178,10 +178,11 @@ def main() -> int:
         for m in MODELS:
             replica = handles[m.name].lithos_latency_summary.remote().result()
             caller = np.asarray(client_ms[m.name])
+            caller_p = [np.percentile(caller, q) if caller.size else None for q in (50, 99)]
+            attainment = replica["slo_attainment"]
             print(f"{m.name:<10} {m.tpcs:>4} {m.slo_ms:>4g}ms {m.rate_per_s * args.rate_scale:>4g}/s {caller.size:>6}   "
-                  f"{np.percentile(caller, 50):>8.2f}/{np.percentile(caller, 99):<9.2f}   "
-                  f"{replica['p50_ms']:>8.2f}/{replica['p99_ms']:<9.2f}   "
-                  f"{100 * replica['slo_attainment']:>17.1f}%{label}")
+                  f"{_ms(caller_p[0]):>8}/{_ms(caller_p[1]):<9}   {_ms(replica['p50_ms']):>8}/{_ms(replica['p99_ms']):<9}   "
+                  f"{'-' if attainment is None else f'{100 * attainment:.1f}%':>18}{label}")
         print(f"training  {TRAINING_TPCS:>4} best-effort: {steps['steps']} steps, {steps['steps_per_s']:.1f} steps/s{label}")
         print("Caller latency adds Serve's routing in this process; replica latency is what the model took "
               "on its slice (what the SLO policy and the metrics see).")
@@ -193,6 +194,11 @@ def main() -> int:
             from lithos_ray.mps import stop_mps
             stop_mps(str(MPS_DIR))
     return 0
+
+
+def _ms(value) -> str:
+    """A latency for the table; '-' when nothing was measured (no request finished in the window)."""
+    return "-" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run ON THE GPU MACHINE (device tool), from the repo root: bash benchmarks/gpu/on_device.sh STEP...
 # Steps (in the order given; results under $OUT):
-#   setup      wheels of .whl/.servewhl (whichever were carried) into /tmp/site, appended after the
-#              image's own packages (a .pth file: nothing the image has is shadowed); builds native/
+#   setup      wheels of .whl/.servewhl (whichever were carried) into /tmp/site-*, ahead of the image's
+#              packages on PYTHONPATH; builds native/ (carry lithos_ray/proto/agent_pb2*.py: the
+#              image has no grpc_tools to generate them)
 #   ray-part1  keeps .raywhl/part_aa in /tmp for the next call (the machine stays warm 30 s)
 #   ray        joins part_aa (kept) + part_ab (carried) and installs ray 2.60.0
 #   native     GPU tests of the shim (tests/test_native_gpu.py), overhead and correctness benchmarks
@@ -11,29 +12,31 @@
 #   serve      examples/serve_three_models.py on the real GPU (needs ray and .servewhl)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Two calls back to back (the machine keeps /tmp while warm: 30 s after a call):
-#   1. carry [.whl, .raywhl/part_aa]       LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 colocate
+#   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]     LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 colocate
 #   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve native
-# (call 2's setup installs only the carried .servewhl; .whl from call 1 is still in /tmp/site)
+# (call 2's setup installs only the carried .servewhl; .whl from call 1 is still in /tmp/site-whl)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
 : "${LITHOS_COMMIT:?pass LITHOS_COMMIT=<sha>}"
-export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled PATH=/tmp/site/bin:$PATH
+# Carried wheels come first (ray's serve needs grpcio >= 1.85.1; the image has 1.84), one folder per
+# wheel set: pip --target replaces a shared namespace folder (google/) instead of merging it.
+export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled PATH=/tmp/site-ray/bin:$PATH \
+  PYTHONPATH=/tmp/site-whl:/tmp/site-servewhl:/tmp/site-ray:$PWD
 status=0
 step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
 for s in "$@"; do
   step "$s"
   case $s in
     setup)
-      for d in .whl .servewhl; do
-        [ -d $d ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $d/*.whl
+      for d in whl servewhl; do
+        [ -d .$d ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-$d .$d/*.whl
       done
-      echo /tmp/site > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_lithos_carried.pth"
       make -C native >/dev/null && mkdir -p lithos_ray/_lib && cp native/build/liblithos.so lithos_ray/_lib/ || status=1
       nvidia-smi --query-gpu=name,driver_version --format=csv,noheader ;;
     ray-part1) mkdir -p /tmp/rw && cp .raywhl/part_aa /tmp/rw/ ;;
     ray)
       cat /tmp/rw/part_aa .raywhl/part_ab > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl &&
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/ray-2.60.0-*.whl || status=1 ;;
+        python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-ray /tmp/ray-2.60.0-*.whl || status=1 ;;
     native)
       timeout 240 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
       timeout 300 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
