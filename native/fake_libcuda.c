@@ -236,6 +236,11 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     return refused ? CUDA_ERROR_INVALID_CLUSTER_SIZE : CUDA_SUCCESS;
 }
 
+EXPORT CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
+    logf_("cuGraphLaunch %#lx", (unsigned long)(uintptr_t)stream);
+    return CUDA_SUCCESS;
+}
+
 /* Entry points that enqueue or wait (the shim's stubs must pay owed joins before them). */
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t bytes) {
     memset(dst, 0, bytes);

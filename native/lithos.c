@@ -253,7 +253,7 @@ static struct {
     stream_pair *pairs;
     int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
     int green_streams_tested;
-    int pace; /* low-priority borrowers wait for their queue to drain to one atom (LITHOS_LEND_PACE, default 1) */
+    int pace; /* low-priority borrowers with idle lenders wait for their queue to drain (LITHOS_LEND_PACE, default 1) */
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
     pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
@@ -270,8 +270,8 @@ enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUN
 /* Lending outcomes, counted per thread (lithos_client_lending_counts): launches that used borrowed
  * TPCs; launches that found idle lenders but whose union was still being built (own TPCs used). */
 enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LITHOS_LEND_COUNTS = 4 };
-/* A paced borrower waits at most this many atoms per launch for its queue to drain. */
-#define PACE_MAX_ATOMS 2u
+/* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
+#define PACE_MAX_ATOMS 40u
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
 #define BUILD_QUEUE 8
@@ -304,6 +304,12 @@ static __thread struct {
         uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
     } queues[TLS_QUEUES];
     unsigned queue_next;
+    struct { /* timing events for this thread's graph replays, in ctx (made at the first sampled one) */
+        CUcontext ctx;
+        CUevent timing[TIMING_PAIRS][2];
+        uint64_t timing_index[TIMING_PAIRS];
+        unsigned timing_next;
+    } graphs;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
     uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
     uint64_t joins[LITHOS_JOIN_COUNTS];     /* this thread's deferred-join events, for tools */
@@ -1236,14 +1242,14 @@ static uint64_t record_launch(const launch_request *q, const func_info *info, co
 
 /* Fill gpu_ns of finished sampled launches and feed them to the predictor. Runs in relaxed
  * capture mode (event queries are otherwise forbidden while any thread captures a graph in global mode). */
-static void harvest_timings(stream_pair *p) {
+static void harvest_timings(CUevent timing[TIMING_PAIRS][2], uint64_t timing_index[TIMING_PAIRS]) {
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     drv_cuThreadExchangeStreamCaptureMode(&mode);
     for (int i = 0; i < TIMING_PAIRS; i++) {
-        uint64_t ticket = p->timing_index[i];
-        if (!ticket || drv_cuEventQuery(p->timing[i][1]) != CUDA_SUCCESS) continue;
+        uint64_t ticket = timing_index[i];
+        if (!ticket || drv_cuEventQuery(timing[i][1]) != CUDA_SUCCESS) continue;
         float ms = 0.0f;
-        if (drv_cuEventElapsedTime(&ms, p->timing[i][0], p->timing[i][1]) == CUDA_SUCCESS) {
+        if (drv_cuEventElapsedTime(&ms, timing[i][0], timing[i][1]) == CUDA_SUCCESS) {
             lithos_launch_record *r = &g.records[(ticket - 1) % g.ring->capacity[0]];
             uint64_t gpu_ns = (uint64_t)((double)ms * 1e6);
             if (__atomic_load_n(&r->seq[0], __ATOMIC_ACQUIRE) == ticket) {
@@ -1256,7 +1262,7 @@ static void harvest_timings(stream_pair *p) {
                     lithos_predictor_observe(g.predictor, key.function, key.grid_blocks, key.block_threads, gpu_ns, tpcs);
             }
         }
-        p->timing_index[i] = 0;
+        timing_index[i] = 0;
     }
     drv_cuThreadExchangeStreamCaptureMode(&mode);
 }
@@ -1390,31 +1396,17 @@ static int stream_drained(CUcontext ctx, CUstream stream) {
 /* The queue rule of lenders_at_launch: a borrowed kernel must be predicted to END within the atom,
  * counting the work queued ahead of it on its stream. A kernel queued behind others runs later
  * than its launch call, so without this a borrower queueing far ahead would hold lent TPCs long
- * after their owner woke. When the estimate says no, the stream is asked once (it may have
- * drained early); a paced borrower (low priority) then sleeps until the estimate fits, at most
- * PACE_MAX_ATOMS atoms. *now_ns moves on when it slept. */
-static int queue_fits(uint64_t *end_ns, uint64_t *now_ns, uint64_t predicted_ns, uint64_t atom_ns, CUcontext ctx,
-                      CUstream stream, int pace) {
-    uint64_t waited = 0;
-    for (int asked = 0;; asked = 1) {
-        uint64_t ahead = *end_ns > *now_ns ? *end_ns - *now_ns : 0;
-        if (ahead + predicted_ns <= atom_ns) return 1;
-        if (!asked && stream_drained(ctx, stream)) {
-            *end_ns = *now_ns;
-            return 1;
-        }
-        uint64_t nap = ahead + predicted_ns - atom_ns;
-        if (!pace || waited + nap > PACE_MAX_ATOMS * atom_ns) {
-            tls.lending[LEND_QUEUE_TOO_DEEP]++;
-            return 0;
-        }
-        struct timespec ts = {(time_t)(nap / 1000000000u), (long)(nap % 1000000000u)};
-        nanosleep(&ts, NULL);
-        uint64_t after = monotonic_ns();
-        waited += after - *now_ns;
-        *now_ns = after;
-        tls.lending[LEND_PACED]++;
+ * after their owner woke. Returns 0 when the kernel fits, else how much longer the queue must drain;
+ * when the estimate says no, the stream is asked (it may have drained early). */
+static uint64_t queue_wait_ns(uint64_t *end_ns, uint64_t now_ns, uint64_t predicted_ns, uint64_t atom_ns, CUcontext ctx,
+                              CUstream stream) {
+    uint64_t ahead = *end_ns > now_ns ? *end_ns - now_ns : 0;
+    if (ahead + predicted_ns <= atom_ns) return 0;
+    if (stream_drained(ctx, stream)) {
+        *end_ns = now_ns;
+        return 0;
     }
+    return ahead + predicted_ns - atom_ns;
 }
 
 /* Idle lenders of this slot at now_ns, and the union of their TPCs with `own_mask`. */
@@ -1438,7 +1430,10 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
 
 /* lenders_at_launch of scheduler/lending.py: sets c->route to the union of the own TPCs and every
  * idle lender's when the kernel, queued behind this thread's earlier work on the stream, is
- * predicted to end within the atom on the own TPCs. */
+ * predicted to end within the atom on the own TPCs. A paced borrower (low priority) whose queue is
+ * too deep sleeps while it has idle lenders, at most one atom at a time (then the lenders and the
+ * stream are asked again) and PACE_MAX_ATOMS atoms per launch: its queue drains to where its next
+ * kernel may borrow, while the GPU still has its queued work. */
 static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t *now_ns,
                            uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
     c->route = own;
@@ -1451,16 +1446,28 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
     uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
     if (!c->predicted_own_ns || c->predicted_own_ns > atom_ns) return;
     int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
-    uint64_t mask[LITHOS_MASK_WORDS];
-    memcpy(mask, own->tpc_mask, sizeof(mask));
-    uint64_t lenders = idle_lenders(lender_mask, *now_ns, mask), before = *now_ns;
-    if (!lenders) return;
-    if (!queue_fits(stream_end_ns, now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream, g.pace && low_priority)) return;
-    if (*now_ns != before) { /* it slept: lenders may have woken */
+    int pace = g.pace && low_priority, paced = 0;
+    uint64_t mask[LITHOS_MASK_WORDS], lenders, slept_ns = 0;
+    for (;;) {
         memcpy(mask, own->tpc_mask, sizeof(mask));
         lenders = idle_lenders(lender_mask, *now_ns, mask);
+        if (!lenders) return;
+        uint64_t wait_ns = queue_wait_ns(stream_end_ns, *now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream);
+        if (!wait_ns) break;
+        if (!pace || slept_ns >= PACE_MAX_ATOMS * atom_ns) {
+            tls.lending[LEND_QUEUE_TOO_DEEP]++;
+            return;
+        }
+        uint64_t nap = wait_ns < atom_ns ? wait_ns : atom_ns;
+        if (nap > PACE_MAX_ATOMS * atom_ns - slept_ns) nap = PACE_MAX_ATOMS * atom_ns - slept_ns;
+        struct timespec ts = {(time_t)(nap / 1000000000u), (long)(nap % 1000000000u)};
+        nanosleep(&ts, NULL);
+        uint64_t after = monotonic_ns();
+        slept_ns += after - *now_ns;
+        *now_ns = after;
+        if (!paced++) tls.lending[LEND_PACED]++;
     }
-    if (!lenders || memcmp(mask, own->tpc_mask, sizeof(mask)) == 0) return;
+    if (memcmp(mask, own->tpc_mask, sizeof(mask)) == 0) return;
     allowance_route *u = union_route(mask);
     if (!u) {
         tls.lending[LEND_UNION_PENDING]++;
@@ -1485,6 +1492,72 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
     return r;
 }
 
+/* This thread's graph timing events, in the context of `stream` (events and stream must share
+ * one), created once per thread and context (a replaced context's are destroyed); 0: none. */
+static int graph_timer_ready(CUstream stream) {
+    CUcontext ctx = NULL, popped;
+    if (drv_cuStreamGetCtx(stream, &ctx) != CUDA_SUCCESS || !ctx) return 0;
+    if (tls.graphs.ctx == ctx) return 1;
+    for (int i = 0; tls.graphs.ctx && i < TIMING_PAIRS; i++) {
+        drv_cuEventDestroy(tls.graphs.timing[i][0]);
+        drv_cuEventDestroy(tls.graphs.timing[i][1]);
+    }
+    memset(&tls.graphs, 0, sizeof(tls.graphs));
+    if (drv_cuCtxPushCurrent(ctx) != CUDA_SUCCESS) return 0;
+    int made = 0;
+    while (made < TIMING_PAIRS && drv_cuEventCreate(&tls.graphs.timing[made][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS) {
+        if (drv_cuEventCreate(&tls.graphs.timing[made][1], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
+            drv_cuEventDestroy(tls.graphs.timing[made][0]);
+            break;
+        }
+        made++;
+    }
+    drv_cuCtxPopCurrent(&popped);
+    if (made < TIMING_PAIRS) {
+        for (int i = 0; i < made; i++) drv_cuEventDestroy(tls.graphs.timing[i][0]), drv_cuEventDestroy(tls.graphs.timing[i][1]);
+        memset(&tls.graphs, 0, sizeof(tls.graphs));
+        return 0;
+    }
+    tls.graphs.ctx = ctx;
+    return 1;
+}
+
+/* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
+ * (the allowance then). Sampled replays are timed by an event pair on the app stream and fed to the
+ * predictor keyed (graph exec, 0, 0) on the current allowance's TPCs, so an owner that replays
+ * graphs publishes when it will be idle, as one launching kernels does. */
+static CUresult launch_graph(launch_request *q, const allowance_route *route, uint64_t generation, uint64_t now_ns) {
+    unsigned tpcs = route && route->views[LITHOS_VIEW_TPC].green ? route->views[LITHOS_VIEW_TPC].tpcs : g.table->tpcs_on_gpu[0];
+    lithos_kernel_key key = {(uint64_t)(uintptr_t)q->graph, 0, 0};
+    lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
+    lend.predicted_ns = predict_ns(&key, tpcs);
+    publish_activity(q, now_ns, lend.predicted_ns);
+    flush_if_pending(); /* a graph ends every deferred run */
+    CUstream stream = q->per_thread && !q->stream ? CU_STREAM_PER_THREAD : q->stream;
+    uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
+    int timing_slot = -1;
+    if (g.sample_every && g.ring && count % g.sample_every == 0) {
+        CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+        if (drv_cuStreamIsCapturing(stream, &capture) == CUDA_SUCCESS && capture == CU_STREAM_CAPTURE_STATUS_NONE &&
+            graph_timer_ready(stream)) {
+            harvest_timings(tls.graphs.timing, tls.graphs.timing_index);
+            unsigned i = tls.graphs.timing_next % TIMING_PAIRS;
+            if (!tls.graphs.timing_index[i] && drv_cuEventRecord(tls.graphs.timing[i][0], stream) == CUDA_SUCCESS)
+                timing_slot = (int)i;
+        }
+    }
+    CUresult r = call_real(q, q->stream);
+    tls.launches[PATH_UNCONFINED]++;
+    if (r == CUDA_SUCCESS) {
+        uint64_t ticket = record_launch(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, now_ns);
+        if (timing_slot >= 0 && drv_cuEventRecord(tls.graphs.timing[timing_slot][1], stream) == CUDA_SUCCESS && ticket) {
+            tls.graphs.timing_index[timing_slot] = ticket;
+            tls.graphs.timing_next++;
+        }
+    }
+    return r;
+}
+
 static CUresult route_launch(launch_request *q) {
     ensure_init();
     if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
@@ -1497,22 +1570,11 @@ static CUresult route_launch(launch_request *q) {
     uint64_t now_ns = monotonic_ns(); /* CLOCK_MONOTONIC through the vDSO: no syscall */
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
-    if (q->api == LITHOS_API_GRAPH_LAUNCH) key.function = 0; /* no prediction for graphs */
     uint64_t generation = 0;
     CUcontext ctx = NULL;
     allowance_route *route = current_route(&generation, &ctx);
-    if (q->api == LITHOS_API_GRAPH_LAUNCH || !route) {
-        lend_choice lend = {0};
-        lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
-        publish_activity(q, now_ns, lend.predicted_ns);
-        flush_if_pending(); /* graphs and launches without an allowance end every run */
-        CUresult r = call_real(q, q->stream);
-        tls.launches[PATH_UNCONFINED]++;
-        if (r == CUDA_SUCCESS)
-            record_launch(q, info, cluster, q->api == LITHOS_API_GRAPH_LAUNCH ? LITHOS_VIEW_GRAPH : LITHOS_VIEW_UNCONFINED, 0,
-                          generation, &lend, now_ns);
-        return r;
-    }
+    if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, now_ns);
+    if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
     uint64_t *stream_end_ns = NULL;
@@ -1595,7 +1657,7 @@ static CUresult route_launch(launch_request *q) {
     if (g.sample_every && g.ring && count % g.sample_every == 0) {
         CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
         if (drv_cuStreamIsCapturing(p->green_stream, &capture) == CUDA_SUCCESS && capture == CU_STREAM_CAPTURE_STATUS_NONE) {
-            harvest_timings(p);
+            harvest_timings(p->timing, p->timing_index);
             unsigned i = p->timing_next % TIMING_PAIRS;
             if (!p->timing_index[i] && drv_cuEventRecord(p->timing[i][0], p->green_stream) == CUDA_SUCCESS) timing_slot = (int)i;
         }

@@ -94,9 +94,10 @@
  * The queue term ("ahead"): a launch call returns long before a kernel queued behind others runs,
  * so the rule bounds when a borrowed kernel ENDS, not when it is launched. Each thread keeps, per
  * stream, the predicted end of what it queued (unknown kernels count lend_unknown_kernel_busy_ns);
- * when that says no, the shim asks the stream once (cuStreamQuery: drained resets it). A borrower
- * with LITHOS_LEND_LOW_PRIORITY sleeps until the estimate fits (at most two atoms per launch;
- * LITHOS_LEND_PACE=0 turns this off). Not in shared memory: private to each shim.
+ * when that says no, the shim asks the stream (cuStreamQuery: drained resets it). A borrower
+ * with LITHOS_LEND_LOW_PRIORITY sleeps while it has idle lenders until the estimate fits, one atom
+ * at a time (lenders and stream asked again after each), at most 40 atoms per launch
+ * (LITHOS_LEND_PACE=0 turns this off). Not in shared memory: private to each shim.
  *
  * Kernels with thread-block clusters larger than 2 cannot run in TPC-granular green contexts on
  * H100 (they fail and poison the context), so they go to a second view built from co-scheduled

@@ -30,7 +30,8 @@ The launch-path rule (client B launches kernel k at time now):
       before a kernel queued behind others runs, so without the queue term a borrower queueing far
       ahead would hold lent TPCs long after their owner woke. (The shim estimates queue_ahead_ns per
       thread and stream from its own predictions, asks the stream once when the estimate says no,
-      and makes a low-priority borrower sleep until the estimate fits, at most two atoms.)
+      and makes a low-priority borrower with idle lenders sleep until the estimate fits, one atom
+      at a time, at most 40 atoms per launch.)
 Then B's own activity word is updated: last_launch_ns = now;
     busy_until_ns = max(busy_until_ns, now) + (predicted ns of k on the TPCs it launched on,
                                                or unknown_kernel_busy_ns when k is unknown).

@@ -15,8 +15,9 @@ real workers synchronize per request/step). The TPCs of a kernel are decided whe
 `lenders_at_launch` with the shim's queue estimate (queue_ahead_ns = the client's predicted end of
 its issued work - now; 0 when that says no and nothing is in flight, as the shim's stream query),
 and it runs on them whenever it reaches the head of its queue. A low-priority borrower paces as the
-shim does: when the estimate says no, its CPU waits until it fits (at most 2 atoms per kernel, else
-it issues on its own TPCs) and then decides again. launch_ahead=0: one kernel at a time, issued when
+shim does: while it has idle lenders and the estimate says no, its CPU waits, one atom at a time
+(then lenders and stream are asked again), at most PACE_MAX_ATOMS atoms per kernel (then it issues
+on its own TPCs). launch_ahead=0: one kernel at a time, issued when
 the previous one ends (nothing queued ahead; the queue term and pacing never apply).
 
 Measured per client: latencies, throughput, TPC-seconds borrowed and lent, reclaim times (an
@@ -51,7 +52,7 @@ _FINISHED_FRACTION = 1e-12
 # Tolerance on "within the atom budget" for float time (ms).
 _TIME_EPSILON_MS = 1e-9
 # A paced borrower waits at most this many atoms per kernel (PACE_MAX_ATOMS in native/lithos.c).
-PACE_MAX_ATOMS = 2
+PACE_MAX_ATOMS = 40
 DEFAULT_TIMELINE_BIN_MS = 10.0
 
 
@@ -303,9 +304,10 @@ class _Run:
         nap_ns = ahead_ns + predicted_own_ns - policy.atom_ns
         if nap_ns > 0 and self.gpu.pacing and self.low_priority[c]:
             began_ns = now_ns if self.pace_began_ns[c] is None else self.pace_began_ns[c]
-            if now_ns - began_ns + nap_ns <= PACE_MAX_ATOMS * policy.atom_ns:
+            left_ns = PACE_MAX_ATOMS * policy.atom_ns - (now_ns - began_ns)
+            if left_ns > 0:                 # one atom at a time, then lenders and stream again
                 self.pace_began_ns[c] = began_ns
-                self.pace_until_ms[c] = (now_ns + nap_ns) / 1e6
+                self.pace_until_ms[c] = (now_ns + min(nap_ns, policy.atom_ns, left_ns)) / 1e6
                 return None
         return lenders_at_launch(lenders, self.words, now_ns, predicted_own_ns,
                                  policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=ahead_ns)
@@ -360,8 +362,9 @@ class _Run:
             self.issue(c, now_ms, lenders)
 
     def wake(self, c: int, now_ms: float) -> None:
-        """A paced CPU wakes up and decides again."""
+        """A paced CPU wakes up and decides again (asking its stream again)."""
         self.pace_until_ms[c] = math.inf
+        self.stream_asked[c] = False
         self.issue_while_room(c, now_ms)
 
     def start_request(self, c: int, arrival_ms: float, now_ms: float) -> None:

@@ -1038,6 +1038,32 @@ def test_pacing_can_be_switched_off(fake_driver, lend_table):
     assert lines[0] == ["counts", "0", "True", "0"]
 
 
+def test_graph_replays_are_timed_and_predicted_so_an_owner_replaying_graphs_lends(fake_driver, lend_table):
+    """Sampled cuGraphLaunch replays get an event pair on the app stream and feed the predictor keyed by
+    the graph exec: from the fifth replay on, the owner's activity word says when it will be idle."""
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=1)
+    lines = run_lending_client("""
+    s = create(1)
+    full_log()                 # (the stream's creation)
+    for _ in range(5):
+        assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0
+    show_log()
+    """, lend_env(fake_driver, lend_table, slot=1, FAKE_KERNEL_US="300"))
+    graph_calls = [w for w in lines if w[0] in ("cuGraphLaunch", "cuEventRecord")]
+    stream = graph_calls[0][1]
+    assert graph_calls == [["cuEventRecord", stream, "same-context"], ["cuGraphLaunch", stream],
+                           ["cuEventRecord", stream, "same-context"]] * 5   # every replay sampled here
+    records, _ = lend_table.read_launches(1)
+    assert [native.API_NAMES[int(r["api"])] for r in records] == ["cuGraphLaunch"] * 5
+    assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["graph"] * 5
+    assert [int(r["tpcs"]) for r in records] == [8] * 5      # the allowance in force
+    assert [int(r["function"]) for r in records] == [0x9a] * 5
+    assert [int(r["predicted_ns"]) for r in records] == [0, 0, 0, 0, 300_000]   # replay k sees 1..k-2
+    assert all(int(r["gpu_ns"]) == 300_000 for r in records[:4])
+    word = lend_table.activity(1)
+    assert word.busy_until_ns == word.last_launch_ns + 300_000
+
+
 def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     lines = run_lending_client("""
     s = create(1)

@@ -71,9 +71,9 @@ class Mix:
 
 MIXES = {
     "inference": Mix("inference", "inference stacking: ResNet-50 and BERT-base services + ResNet-50 training",
-                     ("resnet50", "bert_base"), "resnet50_train", (5, 5)),
+                     ("resnet50", "bert_base"), "resnet50_train", (6, 6)),
     "hybrid": Mix("hybrid", "hybrid: one BERT-base service + GPT-2 small training", ("bert_base",),
-                  "gpt2_small_train", (8,)),
+                  "gpt2_small_train", (12,)),
 }
 
 
