@@ -41,7 +41,11 @@ MAX_ONGOING_REQUESTS = 32
 
 
 class ModelServer:
-    """One model. Simulated GPU: answer after the predicted latency on this slice. Real GPU: run it."""
+    """One model. Simulated GPU: answer after the predicted latency on this slice. Real GPU: run it.
+
+    Each request returns its service time (the model's own run, without waiting for the model) and
+    the replica's solo service time (median of 20 runs at start, before any load), so the report can
+    tell a slow slice from a queue."""
 
     def __init__(self, workload: str):
         import threading
@@ -54,18 +58,25 @@ class ModelServer:
             from lithos_ray.scheduler.calibration import named_workload
             from lithos_ray.scheduler.gpu_models import lookup_model
             speed = lookup_model(self.grant.gpu_model).relative_tpc_speed
-            self.service_ms = named_workload(workload).latency_ms(self.grant.tpcs, speed)
+            self.simulated_ms = named_workload(workload).latency_ms(self.grant.tpcs, speed)
+            self.run_once = lambda: time.sleep(self.simulated_ms / 1000)
         else:
             self.run_once = _build_torch_model(workload)
             for _ in range(10):
                 self.run_once()
+        self.solo_ms = float(np.median([self._timed_run() for _ in range(20)]))
+        self.environment = {"mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+                            "shim": "liblithos" in os.environ.get("LD_PRELOAD", "")}
 
-    def __call__(self, request=None) -> None:
+    def _timed_run(self) -> float:
+        start = time.perf_counter()
+        self.run_once()
+        return (time.perf_counter() - start) * 1000
+
+    def __call__(self, request=None) -> dict:
         with self.one_at_a_time:
-            if self.grant.simulated:
-                time.sleep(self.service_ms / 1000)
-            else:
-                self.run_once()
+            service_ms = self._timed_run()
+        return {"service_ms": service_ms, "solo_ms": self.solo_ms, **self.environment}
 
 
 def _build_torch_model(workload: str):
@@ -99,13 +110,14 @@ def train(seconds: float) -> dict:
     return TrainingJob().train(seconds)
 
 
-async def drive(handle, rate_per_s: float, seconds: float, seed: int) -> list[float]:
-    """Open-loop Poisson requests; returns end-to-end latencies (ms) seen by the caller."""
+async def drive(handle, rate_per_s: float, seconds: float, seed: int) -> tuple[list[float], list[dict]]:
+    """Open-loop Poisson requests; returns end-to-end latencies (ms) seen by the caller and the replies."""
     rng = np.random.default_rng(seed)
     latencies_ms: list[float] = []
+    replies: list[dict] = []
 
     async def one(arrival_s: float) -> None:
-        await handle.remote()
+        replies.append(await handle.remote())
         latencies_ms.append((time.monotonic() - arrival_s) * 1000)
 
     tasks, arrival_s = [], time.monotonic()
@@ -117,10 +129,10 @@ async def drive(handle, rate_per_s: float, seconds: float, seed: int) -> list[fl
         await asyncio.sleep(max(0.0, arrival_s - time.monotonic()))
         tasks.append(asyncio.create_task(one(arrival_s)))
     await asyncio.gather(*tasks)
-    return latencies_ms
+    return latencies_ms, replies
 
 
-async def drive_all(handles: dict, seconds: float, rate_scale: float) -> dict:
+async def drive_all(handles: dict, seconds: float, rate_scale: float) -> dict[str, tuple[list[float], list[dict]]]:
     results = await asyncio.gather(*(drive(handles[m.name], m.rate_per_s * rate_scale, seconds, seed)
                                      for seed, m in enumerate(MODELS)))
     return {m.name: r for m, r in zip(MODELS, results)}
@@ -171,21 +183,33 @@ def main() -> int:
         print(format_table(cluster_status()))
 
         print(f"\nSending requests for {args.seconds:g} s while training runs ...")
-        client_ms = asyncio.run(drive_all(handles, args.seconds, args.rate_scale))
+        driven = asyncio.run(drive_all(handles, args.seconds, args.rate_scale))
         steps = ray.get(training)
         print(f"\n{'model':<10} {'TPCs':>4} {'SLO':>6} {'rate':>6} {'served':>6}   "
               f"{'caller p50/p99 ms':>18}   {'replica p50/p99 ms':>18}   {'replica within SLO':>18}")
         for m in MODELS:
             replica = handles[m.name].lithos_latency_summary.remote().result()
-            caller = np.asarray(client_ms[m.name])
+            caller = np.asarray(driven[m.name][0])
             caller_p = [np.percentile(caller, q) if caller.size else None for q in (50, 99)]
             attainment = replica["slo_attainment"]
             print(f"{m.name:<10} {m.tpcs:>4} {m.slo_ms:>4g}ms {m.rate_per_s * args.rate_scale:>4g}/s {caller.size:>6}   "
                   f"{_ms(caller_p[0]):>8}/{_ms(caller_p[1]):<9}   {_ms(replica['p50_ms']):>8}/{_ms(replica['p99_ms']):<9}   "
                   f"{'-' if attainment is None else f'{100 * attainment:.1f}%':>18}{label}")
         print(f"training  {TRAINING_TPCS:>4} best-effort: {steps['steps']} steps, {steps['steps_per_s']:.1f} steps/s{label}")
-        print("Caller latency adds Serve's routing in this process; replica latency is what the model took "
-              "on its slice (what the SLO policy and the metrics see).")
+        print("Caller latency adds Serve's routing in this process; replica latency is a request's time in the "
+              "replica, waiting for the model included (what the SLO policy and the metrics see).")
+        print("\nService time: the model's run alone; slice busy = rate x mean service time.")
+        print(f"{'model':<10} {'solo service ms':>15} {'service p50/p99 ms under load':>30} {'slice busy':>10}   replica env")
+        for m in MODELS:
+            replies = driven[m.name][1]
+            if not replies:
+                print(f"{m.name:<10} {'-':>15}")
+                continue
+            service = np.asarray([r["service_ms"] for r in replies])
+            busy = m.rate_per_s * args.rate_scale * float(service.mean()) / 1000
+            env = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items() if k not in ("service_ms", "solo_ms"))
+            print(f"{m.name:<10} {replies[0]['solo_ms']:>15.2f} {np.percentile(service, 50):>14.2f}/{np.percentile(service, 99):<15.2f}"
+                  f"{busy:>9.0%}{' (overloaded)' if busy > 1 else ''}   {env}{label}")
     finally:
         serve.shutdown()
         stop_agents()

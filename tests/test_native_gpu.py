@@ -285,3 +285,45 @@ def test_deferred_joins_give_bitwise_the_results_of_the_program_without_the_shim
     assert counts["paired"] > 5000, counts
     assert counts["continued"] > 0.9 * counts["paired"], counts   # flushes_by_stub says what ended the runs
     assert eager["counts"]["continued"] == 0 and eager["counts"]["runs"] == 0
+
+
+GRAPH_REPLAY_PROGRAM = r"""
+import json, torch
+torch.manual_seed(0)
+x = torch.randn(2048, 2048, device='cuda')
+side = torch.cuda.Stream()
+with torch.cuda.stream(side):
+    for _ in range(3): y = (x @ x).relu()        # warm-up on the capture stream
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph, stream=side):
+    y = (x @ x).relu()
+expected = (x @ x).relu()
+for _ in range(40):
+    graph.replay()
+    torch.cuda.synchronize()
+print(json.dumps({"equal": bool(torch.equal(y, expected))}))
+"""
+
+
+def test_graph_replays_are_timed_and_predicted_on_the_gpu(table):
+    """A CUDA graph captured and replayed under the shim: same result as eager, and sampled replays
+    get GPU durations, so later replays carry a prediction near the measured duration."""
+    table.set_allowance(6, list(range(0, 32)))
+    start = native.LaunchRing(native.ring_path(table.path, 6)).head()
+    env = {**os.environ, **native.client_env(table.path, 6), "LITHOS_SAMPLE_EVERY": "1"}
+    proc = subprocess.run([sys.executable, "-c", GRAPH_REPLAY_PROGRAM], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["equal"]
+    records, _ = table.read_launches(6, since_index=start)
+    replays = [r for r in records if native.API_NAMES[int(r["api"])] == "cuGraphLaunch"]
+    assert len(replays) == 40 and all(native.VIEW_NAMES[int(r["view"])] == "graph" for r in replays)
+    assert {int(r["tpcs"]) for r in replays} == {32}
+    timed_ns = [int(r["gpu_ns"]) for r in replays if int(r["gpu_ns"]) > 0]
+    predicted_ns = [int(r["predicted_ns"]) for r in replays[10:]]
+    assert len(timed_ns) >= 30, timed_ns
+    assert all(predicted_ns), predicted_ns
+    median_ns = sorted(timed_ns)[len(timed_ns) // 2]
+    assert all(0.5 * median_ns < p < 2 * median_ns for p in predicted_ns), (median_ns, predicted_ns)
+    print(f"graph replay: measured median {median_ns / 1e3:.0f} us, predictions {min(predicted_ns) / 1e3:.0f}-"
+          f"{max(predicted_ns) / 1e3:.0f} us")

@@ -6,15 +6,18 @@
 #              image has no grpc_tools to generate them)
 #   ray-part1  keeps .raywhl/part_aa in /tmp for the next call (the machine stays warm 30 s)
 #   ray        joins part_aa (kept) + part_ab (carried) and installs ray 2.60.0
-#   native     GPU tests of the shim (tests/test_native_gpu.py), overhead and correctness benchmarks
+#   native     GPU tests of the shim (tests/test_native_gpu.py) and the overhead benchmark
+#   correctness  benchmarks/native/correctness.py (bitwise results with and without the shim)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU (needs ray and .servewhl)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
-# Two calls back to back (the machine keeps /tmp while warm: 30 s after a call):
-#   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]     LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 colocate
-#   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve native
-# (call 2's setup installs only the carried .servewhl; .whl from call 1 is still in /tmp/site-whl)
+# Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s):
+#   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
+#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native correctness
+#   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve
+#   3. (no carry)  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup colocate
+# (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
 : "${LITHOS_COMMIT:?pass LITHOS_COMMIT=<sha>}"
@@ -40,6 +43,8 @@ for s in "$@"; do
     native)
       timeout 240 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
       timeout 300 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
+    correctness)
+      timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)
       timeout 470 python3 -m benchmarks.colocate --trials 2 --budget-s 420 --out-dir "$OUT" 2>&1 |
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;

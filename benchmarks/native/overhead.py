@@ -19,13 +19,20 @@ from common import metadata, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 LAUNCHES = 100000
-LAUNCH_TRIALS = 3
+LAUNCH_TRIALS = 7
+# Launch-timing processes run on these CPUs (when the machine has them): fewer migrations, less noise.
+LAUNCH_CPUS = {2, 3}
 E2E_TRIALS = 2
 # case -> (launch_overhead mode, extra shim env): a stream the program creates (direct path); the
 # default (legacy) stream 0 (paired path) with deferred joins (the default) and without them.
 CASES = {"stream": ("stream", {}), "legacy": ("legacy", {}), "legacy_no_defer": ("legacy", {"LITHOS_DEFER_JOIN": "0"})}
 MODES = tuple(CASES)
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
+
+
+def pin_to_launch_cpus():
+    if LAUNCH_CPUS <= os.sched_getaffinity(0):
+        os.sched_setaffinity(0, LAUNCH_CPUS)
 
 
 def percentiles(ns):
@@ -48,7 +55,7 @@ def main(out_dir):
                 for name, env in (("plain", dict(os.environ)), ("shim", {**shim_env, **extra_env})):
                     raw = os.path.join(work, f"{mode}_{name}{trial}.bin")
                     proc = subprocess.run([binary, str(LAUNCHES), raw, binary_mode], env=env, check=True, capture_output=True,
-                                          text=True)
+                                          text=True, preexec_fn=pin_to_launch_cpus)
                     launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -85,6 +92,7 @@ def main(out_dir):
         views[key] = views.get(key, 0) + 1
     payload = {**metadata("python benchmarks/native/overhead.py " + out_dir),
                "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
+                          "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
                           "added_per_launch": added, "shim_launch_paths": launch_paths},
                "end_to_end": e2e_summary, "end_to_end_raw_ms": e2e, "shim_launch_views_sample": views,
                "notes": "allowance = all 66 TPCs; cluster>2 kernels run in the co-scheduled view (the 8-SM groups "
