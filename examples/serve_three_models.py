@@ -74,9 +74,11 @@ class ModelServer:
         return (time.perf_counter() - start) * 1000
 
     def __call__(self, request=None) -> dict:
+        from lithos_ray.native import thread_launch_counts
         with self.one_at_a_time:
             service_ms = self._timed_run()
-        return {"service_ms": service_ms, "solo_ms": self.solo_ms, **self.environment}
+        return {"service_ms": service_ms, "solo_ms": self.solo_ms, **self.environment,
+                "launch_paths": thread_launch_counts()}
 
 
 def _build_torch_model(workload: str):
@@ -196,6 +198,8 @@ def main() -> int:
                   f"{_ms(caller_p[0]):>8}/{_ms(caller_p[1]):<9}   {_ms(replica['p50_ms']):>8}/{_ms(replica['p99_ms']):<9}   "
                   f"{'-' if attainment is None else f'{100 * attainment:.1f}%':>18}{label}")
         print(f"training  {TRAINING_TPCS:>4} best-effort: {steps['steps']} steps, {steps['steps_per_s']:.1f} steps/s{label}")
+        if steps.get("launch_paths") is not None:
+            print(f"training launches by path: {steps['launch_paths']} (unconfined: on the whole GPU)")
         print("Caller latency adds Serve's routing in this process; replica latency is a request's time in the "
               "replica, waiting for the model included (what the SLO policy and the metrics see).")
         print("\nService time: the model's run alone; slice busy = rate x mean service time.")
@@ -207,7 +211,8 @@ def main() -> int:
                 continue
             service = np.asarray([r["service_ms"] for r in replies])
             busy = m.rate_per_s * args.rate_scale * float(service.mean()) / 1000
-            env = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items() if k not in ("service_ms", "solo_ms"))
+            env = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items() if k in ("mps", "shim"))
+            env += f", launches by path (a thread's): {replies[-1]['launch_paths']}"
             print(f"{m.name:<10} {replies[0]['solo_ms']:>15.2f} {np.percentile(service, 50):>14.2f}/{np.percentile(service, 99):<15.2f}"
                   f"{busy:>9.0%}{' (overloaded)' if busy > 1 else ''}   {env}{label}")
     finally:

@@ -59,8 +59,9 @@ class TrainingJob(_DemoClient):
             result = simulated.simulate_client(lookup_model(self.grant.gpu_model), self.grant.tpcs,
                                                simulated.ClosedLoop(calibration.matmul_train_step()), seconds)
             return {"steps": int(result.completed), "steps_per_s": float(result.throughput_per_s)}
+        from .native import thread_launch_counts
         steps = _real_training(seconds)
-        return {"steps": steps, "steps_per_s": steps / seconds}
+        return {"steps": steps, "steps_per_s": steps / seconds, "launch_paths": thread_launch_counts()}
 
 
 def _real_inference(seconds: float, rate_per_s: float) -> list[float]:

@@ -479,6 +479,21 @@ class NativeLatencyPredictor:
         return [(int(durations[i]), int(tpcs[i])) for i in range(count)]
 
 
+LAUNCH_PATH_NAMES = ("direct", "paired", "unconfined", "continued")   # lithos_client_launch_counts, in order
+
+
+def thread_launch_counts() -> dict[str, int] | None:
+    """This thread's launches by path as the shim loaded in this process counts them; None without
+    the shim (a process it was not preloaded into)."""
+    try:
+        counts_fn = ctypes.CDLL(None).lithos_client_launch_counts
+    except AttributeError:
+        return None
+    counts = (ctypes.c_uint64 * len(LAUNCH_PATH_NAMES))()
+    filled = counts_fn(counts, len(LAUNCH_PATH_NAMES))
+    return {name: int(counts[i]) for i, name in enumerate(LAUNCH_PATH_NAMES[:filled])}
+
+
 def preload_with_shim(existing: str = "") -> str:
     """LD_PRELOAD value with the shim first and `existing` entries after it (no duplicate)."""
     path = library_path()

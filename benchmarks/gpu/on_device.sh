@@ -52,7 +52,9 @@ for s in "$@"; do
       timeout 300 python3 -m pytest -v -s -rs tests/test_gpu_node.py tests/test_gpu_ray.py 2>&1 |
         tee "$OUT/ray_gpu_tests.txt" | tail -20 || status=1 ;;
     serve)
-      timeout 240 python3 examples/serve_three_models.py --seconds 20 2>&1 | tee "$OUT/serve_three_models.txt" | tail -30 || status=1 ;;
+      timeout 240 python3 examples/serve_three_models.py --seconds 20 2>&1 | tee "$OUT/serve_three_models.txt" | tail -30 || status=1
+      echo "--- the shim's notices in the Ray workers' logs (count, line)"
+      grep -h "lithos:" /tmp/ray/session_latest/logs/worker-*.err 2>/dev/null | sort | uniq -c | sort -rn | head -20 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done
