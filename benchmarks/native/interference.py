@@ -1,0 +1,109 @@
+"""Why a latency-critical BERT slows next to a best-effort matmul job on disjoint TPCs (the Serve
+example on the H100: 5 ms solo, ~60 ms with the training task running). Under MPS, one process at a
+time each: a BERT-base request loop (fp16, batch 1, seq 128, synchronised per request) on 16 TPCs,
+next to a bf16 matmul loop on 28 other TPCs, in several configurations.
+
+usage: python benchmarks/native/interference.py OUT_DIR
+Writes OUT_DIR/native_interference.json.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+from common import metadata, write_json  # noqa: E402
+from lithos_ray import mps, native  # noqa: E402
+
+LC_TPCS = list(range(0, 16))
+BE_TPCS = list(range(16, 44))
+REQUESTS = 150
+
+LC_CODE = r"""
+import json, sys, time, torch
+stream_kind = sys.argv[1]
+layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
+model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
+x = torch.randn(1, 128, 768, device="cuda", dtype=torch.half)
+stream = torch.cuda.Stream() if stream_kind == "created" else torch.cuda.current_stream()
+ms = []
+with torch.no_grad(), torch.cuda.stream(stream):
+    for i in range(20 + int(sys.argv[2])):
+        t = time.perf_counter()
+        model(x)
+        stream.synchronize()
+        if i >= 20:
+            ms.append((time.perf_counter() - t) * 1000)
+ms.sort()
+print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)]}))
+"""
+
+BE_CODE = r"""
+import sys, time, torch
+n = int(sys.argv[1])
+a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+for _ in range(3): a @ a
+torch.cuda.synchronize()
+print("ready", flush=True)
+while True:
+    for _ in range(4): a @ a
+    torch.cuda.synchronize()
+"""
+
+# name -> (LC stream, BE matmul size or None, shim on, extra env for both)
+CASES = {
+    "lc_solo_legacy": ("legacy", None, True, {}),
+    "lc_legacy_be8192": ("legacy", 8192, True, {}),
+    "lc_created_be8192": ("created", 8192, True, {}),
+    "lc_legacy_be2048": ("legacy", 2048, True, {}),
+    "lc_legacy_be8192_no_defer": ("legacy", 8192, True, {"LITHOS_DEFER_JOIN": "0"}),
+    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, {}),
+    "no_shim_lc_solo_legacy": ("legacy", None, False, {}),
+}
+
+
+def main(out_dir):
+    run_dir = tempfile.mkdtemp(prefix="lithos-mps-interference-")
+    mps_env = mps.start_mps(run_dir)
+    table = native.AllowanceTable.create(native._default_gpu_uuid(), tempfile.mkdtemp(prefix="lithos-interference-"))
+    native.probe_layout_into(table)
+    table.set_allowance(0, LC_TPCS)
+    table.set_allowance(1, BE_TPCS)
+    results = {}
+    try:
+        for name, (stream_kind, be_size, shim, extra) in CASES.items():
+            base = {**os.environ, **mps_env, **extra}
+            lc_env = {**base, **native.client_env(table.path, 0)} if shim else base
+            be_env = {**base, **native.client_env(table.path, 1)} if shim else base
+            be = None
+            if be_size:
+                be = subprocess.Popen([sys.executable, "-c", BE_CODE, str(be_size)], env=be_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+                assert be.stdout.readline().strip() == "ready", be.stderr.read()
+            start = time.monotonic()
+            lc = subprocess.run([sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS)], env=lc_env,
+                                capture_output=True, text=True, timeout=240)
+            if be:
+                be.kill()
+                be.wait()
+            if lc.returncode != 0:
+                results[name] = {"error": lc.stderr[-1500:]}
+            else:
+                results[name] = {**json.loads(lc.stdout.strip().splitlines()[-1]), "seconds": time.monotonic() - start,
+                                 "lithos_notices": sorted({l for l in lc.stderr.splitlines() if l.startswith("lithos:")})}
+            print(name, results[name], flush=True)
+    finally:
+        table.close()
+        mps.stop_mps(run_dir)
+    payload = {**metadata("python benchmarks/native/interference.py " + out_dir),
+               "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs 0-15",
+               "be": "bf16 square matmuls, 4 per synchronize, TPCs 16-43", "mps": True, "results": results}
+    write_json(os.path.join(out_dir, "native_interference.json"), payload)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
