@@ -19,13 +19,16 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 from common import metadata, write_json  # noqa: E402
 from lithos_ray import mps, native  # noqa: E402
 
-LC_TPCS = list(range(0, 16))
-BE_TPCS = list(range(16, 44))
 REQUESTS = 150
 
 LC_CODE = r"""
-import json, sys, time, torch
+import json, sys, threading, time, torch
 stream_kind = sys.argv[1]
+if sys.argv[3] == "busy":   # another Python thread that always wants the GIL (as a busy server loop would)
+    def spin():
+        while True:
+            sum(range(1000))
+    threading.Thread(target=spin, daemon=True).start()
 layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
 model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
 x = torch.randn(1, 128, 768, device="cuda", dtype=torch.half)
@@ -54,15 +57,15 @@ while True:
     torch.cuda.synchronize()
 """
 
-# name -> (LC stream, BE matmul size or None, shim on, extra env for both)
+# name -> (LC stream, BE matmul size or None, shim on, extra env for both, a busy Python thread in the LC)
 CASES = {
-    "lc_solo_legacy": ("legacy", None, True, {}),
-    "lc_legacy_be8192": ("legacy", 8192, True, {}),
-    "lc_created_be8192": ("created", 8192, True, {}),
-    "lc_legacy_be2048": ("legacy", 2048, True, {}),
-    "lc_legacy_be8192_no_defer": ("legacy", 8192, True, {"LITHOS_DEFER_JOIN": "0"}),
-    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, {}),
-    "no_shim_lc_solo_legacy": ("legacy", None, False, {}),
+    "lc_solo_legacy": ("legacy", None, True, {}, False),
+    "lc_legacy_be8192": ("legacy", 8192, True, {}, False),
+    "lc_solo_legacy_busy_thread": ("legacy", None, True, {}, True),
+    "lc_legacy_be8192_busy_thread": ("legacy", 8192, True, {}, True),
+    "no_shim_lc_solo_legacy_busy_thread": ("legacy", None, False, {}, True),
+    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, {}, False),
+    "lc_created_be8192": ("created", 8192, True, {}, False),
 }
 
 
@@ -71,11 +74,13 @@ def main(out_dir):
     mps_env = mps.start_mps(run_dir)
     table = native.AllowanceTable.create(native._default_gpu_uuid(), tempfile.mkdtemp(prefix="lithos-interference-"))
     native.probe_layout_into(table)
-    table.set_allowance(0, LC_TPCS)
-    table.set_allowance(1, BE_TPCS)
+    groups = [sorted(tpcs) for _, tpcs in sorted(table.cosched_groups().items())]
+    lc_tpcs, be_tpcs = sum(groups[:4], []), sum(groups[4:11], [])   # whole groups, as Ray grants (16 and 28)
+    table.set_allowance(0, lc_tpcs)
+    table.set_allowance(1, be_tpcs)
     results = {}
     try:
-        for name, (stream_kind, be_size, shim, extra) in CASES.items():
+        for name, (stream_kind, be_size, shim, extra, busy) in CASES.items():
             base = {**os.environ, **mps_env, **extra}
             lc_env = {**base, **native.client_env(table.path, 0)} if shim else base
             be_env = {**base, **native.client_env(table.path, 1)} if shim else base
@@ -85,7 +90,7 @@ def main(out_dir):
                                       stderr=subprocess.PIPE, text=True)
                 assert be.stdout.readline().strip() == "ready", be.stderr.read()
             start = time.monotonic()
-            lc = subprocess.run([sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS)], env=lc_env,
+            lc = subprocess.run([sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), "busy" if busy else "idle"], env=lc_env,
                                 capture_output=True, text=True, timeout=240)
             if be:
                 be.kill()
@@ -100,8 +105,8 @@ def main(out_dir):
         table.close()
         mps.stop_mps(run_dir)
     payload = {**metadata("python benchmarks/native/interference.py " + out_dir),
-               "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs 0-15",
-               "be": "bf16 square matmuls, 4 per synchronize, TPCs 16-43", "mps": True, "results": results}
+               "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs {lc_tpcs}",
+               "be": f"bf16 square matmuls, 4 per synchronize, TPCs {be_tpcs}", "mps": True, "results": results}
     write_json(os.path.join(out_dir, "native_interference.json"), payload)
 
 
