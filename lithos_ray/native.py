@@ -494,6 +494,21 @@ def thread_launch_counts() -> dict[str, int] | None:
     return {name: int(counts[i]) for i, name in enumerate(LAUNCH_PATH_NAMES[:filled])}
 
 
+LENDING_OUTCOME_NAMES = ("borrowed", "union_pending", "queue_too_deep", "paced", "unknown", "too_long",
+                         "no_idle_lender")   # lithos_client_lending_counts, in order
+
+
+def thread_lending_counts() -> dict[str, int] | None:
+    """This thread's lending outcomes (launches that may borrow) as the shim counts them; None without it."""
+    try:
+        counts_fn = ctypes.CDLL(None).lithos_client_lending_counts
+    except AttributeError:
+        return None
+    counts = (ctypes.c_uint64 * len(LENDING_OUTCOME_NAMES))()
+    filled = counts_fn(counts, len(LENDING_OUTCOME_NAMES))
+    return {name: int(counts[i]) for i, name in enumerate(LENDING_OUTCOME_NAMES[:filled])}
+
+
 def preload_with_shim(existing: str = "") -> str:
     """LD_PRELOAD value with the shim first and `existing` entries after it (no duplicate)."""
     path = library_path()

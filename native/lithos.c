@@ -267,9 +267,11 @@ enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, PATH_CONTINUED = 3
  * joins paid (green_done + wait, by this thread's flushes), per-thread-stream joins made to the
  * legacy stream for another thread. */
 enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUNTS = 3 };
-/* Lending outcomes, counted per thread (lithos_client_lending_counts): launches that used borrowed
- * TPCs; launches that found idle lenders but whose union was still being built (own TPCs used). */
-enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LITHOS_LEND_COUNTS = 4 };
+/* Lending outcomes of launches that may borrow, counted per thread (lithos_client_lending_counts):
+ * borrowed; idle lenders but their union still being built (own TPCs used); queue too deep; paced
+ * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle. */
+enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LEND_UNKNOWN = 4,
+       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LITHOS_LEND_COUNTS = 7 };
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
 #define PACE_MAX_ATOMS 40u
 
@@ -1444,14 +1446,20 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
     if (!lender_mask || !g.activity) return;
     c->predicted_own_ns = predict_ns(key, c->own_tpcs);
     uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
-    if (!c->predicted_own_ns || c->predicted_own_ns > atom_ns) return;
+    if (!c->predicted_own_ns || c->predicted_own_ns > atom_ns) {
+        tls.lending[c->predicted_own_ns ? LEND_TOO_LONG : LEND_UNKNOWN]++;
+        return;
+    }
     int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
     int pace = g.pace && low_priority, paced = 0;
     uint64_t mask[LITHOS_MASK_WORDS], lenders, slept_ns = 0;
     for (;;) {
         memcpy(mask, own->tpc_mask, sizeof(mask));
         lenders = idle_lenders(lender_mask, *now_ns, mask);
-        if (!lenders) return;
+        if (!lenders) {
+            tls.lending[LEND_NO_IDLE_LENDER]++;
+            return;
+        }
         uint64_t wait_ns = queue_wait_ns(stream_end_ns, *now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream);
         if (!wait_ns) break;
         if (!pace || slept_ns >= PACE_MAX_ATOMS * atom_ns) {
@@ -1832,8 +1840,8 @@ EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes)
     return slot ? slot->name : NULL;
 }
 
-/* For tests and tools: this thread's lending outcomes (launches that borrowed; launches that found
- * idle lenders while their union was still being built). Returns the number filled. */
+/* For tests and tools: this thread's lending outcomes (the LEND_* counts, in order). Returns the
+ * number filled. */
 EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {
     int n = max_counts < LITHOS_LEND_COUNTS ? max_counts : LITHOS_LEND_COUNTS;
     for (int i = 0; i < n; i++) counts[i] = tls.lending[i];

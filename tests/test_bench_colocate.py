@@ -319,3 +319,11 @@ def test_lending_summary_line_reports_borrowing_reclaim_and_predictor():
     assert lending_summary([trial, trial]) == ("borrowing launches 24/80; reclaim p99 (estimate) max 140 us; "
                                                "predictor: 25.0% off by > 50 us, error p99 <= 80 us (16 pairs)")
     assert lending_summary([{"per_slot": {}, "reclaim_estimate": {}}]) == "borrowing launches 0/0; no reclaim"
+
+
+def test_shim_lending_outcomes_are_summed_per_workload_over_trials():
+    from benchmarks.colocate.report import shim_lending_outcomes
+    counts = {"borrowed": 3, "unknown": 1, "no_idle_lender": 0}
+    phases = [{"workloads": {"train": {"shim_counts": {"launch_paths": {}, "lending": counts}},
+                             "bert": {"shim_counts": {"lending": {"borrowed": 0}}}, "plain": {"status": "ok"}}}] * 2
+    assert shim_lending_outcomes(phases) == {"train": {"borrowed": 6, "unknown": 2, "no_idle_lender": 0}}

@@ -1069,9 +1069,13 @@ def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     s = create(1)
     for _ in range(20): launch(s)
     show("counts", lending()["borrowed"], lending()["pending"])
+    c = (ctypes.c_uint64 * 7)(); lib.lithos_client_lending_counts(c, 7); show(*c)
     show_log()
     """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))   # nothing timed: no prediction ever
     assert lines[0] == ["counts", "0", "0"]
+    assert dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[1]))) == {
+        "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0}
+    lines = lines[1:]
     assert {groups for groups, _ in launch_places(lines)} == {8}
     records, _ = lend_table.read_launches(0)
     assert len(records) == 20 and not any(int(r["predicted_own_ns"]) or int(r["lender_slots_used"]) for r in records)

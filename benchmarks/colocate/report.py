@@ -105,6 +105,9 @@ def analyse(plan, phase_results: list[dict]) -> dict:
                 lending = [r["lending"] for r in phases if "lending" in r]
                 if lending:
                     cell["lending_per_trial"] = lending
+                outcomes = shim_lending_outcomes(phases)
+                if outcomes:
+                    cell["shim_lending_outcomes"] = outcomes
                 mixes[mix_name].setdefault(system, {})[variant] = cell
     return {"slo_multiple": SLO_MULTIPLE, "slo_ms": slo_ms, "solo": solo, "mixes": mixes,
             "targets": targets(plan, mixes), "services": lc}
@@ -198,10 +201,27 @@ def table(analysis: dict) -> str:
                 lines.append(f"{mix_name} {system}/{variant}: " + "; ".join(parts))
                 if cell.get("lending_per_trial"):
                     lines.append("    " + lending_summary(cell["lending_per_trial"]))
+                for name, outcomes in cell.get("shim_lending_outcomes", {}).items():
+                    lines.append(f"    {name} launches that may borrow: " +
+                                 ", ".join(f"{k} {v}" for k, v in outcomes.items() if v))
     for key, entry in analysis["targets"].items():
         lines.append(f"targets {key}: " + (", ".join(f"{k}: {v}" for k, v in entry.get("met", {}).items())
                                            or entry.get("status", "")))
     return "\n".join(lines)
+
+
+def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
+    """Per workload, the shim's lending outcomes (lithos_client_lending_counts of its launching
+    thread) summed over a cell's trials; only workloads that had any."""
+    totals: dict[str, dict[str, int]] = {}
+    for phase in phases:
+        for name, reply in phase.get("workloads", {}).items():
+            lending = (reply.get("shim_counts") or {}).get("lending") or {}
+            if any(lending.values()):
+                for key, value in lending.items():
+                    totals.setdefault(name, {}).setdefault(key, 0)
+                    totals[name][key] += value
+    return totals
 
 
 def lending_summary(per_trial: list[dict]) -> str:

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.colocate.metrics import arrival_schedule_s  # noqa: E402
+from lithos_ray.native import thread_launch_counts, thread_lending_counts  # noqa: E402
 
 EAGER_WARMUP_ITERS = 20
 TRAIN_WARMUP_STEPS = 3
@@ -84,6 +85,19 @@ def build_training(name: str, batch: int, seq_len: int):
         ids = torch.randint(0, config.vocab_size, (batch, seq_len), device="cuda")
         return bf16_step(opt, lambda: model(input_ids=ids, labels=ids).loss), f"transformers GPT2LMHeadModel(GPT2Config()) training, AdamW, bf16 autocast, batch {batch}, seq {seq_len}"
     raise ValueError(f"unknown training workload {name!r}")
+
+
+def shim_counts() -> dict | None:
+    """The shim's counts for this thread (launch paths, lending outcomes); None without the shim."""
+    paths = thread_launch_counts()
+    return None if paths is None else {"launch_paths": paths, "lending": thread_lending_counts()}
+
+
+def counts_since(before: dict | None) -> dict | None:
+    after = shim_counts()
+    if before is None or after is None:
+        return after
+    return {group: {k: v - before[group].get(k, 0) for k, v in values.items()} for group, values in after.items()}
 
 
 def wait_until(deadline: float) -> None:
@@ -144,6 +158,7 @@ class Service:
         start = to_perf(float(cmd["start_at"]))
         cutoff = start + warmup_s + window_s + float(cmd["drain_s"])
         latency_ms, service_ms, measured_arrivals, unserved_wait_ms = [], [], 0, []
+        counts_before = shim_counts()
         for offset in offsets:
             arrival = start + offset
             wait_until(arrival)
@@ -161,7 +176,7 @@ class Service:
         measured_arrivals = int(np.count_nonzero(offsets >= warmup_s))
         return {"latency_ms": [round(v, 4) for v in latency_ms], "service_ms": [round(v, 4) for v in service_ms],
                 "unserved": len(unserved_wait_ms), "unserved_wait_ms": [round(v, 3) for v in unserved_wait_ms],
-                "arrivals": measured_arrivals, "window_s": window_s}
+                "arrivals": measured_arrivals, "window_s": window_s, "shim_counts": counts_since(counts_before)}
 
 
 class Training:
@@ -181,6 +196,7 @@ class Training:
         stop = window_end + float(cmd["drain_s"])  # keep the interference up while services drain
         wait_until(start)
         starts, ends = [], []
+        counts_before = shim_counts()
         with torch.cuda.stream(self.stream):
             while time.perf_counter() < stop:
                 begin = time.perf_counter()
@@ -189,7 +205,8 @@ class Training:
                 starts.append(begin - window_start)
                 ends.append(time.perf_counter() - window_start)
         return {"step_start_s": [round(v, 6) for v in starts], "step_end_s": [round(v, 6) for v in ends],
-                "window_s": float(cmd["window_s"]), "samples_per_step": self.batch}
+                "window_s": float(cmd["window_s"]), "samples_per_step": self.batch,
+                "shim_counts": counts_since(counts_before)}
 
 
 def main() -> int:
