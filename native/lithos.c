@@ -1586,12 +1586,13 @@ static CUresult route_launch(launch_request *q) {
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
     uint64_t *stream_end_ns = NULL;
-    if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED))) {
+    if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
+        /* Unconfined: on the app stream when it is the context's own; a created stream may be a green
+         * stream (of the TPC view), where e.g. a cluster kernel would fail and poison the context, so
+         * it goes through the unconfined pair (an ordinary helper stream, ordered by events). */
         if (special_stream(app_stream)) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
         view = LITHOS_VIEW_UNCONFINED;
         lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
-    } else if (!route->views[view].green) {
-        return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     } else {
         stream_end_ns = queue_end(ctx, app_stream);
         choose_lending(&lend, route, view, &key, &now_ns, stream_end_ns, ctx, app_stream);

@@ -1162,3 +1162,23 @@ def test_clients_write_only_their_own_activity_word(fake_driver, lend_table):
         assert proc.returncode == -signal.SIGSEGV and "wrote" not in proc.stdout, write_at
     assert lend_table.activity(0) == ActivityWord(None, 0)
     assert lend_table.lending(1) == ([], False) and lend_table.lending(0) == ([1], False)
+
+
+def test_a_cluster_kernel_without_a_cosched_group_leaves_a_green_stream_for_an_ordinary_one(fake_driver, lend_table):
+    """An allowance holding no whole co-scheduled group has no view for clusters > 2: such a kernel
+    runs unconfined, and on a created (green) stream that means a helper stream of the ordinary
+    context, ordered by events, never the green stream (on an H100 it fails there and poisons it)."""
+    lend_table.set_cosched_map([255] * 66)                  # no group anywhere
+    lines = run_lending_client("""
+    s = create(1)
+    full_log()
+    launch_fn(0xc1, s)
+    launch_fn(0x77, s)
+    show(hex(s))
+    show_log()
+    """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))
+    green = lines[0][0]
+    launches = [w for w in lines[1:] if w[0] == "cuLaunchKernel"]
+    assert launches[0][1] != green and launches[1] == ["cuLaunchKernel", green]
+    records, _ = lend_table.read_launches(0)
+    assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["unconfined", "tpc"]
