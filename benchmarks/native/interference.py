@@ -3,8 +3,9 @@ example on the H100: 5 ms solo, ~60 ms with the training task running). Under MP
 time each: a BERT-base request loop (fp16, batch 1, seq 128, synchronised per request) on 16 TPCs,
 next to a bf16 matmul loop on 28 other TPCs, in several configurations.
 
-usage: python benchmarks/native/interference.py OUT_DIR
-Writes OUT_DIR/native_interference.json.
+usage: python benchmarks/native/interference.py OUT_DIR      (GPU machine)
+       python benchmarks/native/interference.py --plot JSON  (redraws JSON's plot beside it)
+Writes OUT_DIR/native_interference.json and .png.
 """
 import json
 import os
@@ -108,7 +109,37 @@ def main(out_dir):
                "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs {lc_tpcs}",
                "be": f"bf16 square matmuls, 4 per synchronize, TPCs {be_tpcs}", "mps": True, "results": results}
     write_json(os.path.join(out_dir, "native_interference.json"), payload)
+    plot(payload, os.path.join(out_dir, "native_interference.png"))
+
+
+def plot(payload: dict, path: str) -> None:
+    """BERT p50 per configuration, as a multiple of its solo p50 under the shim."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = {k: v for k, v in payload["results"].items() if "p50_ms" in v}
+    solo = results["lc_solo_legacy"]["p50_ms"]
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh(names, [results[n]["p50_ms"] / solo for n in names], color=["tab:red" if "busy" in n else
+                                                                          "tab:gray" if n.startswith("no_shim") else
+                                                                          "tab:blue" for n in names])
+    for i, n in enumerate(names):
+        ax.text(results[n]["p50_ms"] / solo, i, f" {results[n]['p50_ms']:.1f} ms", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"BERT request p50 / solo p50 ({solo:.2f} ms), log scale")
+    ax.set_title(f"LC BERT next to a bf16 matmul job, MPS ({payload['gpu']}, {payload['git_commit']})", fontsize=9)
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 3 and sys.argv[1] == "--plot":
+        with open(sys.argv[2]) as handle:
+            plot(json.load(handle), sys.argv[2][:-len(".json")] + ".png")
+    elif len(sys.argv) == 2:
+        main(sys.argv[1])
+    else:
+        sys.exit(__doc__)
