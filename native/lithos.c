@@ -1806,6 +1806,15 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
     return real_cuStreamDestroy_v2(stream);
 }
 
+/* For benchmarks: the real driver function behind one of the shim's hooks (e.g. "cuLaunchKernel",
+ * by hook name), so one process can time launches with and without the shim's work; NULL if unknown. */
+EXPORT void *lithos_client_real_hook(const char *name) {
+    ensure_init();
+    for (unsigned i = 0; name && i < HOOK_COUNT; i++)
+        if (strcmp(hooks[i].name, name) == 0) return *hooks[i].real;
+    return NULL;
+}
+
 /* For tests and tools: this thread's launches by path (direct on an owned green stream, paired
  * with events, unconfined). Returns the number of paths filled. */
 EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {

@@ -1182,3 +1182,21 @@ def test_a_cluster_kernel_without_a_cosched_group_leaves_a_green_stream_for_an_o
     assert launches[0][1] != green and launches[1] == ["cuLaunchKernel", green]
     records, _ = lend_table.read_launches(0)
     assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["unconfined", "tpc"]
+
+
+def test_the_real_driver_function_behind_a_hook_is_available_for_benchmarks(fake_driver, fake_table):
+    """lithos_client_real_hook gives the driver's own cuLaunchKernel: a launch through it reaches the
+    driver and passes none of the shim's work (no launch counted, nothing recorded)."""
+    lines, _ = run_fake("""
+    lib.lithos_client_real_hook.restype = ctypes.c_void_p
+    real = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p)(lib.lithos_client_real_hook(b"cuLaunchKernel"))
+    log()
+    assert real(0x77, 1, 1, 1, 32, 1, 1, 0, None, None, None) == 0
+    show(*log())
+    show(counts(), lib.lithos_client_real_hook(b"cuNoSuchHook"))
+    """, fake_env(fake_driver, fake_table))
+    assert lines[0] == ["cuLaunchKernel", "0"]
+    assert lines[1] == ["{'direct':", "0,", "'paired':", "0,", "'unconfined':", "0}", "None"]
+    records, _ = fake_table.read_launches(0)
+    assert len(records) == 0

@@ -1,6 +1,9 @@
 // Times each cudaLaunchKernel call of an empty kernel (host side), 1e5 launches by default.
-// usage: launch_overhead N OUT.bin [stream|legacy]   (writes N uint32 nanoseconds)
+// usage: launch_overhead N OUT.bin [stream|legacy|ab-stream|ab-legacy]   (writes N uint32 nanoseconds)
 //   stream: a stream the program creates (cudaStreamNonBlocking); legacy: the default stream 0.
+//   ab-*: under liblithos.so only: driver-level cuLaunchKernel in alternating blocks of 256, even
+//   blocks through the shim's hook, odd blocks through the real driver function behind it
+//   (lithos_client_real_hook), so one process measures the shim's own cost, A/B interleaved.
 // Under liblithos.so it prints this thread's launches by path (direct, paired, unconfined, continued),
 // its deferred-join counts and which driver calls paid owed joins, as one JSON line.
 #include <cstdio>
@@ -9,6 +12,7 @@
 #include <cstdlib>
 #include <ctime>
 #include <vector>
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 __global__ void empty_kernel() {}
@@ -19,17 +23,40 @@ static long long now_ns() {
     return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+typedef CUresult (*launch_fn)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
+                              void **, void **);
+
 int main(int argc, char **argv) {
     int n = argc > 1 ? atoi(argv[1]) : 100000;
-    bool legacy = argc > 3 && strcmp(argv[3], "legacy") == 0;
+    const char *mode = argc > 3 ? argv[3] : "stream";
+    bool ab = strncmp(mode, "ab-", 3) == 0;
+    bool legacy = strcmp(mode + (ab ? 3 : 0), "legacy") == 0;
     cudaStream_t stream = 0;
     if (!legacy && cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) != cudaSuccess) return 2;
     for (int i = 0; i < 1000; i++) empty_kernel<<<1, 32, 0, stream>>>();
     cudaStreamSynchronize(stream);
+    launch_fn through_shim = nullptr, real = nullptr;
+    CUfunction function = nullptr;
+    if (ab) {
+        typedef void *(*real_hook_fn)(const char *);
+        real_hook_fn real_hook = (real_hook_fn)dlsym(RTLD_DEFAULT, "lithos_client_real_hook");
+        through_shim = (launch_fn)dlsym(RTLD_DEFAULT, "cuLaunchKernel");  // the preloaded shim's hook
+        real = real_hook ? (launch_fn)real_hook("cuLaunchKernel") : nullptr;
+        cudaFunction_t runtime_function;
+        if (!real || !through_shim || cudaGetFuncBySymbol(&runtime_function, (const void *)empty_kernel) != cudaSuccess) {
+            fprintf(stderr, "ab modes need liblithos.so preloaded\n");
+            return 3;
+        }
+        function = (CUfunction)runtime_function;
+    }
     std::vector<unsigned> ns(n);
     for (int i = 0; i < n; i++) {
+        launch_fn launch = (i / 256) % 2 == 0 ? through_shim : real;
         long long t0 = now_ns();
-        empty_kernel<<<1, 32, 0, stream>>>();
+        if (ab)
+            launch(function, 1, 1, 1, 32, 1, 1, 0, (CUstream)stream, nullptr, nullptr);
+        else
+            empty_kernel<<<1, 32, 0, stream>>>();
         ns[i] = (unsigned)(now_ns() - t0);
         if (i % 256 == 255) cudaStreamSynchronize(stream);  // keep the launch queue from filling
     }

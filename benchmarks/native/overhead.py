@@ -22,12 +22,23 @@ LAUNCHES = 100000
 LAUNCH_TRIALS = 7
 # Launch-timing processes run on these CPUs (when the machine has them): fewer migrations, less noise.
 LAUNCH_CPUS = {2, 3}
-E2E_TRIALS = 2
+E2E_CPUS = {2, 3, 4, 5}
+E2E_TRIALS = 3
 # case -> (launch_overhead mode, extra shim env): a stream the program creates (direct path); the
 # default (legacy) stream 0 (paired path) with deferred joins (the default) and without them.
 CASES = {"stream": ("stream", {}), "legacy": ("legacy", {}), "legacy_no_defer": ("legacy", {"LITHOS_DEFER_JOIN": "0"})}
 MODES = tuple(CASES)
+# In one shimmed process, cuLaunchKernel through the shim's hook and through the real driver function
+# behind it, in alternating blocks of 256 (launch_overhead.cu ab-*): the shim's own cost, without the
+# noise of comparing separate processes.
+AB_MODES = ("ab-stream", "ab-legacy")
+AB_BLOCK = 256
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
+
+
+def pin_to_e2e_cpus():
+    if E2E_CPUS <= os.sched_getaffinity(0):
+        os.sched_setaffinity(0, E2E_CPUS)
 
 
 def pin_to_launch_cpus():
@@ -59,11 +70,18 @@ def main(out_dir):
                     launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        ab = {mode: [] for mode in AB_MODES}
+        for trial in range(LAUNCH_TRIALS):
+            for mode in AB_MODES:
+                raw = os.path.join(work, f"{mode}{trial}.bin")
+                subprocess.run([binary, str(LAUNCHES), raw, mode], env=shim_env, check=True, capture_output=True, text=True,
+                               preexec_fn=pin_to_launch_cpus)
+                ab[mode].append(np.fromfile(raw, dtype=np.uint32))
         e2e = {"plain": [], "shim": [], "shim_no_defer": []}
         for trial in range(E2E_TRIALS):  # interleaved: plain, shim, shim without deferred joins, plain, ...
             for name, env in (("plain", dict(os.environ)), ("shim", shim_env), ("shim_no_defer", no_defer_env)):
                 proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env=env, capture_output=True,
-                                      text=True, timeout=400)
+                                      text=True, timeout=400, preexec_fn=pin_to_e2e_cpus)
                 if proc.returncode != 0:
                     raise RuntimeError(proc.stderr[-2000:])
                 e2e[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -78,6 +96,18 @@ def main(out_dir):
                        "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(plain_all, 99)),
                        "per_trial_median_ns": [float(np.median(s) - np.median(p)) for p, s in
                                                zip(launch[f"{mode}_plain"], launch[f"{mode}_shim"])]}
+    in_process = {}
+    for mode in AB_MODES:
+        shim_arm, real_arm = [], []
+        for run in ab[mode]:
+            block = (np.arange(len(run)) // AB_BLOCK) % 2
+            shim_arm.append(run[block == 0])
+            real_arm.append(run[block == 1])
+        in_process[mode[3:]] = {
+            "median_ns": float(np.median(np.concatenate(shim_arm)) - np.median(np.concatenate(real_arm))),
+            "p99_ns": float(np.percentile(np.concatenate(shim_arm), 99) - np.percentile(np.concatenate(real_arm), 99)),
+            "real_median_ns": float(np.median(np.concatenate(real_arm))),
+            "per_trial_median_ns": [float(np.median(s) - np.median(r)) for s, r in zip(shim_arm, real_arm)]}
     e2e_summary = {}
     for workload in WORKLOADS:
         per_run = {name: [float(np.median(run[workload])) for run in e2e[name]] for name in e2e}
@@ -93,7 +123,8 @@ def main(out_dir):
     payload = {**metadata("python benchmarks/native/overhead.py " + out_dir),
                "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
                           "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
-                          "added_per_launch": added, "shim_launch_paths": launch_paths},
+                          "added_per_launch": added, "shim_launch_paths": launch_paths,
+                          "added_per_launch_in_process": in_process},
                "end_to_end": e2e_summary, "end_to_end_raw_ms": e2e, "shim_launch_views_sample": views,
                "notes": "allowance = all 66 TPCs; cluster>2 kernels run in the co-scheduled view (the 8-SM groups "
                         "cover 120 of 132 SMs on an H100), so part of the e2e difference is fewer SMs, not call overhead. "
@@ -102,9 +133,13 @@ def main(out_dir):
                         "events only at the start of a run and at the join, here every 256 launches at cudaStreamSynchronize), "
                         "'legacy_no_defer' = the same with LITHOS_DEFER_JOIN=0 (4 event calls per launch). "
                         "e2e shim_no_defer = the shim with LITHOS_DEFER_JOIN=0; "
-                        "e2e *_side_stream = the same step inside torch.cuda.stream(torch.cuda.Stream())"}
+                        "e2e *_side_stream = the same step inside torch.cuda.stream(torch.cuda.Stream()); "
+                        "added_per_launch_in_process: one shimmed process, cuLaunchKernel through the shim's hook vs the real "
+                        "driver function behind it (lithos_client_real_hook), alternating blocks of 256 on the same stream "
+                        "(on the default stream the real arm launches on the legacy stream itself, the shim on a green stream)"}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
-    print(json.dumps({"added_per_launch": added, "shim_launch_paths": launch_paths,
+    print(json.dumps({"added_per_launch": added, "added_per_launch_in_process": in_process,
+                      "shim_launch_paths": launch_paths,
                       "end_to_end": {k: {"median_ms": v["median_ms"], "shim_vs_plain_percent": round(v["shim_vs_plain_percent"], 1),
                                          "shim_no_defer_vs_plain_percent": round(v["shim_no_defer_vs_plain_percent"], 1),
                                          "plain_run_spread_percent": round(v["plain_run_spread_percent"], 1)}
