@@ -1,8 +1,9 @@
 """Overhead evidence: per-launch host time of 1e5 empty kernels and end-to-end step times,
 with and without liblithos.so (allowance: all 66 TPCs, so only the shim's cost shows).
 
-usage: python benchmarks/native/overhead.py OUT_DIR
-Writes OUT_DIR/native_overhead.json and .png.
+usage: python benchmarks/native/overhead.py OUT_DIR [--in-process-only]
+Writes OUT_DIR/native_overhead.json and .png (--in-process-only: OUT_DIR/native_overhead_in_process.json,
+the in-process A/B alone, about a minute).
 """
 import json
 import os
@@ -50,10 +51,62 @@ def percentiles(ns):
     return {"median_ns": float(np.median(ns)), "p99_ns": float(np.percentile(ns, 99)), "mean_ns": float(np.mean(ns))}
 
 
-def main(out_dir):
-    work = tempfile.mkdtemp(prefix="lithos-overhead-")
+def in_process_ab(binary, shim_env, work) -> dict:
+    """Per stream kind: the shim's added host time per launch from the ab-* modes (see AB_MODES)."""
+    runs = {mode: [] for mode in AB_MODES}
+    for trial in range(LAUNCH_TRIALS):
+        for mode in AB_MODES:
+            raw = os.path.join(work, f"{mode}{trial}.bin")
+            subprocess.run([binary, str(LAUNCHES), raw, mode], env=shim_env, check=True, capture_output=True, text=True,
+                           preexec_fn=pin_to_launch_cpus)
+            runs[mode].append(np.fromfile(raw, dtype=np.uint32))
+    result = {}
+    for mode in AB_MODES:
+        shim_arm, real_arm = [], []
+        for run in runs[mode]:
+            block = (np.arange(len(run)) // AB_BLOCK) % 2
+            shim_arm.append(run[block == 0])
+            real_arm.append(run[block == 1])
+        result[mode[3:]] = {
+            "median_ns": float(np.median(np.concatenate(shim_arm)) - np.median(np.concatenate(real_arm))),
+            "p99_ns": float(np.percentile(np.concatenate(shim_arm), 99) - np.percentile(np.concatenate(real_arm), 99)),
+            "real_median_ns": float(np.median(np.concatenate(real_arm))),
+            "per_trial_median_ns": [float(np.median(s) - np.median(r)) for s, r in zip(shim_arm, real_arm)]}
+    return result
+
+
+def build_binary(work) -> str:
     binary = os.path.join(work, "launch_overhead")
     subprocess.run(["nvcc", "-O2", "-arch=sm_90", "-o", binary, os.path.join(HERE, "launch_overhead.cu"), "-ldl"], check=True)
+    return binary
+
+
+def main_in_process_only(out_dir):
+    """Only the in-process A/B (about a minute): OUT_DIR/native_overhead_in_process.json."""
+    work = tempfile.mkdtemp(prefix="lithos-overhead-")
+    binary = build_binary(work)
+    table = native.AllowanceTable.create(native._default_gpu_uuid())
+    native.probe_layout_into(table)
+    table.set_allowance(0, list(range(66)))
+    try:
+        result = in_process_ab(binary, {**os.environ, **native.client_env(table.path, 0)}, work)
+    finally:
+        table.close()
+    payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --in-process-only"),
+               "launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "block": AB_BLOCK,
+               "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
+               "added_per_launch_in_process": result,
+               "notes": "one shimmed process per run: cuLaunchKernel of an empty kernel through the shim's hook (even "
+                        "blocks of 256) and through the real driver function behind it (odd blocks), same stream; "
+                        "allowance = all 66 TPCs, lending off. 'legacy': the real arm launches on the legacy stream "
+                        "itself, the shim's on a green stream (a deferred run)."}
+    write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
+    print(json.dumps(result, indent=1))
+
+
+def main(out_dir):
+    work = tempfile.mkdtemp(prefix="lithos-overhead-")
+    binary = build_binary(work)
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native.probe_layout_into(table)
     table.set_allowance(0, list(range(66)))
@@ -70,13 +123,7 @@ def main(out_dir):
                     launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        ab = {mode: [] for mode in AB_MODES}
-        for trial in range(LAUNCH_TRIALS):
-            for mode in AB_MODES:
-                raw = os.path.join(work, f"{mode}{trial}.bin")
-                subprocess.run([binary, str(LAUNCHES), raw, mode], env=shim_env, check=True, capture_output=True, text=True,
-                               preexec_fn=pin_to_launch_cpus)
-                ab[mode].append(np.fromfile(raw, dtype=np.uint32))
+        in_process = in_process_ab(binary, shim_env, work)
         e2e = {"plain": [], "shim": [], "shim_no_defer": []}
         for trial in range(E2E_TRIALS):  # interleaved: plain, shim, shim without deferred joins, plain, ...
             for name, env in (("plain", dict(os.environ)), ("shim", shim_env), ("shim_no_defer", no_defer_env)):
@@ -96,18 +143,6 @@ def main(out_dir):
                        "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(plain_all, 99)),
                        "per_trial_median_ns": [float(np.median(s) - np.median(p)) for p, s in
                                                zip(launch[f"{mode}_plain"], launch[f"{mode}_shim"])]}
-    in_process = {}
-    for mode in AB_MODES:
-        shim_arm, real_arm = [], []
-        for run in ab[mode]:
-            block = (np.arange(len(run)) // AB_BLOCK) % 2
-            shim_arm.append(run[block == 0])
-            real_arm.append(run[block == 1])
-        in_process[mode[3:]] = {
-            "median_ns": float(np.median(np.concatenate(shim_arm)) - np.median(np.concatenate(real_arm))),
-            "p99_ns": float(np.percentile(np.concatenate(shim_arm), 99) - np.percentile(np.concatenate(real_arm), 99)),
-            "real_median_ns": float(np.median(np.concatenate(real_arm))),
-            "per_trial_median_ns": [float(np.median(s) - np.median(r)) for s, r in zip(shim_arm, real_arm)]}
     e2e_summary = {}
     for workload in WORKLOADS:
         per_run = {name: [float(np.median(run[workload])) for run in e2e[name]] for name in e2e}
@@ -180,4 +215,9 @@ def plot(launch, e2e_summary, path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 3 and sys.argv[2] == "--in-process-only":
+        main_in_process_only(sys.argv[1])
+    elif len(sys.argv) == 2:
+        main(sys.argv[1])
+    else:
+        sys.exit(__doc__)
