@@ -102,6 +102,31 @@ def main_in_process_only(out_dir):
                         "itself, the shim's on a green stream (a deferred run)."}
     write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
     print(json.dumps(result, indent=1))
+    plot_in_process(payload, os.path.join(out_dir, "native_overhead_in_process.png"))
+
+
+def plot_in_process(payload, path):
+    """Per-trial median added ns per launch, per stream kind, against the 0.5 us target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    result = payload["added_per_launch_in_process"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (kind, entry) in enumerate(result.items()):
+        trials = entry["per_trial_median_ns"]
+        ax.scatter([i] * len(trials), trials, color="C0", alpha=0.6, label="trial median" if i == 0 else None)
+        ax.hlines(entry["median_ns"], i - 0.25, i + 0.25, color="C3", label="all launches, median" if i == 0 else None)
+        ax.text(i + 0.27, entry["median_ns"], f"{entry['median_ns']:.0f} ns", va="center", fontsize=8)
+    ax.axhline(500, color="gray", ls="--", label="target 500 ns")
+    ax.set_xticks(range(len(result)), [{"stream": "created stream", "legacy": "default stream"}.get(k, k) for k in result])
+    ax.set_ylim(0, max(700, max(max(e["per_trial_median_ns"]) for e in result.values()) * 1.2))
+    ax.set_ylabel("shim's added host time per launch (ns)")
+    ax.set_title(f"In-process A/B, {payload['trials']} x {payload['launches_per_run']} launches ({payload['gpu']}, "
+                 f"{payload['git_commit']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(out_dir):
@@ -217,6 +242,9 @@ def plot(launch, e2e_summary, path):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[2] == "--in-process-only":
         main_in_process_only(sys.argv[1])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--plot-in-process":   # redraw a JSON's plot beside it
+        with open(sys.argv[2]) as handle:
+            plot_in_process(json.load(handle), sys.argv[2][:-len(".json")] + ".png")
     elif len(sys.argv) == 2:
         main(sys.argv[1])
     else:
