@@ -1200,3 +1200,22 @@ def test_the_real_driver_function_behind_a_hook_is_available_for_benchmarks(fake
     assert lines[1] == ["{'direct':", "0,", "'paired':", "0,", "'unconfined':", "0}", "None"]
     records, _ = fake_table.read_launches(0)
     assert len(records) == 0
+
+
+def test_bypass_for_benchmarks_pays_owed_joins_and_then_passes_launches_through(fake_driver, fake_table):
+    lines, _ = run_fake("""
+    launch(None)               # a deferred run on the default stream: its join is owed
+    log()
+    lib.lithos_client_set_bypass(1)
+    show(*[w.split()[0] for w in log()])
+    launch(None); launch(None)
+    show(*log())
+    show(counts())
+    lib.lithos_client_set_bypass(0)
+    launch(None)
+    show(counts())
+    """, fake_env(fake_driver, fake_table))
+    assert lines[0] == ["cuEventRecord", "cuStreamWaitEvent"]                 # the join, paid on switching
+    assert lines[1] == ["cuLaunchKernel", "0", "cuLaunchKernel", "0"]         # as the program made them
+    assert lines[2] == ["{'direct':", "0,", "'paired':", "1,", "'unconfined':", "0}"]
+    assert lines[3] == ["{'direct':", "0,", "'paired':", "2,", "'unconfined':", "0}"]

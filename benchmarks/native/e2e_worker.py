@@ -5,23 +5,42 @@ usage: e2e_worker.py -> prints JSON {"resnet50_train_ms": [...], "bert_base_infe
 The *_side_stream runs do the same work inside `with torch.cuda.stream(torch.cuda.Stream())`: a
 stream the program creates, which liblithos.so makes a green stream (no events per launch); the
 plain runs use PyTorch's default stream (the legacy stream 0, which the shim must pair with events).
+
+LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 3x as many, in alternating blocks
+of AB_BLOCK steps with the shim's work on and bypassed (lithos_client_set_bypass); prints
+{"resnet50_train_ms": {"shim": [...], "bypass": [...]}, "bert_base_infer_ms": {...}}.
 """
+import ctypes
 import json
+import os
 import time
 
 import torch
+
+AB = os.environ.get("LITHOS_E2E_AB") == "1"
+AB_BLOCK = 5
+_set_bypass = ctypes.CDLL(None).lithos_client_set_bypass if AB else None
 
 
 def timed(fn, warmup, steps):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
+    times = {"shim": [], "bypass": []} if AB else []
+    for i in range(3 * steps if AB else steps):
+        bypass = AB and (i // AB_BLOCK) % 2 == 1
+        if AB:
+            _set_bypass(int(bypass))
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if AB:
+            times["bypass" if bypass else "shim"].append(elapsed_ms)
+        else:
+            times.append(elapsed_ms)
+    if AB:
+        _set_bypass(0)
     return times
 
 
@@ -61,6 +80,9 @@ def bert_base():
     return timed(step, 10, 60)
 
 
-print(json.dumps({"resnet50_train_ms": resnet50(), "bert_base_infer_ms": bert_base(),
-                  "resnet50_train_side_stream_ms": on_side_stream(resnet50),
-                  "bert_base_infer_side_stream_ms": on_side_stream(bert_base)}), flush=True)
+if AB:
+    print(json.dumps({"resnet50_train_ms": resnet50(), "bert_base_infer_ms": bert_base()}), flush=True)
+else:
+    print(json.dumps({"resnet50_train_ms": resnet50(), "bert_base_infer_ms": bert_base(),
+                      "resnet50_train_side_stream_ms": on_side_stream(resnet50),
+                      "bert_base_infer_side_stream_ms": on_side_stream(bert_base)}), flush=True)

@@ -3,7 +3,7 @@ with and without liblithos.so (allowance: all 66 TPCs, so only the shim's cost s
 
 usage: python benchmarks/native/overhead.py OUT_DIR [--in-process-only]
 Writes OUT_DIR/native_overhead.json and .png (--in-process-only: OUT_DIR/native_overhead_in_process.json,
-the in-process A/B alone, about a minute).
+the in-process A/Bs alone, launches and end-to-end steps, about two minutes).
 """
 import json
 import os
@@ -82,26 +82,39 @@ def build_binary(work) -> str:
 
 
 def main_in_process_only(out_dir):
-    """Only the in-process A/B (about a minute): OUT_DIR/native_overhead_in_process.json."""
+    """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
     work = tempfile.mkdtemp(prefix="lithos-overhead-")
     binary = build_binary(work)
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native.probe_layout_into(table)
     table.set_allowance(0, list(range(66)))
+    shim_env = {**os.environ, **native.client_env(table.path, 0)}
     try:
-        result = in_process_ab(binary, {**os.environ, **native.client_env(table.path, 0)}, work)
+        result = in_process_ab(binary, shim_env, work)
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env={**shim_env, "LITHOS_E2E_AB": "1"},
+                              capture_output=True, text=True, timeout=400, preexec_fn=pin_to_e2e_cpus)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        steps = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
         table.close()
+    e2e = {workload: {"shim_median_ms": float(np.median(arms["shim"])), "bypass_median_ms": float(np.median(arms["bypass"])),
+                      "shim_vs_bypass_percent": 100.0 * (np.median(arms["shim"]) / np.median(arms["bypass"]) - 1.0),
+                      "steps_per_arm": len(arms["shim"])}
+           for workload, arms in steps.items()}
     payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --in-process-only"),
                "launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "block": AB_BLOCK,
                "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
-               "added_per_launch_in_process": result,
+               "added_per_launch_in_process": result, "end_to_end_in_process": e2e, "end_to_end_raw_ms": steps,
                "notes": "one shimmed process per run: cuLaunchKernel of an empty kernel through the shim's hook (even "
                         "blocks of 256) and through the real driver function behind it (odd blocks), same stream; "
                         "allowance = all 66 TPCs, lending off. 'legacy': the real arm launches on the legacy stream "
-                        "itself, the shim's on a green stream (a deferred run)."}
+                        "itself, the shim's on a green stream (a deferred run). end_to_end_in_process: one shimmed "
+                        "process (e2e_worker.py, LITHOS_E2E_AB=1), default-stream steps in alternating blocks of 5 with the "
+                        "shim's work on and bypassed (lithos_client_set_bypass): bypassed launches run where the program "
+                        "put them (the legacy stream, whole GPU), so cluster kernels get 132 instead of 120 SMs there."}
     write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({"added_per_launch_in_process": result, "end_to_end_in_process": e2e}, indent=1))
     plot_in_process(payload, os.path.join(out_dir, "native_overhead_in_process.png"))
 
 
@@ -124,6 +137,11 @@ def plot_in_process(payload, path):
     ax.set_title(f"In-process A/B, {payload['trials']} x {payload['launches_per_run']} launches ({payload['gpu']}, "
                  f"{payload['git_commit']})", fontsize=9)
     ax.legend(fontsize=8)
+    e2e = payload.get("end_to_end_in_process")
+    if e2e:
+        ax.text(0.02, 0.04, "end to end, shim vs bypassed: " + "; ".join(
+            f"{name.replace('_ms', '')} {entry['shim_vs_bypass_percent']:+.1f}%" for name, entry in e2e.items()),
+            transform=ax.transAxes, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
