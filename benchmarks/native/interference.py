@@ -58,15 +58,18 @@ while True:
     torch.cuda.synchronize()
 """
 
-# name -> (LC stream, BE matmul size or None, shim on, extra env for both, a busy Python thread in the LC)
+# name -> (LC stream, BE matmul size or None, shim on, extra env for all, a busy Python thread in the LC,
+#          LC processes at once: 2 = a second BERT on 16 more TPCs, as in the Serve example)
 CASES = {
-    "lc_solo_legacy": ("legacy", None, True, {}, False),
-    "lc_legacy_be8192": ("legacy", 8192, True, {}, False),
-    "lc_solo_legacy_busy_thread": ("legacy", None, True, {}, True),
-    "lc_legacy_be8192_busy_thread": ("legacy", 8192, True, {}, True),
-    "no_shim_lc_solo_legacy_busy_thread": ("legacy", None, False, {}, True),
-    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, {}, False),
-    "lc_created_be8192": ("created", 8192, True, {}, False),
+    "lc_solo_legacy": ("legacy", None, True, {}, False, 1),
+    "lc_legacy_be8192": ("legacy", 8192, True, {}, False, 1),
+    "two_lc_legacy": ("legacy", None, True, {}, False, 2),
+    "two_lc_legacy_be8192": ("legacy", 8192, True, {}, False, 2),
+    "lc_solo_legacy_busy_thread": ("legacy", None, True, {}, True, 1),
+    "lc_legacy_be8192_busy_thread": ("legacy", 8192, True, {}, True, 1),
+    "no_shim_lc_solo_legacy_busy_thread": ("legacy", None, False, {}, True, 1),
+    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, {}, False, 1),
+    "lc_created_be8192": ("created", 8192, True, {}, False, 1),
 }
 
 
@@ -79,11 +82,13 @@ def main(out_dir):
     lc_tpcs, be_tpcs = sum(groups[:4], []), sum(groups[4:11], [])   # whole groups, as Ray grants (16 and 28)
     table.set_allowance(0, lc_tpcs)
     table.set_allowance(1, be_tpcs)
+    table.set_allowance(2, sum(groups[11:15], []))                  # the second LC, when a case has one
     results = {}
     try:
-        for name, (stream_kind, be_size, shim, extra, busy) in CASES.items():
+        for name, (stream_kind, be_size, shim, extra, busy, lc_count) in CASES.items():
             base = {**os.environ, **mps_env, **extra}
             lc_env = {**base, **native.client_env(table.path, 0)} if shim else base
+            lc2_env = {**base, **native.client_env(table.path, 2)} if shim else base
             be_env = {**base, **native.client_env(table.path, 1)} if shim else base
             be = None
             if be_size:
@@ -91,8 +96,11 @@ def main(out_dir):
                                       stderr=subprocess.PIPE, text=True)
                 assert be.stdout.readline().strip() == "ready", be.stderr.read()
             start = time.monotonic()
-            lc = subprocess.run([sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), "busy" if busy else "idle"], env=lc_env,
-                                capture_output=True, text=True, timeout=240)
+            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), "busy" if busy else "idle"]
+            second = (subprocess.Popen(lc_args, env=lc2_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                      if lc_count == 2 else None)
+            lc = subprocess.run(lc_args, env=lc_env, capture_output=True, text=True, timeout=240)
+            second_out = second.communicate(timeout=240)[0] if second else None
             if be:
                 be.kill()
                 be.wait()
@@ -101,12 +109,15 @@ def main(out_dir):
             else:
                 results[name] = {**json.loads(lc.stdout.strip().splitlines()[-1]), "seconds": time.monotonic() - start,
                                  "lithos_notices": sorted({l for l in lc.stderr.splitlines() if l.startswith("lithos:")})}
+                if second_out:
+                    results[name]["second_lc"] = json.loads(second_out.strip().splitlines()[-1])
             print(name, results[name], flush=True)
     finally:
         table.close()
         mps.stop_mps(run_dir)
     payload = {**metadata("python benchmarks/native/interference.py " + out_dir),
-               "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs {lc_tpcs}",
+               "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs {lc_tpcs} "
+                     f"(a second one, in two_lc cases: slot 2, co-scheduled groups 11-14)",
                "be": f"bf16 square matmuls, 4 per synchronize, TPCs {be_tpcs}", "mps": True, "results": results}
     write_json(os.path.join(out_dir, "native_interference.json"), payload)
     plot(payload, os.path.join(out_dir, "native_interference.png"))
