@@ -1532,6 +1532,21 @@ static int graph_timer_ready(CUstream stream) {
     return 1;
 }
 
+/* The longest of the key's samples, estimated on tpcs TPCs (0 = none). A graph replay's time varies
+ * with what runs beside it (a whole request in one launch), so its owner publishes this, not the
+ * median: lenders must not look idle while the replay still runs. */
+static uint64_t longest_sample_ns(const lithos_kernel_key *key, unsigned tpcs) {
+    uint64_t durations[LITHOS_PREDICTOR_WINDOW], longest = 0;
+    uint32_t sample_tpcs[LITHOS_PREDICTOR_WINDOW];
+    uint32_t n = g.predictor ? lithos_predictor_samples(g.predictor, key->function, key->grid_blocks, key->block_threads,
+                                                        durations, sample_tpcs, LITHOS_PREDICTOR_WINDOW) : 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t d = tpcs >= sample_tpcs[i] ? durations[i] : (durations[i] * sample_tpcs[i] + tpcs - 1) / tpcs;
+        if (d > longest) longest = d;
+    }
+    return longest;
+}
+
 /* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
  * (the allowance then). Sampled replays are timed by an event pair on the app stream and fed to the
  * predictor keyed (graph exec, 0, 0) on the current allowance's TPCs, so an owner that replays
@@ -1541,7 +1556,7 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->graph, 0, 0};
     lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
     lend.predicted_ns = predict_ns(&key, tpcs);
-    publish_activity(q, now_ns, lend.predicted_ns);
+    publish_activity(q, now_ns, lend.predicted_ns ? longest_sample_ns(&key, tpcs) : 0);
     flush_if_pending(); /* a graph ends every deferred run */
     CUstream stream = q->per_thread && !q->stream ? CU_STREAM_PER_THREAD : q->stream;
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);

@@ -1064,6 +1064,22 @@ def test_graph_replays_are_timed_and_predicted_so_an_owner_replaying_graphs_lend
     assert word.busy_until_ns == word.last_launch_ns + 300_000
 
 
+def test_an_owner_replaying_a_graph_publishes_its_longest_sample_not_the_median(fake_driver, lend_table):
+    """A replay's time varies with what runs beside it: lenders must not look idle while it runs."""
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=1)
+    run_lending_client("""
+    import os
+    s = create(1)
+    for us in (100, 300, 200, 400, 250):   # replay k's harvest reads replay k-1's time (the fake's FAKE_KERNEL_US)
+        os.environ["FAKE_KERNEL_US"] = str(us)
+        assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0
+    """, lend_env(fake_driver, lend_table, slot=1))
+    records, _ = lend_table.read_launches(1)
+    assert int(records[-1]["predicted_ns"]) == 300_000                  # the median of 300, 200, 400
+    word = lend_table.activity(1)
+    assert word.busy_until_ns == word.last_launch_ns + 400_000          # the longest
+
+
 def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     lines = run_lending_client("""
     s = create(1)
