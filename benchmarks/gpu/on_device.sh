@@ -8,13 +8,15 @@
 #   ray        joins part_aa (kept) + part_ab (carried) and installs ray 2.60.0
 #   native     GPU tests of the shim (tests/test_native_gpu.py) and the overhead benchmark
 #   correctness  benchmarks/native/correctness.py (bitwise results with and without the shim)
+#   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
+#   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU (needs ray and .servewhl)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s):
 #   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
-#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native correctness
+#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native overhead-ab interference
 #   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve
 #   3. (no carry)  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup colocate
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
@@ -43,6 +45,10 @@ for s in "$@"; do
     native)
       timeout 240 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
       timeout 300 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
+    overhead-ab)
+      timeout 200 python3 benchmarks/native/overhead.py "$OUT" --in-process-only 2>&1 | tail -30 || status=1 ;;
+    interference)
+      timeout 240 python3 benchmarks/native/interference.py "$OUT" 2>&1 | cut -c1-400 | tail -12 || status=1 ;;
     correctness)
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)
