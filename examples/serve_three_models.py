@@ -1,7 +1,7 @@
 """Three models on one GPU, each a Ray Serve deployment with its own TPC slice and SLO, next to a
 best-effort Ray task on the rest of the GPU (lithos_ray.serve).
 
-    python examples/serve_three_models.py [--seconds 10] [--simulate H100:1]
+    python examples/serve_three_models.py [--seconds 10] [--simulate H100:1] [--cuda-graphs]
 
 Without an NVIDIA GPU it runs on a SIMULATED H100: grants, Serve routing, queueing and timing are
 real, but each request takes the time the simulator's calibrated kernel model predicts for the
@@ -47,7 +47,7 @@ class ModelServer:
     the replica's solo service time (median of 20 runs at start, before any load), so the report can
     tell a slow slice from a queue."""
 
-    def __init__(self, workload: str):
+    def __init__(self, workload: str, cuda_graph: bool = False):
         import threading
 
         import lithos_ray
@@ -60,12 +60,13 @@ class ModelServer:
             speed = lookup_model(self.grant.gpu_model).relative_tpc_speed
             self.simulated_ms = named_workload(workload).latency_ms(self.grant.tpcs, speed)
             self.run_once = lambda: time.sleep(self.simulated_ms / 1000)
+            self.mode = "simulated"
         else:
-            self.run_once = _build_torch_model(workload)
+            self.run_once, self.mode = _build_torch_model(workload, cuda_graph)
             for _ in range(10):
                 self.run_once()
         self.solo_ms = float(np.median([self._timed_run() for _ in range(20)]))
-        self.environment = {"mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+        self.environment = {"mode": self.mode, "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
                             "shim": "liblithos" in os.environ.get("LD_PRELOAD", "")}
 
     def _timed_run(self) -> float:
@@ -81,8 +82,10 @@ class ModelServer:
                 "launch_paths": thread_launch_counts()}
 
 
-def _build_torch_model(workload: str):
-    """Random-weight torch versions of the calibrated workloads; returns a function doing one request."""
+def _build_torch_model(workload: str, cuda_graph: bool = False):
+    """Random-weight torch versions of the calibrated workloads; returns (a function doing one request,
+    how it runs). cuda_graph: the BERT forward is captured once on a side stream and replayed (one
+    launch per request); if capture fails, it runs eager and says so."""
     import torch
 
     torch.manual_seed(0)
@@ -95,14 +98,33 @@ def _build_torch_model(workload: str):
             with torch.no_grad():
                 model(x)
             torch.cuda.synchronize()
-        return run_once
+        if not cuda_graph:
+            return run_once, "eager"
+        stream = torch.cuda.Stream()
+        try:
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(3):
+                    model(x)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=stream):
+                    model(x)
+        except Exception as exc:  # the model still serves, eager
+            torch.cuda.synchronize()
+            return run_once, f"eager (CUDA graph capture failed: {type(exc).__name__})"
+
+        def replay_once():
+            with torch.cuda.stream(stream):
+                graph.replay()
+            stream.synchronize()
+        return replay_once, "CUDA graph"
     if workload == "elementwise_mul_1gib":   # memory-bound: one pass over 1 GiB of fp32
         x = torch.ones(2 ** 28, device="cuda")
 
         def run_once():
             x.mul_(1.0001)
             torch.cuda.synchronize()
-        return run_once
+        return run_once, "eager"
     raise ValueError(f"no torch model for workload {workload!r}")
 
 
@@ -147,6 +169,8 @@ def main() -> int:
                         "or a simulated H100 when this machine has none)")
     parser.add_argument("--rate-scale", type=float, default=1.0, help="multiply every model's request rate "
                         "(default 1: 100 requests/s in all, which a 2-core machine's Serve routing still keeps up with)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="real GPU: the BERT replicas replay a CUDA graph "
+                        "of their forward (one launch per request) instead of running it eagerly")
     args = parser.parse_args()
     if not (args.seconds > 0 and args.rate_scale > 0):
         parser.error("--seconds and --rate-scale must be > 0")
@@ -179,7 +203,7 @@ def main() -> int:
         handles = {}
         for m in MODELS:
             app = lithos_serve.deployment(ModelServer, tpc=m.tpcs, slo_ms=m.slo_ms, name=m.name, num_replicas=1,
-                                          max_ongoing_requests=MAX_ONGOING_REQUESTS, latency_window_s=min(3600.0, args.seconds + 60), ray_actor_options={"num_cpus": 0}).bind(m.workload)
+                                          max_ongoing_requests=MAX_ONGOING_REQUESTS, latency_window_s=min(3600.0, args.seconds + 60), ray_actor_options={"num_cpus": 0}).bind(m.workload, args.cuda_graphs)
             handles[m.name] = serve.run(app, name=m.name, route_prefix=None)
         training = ray.remote(train).options(resources={"lithos_tpc": TRAINING_TPCS}, num_cpus=0).remote(args.seconds)
         print(format_table(cluster_status()))
@@ -211,7 +235,8 @@ def main() -> int:
                 continue
             service = np.asarray([r["service_ms"] for r in replies])
             busy = m.rate_per_s * args.rate_scale * float(service.mean()) / 1000
-            env = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items() if k in ("mps", "shim"))
+            env = f"{replies[0]['mode']}, " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items()
+                                                        if k in ("mps", "shim"))
             env += f", launches by path (a thread's): {replies[-1]['launch_paths']}"
             print(f"{m.name:<10} {replies[0]['solo_ms']:>15.2f} {np.percentile(service, 50):>14.2f}/{np.percentile(service, 99):<15.2f}"
                   f"{busy:>9.0%}{' (overloaded)' if busy > 1 else ''}   {env}{label}")

@@ -12,7 +12,7 @@
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
-#   serve      examples/serve_three_models.py on the real GPU (needs ray and .servewhl)
+#   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s):
 #   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
@@ -59,6 +59,8 @@ for s in "$@"; do
         tee "$OUT/ray_gpu_tests.txt" | tail -20 || status=1 ;;
     serve)
       timeout 240 python3 examples/serve_three_models.py --seconds 20 2>&1 | tee "$OUT/serve_three_models.txt" | tail -30 || status=1
+      timeout 240 python3 examples/serve_three_models.py --seconds 20 --cuda-graphs 2>&1 |
+        tee "$OUT/serve_three_models_graphs.txt" | tail -12 || status=1
       echo "--- the shim's notices in the Ray workers' logs (count, line)"
       grep -h "lithos:" /tmp/ray/session_latest/logs/worker-*.err 2>/dev/null | sort | uniq -c | sort -rn | head -20 ;;
     *) echo "unknown step $s"; status=2 ;;
