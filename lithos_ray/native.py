@@ -480,33 +480,30 @@ class NativeLatencyPredictor:
 
 
 LAUNCH_PATH_NAMES = ("direct", "paired", "unconfined", "continued")   # lithos_client_launch_counts, in order
+LENDING_OUTCOME_NAMES = ("borrowed", "union_pending", "queue_too_deep", "paced", "unknown", "too_long",
+                         "no_idle_lender")   # lithos_client_lending_counts, in order
+
+
+def _thread_counts(function: str, names: tuple[str, ...]) -> dict[str, int] | None:
+    """One of the shim's per-thread counters, by name; None without the shim in this process."""
+    try:
+        counts_fn = getattr(ctypes.CDLL(None), function)
+    except AttributeError:
+        return None
+    counts = (ctypes.c_uint64 * len(names))()
+    filled = counts_fn(counts, len(names))
+    return {name: int(counts[i]) for i, name in enumerate(names[:filled])}
 
 
 def thread_launch_counts() -> dict[str, int] | None:
     """This thread's launches by path as the shim loaded in this process counts them; None without
     the shim (a process it was not preloaded into)."""
-    try:
-        counts_fn = ctypes.CDLL(None).lithos_client_launch_counts
-    except AttributeError:
-        return None
-    counts = (ctypes.c_uint64 * len(LAUNCH_PATH_NAMES))()
-    filled = counts_fn(counts, len(LAUNCH_PATH_NAMES))
-    return {name: int(counts[i]) for i, name in enumerate(LAUNCH_PATH_NAMES[:filled])}
-
-
-LENDING_OUTCOME_NAMES = ("borrowed", "union_pending", "queue_too_deep", "paced", "unknown", "too_long",
-                         "no_idle_lender")   # lithos_client_lending_counts, in order
+    return _thread_counts("lithos_client_launch_counts", LAUNCH_PATH_NAMES)
 
 
 def thread_lending_counts() -> dict[str, int] | None:
     """This thread's lending outcomes (launches that may borrow) as the shim counts them; None without it."""
-    try:
-        counts_fn = ctypes.CDLL(None).lithos_client_lending_counts
-    except AttributeError:
-        return None
-    counts = (ctypes.c_uint64 * len(LENDING_OUTCOME_NAMES))()
-    filled = counts_fn(counts, len(LENDING_OUTCOME_NAMES))
-    return {name: int(counts[i]) for i, name in enumerate(LENDING_OUTCOME_NAMES[:filled])}
+    return _thread_counts("lithos_client_lending_counts", LENDING_OUTCOME_NAMES)
 
 
 def preload_with_shim(existing: str = "") -> str:

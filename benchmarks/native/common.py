@@ -24,3 +24,9 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as handle:
         json.dump(payload, handle, indent=1)
     print(f"wrote {path}", flush=True)
+
+
+def replot_beside(json_path: str, plot) -> None:
+    """Redraws a result's plot from its JSON, as JSON_PATH with .png for .json."""
+    with open(json_path) as handle:
+        plot(json.load(handle), json_path[:-len(".json")] + ".png")

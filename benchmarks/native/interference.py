@@ -17,7 +17,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from common import metadata, write_json  # noqa: E402
+from common import metadata, replot_beside, write_json  # noqa: E402
 from lithos_ray import mps, native  # noqa: E402
 
 REQUESTS = 150
@@ -148,8 +148,7 @@ def plot(payload: dict, path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--plot":
-        with open(sys.argv[2]) as handle:
-            plot(json.load(handle), sys.argv[2][:-len(".json")] + ".png")
+        replot_beside(sys.argv[2], plot)
     elif len(sys.argv) == 2:
         main(sys.argv[1])
     else:

@@ -16,7 +16,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from common import metadata, write_json  # noqa: E402
+from common import metadata, replot_beside, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 LAUNCHES = 100000
@@ -81,14 +81,19 @@ def build_binary(work) -> str:
     return binary
 
 
-def main_in_process_only(out_dir):
-    """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
+def setup():
+    """The launch benchmark built, and an allowance table with slot 0 = all 66 TPCs: (work dir, binary, table, shim env)."""
     work = tempfile.mkdtemp(prefix="lithos-overhead-")
     binary = build_binary(work)
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native.probe_layout_into(table)
     table.set_allowance(0, list(range(66)))
-    shim_env = {**os.environ, **native.client_env(table.path, 0)}
+    return work, binary, table, {**os.environ, **native.client_env(table.path, 0)}
+
+
+def main_in_process_only(out_dir):
+    """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
+    work, binary, table, shim_env = setup()
     try:
         result = in_process_ab(binary, shim_env, work)
         proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env={**shim_env, "LITHOS_E2E_AB": "1"},
@@ -148,12 +153,7 @@ def plot_in_process(payload, path):
 
 
 def main(out_dir):
-    work = tempfile.mkdtemp(prefix="lithos-overhead-")
-    binary = build_binary(work)
-    table = native.AllowanceTable.create(native._default_gpu_uuid())
-    native.probe_layout_into(table)
-    table.set_allowance(0, list(range(66)))
-    shim_env = {**os.environ, **native.client_env(table.path, 0)}
+    work, binary, table, shim_env = setup()
     no_defer_env = {**shim_env, "LITHOS_DEFER_JOIN": "0"}
     launch, launch_paths = {}, {}
     try:
@@ -261,8 +261,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[2] == "--in-process-only":
         main_in_process_only(sys.argv[1])
     elif len(sys.argv) == 3 and sys.argv[1] == "--plot-in-process":   # redraw a JSON's plot beside it
-        with open(sys.argv[2]) as handle:
-            plot_in_process(json.load(handle), sys.argv[2][:-len(".json")] + ".png")
+        replot_beside(sys.argv[2], plot_in_process)
     elif len(sys.argv) == 2:
         main(sys.argv[1])
     else:
