@@ -269,9 +269,10 @@ enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, PATH_CONTINUED = 3
 enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUNTS = 3 };
 /* Lending outcomes of launches that may borrow, counted per thread (lithos_client_lending_counts):
  * borrowed; idle lenders but their union still being built (own TPCs used); queue too deep; paced
- * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle. */
+ * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle; the
+ * stream was capturing a graph (a captured kernel would keep the lenders' TPCs in every replay). */
 enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LEND_UNKNOWN = 4,
-       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LITHOS_LEND_COUNTS = 7 };
+       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LITHOS_LEND_COUNTS = 8 };
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
 #define PACE_MAX_ATOMS 40u
 
@@ -1351,6 +1352,11 @@ static const lithos_slot *slot_at_index(uint32_t slot) {
     return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
 }
 
+/* Whether the agent wrote this slot's allowance since generation was read (e.g. while a launch paced). */
+static int allowance_changed(uint64_t generation) {
+    return __atomic_load_n(&slot_at_index(g.slot)->generation[0], __ATOMIC_ACQUIRE) != generation;
+}
+
 static uint64_t predict_ns(const lithos_kernel_key *key, unsigned tpcs) {
     if (!g.predictor || !key->function || !tpcs) return 0;
     return lithos_predictor_predict_ns(g.predictor, key->function, key->grid_blocks, key->block_threads, tpcs);
@@ -1376,7 +1382,7 @@ static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
     return &tls.queues[i].end_ns;
 }
 
-/* Whether everything queued on the stream has finished (never while any thread captures a graph). */
+/* Whether everything queued on the stream has finished (never while the stream captures a graph). */
 static int stream_drained(CUcontext ctx, CUstream stream) {
     if (!drv_cuStreamQuery) return 0;
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
@@ -1462,6 +1468,13 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
             tls.lending[LEND_NO_IDLE_LENDER]++;
             return;
         }
+        if (!paced) { /* asked once, only when borrowing is possible at all */
+            CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+            if (drv_cuStreamIsCapturing(app_stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) {
+                tls.lending[LEND_CAPTURING]++;
+                return;
+            }
+        }
         uint64_t wait_ns = queue_wait_ns(stream_end_ns, *now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream);
         if (!wait_ns) break;
         if (!pace || slept_ns >= PACE_MAX_ATOMS * atom_ns) {
@@ -1503,7 +1516,8 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
 }
 
 /* This thread's graph timing events, in the context of `stream` (events and stream must share
- * one), created once per thread and context (a replaced context's are destroyed); 0: none. */
+ * one), created once per thread and context (a replaced context's are destroyed; a thread that
+ * exits leaves its 8 events: few threads replay graphs); 0: none. */
 static int graph_timer_ready(CUstream stream) {
     CUcontext ctx = NULL, popped;
     if (drv_cuStreamGetCtx(stream, &ctx) != CUDA_SUCCESS || !ctx) return 0;
@@ -1513,7 +1527,11 @@ static int graph_timer_ready(CUstream stream) {
         drv_cuEventDestroy(tls.graphs.timing[i][1]);
     }
     memset(&tls.graphs, 0, sizeof(tls.graphs));
-    if (drv_cuCtxPushCurrent(ctx) != CUDA_SUCCESS) return 0;
+    pthread_mutex_lock(&g.lock); /* as every push of a (possibly green) context here */
+    if (drv_cuCtxPushCurrent(ctx) != CUDA_SUCCESS) {
+        pthread_mutex_unlock(&g.lock);
+        return 0;
+    }
     int made = 0;
     while (made < TIMING_PAIRS && drv_cuEventCreate(&tls.graphs.timing[made][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS) {
         if (drv_cuEventCreate(&tls.graphs.timing[made][1], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
@@ -1523,6 +1541,7 @@ static int graph_timer_ready(CUstream stream) {
         made++;
     }
     drv_cuCtxPopCurrent(&popped);
+    pthread_mutex_unlock(&g.lock);
     if (made < TIMING_PAIRS) {
         for (int i = 0; i < made; i++) drv_cuEventDestroy(tls.graphs.timing[i][0]), drv_cuEventDestroy(tls.graphs.timing[i][1]);
         memset(&tls.graphs, 0, sizeof(tls.graphs));
@@ -1549,16 +1568,24 @@ static uint64_t longest_sample_ns(const lithos_kernel_key *key, unsigned tpcs) {
 
 /* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
  * (the allowance then). Sampled replays are timed by an event pair on the app stream and fed to the
- * predictor keyed (graph exec, 0, 0) on the current allowance's TPCs, so an owner that replays
- * graphs publishes when it will be idle, as one launching kernels does. */
-static CUresult launch_graph(launch_request *q, const allowance_route *route, uint64_t generation, uint64_t now_ns) {
+ * predictor keyed (graph exec, 0, 0) on the current allowance's TPCs (after an allowance change
+ * the samples' TPC count is wrong until the window rolls over), so an owner that replays graphs
+ * publishes when it will be idle, as one launching kernels does. */
+static CUresult launch_graph(launch_request *q, const allowance_route *route, uint64_t generation, CUcontext ctx,
+                             uint64_t now_ns) {
     unsigned tpcs = route && route->views[LITHOS_VIEW_TPC].green ? route->views[LITHOS_VIEW_TPC].tpcs : g.table->tpcs_on_gpu[0];
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->graph, 0, 0};
     lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
     lend.predicted_ns = predict_ns(&key, tpcs);
-    publish_activity(q, now_ns, lend.predicted_ns ? longest_sample_ns(&key, tpcs) : 0);
+    uint64_t busy_ns = lend.predicted_ns ? longest_sample_ns(&key, tpcs) : 0;
+    publish_activity(q, now_ns, busy_ns);
     flush_if_pending(); /* a graph ends every deferred run */
     CUstream stream = q->per_thread && !q->stream ? CU_STREAM_PER_THREAD : q->stream;
+    if (ctx) { /* kernels launched behind the replay start after it (the lending queue rule) */
+        uint64_t *end_ns = queue_end(ctx, stream);
+        *end_ns = (*end_ns > now_ns ? *end_ns : now_ns) +
+                  (busy_ns ? busy_ns : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
+    }
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
     int timing_slot = -1;
     if (g.sample_every && g.ring && count % g.sample_every == 0) {
@@ -1585,7 +1612,11 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
 
 static CUresult route_launch(launch_request *q) {
     ensure_init();
-    if (g.mode != MODE_CONFINED || __atomic_load_n(&launch_bypass, __ATOMIC_RELAXED)) return call_real(q, q->stream);
+    if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
+    if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED)) { /* benchmarks: created streams stay green (README) */
+        flush_if_pending();
+        return call_real(q, q->stream);
+    }
     CUstream app_stream = q->stream;
     if (q->per_thread && (app_stream == NULL)) app_stream = CU_STREAM_PER_THREAD;
     func_info scratch;
@@ -1598,7 +1629,7 @@ static CUresult route_launch(launch_request *q) {
     uint64_t generation = 0;
     CUcontext ctx = NULL;
     allowance_route *route = current_route(&generation, &ctx);
-    if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, now_ns);
+    if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, ctx, now_ns);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
@@ -1612,7 +1643,9 @@ static CUresult route_launch(launch_request *q) {
         lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
     } else {
         stream_end_ns = queue_end(ctx, app_stream);
+        uint64_t before_ns = now_ns;
         choose_lending(&lend, route, view, &key, &now_ns, stream_end_ns, ctx, app_stream);
+        if (now_ns != before_ns && allowance_changed(generation)) return route_launch(q); /* it slept: route again */
         unsigned used_tpcs = lend.route->views[view].tpcs;
         lend.predicted_ns = lend.route == route && lend.predicted_own_ns ? lend.predicted_own_ns : predict_ns(&key, used_tpcs);
     }
@@ -1680,7 +1713,7 @@ static CUresult route_launch(launch_request *q) {
     }
     uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
     int timing_slot = -1;
-    if (g.sample_every && g.ring && count % g.sample_every == 0) {
+    if (g.sample_every && g.ring && p->timing[0][0] && count % g.sample_every == 0) { /* unconfined pairs: no events */
         CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
         if (drv_cuStreamIsCapturing(p->green_stream, &capture) == CUDA_SUCCESS && capture == CU_STREAM_CAPTURE_STATUS_NONE) {
             harvest_timings(p->timing, p->timing_index);
@@ -1827,8 +1860,8 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
  * them (owed joins are paid first), so one process can time steps with and without it. */
 EXPORT void lithos_client_set_bypass(int on) {
     ensure_init();
-    if (on) flush_joins();
     __atomic_store_n(&launch_bypass, on ? 1 : 0, __ATOMIC_RELEASE);
+    if (on) flush_joins(); /* after the flag: a launch that raced past it owes its join to a bypassed one */
 }
 
 /* For benchmarks: the real driver function behind one of the shim's hooks (e.g. "cuLaunchKernel",

@@ -1085,12 +1085,13 @@ def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     s = create(1)
     for _ in range(20): launch(s)
     show("counts", lending()["borrowed"], lending()["pending"])
-    c = (ctypes.c_uint64 * 7)(); lib.lithos_client_lending_counts(c, 7); show(*c)
+    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
     show_log()
     """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))   # nothing timed: no prediction ever
     assert lines[0] == ["counts", "0", "0"]
     assert dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[1]))) == {
-        "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0}
+        "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0,
+        "capturing": 0}
     lines = lines[1:]
     assert {groups for groups, _ in launch_places(lines)} == {8}
     records, _ = lend_table.read_launches(0)
@@ -1235,3 +1236,38 @@ def test_bypass_for_benchmarks_pays_owed_joins_and_then_passes_launches_through(
     assert lines[1] == ["cuLaunchKernel", "0", "cuLaunchKernel", "0"]         # as the program made them
     assert lines[2] == ["{'direct':", "0,", "'paired':", "1,", "'unconfined':", "0}"]
     assert lines[3] == ["{'direct':", "0,", "'paired':", "2,", "'unconfined':", "0}"]
+
+
+def test_a_capturing_stream_never_borrows_so_no_graph_keeps_lent_tpcs(fake_driver, lend_table):
+    lines = run_lending_client("""
+    for _ in range(6):
+        launch_fn(0x77, None)      # the default stream, which captures (FAKE_CAPTURING)
+    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
+    """, lend_env(fake_driver, lend_table, FAKE_CAPTURING="1"))
+    counts = dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[0])))
+    assert counts["borrowed"] == 0 and counts["paced"] == 0 and counts["capturing"] >= 1, counts
+    records, _ = lend_table.read_launches(0)
+    assert not any(native.lenders_of(r) for r in records)
+
+
+def test_a_kernel_launched_behind_a_graph_replay_counts_the_replay_in_its_queue(fake_driver, lend_table):
+    """The replay runs first, so a kernel queued behind it ends later than its own prediction says."""
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=1)
+    code = LEND_PRELUDE + textwrap.dedent("""
+    s = create(1)
+    warm_then_borrow(s)
+    show("borrowed", lending()["borrowed"])
+    wait_for_parent()          # the parent makes unknown work count 70 ms
+    assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0   # never timed: unknown
+    launch_fn(0x77, s)
+    show("after", lending()["borrowed"], lending()["too_deep"])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + code],
+                            env=lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().split() == ["borrowed", "1"]
+    assert proc.stdout.readline().strip() == "ready"
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert out.split() == ["after", "1", "1"]
