@@ -75,12 +75,16 @@ def test_reclaim_time_from_owner_wakeups_and_borrowed_kernels():
 
 
 def test_lending_stats_from_launch_records():
-    dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8")])
+    dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8"), ("grid", "<u4", (3,))])
     us = 1000
-    owner = np.array([(0, 0, 20, 1), (5000 * us, 0, 20, 1)], dtype=dtype)
-    borrower = np.array([(4900 * us, 300 * us, 46, 2), (4950 * us, 0, 26, 3)], dtype=dtype)
+    owner = np.array([(0, 0, 20, 1, (1, 1, 1)), (5000 * us, 0, 20, 1, (1, 1, 1))], dtype=dtype)
+    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1)), (4950 * us, 100 * us, 26, 3, (800, 1, 1))], dtype=dtype)
     stats = lending_stats({0: owner, 1: borrower}, {0: tuple(range(20)), 1: tuple(range(20, 46))}, [0], 500.0)
     assert stats["per_slot"][1]["borrowing_launches"] == 1
+    # the borrowing launch: 40 blocks, within the borrower's own 52 SMs; 300 of 400 us of its GPU time
+    assert stats["per_slot"][1]["borrowed_grid_blocks_p50"] == 40
+    assert stats["per_slot"][1]["borrowed_grid_within_own_sms_share"] == 1.0
+    assert stats["per_slot"][1]["borrowed_gpu_time_share"] == pytest.approx(0.75)
     assert stats["per_slot"][1]["borrowed_tpcs_max"] == 20
     assert stats["per_slot"][0]["borrowing_launches"] == 0
     assert stats["reclaim_estimate"][0]["p99_us"] == pytest.approx(200.0)

@@ -173,6 +173,19 @@ def predictor_accuracy(recs: np.ndarray) -> dict | None:
                                                   recs["gpu_ns"][both].astype(np.int64)))
 
 
+def borrowed_work(recs: np.ndarray, borrowing: np.ndarray, duration_ns: np.ndarray, own_tpcs: int) -> dict:
+    """What the borrowing launches were: their share of the slot's GPU time, their median grid, and the
+    share whose grid has no more blocks than the slot's own SMs (one block per SM already: more TPCs
+    cannot make it faster)."""
+    if not borrowing.any():
+        return {"borrowed_gpu_time_share": 0.0, "borrowed_grid_blocks_p50": None, "borrowed_grid_within_own_sms_share": None}
+    blocks = recs["grid"].astype(np.int64).prod(axis=1)[borrowing]
+    total_ns = float(duration_ns.sum())
+    return {"borrowed_gpu_time_share": float(duration_ns[borrowing].sum() / total_ns) if total_ns else None,
+            "borrowed_grid_blocks_p50": float(np.median(blocks)),
+            "borrowed_grid_within_own_sms_share": float(np.mean(blocks <= 2 * own_tpcs))}
+
+
 def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple[int, ...]],
                   owner_slots: list[int], idle_window_us: float) -> dict:
     """TPCs lent per slot from its launch records (launch TPCs beyond its quota) and estimated reclaim times."""
@@ -203,6 +216,7 @@ def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple
             "borrowed_tpcs_mean": float(borrowed[lending_launches].mean()) if lending_launches.any() else 0.0,
             "borrowed_tpcs_max": int(borrowed.max()),
             "borrowed_tpc_seconds_estimate": float(np.sum(borrowed * dur) / 1e9),
+            **borrowed_work(recs, lending_launches, dur, len(quotas[slot])),
             "predictor": predictor_accuracy(recs),
         }
         if slot not in owner_slots:

@@ -226,9 +226,12 @@ def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
 
 def lending_summary(per_trial: list[dict]) -> str:
     """One line over a cell's trials: launches that borrowed, worst reclaim p99 estimate, predictor accuracy."""
-    borrowing, launches, reclaim_p99, off, pairs = 0, 0, [], [], 0
+    borrowing, launches, reclaim_p99, off, pairs, time_share, small_grids = 0, 0, [], [], 0, [], []
     for trial in per_trial:
         for stats in trial.get("per_slot", {}).values():
+            if stats.get("borrowing_launches"):
+                time_share.append(stats.get("borrowed_gpu_time_share"))
+                small_grids.append(stats.get("borrowed_grid_within_own_sms_share"))
             borrowing += stats.get("borrowing_launches", 0)
             launches += stats.get("launches", 0)
             accuracy = stats.get("predictor")
@@ -241,6 +244,11 @@ def lending_summary(per_trial: list[dict]) -> str:
     if off:
         text += (f"; predictor: {max(o for o, _ in off):.1%} off by > 50 us, error p99 <= "
                  f"{max(e for _, e in off):.0f} us ({pairs} pairs)")
+    if any(v is not None for v in time_share):
+        text += f"; borrowing launches' share of a slot's GPU time <= {max(v for v in time_share if v is not None):.0%}"
+    if any(v is not None for v in small_grids):
+        text += f", grids within the borrower's own SMs {min(v for v in small_grids if v is not None):.0%}-" \
+                f"{max(v for v in small_grids if v is not None):.0%}"
     return text
 
 
