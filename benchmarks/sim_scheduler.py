@@ -41,6 +41,7 @@ LAUNCH_AHEAD_SYSTEMS = {    # system: LendingGpu switches (None: static partitio
     "lithos_old_rule": {"queue_term": False, "pacing": False},
     "lithos_queue_term": {"queue_term": True, "pacing": False},
     "lithos_queue_term_paced": {"queue_term": True, "pacing": True},
+    "lithos_queue_term_paced_always": {"queue_term": True, "pacing": "always"},
 }
 MODEL_LIMITS = [
     "From docs/SIMULATOR.md 'Limits': interference between unpartitioned clients is far too mild "
@@ -101,7 +102,8 @@ def launch_ahead_workload() -> dict:
     train = split_kernels(matmul_train_step(), DEEP_MATMUL_PIECES, "matmul_train_step_like_100us")
     return {
         "what": f"hybrid with the training client queueing {LAUNCH_AHEAD} kernels (about 100 us each) ahead of "
-                "the running one: old launch rule (no queue term) vs queue term vs queue term + pacing",
+                "the running one: old launch rule (no queue term) vs queue term vs queue term + pacing (while a lender is "
+                "idle, and always)",
         "clients": [Client("bert", LATENCY_CRITICAL, tuple(range(0, 16)), 100.0, bert),
                     Client("train", BEST_EFFORT, tuple(range(16, 66)), None, train, LAUNCH_AHEAD)]}
 

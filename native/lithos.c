@@ -253,7 +253,7 @@ static struct {
     stream_pair *pairs;
     int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
     int green_streams_tested;
-    int pace; /* low-priority borrowers with idle lenders wait for their queue to drain (LITHOS_LEND_PACE, default 1) */
+    int pace; /* PACE_*: when low-priority borrowers wait for their queue to drain (LITHOS_LEND_PACE) */
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
     pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
@@ -275,6 +275,9 @@ enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_
        LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LITHOS_LEND_COUNTS = 8 };
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
 #define PACE_MAX_ATOMS 40u
+/* LITHOS_LEND_PACE: 0 off; 1 (default) while a lender is idle; "always": whenever the borrower may
+ * borrow, so that its queue is already shallow when a lender goes idle. */
+enum { PACE_OFF = 0, PACE_WHILE_IDLE = 1, PACE_ALWAYS = 2 };
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
 #define BUILD_QUEUE 8
@@ -466,7 +469,7 @@ static void init_body(void) {
     const char *green_text = getenv("LITHOS_GREEN_STREAMS");
     g.green_streams = !(green_text && strcmp(green_text, "0") == 0);
     const char *pace_text = getenv("LITHOS_LEND_PACE");
-    g.pace = !(pace_text && strcmp(pace_text, "0") == 0);
+    g.pace = pace_text && strcmp(pace_text, "0") == 0 ? PACE_OFF : pace_text && strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
     g.mode = MODE_PASS_THROUGH;
     if (!table_path || !slot_text || !*table_path || !*slot_text) {
         notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");
@@ -1441,9 +1444,9 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
 /* lenders_at_launch of scheduler/lending.py: sets c->route to the union of the own TPCs and every
  * idle lender's when the kernel, queued behind this thread's earlier work on the stream, is
  * predicted to end within the atom on the own TPCs. A paced borrower (low priority) whose queue is
- * too deep sleeps while it has idle lenders, at most one atom at a time (then the lenders and the
- * stream are asked again) and PACE_MAX_ATOMS atoms per launch: its queue drains to where its next
- * kernel may borrow, while the GPU still has its queued work. */
+ * too deep sleeps while it has idle lenders (PACE_ALWAYS: whether or not one is idle), at most one
+ * atom at a time (then the lenders and the stream are asked again) and PACE_MAX_ATOMS atoms per
+ * launch: its queue drains to where its next kernel may borrow, while the GPU still has its work. */
 static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t *now_ns,
                            uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
     c->route = own;
@@ -1459,12 +1462,12 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
         return;
     }
     int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
-    int pace = g.pace && low_priority, paced = 0;
+    int pace = low_priority ? g.pace : PACE_OFF, paced = 0;
     uint64_t mask[LITHOS_MASK_WORDS], lenders, slept_ns = 0;
     for (;;) {
         memcpy(mask, own->tpc_mask, sizeof(mask));
         lenders = idle_lenders(lender_mask, *now_ns, mask);
-        if (!lenders) {
+        if (!lenders && pace != PACE_ALWAYS) {
             tls.lending[LEND_NO_IDLE_LENDER]++;
             return;
         }
@@ -1476,8 +1479,12 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, const
             }
         }
         uint64_t wait_ns = queue_wait_ns(stream_end_ns, *now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream);
+        if (!wait_ns && !lenders) { /* PACE_ALWAYS: the queue is shallow, but nobody is idle now */
+            tls.lending[LEND_NO_IDLE_LENDER]++;
+            return;
+        }
         if (!wait_ns) break;
-        if (!pace || slept_ns >= PACE_MAX_ATOMS * atom_ns) {
+        if (pace == PACE_OFF || slept_ns >= PACE_MAX_ATOMS * atom_ns) {
             tls.lending[LEND_QUEUE_TOO_DEEP]++;
             return;
         }

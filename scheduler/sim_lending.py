@@ -159,10 +159,11 @@ class LendingGpu:
     """
 
     def __init__(self, model: GpuModel, policy: LendingPolicy = LendingPolicy(), sample_every: int = 1,
-                 timeline_bin_ms: float = DEFAULT_TIMELINE_BIN_MS, queue_term: bool = True, pacing: bool = True):
+                 timeline_bin_ms: float = DEFAULT_TIMELINE_BIN_MS, queue_term: bool = True, pacing: bool | str = True):
         """queue_term=False: the old launch rule (queue_ahead_ns = 0 always, so a client that queues
         ahead borrows for kernels that run long after their issue). pacing=False: low-priority
-        borrowers never wait for their queue to drain (the shim's LITHOS_LEND_PACE=0)."""
+        borrowers never wait for their queue to drain (the shim's LITHOS_LEND_PACE=0); True: they
+        wait while a lender is idle (the default, 1); "always": whenever they may borrow (always)."""
         if not isinstance(model, GpuModel):
             raise ValueError(f"model must be a GpuModel (see gpu_models.lookup_model), got {type(model).__name__}")
         if not isinstance(policy, LendingPolicy):
@@ -172,9 +173,10 @@ class LendingGpu:
                              f"got {sample_every!r}")
         if not (isinstance(timeline_bin_ms, (int, float)) and math.isfinite(timeline_bin_ms) and timeline_bin_ms > 0):
             raise ValueError(f"timeline_bin_ms must be a finite number > 0, got {timeline_bin_ms!r}")
-        for name, value in (("queue_term", queue_term), ("pacing", pacing)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if not isinstance(queue_term, bool):
+            raise ValueError(f"queue_term must be True or False, got {queue_term!r}")
+        if not (isinstance(pacing, bool) or pacing == "always"):
+            raise ValueError(f"pacing must be True, False or 'always', got {pacing!r}")
         self.queue_term = queue_term
         self.pacing = pacing
         self.model = model
@@ -293,7 +295,9 @@ class _Run:
         predicted_own_ns = self.predictors[c].predict_ns(key, self.quota_tpcs[c])
         lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns,
                                     policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0)
-        if not lenders or not self.gpu.queue_term:
+        pace_always = self.gpu.pacing == "always" and self.low_priority[c] and predicted_own_ns is not None \
+            and predicted_own_ns <= policy.atom_ns
+        if not self.gpu.queue_term or (not lenders and not pace_always):
             return lenders
         ahead_ns = max(0, self.queue_end_ns[c] - now_ns)
         if ahead_ns + predicted_own_ns > policy.atom_ns and not self.stream_asked[c]:
@@ -309,6 +313,8 @@ class _Run:
                 self.pace_began_ns[c] = began_ns
                 self.pace_until_ms[c] = (now_ns + min(nap_ns, policy.atom_ns, left_ns)) / 1e6
                 return None
+        if not lenders:
+            return ()
         return lenders_at_launch(lenders, self.words, now_ns, predicted_own_ns,
                                  policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=ahead_ns)
 

@@ -1271,3 +1271,20 @@ def test_a_kernel_launched_behind_a_graph_replay_counts_the_replay_in_its_queue(
     out, err = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0, err
     assert out.split() == ["after", "1", "1"]
+
+
+@pytest.mark.parametrize("pace, paced", [("1", 0), ("always", 1)])
+def test_pace_always_keeps_the_queue_shallow_while_every_lender_is_busy(fake_driver, lend_table, pace, paced):
+    """LITHOS_LEND_PACE=always: a low-priority borrower paces even while its lenders are busy, so its
+    queue is already shallow when one goes idle; the default paces only while one is idle."""
+    lend_table.set_lending_knobs(atom_us=1000, idle_window_us=60e6, unknown_kernel_busy_us=5000)
+    lend_table.set_lending(0, [1], low_priority=True)
+    run_fake("launch(None)", lend_env(fake_driver, lend_table, slot=1))     # the lender: active for a minute
+    lines = run_lending_client("""
+    s = create(1)
+    for _ in range(6):
+        launch_fn(0x77, s)       # launches 1-4 unknown: 20 ms in the queue estimate; the stream never drains
+    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
+    """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE=pace))
+    counts = dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[0])))
+    assert counts["borrowed"] == 0 and counts["paced"] == paced and counts["no_idle_lender"] >= 1, counts

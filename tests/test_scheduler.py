@@ -300,7 +300,7 @@ def test_same_seed_same_result():
     (lambda gpu: gpu.add_client("x", BEST_EFFORT, (20,), ClosedLoop(TRAIN_LIKE), launch_ahead=2.5), "launch_ahead"),
     (lambda gpu: gpu.add_client("x", BEST_EFFORT, (20,), ClosedLoop(TRAIN_LIKE), launch_ahead=True), "launch_ahead"),
     (lambda gpu: LendingGpu(H100, queue_term="yes"), "queue_term must be True or False"),
-    (lambda gpu: LendingGpu(H100, pacing=None), "pacing must be True or False"),
+    (lambda gpu: LendingGpu(H100, pacing=None), "pacing must be True, False or 'always'"),
 ])
 def test_simulator_rejects_bad_input(call, message):
     gpu = LendingGpu(H100)
@@ -348,7 +348,8 @@ def deep_queue_runs():
     return {"static": deep_queue_gpu(LendingPolicy(lending_enabled=False)).run(DEEP_SECONDS, seed=1),
             "old_rule": deep_queue_gpu(queue_term=False).run(DEEP_SECONDS, seed=1),
             "queue_term": deep_queue_gpu(pacing=False).run(DEEP_SECONDS, seed=1),
-            "paced": deep_queue_gpu().run(DEEP_SECONDS, seed=1)}
+            "paced": deep_queue_gpu().run(DEEP_SECONDS, seed=1),
+            "paced_always": deep_queue_gpu(pacing="always").run(DEEP_SECONDS, seed=1)}
 
 
 def test_old_rule_lets_a_deep_queue_hold_lent_tpcs_long_after_their_owner_wakes(deep_queue_runs):
@@ -381,6 +382,16 @@ def test_pacing_borrows_within_the_atom_and_keeps_the_throughput_gain(deep_queue
     assert train.borrowed_tpc_s > 20 * queue_term.clients["train"].borrowed_tpc_s
     assert train.throughput_per_s > 1.1 * static.clients["train"].throughput_per_s
     assert np.percentile(bert.latencies_ms, 99) <= np.percentile(static.clients["bert"].latencies_ms, 99) + 0.1
+
+
+def test_pacing_always_keeps_the_atom_bound_and_borrows_at_least_as_much(deep_queue_runs):
+    """LITHOS_LEND_PACE=always: the borrower's queue is shallow before a lender goes idle (SIMULATED:
+    the model's CPU issues in zero time, so pacing costs the borrower nothing here)."""
+    always, paced = deep_queue_runs["paced_always"], deep_queue_runs["paced"]
+    assert always.quota_violations == 0
+    assert np.percentile(always.clients["bert"].reclaim_ms, 99) <= always.policy.atom_us / 1000 + 1e-9
+    assert always.clients["train"].launches_paced >= paced.clients["train"].launches_paced
+    assert always.clients["train"].borrowed_tpc_s >= 0.95 * paced.clients["train"].borrowed_tpc_s
 
 
 def test_deep_queue_best_effort_is_not_starved_when_latency_critical_is_idle():

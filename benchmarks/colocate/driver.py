@@ -425,7 +425,9 @@ class Run:
             workers = self.start_workers(
                 group.workers, lambda name: {**self.base_env(), **self.mps_env,
                                              **native.client_env(table_path, shim["slots"][name]),
-                                             "LITHOS_SAMPLE_EVERY": str(self.args.sample_every)},
+                                             "LITHOS_SAMPLE_EVERY": str(self.args.sample_every),
+                                             "LITHOS_LEND_PACE": "always" if getattr(self.args, "lend_pace", "idle") == "always"
+                                             else "1"},
                 f"shim-{group.mix}")
         else:
             self.ensure_mps()
