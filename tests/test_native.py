@@ -970,23 +970,32 @@ def test_a_borrower_whose_lender_is_idle_launches_on_the_union(fake_driver, lend
     assert [int(r["predicted_own_ns"]) for r in records[:5]] == [0, 0, 0, 0, 1000]
 
 
+BORROW_THEN_WAIT = """
+s = create(1)
+warm_then_borrow(s)
+show("borrowed", lending()["borrowed"])
+wait_for_parent()
+"""
+
+
+def start_lending_client(code: str, env: dict) -> subprocess.Popen:
+    """A lending client that borrows once, says so, and waits for the parent's "go" before `code`."""
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + BORROW_THEN_WAIT + textwrap.dedent(code)],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().split() == ["borrowed", "1"]
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
 def test_an_active_lender_keeps_its_tpcs_and_lends_them_again_once_idle(fake_driver, lend_table):
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=60e6, unknown_kernel_busy_us=1)
-    code = LEND_PRELUDE + textwrap.dedent("""
-    s = create(1)
-    warm_then_borrow(s)
-    show("borrowed", lending()["borrowed"])
-    wait_for_parent()          # the parent runs the lender (slot 1) once
-    launch(s)
+    proc = start_lending_client("""
+    launch(s)                  # after the parent ran the lender (slot 1) once
     show("borrowed", lending()["borrowed"])
     wait_for_parent()          # the parent shortens the idle window: the lender is idle again
     launch(s)
     show("borrowed", lending()["borrowed"])
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + code], env=lend_env(fake_driver, lend_table),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().split() == ["borrowed", "1"]
-    assert proc.stdout.readline().strip() == "ready"
+    """, lend_env(fake_driver, lend_table))
     lender, _ = run_fake("launch(None)\nshow(__import__('os').getpid())", lend_env(fake_driver, lend_table, slot=1))
     word = lend_table.activity(1)
     assert word.last_launch_ns > 0 and word.busy_until_ns == word.last_launch_ns + 1000
@@ -1253,20 +1262,11 @@ def test_a_capturing_stream_never_borrows_so_no_graph_keeps_lent_tpcs(fake_drive
 def test_a_kernel_launched_behind_a_graph_replay_counts_the_replay_in_its_queue(fake_driver, lend_table):
     """The replay runs first, so a kernel queued behind it ends later than its own prediction says."""
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=1)
-    code = LEND_PRELUDE + textwrap.dedent("""
-    s = create(1)
-    warm_then_borrow(s)
-    show("borrowed", lending()["borrowed"])
-    wait_for_parent()          # the parent makes unknown work count 70 ms
-    assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0   # never timed: unknown
+    proc = start_lending_client("""
+    assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0   # never timed: unknown (now 70 ms)
     launch_fn(0x77, s)
     show("after", lending()["borrowed"], lending()["too_deep"])
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + code],
-                            env=lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().split() == ["borrowed", "1"]
-    assert proc.stdout.readline().strip() == "ready"
+    """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=70_000)
     out, err = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0, err
