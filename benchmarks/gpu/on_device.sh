@@ -11,6 +11,7 @@
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
+#   colocate-pace-always  static vs lithos only, best-effort borrowers pacing always (about 5 minutes)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
@@ -54,6 +55,9 @@ for s in "$@"; do
     colocate)
       timeout 470 python3 -m benchmarks.colocate --trials 2 --budget-s 420 --out-dir "$OUT" 2>&1 |
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;
+    colocate-pace-always)
+      timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --lend-pace always --trials 2 --budget-s 300 \
+        --tag pace_always --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_pace_always_console.txt" | tail -30 || status=1 ;;
     ray-tests)
       timeout 300 python3 -m pytest -v -s -rs tests/test_gpu_node.py tests/test_gpu_ray.py 2>&1 |
         tee "$OUT/ray_gpu_tests.txt" | tail -20 || status=1 ;;
