@@ -6,7 +6,7 @@
 #              image has no grpc_tools to generate them)
 #   ray-part1  keeps .raywhl/part_aa in /tmp for the next call (the machine stays warm 30 s)
 #   ray        joins part_aa (kept) + part_ab (carried) and installs ray 2.60.0
-#   native     GPU tests of the shim (tests/test_native_gpu.py) and the overhead benchmark
+#   native     GPU tests of the shim (tests/test_native_gpu.py) and the whole overhead benchmark (~5 min)
 #   correctness  benchmarks/native/correctness.py (bitwise results with and without the shim)
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
@@ -17,9 +17,10 @@
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s):
 #   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
-#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native overhead-ab interference
+#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native
 #   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve
-#   3. (no carry)  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup colocate
+#   3. (no carry)  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup interference colocate-pace-always
+#      (or: setup colocate, the whole comparison, about 8 minutes)
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
@@ -44,8 +45,8 @@ for s in "$@"; do
       cat /tmp/rw/part_aa .raywhl/part_ab > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl &&
         python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-ray /tmp/ray-2.60.0-*.whl || status=1 ;;
     native)
-      timeout 240 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
-      timeout 300 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
+      timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
+      timeout 390 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     overhead-ab)
       timeout 200 python3 benchmarks/native/overhead.py "$OUT" --in-process-only 2>&1 | tail -30 || status=1 ;;
     interference)

@@ -24,7 +24,7 @@ LAUNCH_TRIALS = 7
 # Launch-timing processes run on these CPUs (when the machine has them): fewer migrations, less noise.
 LAUNCH_CPUS = {2, 3}
 E2E_CPUS = {2, 3, 4, 5}
-E2E_TRIALS = 3
+E2E_TRIALS = 2
 # case -> (launch_overhead mode, extra shim env): a stream the program creates (direct path); the
 # default (legacy) stream 0 (paired path) with deferred joins (the default) and without them.
 CASES = {"stream": ("stream", {}), "legacy": ("legacy", {}), "legacy_no_defer": ("legacy", {"LITHOS_DEFER_JOIN": "0"})}
@@ -91,22 +91,28 @@ def setup():
     return work, binary, table, {**os.environ, **native.client_env(table.path, 0)}
 
 
+def e2e_in_process(shim_env) -> tuple[dict, dict]:
+    """Default-stream steps in one shimmed process, the shim's work on and bypassed in alternating
+    blocks (e2e_worker.py, LITHOS_E2E_AB=1): (summary per workload, raw step times)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env={**shim_env, "LITHOS_E2E_AB": "1"},
+                          capture_output=True, text=True, timeout=400, preexec_fn=pin_to_e2e_cpus)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {workload: {"shim_median_ms": float(np.median(arms["shim"])), "bypass_median_ms": float(np.median(arms["bypass"])),
+                       "shim_vs_bypass_percent": 100.0 * (np.median(arms["shim"]) / np.median(arms["bypass"]) - 1.0),
+                       "steps_per_arm": len(arms["shim"])}
+            for workload, arms in steps.items()}, steps
+
+
 def main_in_process_only(out_dir):
     """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
     work, binary, table, shim_env = setup()
     try:
         result = in_process_ab(binary, shim_env, work)
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env={**shim_env, "LITHOS_E2E_AB": "1"},
-                              capture_output=True, text=True, timeout=400, preexec_fn=pin_to_e2e_cpus)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-2000:])
-        steps = json.loads(proc.stdout.strip().splitlines()[-1])
+        e2e, steps = e2e_in_process(shim_env)
     finally:
         table.close()
-    e2e = {workload: {"shim_median_ms": float(np.median(arms["shim"])), "bypass_median_ms": float(np.median(arms["bypass"])),
-                      "shim_vs_bypass_percent": 100.0 * (np.median(arms["shim"]) / np.median(arms["bypass"]) - 1.0),
-                      "steps_per_arm": len(arms["shim"])}
-           for workload, arms in steps.items()}
     payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --in-process-only"),
                "launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "block": AB_BLOCK,
                "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
@@ -167,6 +173,7 @@ def main(out_dir):
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
         in_process = in_process_ab(binary, shim_env, work)
+        e2e_ab, e2e_ab_raw = e2e_in_process(shim_env)
         e2e = {"plain": [], "shim": [], "shim_no_defer": []}
         for trial in range(E2E_TRIALS):  # interleaved: plain, shim, shim without deferred joins, plain, ...
             for name, env in (("plain", dict(os.environ)), ("shim", shim_env), ("shim_no_defer", no_defer_env)):
@@ -203,6 +210,7 @@ def main(out_dir):
                           "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
                           "added_per_launch": added, "shim_launch_paths": launch_paths,
                           "added_per_launch_in_process": in_process},
+               "end_to_end_in_process": e2e_ab, "end_to_end_in_process_raw_ms": e2e_ab_raw,
                "end_to_end": e2e_summary, "end_to_end_raw_ms": e2e, "shim_launch_views_sample": views,
                "notes": "allowance = all 66 TPCs; cluster>2 kernels run in the co-scheduled view (the 8-SM groups "
                         "cover 120 of 132 SMs on an H100), so part of the e2e difference is fewer SMs, not call overhead. "
@@ -214,9 +222,12 @@ def main(out_dir):
                         "e2e *_side_stream = the same step inside torch.cuda.stream(torch.cuda.Stream()); "
                         "added_per_launch_in_process: one shimmed process, cuLaunchKernel through the shim's hook vs the real "
                         "driver function behind it (lithos_client_real_hook), alternating blocks of 256 on the same stream "
-                        "(on the default stream the real arm launches on the legacy stream itself, the shim on a green stream)"}
+                        "(on the default stream the real arm launches on the legacy stream itself, the shim on a green stream); "
+                        "end_to_end_in_process: one shimmed process, default-stream steps in alternating blocks of 5 with "
+                        "the shim's work on and bypassed (lithos_client_set_bypass)"}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
     print(json.dumps({"added_per_launch": added, "added_per_launch_in_process": in_process,
+                      "end_to_end_in_process": e2e_ab,
                       "shim_launch_paths": launch_paths,
                       "end_to_end": {k: {"median_ms": v["median_ms"], "shim_vs_plain_percent": round(v["shim_vs_plain_percent"], 1),
                                          "shim_no_defer_vs_plain_percent": round(v["shim_no_defer_vs_plain_percent"], 1),
