@@ -70,15 +70,20 @@ class ModelServer:
                             "shim": "liblithos" in os.environ.get("LD_PRELOAD", "")}
 
     def _timed_run(self) -> float:
-        start = time.perf_counter()
+        return self._timed_run_with_cpu()[0]
+
+    def _timed_run_with_cpu(self) -> tuple[float, float]:
+        """(wall ms, this thread's CPU ms) of one run: CPU far below wall means the thread waited
+        (a lock, the GIL, a blocking sync); close to wall means it computed or spun."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
         self.run_once()
-        return (time.perf_counter() - start) * 1000
+        return (time.perf_counter() - start) * 1000, (time.thread_time() - cpu_start) * 1000
 
     def __call__(self, request=None) -> dict:
         from lithos_ray.native import thread_launch_counts
         with self.one_at_a_time:
-            service_ms = self._timed_run()
-        return {"service_ms": service_ms, "solo_ms": self.solo_ms, **self.environment,
+            service_ms, cpu_ms = self._timed_run_with_cpu()
+        return {"service_ms": service_ms, "cpu_ms": cpu_ms, "solo_ms": self.solo_ms, **self.environment,
                 "launch_paths": thread_launch_counts()}
 
 
@@ -226,8 +231,10 @@ def main() -> int:
             print(f"training launches by path: {steps['launch_paths']} (unconfined: on the whole GPU)")
         print("Caller latency adds Serve's routing in this process; replica latency is a request's time in the "
               "replica, waiting for the model included (what the SLO policy and the metrics see).")
-        print("\nService time: the model's run alone; slice busy = rate x mean service time.")
-        print(f"{'model':<10} {'solo service ms':>15} {'service p50/p99 ms under load':>30} {'slice busy':>10}   replica env")
+        print("\nService time: the model's run alone; slice busy = rate x mean service time; CPU: the serving "
+              "thread's CPU time in the run (far below the service time: it waited).")
+        print(f"{'model':<10} {'solo service ms':>15} {'service p50/p99 ms under load':>30} {'CPU p50 ms':>10} "
+              f"{'slice busy':>10}   replica env")
         for m in MODELS:
             replies = driven[m.name][1]
             if not replies:
@@ -238,8 +245,9 @@ def main() -> int:
             env = f"{replies[0]['mode']}, " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items()
                                                         if k in ("mps", "shim"))
             env += f", launches by path (a thread's): {replies[-1]['launch_paths']}"
+            cpu = np.asarray([r["cpu_ms"] for r in replies])
             print(f"{m.name:<10} {replies[0]['solo_ms']:>15.2f} {np.percentile(service, 50):>14.2f}/{np.percentile(service, 99):<15.2f}"
-                  f"{busy:>9.0%}{' (overloaded)' if busy > 1 else ''}   {env}{label}")
+                  f"{np.percentile(cpu, 50):>10.2f} {busy:>10.0%}{' (overloaded)' if busy > 1 else ''}   {env}{label}")
     finally:
         serve.shutdown()
         stop_agents()
