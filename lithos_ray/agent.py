@@ -140,18 +140,20 @@ class GpuAgentCore:
 
     def status(self) -> pb.GpuStatus:
         with self._lock:
-            clients = [
-                pb.ClientStatus(
-                    grant_id=g.grant_id,
-                    client=_identity_pb(g),
-                    priority=_PRIORITY_TO_PB.get(g.priority, pb.PRIORITY_UNSPECIFIED),
-                    slo_ms=g.slo_ms,
-                    tpc_ids=g.tpc_ids,
-                    granted_at_unix_s=g.granted_at_unix_s,
-                )
-                for g in self.grants.values()
-            ]
+            grants = list(self.grants.values())
             free = self.allocator.free_tpcs
+        clients = []
+        for g in grants:   # launch rings are read outside the lock
+            summary = self.device.launch_summary(g.slot)
+            clients.append(pb.ClientStatus(
+                grant_id=g.grant_id,
+                client=_identity_pb(g),
+                priority=_PRIORITY_TO_PB.get(g.priority, pb.PRIORITY_UNSPECIFIED),
+                slo_ms=g.slo_ms,
+                tpc_ids=g.tpc_ids,
+                granted_at_unix_s=g.granted_at_unix_s,
+                **({"launches": pb.LaunchSummary(**summary)} if summary is not None else {}),
+            ))
         reading = self.device.telemetry()
         sensors = {k: v for k, v in (("clock_mhz", reading.clock_mhz), ("power_w", reading.power_w),
                                      ("energy_j", reading.energy_j)) if v is not None}

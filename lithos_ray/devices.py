@@ -59,6 +59,17 @@ class NvidiaDevice(Device):
         self._allowances.pop(slot, None)
         if self._table:
             self._table.clear(slot)
+            from .native import ring_path
+            try:   # the slot's next client starts a fresh launch ring (summaries are per client)
+                os.unlink(ring_path(self._table.path, slot))
+            except FileNotFoundError:
+                pass
+
+    def launch_summary(self, slot: int) -> dict[str, int] | None:
+        if not self._table:
+            return None
+        from .native import LaunchRing, ring_path
+        return LaunchRing(ring_path(self._table.path, slot)).summary()
 
     def allowances(self) -> dict[int, tuple[int, ...]]:
         return dict(self._allowances)

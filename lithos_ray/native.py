@@ -400,23 +400,54 @@ class AllowanceTable:
             os.unlink(self.path)
 
 
+LAUNCH_SUMMARY_WINDOW = 4096   # the latest launches a summary looks at
+
+
+def summarize_launches(records: np.ndarray, launches: int) -> dict[str, int]:
+    """What a client's latest launch records show: `launches` (all recorded since its ring was made),
+    `window` (records looked at), launches per view (tpc, cosched, unconfined, graph) and `borrowing`
+    (launches that used lent TPCs)."""
+    views = np.bincount(records["view"].astype(np.int64), minlength=len(VIEW_NAMES)) if len(records) else np.zeros(len(VIEW_NAMES), int)
+    summary = {"launches": int(launches), "window": int(len(records))}
+    summary.update({VIEW_NAMES[v]: int(views[v]) for v in sorted(VIEW_NAMES)})
+    borrowing = records["lender_slots_used"] if "lender_slots_used" in (records.dtype.names or ()) else np.zeros(0)
+    summary["borrowing"] = int(np.count_nonzero(borrowing))
+    return summary
+
+
 class LaunchRing:
     """Read-only view of one client's launch ring."""
 
     def __init__(self, path: str):
         self.path = path
 
+    def ready(self) -> bool:
+        """Whether the client has made the ring (its shim creates it, then sizes it)."""
+        try:
+            return os.path.getsize(self.path) >= layout()["lithos_ring_header"].itemsize
+        except OSError:
+            return False
+
     def head(self) -> int:
-        """Index the next launch record will get (0 when the client has not created the ring yet)."""
-        if not os.path.exists(self.path):
+        """Index the next launch record will get (0 when the client has not made the ring yet)."""
+        if not self.ready():
             return 0
         header_dtype = layout()["lithos_ring_header"]
         with open(self.path, "rb") as handle:
-            return int(np.frombuffer(handle.read(header_dtype.itemsize), dtype=header_dtype)[0]["head"])
+            header = handle.read(header_dtype.itemsize)
+        return int(np.frombuffer(header, dtype=header_dtype)[0]["head"]) if len(header) == header_dtype.itemsize else 0
+
+    def summary(self, window: int = LAUNCH_SUMMARY_WINDOW) -> dict[str, int] | None:
+        """summarize_launches of the latest `window` records; None when the client has made no ring yet."""
+        if not self.ready():
+            return None
+        head = self.head()
+        records, _ = self.read(max(0, head - window), window)
+        return summarize_launches(records, head)
 
     def read(self, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, int]:
         record_dtype = layout()["lithos_launch_record"]
-        if not os.path.exists(self.path):
+        if not self.ready():
             return np.zeros(0, dtype=record_dtype), since_index
         with open(self.path, "rb") as handle:
             mapped = mmap.mmap(handle.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ)

@@ -14,6 +14,17 @@ SCHEMA_ID = "lithos-ray/status/v1"
 _PRIORITY_NAMES = {pb.LATENCY_CRITICAL: "latency_critical", pb.BEST_EFFORT: "best_effort"}
 
 
+class LaunchReport(BaseModel):
+    """A client's latest launches (real GPUs with the interposer): see agent.proto LaunchSummary."""
+    launches: int
+    window: int
+    tpc: int
+    cosched: int
+    unconfined: int
+    graph: int
+    borrowing: int
+
+
 class ClientReport(BaseModel):
     grant_id: str
     pid: int
@@ -26,6 +37,7 @@ class ClientReport(BaseModel):
     granted_tpcs: int
     tpc_ids: list[int]
     granted_at_unix_s: float
+    launches: LaunchReport | None = None
 
 
 class GpuReport(BaseModel):
@@ -63,7 +75,8 @@ def gpu_report(s: pb.GpuStatus) -> GpuReport:
             grant_id=c.grant_id, pid=c.client.pid, name=c.client.name, ray_job_id=c.client.ray_job_id,
             ray_task_id=c.client.ray_task_id, ray_actor_id=c.client.ray_actor_id,
             priority=_PRIORITY_NAMES.get(c.priority, "best_effort"), slo_ms=c.slo_ms or None,
-            granted_tpcs=len(c.tpc_ids), tpc_ids=list(c.tpc_ids), granted_at_unix_s=c.granted_at_unix_s)
+            granted_tpcs=len(c.tpc_ids), tpc_ids=list(c.tpc_ids), granted_at_unix_s=c.granted_at_unix_s,
+            launches=_launch_report(c))
         for c in s.clients
     ]
     return GpuReport(index=s.gpu_index, uuid=s.gpu_uuid, model=s.gpu_model, simulated=s.simulated, sms=s.sms,
@@ -71,6 +84,12 @@ def gpu_report(s: pb.GpuStatus) -> GpuReport:
                      agent_address=s.agent_address, native_status=s.native_status,
                      **{f: getattr(s, f) for f in ("clock_mhz", "power_w", "energy_j") if s.HasField(f)},
                      clients=sorted(clients, key=lambda c: c.tpc_ids[:1]))
+
+
+def _launch_report(c: pb.ClientStatus) -> LaunchReport | None:
+    if not c.HasField("launches"):
+        return None
+    return LaunchReport(**{f: getattr(c.launches, f) for f in LaunchReport.model_fields})
 
 
 def cluster_status() -> ClusterStatus:
@@ -104,9 +123,21 @@ def format_table(status: ClusterStatus) -> str:
                 slo = f" slo {c.slo_ms:g} ms" if c.slo_ms else ""
                 lines.append(f"    pid {c.pid:<7} {c.name[:24]:<24} {who:<19} {c.priority:<16} "
                              f"{c.granted_tpcs:>3} TPCs {_ranges(c.tpc_ids)}{slo}")
+                if c.launches is not None:
+                    lines.append("      " + _launch_line(c.launches))
     if status.dashboard_url:
         lines.append(f"lithos page: {status.dashboard_url}")
     return "\n".join(lines) if lines else "no lithos agents are registered in this Ray cluster"
+
+
+def _launch_line(r: LaunchReport) -> str:
+    """E.g. 'launches 120034; latest 4096: tpc 97%, unconfined 3%, borrowing 12%'."""
+    if not r.window:
+        return f"launches {r.launches}"
+    shares = [f"{name} {count / r.window:.0%}" for name, count in
+              (("tpc", r.tpc), ("cosched", r.cosched), ("unconfined", r.unconfined), ("graph", r.graph),
+               ("borrowing", r.borrowing)) if count]
+    return f"launches {r.launches}; latest {r.window}: " + ", ".join(shares)
 
 
 def _ranges(ids: list[int]) -> str:

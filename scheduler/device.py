@@ -69,6 +69,11 @@ class Device(ABC):
         from .allocator import contiguous_slices
         return contiguous_slices(self.info().tpcs)
 
+    def launch_summary(self, slot: int) -> dict[str, int] | None:
+        """The slot's client's latest launches by view and how many borrowed (lithos_ray.native.
+        summarize_launches); None where launches are not recorded (simulated GPUs, no interposer)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release what the device holds (NVML handle, shared memory). Safe to call twice."""

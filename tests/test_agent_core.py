@@ -56,3 +56,28 @@ def test_slots_are_a_capacity_too(tmp_path):
     grants = [core.acquire(1, "best_effort", 0.0, me()) for _ in range(MAX_CLIENTS_PER_GPU)]
     assert all(grants) and len({g.slot for g in grants}) == MAX_CLIENTS_PER_GPU
     assert core.acquire(1, "best_effort", 0.0, me()) is None
+
+
+class RecordingDevice(SimulatedDevice):
+    """A device whose clients' launches are recorded (as the real GPU's launch rings are)."""
+
+    def launch_summary(self, slot):
+        return {"launches": 5000 + slot, "window": 4096, "tpc": 3900, "cosched": 0, "unconfined": 100, "graph": 96,
+                "borrowing": 410}
+
+
+def test_status_carries_each_clients_launch_summary_into_the_report_and_table(tmp_path):
+    from lithos_ray.status import ClusterStatus, NodeReport, format_table, gpu_report
+
+    plain = core_at(tmp_path)
+    plain.acquire(4, "best_effort", 0.0, me(name="plain"))
+    assert gpu_report(plain.status()).clients[0].launches is None        # simulated GPUs record no launches
+
+    core = GpuAgentCore(RecordingDevice(lookup_model("H100"), 0, "SIM-H100-test-1"), "node", "127.0.0.1",
+                        tmp_path / "gpu-1.json")
+    grant = core.acquire(12, "latency_critical", 20.0, me(name="svc"))
+    report = gpu_report(core.status())
+    launches = report.clients[0].launches
+    assert launches is not None and launches.launches == 5000 + grant.slot and launches.borrowing == 410
+    table = format_table(ClusterStatus(nodes=[NodeReport(node_id="node", node_ip="127.0.0.1", gpus=[report])]))
+    assert f"launches {5000 + grant.slot}; latest 4096: tpc 95%, unconfined 2%, graph 2%, borrowing 10%" in table

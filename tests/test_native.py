@@ -1288,3 +1288,32 @@ def test_pace_always_keeps_the_queue_shallow_while_every_lender_is_busy(fake_dri
     """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE=pace))
     counts = dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[0])))
     assert counts["borrowed"] == 0 and counts["paced"] == paced and counts["no_idle_lender"] >= 1, counts
+
+
+def test_launch_summary_counts_a_clients_latest_launches_by_view(fake_driver, lend_table):
+    ring = native.LaunchRing(native.ring_path(lend_table.path, 0))
+    assert ring.summary() is None                                   # no client yet
+    run_lending_client("""
+    s = create(1)
+    warm_then_borrow(s)            # 6 launches on the TPC view, the last one borrowing
+    assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0
+    """, lend_env(fake_driver, lend_table))
+    assert ring.summary() == {"launches": 7, "window": 7, "tpc": 6, "cosched": 0, "unconfined": 0, "graph": 1,
+                              "borrowing": 1}
+    assert ring.summary(window=2)["window"] == 2
+
+
+def test_a_released_slot_starts_its_next_client_on_a_fresh_launch_ring(built_library):
+    """The real-GPU Device removes a slot's ring when its grant ends, so launch summaries are per client
+    (it builds here too: no GPU means no probe and no NVML, both only warned about)."""
+    from lithos_ray.devices import NvidiaDevice
+    device = NvidiaDevice(0, "GPU-00000000-test-ring-per-client", "H100", 132)
+    try:
+        device.set_allowance(1, [0, 1, 2, 3])
+        ring = native.ring_path(device.shm_path, 1)
+        open(ring, "wb").close()                       # a ring the client is still creating: not read yet
+        assert device.launch_summary(1) is None
+        device.clear_allowance(1)
+        assert not os.path.exists(ring) and device.launch_summary(1) is None
+    finally:
+        device.close()
