@@ -76,6 +76,9 @@ def test_actors_are_confined_to_their_grants(lithos_node):
     assert 2.6 < whole_gpu_sized / solo < 3.4
     assert all(t < 1.15 * solo for t in together)
     assert ("tpc", 22) in ray.get(a.views.remote())
+    from lithos_ray.status import cluster_status      # the agent reports the same launches
+    reports = [c.launches for n in cluster_status().nodes for g in n.gpus for c in g.clients]
+    assert reports and all(r is not None and r.tpc > 0 and r.unconfined <= 0.05 * r.window for r in reports), reports
 
 
 def test_lithos_ray_run_confines_an_unmodified_program(lithos_node):
