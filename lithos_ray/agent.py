@@ -157,6 +157,9 @@ class GpuAgentCore:
         reading = self.device.telemetry()
         sensors = {k: v for k, v in (("clock_mhz", reading.clock_mhz), ("power_w", reading.power_w),
                                      ("energy_j", reading.energy_j)) if v is not None}
+        state = self.device.tpc_state()
+        if state is not None:
+            sensors.update(busy_tpcs=state[0], lent_tpcs=state[1])
         return pb.GpuStatus(
             **sensors, node_id=self.node_id, node_ip=self.node_ip, gpu_index=self.info.index, gpu_uuid=self.info.uuid,
             gpu_model=self.info.model, simulated=self.info.simulated, sms=self.info.sms,

@@ -65,6 +65,18 @@ class NvidiaDevice(Device):
             except FileNotFoundError:
                 pass
 
+    def tpc_state(self) -> tuple[int, int] | None:
+        if not self._table:
+            return None
+        import time
+
+        from .scheduler.lending import tpc_state
+        allowances = dict(self._allowances)
+        words = {slot: self._table.activity(slot) for slot in allowances}
+        lend_lists = {slot: self._table.lending(slot)[0] for slot in allowances}
+        idle_window_ns = self._table.lending_knobs()["idle_window_ns"]
+        return tpc_state(allowances, words, lend_lists, time.monotonic_ns(), idle_window_ns)
+
     def launch_summary(self, slot: int) -> dict[str, int] | None:
         if not self._table:
             return None

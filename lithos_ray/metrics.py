@@ -50,11 +50,11 @@ class ClusterMetrics:
         self.tpcs_total = _gauge("gpu_tpcs_total", "TPCs of the GPU (1 TPC = 2 SMs).", GPU_TAG_KEYS)
         self.tpcs_granted = _gauge("gpu_tpcs_granted", "TPCs of the GPU held by lithos grants.", GPU_TAG_KEYS)
         self.tpcs_busy = _gauge(
-            "gpu_tpcs_busy", "TPCs running kernels. Always 0 for now: per-TPC activity needs the TPC "
-            "scheduler (not built yet); lithos does not estimate it.", GPU_TAG_KEYS)
+            "gpu_tpcs_busy", "TPCs of clients launching now (their activity words: launched within the idle "
+            "window or predicted busy); real GPUs only.", GPU_TAG_KEYS)
         self.tpcs_lent = _gauge(
-            "gpu_tpcs_lent", "Idle TPCs lent to another client. Always 0 for now: lending needs the TPC "
-            "scheduler (not built yet).", GPU_TAG_KEYS)
+            "gpu_tpcs_lent", "TPCs of idle clients that a busy client may add to its launches now (its lend "
+            "list); real GPUs only.", GPU_TAG_KEYS)
         self.clock_mhz = _gauge("gpu_clock_mhz", "SM clock from NVML (real GPUs only).", GPU_TAG_KEYS)
         self.power_w = _gauge("gpu_power_w", "Board power from NVML (real GPUs only).", GPU_TAG_KEYS)
         self.energy_j = _gauge("gpu_energy_j", "NVML energy counter since an arbitrary origin (real GPUs "
@@ -73,8 +73,10 @@ class ClusterMetrics:
                         "GpuModel": gpu.model, "Simulated": str(gpu.simulated).lower()}
                 self.tpcs_total.set(gpu.total_tpcs, tags=tags)
                 self.tpcs_granted.set(gpu.granted_tpcs, tags=tags)
-                self.tpcs_busy.set(0, tags=tags)
-                self.tpcs_lent.set(0, tags=tags)
+                if gpu.busy_tpcs is not None:
+                    self.tpcs_busy.set(gpu.busy_tpcs, tags=tags)
+                if gpu.lent_tpcs is not None:
+                    self.tpcs_lent.set(gpu.lent_tpcs, tags=tags)
                 reading = telemetry_by_uuid.get(gpu.uuid)
                 if reading is not None:
                     for gauge, value in ((self.clock_mhz, reading.clock_mhz), (self.power_w, reading.power_w),

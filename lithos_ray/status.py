@@ -54,6 +54,8 @@ class GpuReport(BaseModel):
     clock_mhz: float | None = None     # NVML readings of real GPUs; None on simulated ones
     power_w: float | None = None
     energy_j: float | None = None
+    busy_tpcs: int | None = None        # TPCs of clients launching now; None on simulated GPUs
+    lent_tpcs: int | None = None        # TPCs of idle clients a busy client may borrow now
     clients: list[ClientReport]
 
 
@@ -82,7 +84,8 @@ def gpu_report(s: pb.GpuStatus) -> GpuReport:
     return GpuReport(index=s.gpu_index, uuid=s.gpu_uuid, model=s.gpu_model, simulated=s.simulated, sms=s.sms,
                      total_tpcs=s.total_tpcs, granted_tpcs=s.granted_tpcs, free_tpcs=s.free_tpcs,
                      agent_address=s.agent_address, native_status=s.native_status,
-                     **{f: getattr(s, f) for f in ("clock_mhz", "power_w", "energy_j") if s.HasField(f)},
+                     **{f: getattr(s, f) for f in ("clock_mhz", "power_w", "energy_j", "busy_tpcs", "lent_tpcs")
+                        if s.HasField(f)},
                      clients=sorted(clients, key=lambda c: c.tpc_ids[:1]))
 
 
@@ -113,8 +116,9 @@ def format_table(status: ClusterStatus) -> str:
         lines.append(f"node {node.node_id[:12]} ({node.node_ip})")
         for g in node.gpus:
             tag = "SIMULATED" if g.simulated else "real"
+            state = f"  busy {g.busy_tpcs:>3}  lent {g.lent_tpcs:>3}" if g.busy_tpcs is not None else ""
             lines.append(f"  GPU {g.index} {g.model:<9} [{tag}] TPCs total {g.total_tpcs:>3}  granted "
-                         f"{g.granted_tpcs:>3}  free {g.free_tpcs:>3}   {g.uuid}")
+                         f"{g.granted_tpcs:>3}  free {g.free_tpcs:>3}{state}   {g.uuid}")
             lines.append(f"    enforcement: {g.native_status}")
             if not g.clients:
                 lines.append("    (no clients)")

@@ -69,6 +69,11 @@ class Device(ABC):
         from .allocator import contiguous_slices
         return contiguous_slices(self.info().tpcs)
 
+    def tpc_state(self) -> tuple[int, int] | None:
+        """(busy, lent) TPCs now (scheduler.lending.tpc_state); None where the device cannot tell
+        (simulated GPUs: the simulator does not run behind grants)."""
+        return None
+
     def launch_summary(self, slot: int) -> dict[str, int] | None:
         """The slot's client's latest launches by view and how many borrowed (lithos_ray.native.
         summarize_launches); None where launches are not recorded (simulated GPUs, no interposer)."""

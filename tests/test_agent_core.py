@@ -61,6 +61,9 @@ def test_slots_are_a_capacity_too(tmp_path):
 class RecordingDevice(SimulatedDevice):
     """A device whose clients' launches are recorded (as the real GPU's launch rings are)."""
 
+    def tpc_state(self):
+        return 12, 8
+
     def launch_summary(self, slot):
         return {"launches": 5000 + slot, "window": 4096, "tpc": 3900, "cosched": 0, "unconfined": 100, "graph": 96,
                 "borrowing": 410}
@@ -77,7 +80,10 @@ def test_status_carries_each_clients_launch_summary_into_the_report_and_table(tm
                         tmp_path / "gpu-1.json")
     grant = core.acquire(12, "latency_critical", 20.0, me(name="svc"))
     report = gpu_report(core.status())
+    assert (report.busy_tpcs, report.lent_tpcs) == (12, 8)
+    assert gpu_report(plain.status()).busy_tpcs is None
     launches = report.clients[0].launches
     assert launches is not None and launches.launches == 5000 + grant.slot and launches.borrowing == 410
     table = format_table(ClusterStatus(nodes=[NodeReport(node_id="node", node_ip="127.0.0.1", gpus=[report])]))
     assert f"launches {5000 + grant.slot}; latest 4096: tpc 95%, unconfined 2%, graph 2%, borrowing 10%" in table
+    assert "free  54  busy  12  lent   8" in table

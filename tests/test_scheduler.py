@@ -436,3 +436,16 @@ def test_without_lending_launch_ahead_changes_nothing():
     for name in ("bert", "train"):
         np.testing.assert_allclose(results[1].clients[name].latencies_ms, results[0].clients[name].latencies_ms,
                                    rtol=1e-9)
+
+
+def test_tpc_state_counts_busy_clients_and_the_idle_tpcs_offered_to_them():
+    from lithos_ray.scheduler.lending import ActivityWord, tpc_state
+    now, window = 10_000_000, 500_000
+    allowances = {0: range(0, 8), 1: range(8, 20), 2: range(20, 24), 3: range(24, 28)}
+    words = {0: ActivityWord(now - 100, now + 50_000),      # launching: busy
+             1: ActivityWord(now - 5_000_000, now - 4_000_000),   # idle
+             2: ActivityWord(None, 0),                       # never launched: idle
+             3: ActivityWord(now - 5_000_000, now - 4_000_000)}   # idle, lends to nobody busy
+    lend_lists = {0: [1, 2], 1: [0], 3: [0]}
+    assert tpc_state(allowances, words, lend_lists, now, window) == (8, 16)
+    assert tpc_state(allowances, {**words, 0: ActivityWord(now - 5_000_000, 0)}, lend_lists, now, window) == (0, 0)

@@ -36,7 +36,7 @@ def page_state(status, telemetry_by_uuid: dict, reports: dict, now_unix_s: float
             gpus.append({
                 "index": gpu.index, "uuid": gpu.uuid, "model": gpu.model, "simulated": gpu.simulated,
                 "total_tpcs": gpu.total_tpcs, "granted_tpcs": gpu.granted_tpcs, "free_tpcs": gpu.free_tpcs,
-                "busy_tpcs": None, "lent_tpcs": 0,   # need the TPC scheduler; the page says so
+                "busy_tpcs": gpu.busy_tpcs, "lent_tpcs": gpu.lent_tpcs,   # None on simulated GPUs
                 "native_status": gpu.native_status,
                 "telemetry": None if reading is None else {
                     "clock_mhz": reading.clock_mhz, "power_w": reading.power_w, "energy_j": reading.energy_j},
