@@ -44,7 +44,8 @@ def test_real_agent_grants_pins_and_releases(gpu, tmp_path):
         assert telemetry.power_w and telemetry.power_w > 0 and telemetry.clock_mhz > 0
         reported = core.status()
         assert reported.HasField("power_w") and reported.power_w > 0 and reported.clock_mhz > 0
-        assert reported.HasField("busy_tpcs") and reported.busy_tpcs == 0 and reported.lent_tpcs == 0   # no clients yet
+        if native.library_path():   # activity words live in the allowance table
+            assert reported.HasField("busy_tpcs") and reported.busy_tpcs == 0 and reported.lent_tpcs == 0   # no clients yet
         ref = client.AgentRef("gpu-test-node", "127.0.0.1", port, gpu.index, gpu.uuid, gpu.model, gpu.tpcs, False)
         grant = client.acquire(make_request(tpcs=12), [ref], name="pytest", node_id="gpu-test-node")
         assert grant.tpcs == 12 and grant.gpu_uuid == gpu.uuid
