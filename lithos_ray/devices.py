@@ -81,7 +81,7 @@ class NvidiaDevice(Device):
         if not self._table:
             return None
         from .native import LaunchRing, ring_path
-        return LaunchRing(ring_path(self._table.path, slot)).summary()
+        return LaunchRing(ring_path(self._table.path, slot)).summary(tpcs_on_gpu=self._info.tpcs)
 
     def allowances(self) -> dict[int, tuple[int, ...]]:
         return dict(self._allowances)

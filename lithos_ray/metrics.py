@@ -8,6 +8,7 @@ Two publishers:
 
 Names (as Prometheus sees them):
     ray_lithos_gpu_tpcs_total / _granted / _busy / _lent   {NodeId, GpuIndex, GpuUuid, GpuModel, Simulated}
+    ray_lithos_client_used_tpcs (real GPUs)                {GpuUuid, GrantId, Client, Priority}
     ray_lithos_gpu_clock_mhz, ray_lithos_gpu_power_w, ray_lithos_gpu_energy_j        (real GPUs only)
     ray_lithos_client_granted_tpcs                         {GpuUuid, GrantId, Client, Priority}
     ray_lithos_client_latency_ms (histogram), ray_lithos_client_slo_attainment,
@@ -61,6 +62,9 @@ class ClusterMetrics:
                                "only); use its rate.", GPU_TAG_KEYS)
         self.client_tpcs = _gauge("client_granted_tpcs", "TPCs granted to one client (0 after it left).",
                                   CLIENT_TAG_KEYS)
+        self.client_used_tpcs = _gauge("client_used_tpcs", "TPCs per launch of one client's latest launches "
+                                       "(borrowed TPCs included; an unconfined launch counts the whole GPU); real "
+                                       "GPUs only.", CLIENT_TAG_KEYS)
         self._client_tags_seen: dict[str, dict] = {}
 
     def publish(self, status, telemetry_by_uuid: dict | None = None) -> None:
@@ -87,10 +91,13 @@ class ClusterMetrics:
                     client_tags = {"GpuUuid": gpu.uuid, "GrantId": client.grant_id, "Client": client.name,
                                    "Priority": client.priority}
                     self.client_tpcs.set(client.granted_tpcs, tags=client_tags)
+                    if client.launches is not None and client.launches.window:
+                        self.client_used_tpcs.set(client.launches.mean_tpcs, tags=client_tags)
                     live_clients[client.grant_id] = client_tags
         for grant_id, tags in self._client_tags_seen.items():
             if grant_id not in live_clients:
                 self.client_tpcs.set(0, tags=tags)
+                self.client_used_tpcs.set(0, tags=tags)
         self._client_tags_seen = live_clients
 
 

@@ -39,6 +39,7 @@ _SOURCE_TREE_LIBRARY = _PACKAGE_DIR.parent / "native" / "build" / LIBRARY_NAME
 _INSTALLED_LIBRARY = _PACKAGE_DIR / "_lib" / LIBRARY_NAME
 
 VIEW_NAMES = {0: "tpc", 1: "cosched", 2: "unconfined", 3: "graph"}
+UNCONFINED_VIEW = 2
 LEND_SLOTS = 64              # LITHOS_LEND_SLOTS: the lend list is one 64-bit mask
 LEND_LOW_PRIORITY = 1        # LITHOS_LEND_LOW_PRIORITY in lithos_slot.lending_flags
 API_NAMES = {0: "cuLaunchKernel", 1: "cuLaunchKernelEx", 2: "cuLaunchCooperativeKernel", 3: "cuGraphLaunch"}
@@ -403,15 +404,18 @@ class AllowanceTable:
 LAUNCH_SUMMARY_WINDOW = 4096   # the latest launches a summary looks at
 
 
-def summarize_launches(records: np.ndarray, launches: int) -> dict[str, int]:
+def summarize_launches(records: np.ndarray, launches: int, tpcs_on_gpu: int = H100_TPCS) -> dict:
     """What a client's latest launch records show: `launches` (all recorded since its ring was made),
-    `window` (records looked at), launches per view (tpc, cosched, unconfined, graph) and `borrowing`
-    (launches that used lent TPCs)."""
+    `window` (records looked at), launches per view (tpc, cosched, unconfined, graph), `borrowing`
+    (launches that used lent TPCs) and `mean_tpcs` (TPCs per launch, an unconfined one counting the
+    whole GPU; 0 without records)."""
     views = np.bincount(records["view"].astype(np.int64), minlength=len(VIEW_NAMES)) if len(records) else np.zeros(len(VIEW_NAMES), int)
     summary = {"launches": int(launches), "window": int(len(records))}
     summary.update({VIEW_NAMES[v]: int(views[v]) for v in sorted(VIEW_NAMES)})
     borrowing = records["lender_slots_used"] if "lender_slots_used" in (records.dtype.names or ()) else np.zeros(0)
     summary["borrowing"] = int(np.count_nonzero(borrowing))
+    used = np.where(records["view"] == UNCONFINED_VIEW, tpcs_on_gpu, records["tpcs"]) if len(records) else np.zeros(0)
+    summary["mean_tpcs"] = float(used.mean()) if len(used) else 0.0
     return summary
 
 
@@ -437,13 +441,13 @@ class LaunchRing:
             header = handle.read(header_dtype.itemsize)
         return int(np.frombuffer(header, dtype=header_dtype)[0]["head"]) if len(header) == header_dtype.itemsize else 0
 
-    def summary(self, window: int = LAUNCH_SUMMARY_WINDOW) -> dict[str, int] | None:
+    def summary(self, window: int = LAUNCH_SUMMARY_WINDOW, tpcs_on_gpu: int = H100_TPCS) -> dict | None:
         """summarize_launches of the latest `window` records; None when the client has made no ring yet."""
         if not self.ready():
             return None
         head = self.head()
         records, _ = self.read(max(0, head - window), window)
-        return summarize_launches(records, head)
+        return summarize_launches(records, head, tpcs_on_gpu)
 
     def read(self, since_index: int = 0, max_records: int = 4096) -> tuple[np.ndarray, int]:
         record_dtype = layout()["lithos_launch_record"]

@@ -23,6 +23,7 @@ class LaunchReport(BaseModel):
     unconfined: int
     graph: int
     borrowing: int
+    mean_tpcs: float
 
 
 class ClientReport(BaseModel):
@@ -141,7 +142,7 @@ def _launch_line(r: LaunchReport) -> str:
     shares = [f"{name} {count / r.window:.0%}" for name, count in
               (("tpc", r.tpc), ("cosched", r.cosched), ("unconfined", r.unconfined), ("graph", r.graph),
                ("borrowing", r.borrowing)) if count]
-    return f"launches {r.launches}; latest {r.window}: " + ", ".join(shares)
+    return f"launches {r.launches}; latest {r.window}: " + ", ".join(shares) + f"; {r.mean_tpcs:.1f} TPCs per launch"
 
 
 def _ranges(ids: list[int]) -> str:

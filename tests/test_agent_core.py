@@ -66,7 +66,7 @@ class RecordingDevice(SimulatedDevice):
 
     def launch_summary(self, slot):
         return {"launches": 5000 + slot, "window": 4096, "tpc": 3900, "cosched": 0, "unconfined": 100, "graph": 96,
-                "borrowing": 410}
+                "borrowing": 410, "mean_tpcs": 13.5}
 
 
 def test_status_carries_each_clients_launch_summary_into_the_report_and_table(tmp_path):
@@ -85,5 +85,6 @@ def test_status_carries_each_clients_launch_summary_into_the_report_and_table(tm
     launches = report.clients[0].launches
     assert launches is not None and launches.launches == 5000 + grant.slot and launches.borrowing == 410
     table = format_table(ClusterStatus(nodes=[NodeReport(node_id="node", node_ip="127.0.0.1", gpus=[report])]))
-    assert f"launches {5000 + grant.slot}; latest 4096: tpc 95%, unconfined 2%, graph 2%, borrowing 10%" in table
+    assert (f"launches {5000 + grant.slot}; latest 4096: tpc 95%, unconfined 2%, graph 2%, borrowing 10%; "
+            f"13.5 TPCs per launch") in table
     assert "free  54  busy  12  lent   8" in table

@@ -1299,7 +1299,7 @@ def test_launch_summary_counts_a_clients_latest_launches_by_view(fake_driver, le
     assert lib.cuGraphLaunch(ctypes.c_void_p(0x9a), ctypes.c_void_p(s)) == 0
     """, lend_env(fake_driver, lend_table))
     assert ring.summary() == {"launches": 7, "window": 7, "tpc": 6, "cosched": 0, "unconfined": 0, "graph": 1,
-                              "borrowing": 1}
+                              "borrowing": 1, "mean_tpcs": (5 * 8 + 16 + 8) / 7}   # own 8, one borrowed launch on 16
     assert ring.summary(window=2)["window"] == 2
 
 
