@@ -31,7 +31,8 @@ def page_state(status, telemetry_by_uuid: dict, reports: dict, now_unix_s: float
                     "grant_id": client.grant_id, "name": client.name, "pid": client.pid,
                     "priority": client.priority, "slo_ms": client.slo_ms, "granted_tpcs": client.granted_tpcs,
                     "tpc_ids": client.tpc_ids, "ray_actor_id": client.ray_actor_id,
-                    "granted_at_unix_s": client.granted_at_unix_s, "latency": reports.get(client.grant_id)})
+                    "granted_at_unix_s": client.granted_at_unix_s, "latency": reports.get(client.grant_id),
+                    "launches": client.launches.model_dump() if client.launches is not None else None})
             reading = telemetry_by_uuid.get(gpu.uuid)
             gpus.append({
                 "index": gpu.index, "uuid": gpu.uuid, "model": gpu.model, "simulated": gpu.simulated,
