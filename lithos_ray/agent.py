@@ -159,7 +159,9 @@ class GpuAgentCore:
                                      ("energy_j", reading.energy_j)) if v is not None}
         state = self.device.tpc_state()
         if state is not None:
-            sensors.update(busy_tpcs=state[0], lent_tpcs=state[1])
+            grant_of_slot = {g.slot: g.grant_id for g in grants}
+            sensors.update(busy_tpcs=state.busy_tpcs, lent_tpcs=state.lent_tpcs,
+                           tpc_lent_to=[grant_of_slot.get(state.lent_to.get(t), "") for t in range(self.info.tpcs)])
         return pb.GpuStatus(
             **sensors, node_id=self.node_id, node_ip=self.node_ip, gpu_index=self.info.index, gpu_uuid=self.info.uuid,
             gpu_model=self.info.model, simulated=self.info.simulated, sms=self.info.sms,

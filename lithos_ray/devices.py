@@ -65,7 +65,7 @@ class NvidiaDevice(Device):
             except FileNotFoundError:
                 pass
 
-    def tpc_state(self) -> tuple[int, int] | None:
+    def tpc_state(self):
         if not self._table:
             return None
         import time

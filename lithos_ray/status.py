@@ -57,6 +57,7 @@ class GpuReport(BaseModel):
     energy_j: float | None = None
     busy_tpcs: int | None = None        # TPCs of clients launching now; None on simulated GPUs
     lent_tpcs: int | None = None        # TPCs of idle clients a busy client may borrow now
+    tpc_lent_to: list[str | None] | None = None   # per TPC: grant id it is offered to; None on simulated GPUs
     clients: list[ClientReport]
 
 
@@ -87,6 +88,7 @@ def gpu_report(s: pb.GpuStatus) -> GpuReport:
                      agent_address=s.agent_address, native_status=s.native_status,
                      **{f: getattr(s, f) for f in ("clock_mhz", "power_w", "energy_j", "busy_tpcs", "lent_tpcs")
                         if s.HasField(f)},
+                     tpc_lent_to=[g or None for g in s.tpc_lent_to] if s.HasField("busy_tpcs") else None,
                      clients=sorted(clients, key=lambda c: c.tpc_ids[:1]))
 
 

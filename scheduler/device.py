@@ -69,9 +69,9 @@ class Device(ABC):
         from .allocator import contiguous_slices
         return contiguous_slices(self.info().tpcs)
 
-    def tpc_state(self) -> tuple[int, int] | None:
-        """(busy, lent) TPCs now (scheduler.lending.tpc_state); None where the device cannot tell
-        (simulated GPUs: the simulator does not run behind grants)."""
+    def tpc_state(self):
+        """scheduler.lending.TpcState now (busy and lent TPCs, and to whom each lent TPC is offered);
+        None where the device cannot tell (simulated GPUs: the simulator does not run behind grants)."""
         return None
 
     def launch_summary(self, slot: int) -> dict[str, int] | None:

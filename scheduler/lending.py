@@ -202,14 +202,27 @@ def lender_is_idle(word: ActivityWord, now_ns: int, idle_window_ns: int) -> bool
     return not recent and now_ns >= word.busy_until_ns
 
 
+@dataclass(frozen=True)
+class TpcState:
+    """One GPU's TPCs now. busy: TPCs of clients that are not idle (lender_is_idle); lent: TPCs of idle
+    clients that a busy client may add to its launches now (the launch-path rule's offer, whether or
+    not it borrows); lent_to: TPC id -> the busy borrower slot it is offered to (the first in slot order)."""
+    busy_tpcs: int
+    lent_tpcs: int
+    lent_to: dict[int, int]
+
+
 def tpc_state(allowances: Mapping[int, Sequence[int]], words: Mapping[int, ActivityWord],
-              lend_lists: Mapping[int, Sequence[int]], now_ns: int, idle_window_ns: int) -> tuple[int, int]:
-    """(busy, lent) TPCs of one GPU now, from the clients' activity words and lend lists.
-    busy: TPCs of clients that are not idle (lender_is_idle); lent: TPCs of idle clients that a busy
-    client may add to its launches now (the launch-path rule's offer, whether or not it borrows)."""
-    busy = {slot for slot in allowances if slot in words and not lender_is_idle(words[slot], now_ns, idle_window_ns)}
-    offered = {lender for slot in busy for lender in lend_lists.get(slot, ()) if lender in allowances and lender not in busy}
-    return (sum(len(allowances[s]) for s in busy), sum(len(allowances[s]) for s in offered))
+              lend_lists: Mapping[int, Sequence[int]], now_ns: int, idle_window_ns: int) -> TpcState:
+    """TpcState of one GPU from its clients' allowances, activity words and lend lists."""
+    busy = sorted(slot for slot in allowances if slot in words and not lender_is_idle(words[slot], now_ns, idle_window_ns))
+    lent_to: dict[int, int] = {}
+    for borrower in busy:
+        for lender in lend_lists.get(borrower, ()):
+            if lender in allowances and lender not in busy:
+                for tpc in allowances[lender]:
+                    lent_to.setdefault(tpc, borrower)
+    return TpcState(sum(len(allowances[s]) for s in busy), len(lent_to), lent_to)
 
 
 def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityWord], now_ns: int,

@@ -62,7 +62,9 @@ class RecordingDevice(SimulatedDevice):
     """A device whose clients' launches are recorded (as the real GPU's launch rings are)."""
 
     def tpc_state(self):
-        return 12, 8
+        from lithos_ray.scheduler.lending import TpcState
+        slots = sorted(self.allowances())
+        return TpcState(12, 8, {t: slots[0] for t in range(60, 66)} if slots else {})
 
     def launch_summary(self, slot):
         return {"launches": 5000 + slot, "window": 4096, "tpc": 3900, "cosched": 0, "unconfined": 100, "graph": 96,
@@ -81,6 +83,7 @@ def test_status_carries_each_clients_launch_summary_into_the_report_and_table(tm
     grant = core.acquire(12, "latency_critical", 20.0, me(name="svc"))
     report = gpu_report(core.status())
     assert (report.busy_tpcs, report.lent_tpcs) == (12, 8)
+    assert report.tpc_lent_to == [None] * 60 + [grant.grant_id] * 6
     assert gpu_report(plain.status()).busy_tpcs is None
     launches = report.clients[0].launches
     assert launches is not None and launches.launches == 5000 + grant.slot and launches.borrowing == 410

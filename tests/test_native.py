@@ -1310,7 +1310,8 @@ def test_a_released_slot_starts_its_next_client_on_a_fresh_launch_ring(built_lib
     device = NvidiaDevice(0, "GPU-00000000-test-ring-per-client", "H100", 132)
     try:
         device.set_allowance(1, [0, 1, 2, 3])
-        assert device.tpc_state() == (0, 0)                 # nobody has launched: nothing busy, nothing offered
+        state = device.tpc_state()                          # nobody has launched: nothing busy, nothing offered
+        assert (state.busy_tpcs, state.lent_tpcs, state.lent_to) == (0, 0, {})
         ring = native.ring_path(device.shm_path, 1)
         open(ring, "wb").close()                       # a ring the client is still creating: not read yet
         assert device.launch_summary(1) is None

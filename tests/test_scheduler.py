@@ -447,5 +447,7 @@ def test_tpc_state_counts_busy_clients_and_the_idle_tpcs_offered_to_them():
              2: ActivityWord(None, 0),                       # never launched: idle
              3: ActivityWord(now - 5_000_000, now - 4_000_000)}   # idle, lends to nobody busy
     lend_lists = {0: [1, 2], 1: [0], 3: [0]}
-    assert tpc_state(allowances, words, lend_lists, now, window) == (8, 16)
-    assert tpc_state(allowances, {**words, 0: ActivityWord(now - 5_000_000, 0)}, lend_lists, now, window) == (0, 0)
+    state = tpc_state(allowances, words, lend_lists, now, window)
+    assert (state.busy_tpcs, state.lent_tpcs) == (8, 16) and state.lent_to == {t: 0 for t in range(8, 24)}
+    idle = tpc_state(allowances, {**words, 0: ActivityWord(now - 5_000_000, 0)}, lend_lists, now, window)
+    assert (idle.busy_tpcs, idle.lent_tpcs, idle.lent_to) == (0, 0, {})

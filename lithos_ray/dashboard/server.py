@@ -41,7 +41,7 @@ def page_state(status, telemetry_by_uuid: dict, reports: dict, now_unix_s: float
                 "native_status": gpu.native_status,
                 "telemetry": None if reading is None else {
                     "clock_mhz": reading.clock_mhz, "power_w": reading.power_w, "energy_j": reading.energy_j},
-                "tpc_owner": owner, "tpc_lent_to": [None] * gpu.total_tpcs, "clients": clients})
+                "tpc_owner": owner, "tpc_lent_to": gpu.tpc_lent_to or [None] * gpu.total_tpcs, "clients": clients})
         nodes.append({"node_id": node.node_id, "node_ip": node.node_ip, "gpus": gpus})
     return {"schema_id": "lithos-ray/dashboard/v1", "updated_unix_s": now_unix_s, "error": error,
             "grafana_dashboard": grafana_dashboard, "nodes": nodes}
