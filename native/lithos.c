@@ -191,6 +191,12 @@ typedef struct allowance_route {
 } allowance_route;
 
 #define TIMING_PAIRS 4
+/* Event pairs that time sampled launches on one stream (a pair's events are in that stream's context). */
+typedef struct {
+    CUevent ev[TIMING_PAIRS][2];
+    uint64_t ticket[TIMING_PAIRS]; /* ring index + 1 of the sampled launch; 0 = free */
+    unsigned next;
+} timing_set;
 /*
  * Where launches on one application stream go in one view of one route. Two kinds:
  *  - owned: the application created this stream through the shim while this route was in force,
@@ -213,9 +219,7 @@ typedef struct stream_pair {
     CUstream green_stream;
     CUevent app_done;   /* paired only; in app_stream's context: recorded on the app stream */
     CUevent green_done; /* paired only; in the green context: recorded on the green stream */
-    CUevent timing[TIMING_PAIRS][2];
-    uint64_t timing_index[TIMING_PAIRS]; /* ring index + 1 of the sampled launch; 0 = free */
-    unsigned timing_next;
+    timing_set timing; /* none (NULL events) on unconfined pairs */
     /* Deferred joins, guarded by join_lock: the green stream holds launches the app stream has not
      * joined (the pair is in pending_pairs); the thread whose run it is (its &tls); a per-thread
      * default stream's join made to the legacy stream by another thread (the owner still owes it). */
@@ -295,7 +299,6 @@ static struct {
 static __thread struct {
     uint64_t generation; /* +1, so 0 = nothing cached */
     allowance_route *route;
-    uint32_t flags;
     CUcontext ctx;
     int ctx_managed;
     stream_pair *pairs[TLS_PAIRS];
@@ -310,12 +313,8 @@ static __thread struct {
         uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
     } queues[TLS_QUEUES];
     unsigned queue_next;
-    struct { /* timing events for this thread's graph replays, in ctx (made at the first sampled one) */
-        CUcontext ctx;
-        CUevent timing[TIMING_PAIRS][2];
-        uint64_t timing_index[TIMING_PAIRS];
-        unsigned timing_next;
-    } graphs;
+    CUcontext graph_timing_ctx; /* of graph_timing: this thread's graph replays (made at the first sampled one) */
+    timing_set graph_timing;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
     uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
     uint64_t joins[LITHOS_JOIN_COUNTS];     /* this thread's deferred-join events, for tools */
@@ -822,8 +821,7 @@ static int prepare_device(CUdevice dev) {
     }
     g.tpc_group_count = count;
     count = 32;
-    if (drv_cuDeviceGetDevResource(dev, &all, CU_DEV_RESOURCE_TYPE_SM) != CUDA_SUCCESS ||
-        drv_cuDevSmResourceSplitByCount(g.cosched_groups, &count, &all, &rest, 0, 8) != CUDA_SUCCESS)
+    if (drv_cuDevSmResourceSplitByCount(g.cosched_groups, &count, &all, &rest, 0, 8) != CUDA_SUCCESS)
         count = 0;
     g.cosched_group_count = count;
     int least = 0, greatest = 0;
@@ -845,15 +843,25 @@ static int pair_matches(const stream_pair *p, CUcontext app_ctx, CUstream app_st
            (!special_stream(app_stream) || p->app_ctx == app_ctx) && !__atomic_load_n(&p->dead, __ATOMIC_RELAXED);
 }
 
-/* Called with g.lock held: the four timing-event pairs, created in the green context of `v`. */
-static int create_timing_events(stream_pair *p, const view_ctx *v) {
-    if (drv_cuCtxPushCurrent(v->ctx) != CUDA_SUCCESS) return 0;
+static void timing_destroy(timing_set *t) {
+    for (int i = 0; i < TIMING_PAIRS; i++)
+        for (int j = 0; j < 2; j++)
+            if (t->ev[i][j]) drv_cuEventDestroy(t->ev[i][j]);
+    memset(t, 0, sizeof(*t));
+}
+
+/* Called with g.lock held (as every push of a possibly green context here): all pairs, in ctx.
+ * Returns 0, keeping none, when one cannot be made. */
+static int timing_create(timing_set *t, CUcontext ctx) {
+    memset(t, 0, sizeof(*t));
+    if (drv_cuCtxPushCurrent(ctx) != CUDA_SUCCESS) return 0;
     int ok = 1;
     for (int i = 0; ok && i < TIMING_PAIRS; i++)
-        ok = drv_cuEventCreate(&p->timing[i][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS &&
-             drv_cuEventCreate(&p->timing[i][1], CU_EVENT_DEFAULT) == CUDA_SUCCESS;
+        ok = drv_cuEventCreate(&t->ev[i][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS &&
+             drv_cuEventCreate(&t->ev[i][1], CU_EVENT_DEFAULT) == CUDA_SUCCESS;
     CUcontext popped;
     drv_cuCtxPopCurrent(&popped);
+    if (!ok) timing_destroy(t);
     return ok;
 }
 
@@ -917,7 +925,7 @@ static stream_pair *find_or_build_pair(CUcontext app_ctx, CUstream app_stream, a
         ok = drv_cuEventCreate(&p->green_done, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
         drv_cuCtxPopCurrent(&popped);
     }
-    ok = ok && create_timing_events(p, v);
+    ok = ok && timing_create(&p->timing, v->ctx);
     if (!ok) {
         notice_once(WARN_ROUTE, "cannot create a green stream or its events: launches pass through");
         free(p);
@@ -959,7 +967,7 @@ static stream_pair *build_owned_stream(CUcontext app_ctx, allowance_route *route
         free(p);
         return NULL;
     }
-    if (!green_streams_usable(p->green_stream) || !create_timing_events(p, v)) {
+    if (!green_streams_usable(p->green_stream) || !timing_create(&p->timing, v->ctx)) {
         real_cuStreamDestroy_v2(p->green_stream);
         free(p);
         return NULL;
@@ -995,14 +1003,22 @@ static void retire_pairs(CUstream stream) {
             drv_cuEventDestroy(p->green_done);
             real_cuStreamDestroy_v2(p->green_stream);
         }
-        for (int i = 0; i < TIMING_PAIRS; i++) {
-            drv_cuEventDestroy(p->timing[i][0]);
-            drv_cuEventDestroy(p->timing[i][1]);
-        }
+        timing_destroy(&p->timing);
     }
 }
 
 /* ---------------------------------------------------------------- deferred joins and stubs */
+
+/* Take / let go of join_lock on this thread (in_join: a stub the driver calls meanwhile must not flush). */
+static inline void join_enter(void) {
+    pthread_mutex_lock(&join_lock);
+    tls.in_join = 1;
+}
+
+static inline void join_leave(void) {
+    tls.in_join = 0;
+    pthread_mutex_unlock(&join_lock);
+}
 
 static int defer_on(void) { return __atomic_load_n(&g.defer, __ATOMIC_ACQUIRE); }
 
@@ -1084,11 +1100,9 @@ static void drop_pending(stream_pair *p) {
 /* Pay the owed joins (a no-op inside join_lock on this thread: a stub the driver calls meanwhile). */
 static int flush_joins(void) {
     if (tls.in_join) return 0;
-    pthread_mutex_lock(&join_lock);
-    tls.in_join = 1;
+    join_enter();
     int made = pending_count ? flush_joins_locked() : 0;
-    tls.in_join = 0;
-    pthread_mutex_unlock(&join_lock);
+    join_leave();
     return made;
 }
 
@@ -1250,14 +1264,14 @@ static uint64_t record_launch(const launch_request *q, const func_info *info, co
 
 /* Fill gpu_ns of finished sampled launches and feed them to the predictor. Runs in relaxed
  * capture mode (event queries are otherwise forbidden while any thread captures a graph in global mode). */
-static void harvest_timings(CUevent timing[TIMING_PAIRS][2], uint64_t timing_index[TIMING_PAIRS]) {
+static void harvest_timings(timing_set *t) {
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     drv_cuThreadExchangeStreamCaptureMode(&mode);
     for (int i = 0; i < TIMING_PAIRS; i++) {
-        uint64_t ticket = timing_index[i];
-        if (!ticket || drv_cuEventQuery(timing[i][1]) != CUDA_SUCCESS) continue;
+        uint64_t ticket = t->ticket[i];
+        if (!ticket || drv_cuEventQuery(t->ev[i][1]) != CUDA_SUCCESS) continue;
         float ms = 0.0f;
-        if (drv_cuEventElapsedTime(&ms, timing[i][0], timing[i][1]) == CUDA_SUCCESS) {
+        if (drv_cuEventElapsedTime(&ms, t->ev[i][0], t->ev[i][1]) == CUDA_SUCCESS) {
             lithos_launch_record *r = &g.records[(ticket - 1) % g.ring->capacity[0]];
             uint64_t gpu_ns = (uint64_t)((double)ms * 1e6);
             if (__atomic_load_n(&r->seq[0], __ATOMIC_ACQUIRE) == ticket) {
@@ -1270,9 +1284,41 @@ static void harvest_timings(CUevent timing[TIMING_PAIRS][2], uint64_t timing_ind
                     lithos_predictor_observe(g.predictor, key.function, key.grid_blocks, key.block_threads, gpu_ns, tpcs);
             }
         }
-        timing_index[i] = 0;
+        t->ticket[i] = 0;
     }
     drv_cuThreadExchangeStreamCaptureMode(&mode);
+}
+
+/* Whether this launch is the process's sample_every-th (to be timed). Counts every launch. */
+static int sample_due(void) {
+    uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
+    return g.sample_every && g.ring && count % g.sample_every == 0;
+}
+
+/* A sampled launch about to go on `stream`: harvests finished pairs and records a start event.
+ * Returns the pair to end after the launch, or -1 (no events here, capturing, or none free). */
+static int timing_begin(timing_set *t, CUstream stream) {
+    if (!t->ev[0][0]) return -1;
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if (drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return -1;
+    harvest_timings(t);
+    unsigned i = t->next % TIMING_PAIRS;
+    return !t->ticket[i] && drv_cuEventRecord(t->ev[i][0], stream) == CUDA_SUCCESS ? (int)i : -1;
+}
+
+/* After the launch timing_begin chose: the end event, and the record (ticket) the pair times. */
+static void timing_end(timing_set *t, int pair, CUstream stream, uint64_t ticket) {
+    if (pair >= 0 && drv_cuEventRecord(t->ev[pair][1], stream) == CUDA_SUCCESS && ticket) {
+        t->ticket[pair] = ticket;
+        t->next++;
+    }
+}
+
+/* after_launch on this thread's queue estimate of a stream (an unknown duration counts
+ * lend_unknown_kernel_busy_ns). */
+static void queue_after_launch(uint64_t *end_ns, uint64_t now_ns, uint64_t predicted_ns) {
+    *end_ns = (*end_ns > now_ns ? *end_ns : now_ns) +
+              (predicted_ns ? predicted_ns : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
 }
 
 /* ---------------------------------------------------------------- the launch path */
@@ -1319,9 +1365,12 @@ static void cluster_of(const launch_request *q, const func_info *info, unsigned 
 }
 
 /* Refresh this thread's route if the allowance changed. Returns the route or NULL (pass through). */
+static const lithos_slot *slot_at_index(uint32_t slot) {
+    return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
+}
+
 static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_out) {
-    const lithos_slot *slot =
-        (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)g.slot * g.table->slot_bytes[0]);
+    const lithos_slot *slot = slot_at_index(g.slot);
     uint64_t generation = __atomic_load_n(&slot->generation[0], __ATOMIC_ACQUIRE);
     CUcontext ctx = NULL;
     if (drv_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx) return NULL;
@@ -1349,10 +1398,6 @@ static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_o
     tls.route = route;
     *generation_out = generation;
     return route;
-}
-
-static const lithos_slot *slot_at_index(uint32_t slot) {
-    return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
 }
 
 /* Whether the agent wrote this slot's allowance since generation was read (e.g. while a launch paced). */
@@ -1385,11 +1430,10 @@ static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
     return &tls.queues[i].end_ns;
 }
 
-/* Whether everything queued on the stream has finished (never while the stream captures a graph). */
+/* Whether everything queued on the stream has finished. The caller (choose_lending) has checked
+ * that the stream is not capturing: a query would invalidate the capture. */
 static int stream_drained(CUcontext ctx, CUstream stream) {
     if (!drv_cuStreamQuery) return 0;
-    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
-    if (drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return 0;
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     drv_cuThreadExchangeStreamCaptureMode(&mode);
     int drained = drv_cuStreamQuery(stream) == CUDA_SUCCESS;
@@ -1447,15 +1491,15 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
  * too deep sleeps while it has idle lenders (PACE_ALWAYS: whether or not one is idle), at most one
  * atom at a time (then the lenders and the stream are asked again) and PACE_MAX_ATOMS atoms per
  * launch: its queue drains to where its next kernel may borrow, while the GPU still has its work. */
-static void choose_lending(lend_choice *c, allowance_route *own, int view, const lithos_kernel_key *key, uint64_t *now_ns,
-                           uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
+static void choose_lending(lend_choice *c, allowance_route *own, int view, uint64_t own_ns,
+                           uint64_t *now_ns, uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
     c->route = own;
     c->own_tpcs = own->views[view].tpcs;
     const lithos_slot *me = slot_at_index(g.slot);
     uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
     if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
     if (!lender_mask || !g.activity) return;
-    c->predicted_own_ns = predict_ns(key, c->own_tpcs);
+    c->predicted_own_ns = own_ns; /* recorded only when the launch may borrow */
     uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
     if (!c->predicted_own_ns || c->predicted_own_ns > atom_ns) {
         tls.lending[c->predicted_own_ns ? LEND_TOO_LONG : LEND_UNKNOWN]++;
@@ -1523,54 +1567,20 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
 }
 
 /* This thread's graph timing events, in the context of `stream` (events and stream must share
- * one), created once per thread and context (a replaced context's are destroyed; a thread that
- * exits leaves its 8 events: few threads replay graphs); 0: none. */
-static int graph_timer_ready(CUstream stream) {
-    CUcontext ctx = NULL, popped;
-    if (drv_cuStreamGetCtx(stream, &ctx) != CUDA_SUCCESS || !ctx) return 0;
-    if (tls.graphs.ctx == ctx) return 1;
-    for (int i = 0; tls.graphs.ctx && i < TIMING_PAIRS; i++) {
-        drv_cuEventDestroy(tls.graphs.timing[i][0]);
-        drv_cuEventDestroy(tls.graphs.timing[i][1]);
-    }
-    memset(&tls.graphs, 0, sizeof(tls.graphs));
-    pthread_mutex_lock(&g.lock); /* as every push of a (possibly green) context here */
-    if (drv_cuCtxPushCurrent(ctx) != CUDA_SUCCESS) {
+ * one), made once per thread and context (a replaced context's are destroyed; a thread that exits
+ * leaves its 8 events: few threads replay graphs). NULL when they cannot be made. */
+static timing_set *graph_timing(CUstream stream) {
+    CUcontext ctx = NULL;
+    if (drv_cuStreamGetCtx(stream, &ctx) != CUDA_SUCCESS || !ctx) return NULL;
+    if (tls.graph_timing_ctx != ctx) {
+        timing_destroy(&tls.graph_timing);
+        pthread_mutex_lock(&g.lock);
+        int made = timing_create(&tls.graph_timing, ctx);
         pthread_mutex_unlock(&g.lock);
-        return 0;
+        tls.graph_timing_ctx = made ? ctx : NULL;
+        if (!made) return NULL;
     }
-    int made = 0;
-    while (made < TIMING_PAIRS && drv_cuEventCreate(&tls.graphs.timing[made][0], CU_EVENT_DEFAULT) == CUDA_SUCCESS) {
-        if (drv_cuEventCreate(&tls.graphs.timing[made][1], CU_EVENT_DEFAULT) != CUDA_SUCCESS) {
-            drv_cuEventDestroy(tls.graphs.timing[made][0]);
-            break;
-        }
-        made++;
-    }
-    drv_cuCtxPopCurrent(&popped);
-    pthread_mutex_unlock(&g.lock);
-    if (made < TIMING_PAIRS) {
-        for (int i = 0; i < made; i++) drv_cuEventDestroy(tls.graphs.timing[i][0]), drv_cuEventDestroy(tls.graphs.timing[i][1]);
-        memset(&tls.graphs, 0, sizeof(tls.graphs));
-        return 0;
-    }
-    tls.graphs.ctx = ctx;
-    return 1;
-}
-
-/* The longest of the key's samples, estimated on tpcs TPCs (0 = none). A graph replay's time varies
- * with what runs beside it (a whole request in one launch), so its owner publishes this, not the
- * median: lenders must not look idle while the replay still runs. */
-static uint64_t longest_sample_ns(const lithos_kernel_key *key, unsigned tpcs) {
-    uint64_t durations[LITHOS_PREDICTOR_WINDOW], longest = 0;
-    uint32_t sample_tpcs[LITHOS_PREDICTOR_WINDOW];
-    uint32_t n = g.predictor ? lithos_predictor_samples(g.predictor, key->function, key->grid_blocks, key->block_threads,
-                                                        durations, sample_tpcs, LITHOS_PREDICTOR_WINDOW) : 0;
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t d = tpcs >= sample_tpcs[i] ? durations[i] : (durations[i] * sample_tpcs[i] + tpcs - 1) / tpcs;
-        if (d > longest) longest = d;
-    }
-    return longest;
+    return &tls.graph_timing;
 }
 
 /* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
@@ -1579,40 +1589,22 @@ static uint64_t longest_sample_ns(const lithos_kernel_key *key, unsigned tpcs) {
  * the samples' TPC count is wrong until the window rolls over), so an owner that replays graphs
  * publishes when it will be idle, as one launching kernels does. */
 static CUresult launch_graph(launch_request *q, const allowance_route *route, uint64_t generation, CUcontext ctx,
-                             uint64_t now_ns) {
+                             CUstream app_stream, uint64_t now_ns) {
     unsigned tpcs = route && route->views[LITHOS_VIEW_TPC].green ? route->views[LITHOS_VIEW_TPC].tpcs : g.table->tpcs_on_gpu[0];
-    lithos_kernel_key key = {(uint64_t)(uintptr_t)q->graph, 0, 0};
     lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
-    lend.predicted_ns = predict_ns(&key, tpcs);
-    uint64_t busy_ns = lend.predicted_ns ? longest_sample_ns(&key, tpcs) : 0;
-    publish_activity(q, now_ns, busy_ns);
+    uint64_t longest_ns = 0;
+    if (g.predictor)
+        lend.predicted_ns = lithos_predictor_predict_longest_ns(g.predictor, (uint64_t)(uintptr_t)q->graph, 0, 0, tpcs, &longest_ns);
+    publish_activity(q, now_ns, longest_ns);
     flush_if_pending(); /* a graph ends every deferred run */
-    CUstream stream = q->per_thread && !q->stream ? CU_STREAM_PER_THREAD : q->stream;
-    if (ctx) { /* kernels launched behind the replay start after it (the lending queue rule) */
-        uint64_t *end_ns = queue_end(ctx, stream);
-        *end_ns = (*end_ns > now_ns ? *end_ns : now_ns) +
-                  (busy_ns ? busy_ns : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
-    }
-    uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
-    int timing_slot = -1;
-    if (g.sample_every && g.ring && count % g.sample_every == 0) {
-        CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
-        if (drv_cuStreamIsCapturing(stream, &capture) == CUDA_SUCCESS && capture == CU_STREAM_CAPTURE_STATUS_NONE &&
-            graph_timer_ready(stream)) {
-            harvest_timings(tls.graphs.timing, tls.graphs.timing_index);
-            unsigned i = tls.graphs.timing_next % TIMING_PAIRS;
-            if (!tls.graphs.timing_index[i] && drv_cuEventRecord(tls.graphs.timing[i][0], stream) == CUDA_SUCCESS)
-                timing_slot = (int)i;
-        }
-    }
+    if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, longest_ns); /* kernels behind it start after it */
+    timing_set *timing = sample_due() ? graph_timing(app_stream) : NULL;
+    int pair = timing ? timing_begin(timing, app_stream) : -1;
     CUresult r = call_real(q, q->stream);
     tls.launches[PATH_UNCONFINED]++;
     if (r == CUDA_SUCCESS) {
         uint64_t ticket = record_launch(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, now_ns);
-        if (timing_slot >= 0 && drv_cuEventRecord(tls.graphs.timing[timing_slot][1], stream) == CUDA_SUCCESS && ticket) {
-            tls.graphs.timing_index[timing_slot] = ticket;
-            tls.graphs.timing_next++;
-        }
+        if (timing) timing_end(timing, pair, app_stream, ticket);
     }
     return r;
 }
@@ -1626,17 +1618,17 @@ static CUresult route_launch(launch_request *q) {
     }
     CUstream app_stream = q->stream;
     if (q->per_thread && (app_stream == NULL)) app_stream = CU_STREAM_PER_THREAD;
-    func_info scratch;
-    const func_info *info = q->api == LITHOS_API_GRAPH_LAUNCH ? NULL : lookup_func(q->function, &scratch);
-    unsigned cluster[3];
-    cluster_of(q, info, cluster);
     uint64_t now_ns = monotonic_ns(); /* CLOCK_MONOTONIC through the vDSO: no syscall */
-    lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
-                             (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     uint64_t generation = 0;
     CUcontext ctx = NULL;
     allowance_route *route = current_route(&generation, &ctx);
-    if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, ctx, now_ns);
+    if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, ctx, app_stream, now_ns);
+    func_info scratch;
+    const func_info *info = lookup_func(q->function, &scratch);
+    unsigned cluster[3];
+    cluster_of(q, info, cluster);
+    lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
+                             (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
@@ -1650,11 +1642,10 @@ static CUresult route_launch(launch_request *q) {
         lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
     } else {
         stream_end_ns = queue_end(ctx, app_stream);
-        uint64_t before_ns = now_ns;
-        choose_lending(&lend, route, view, &key, &now_ns, stream_end_ns, ctx, app_stream);
+        uint64_t before_ns = now_ns, own_ns = predict_ns(&key, route->views[view].tpcs);
+        choose_lending(&lend, route, view, own_ns, &now_ns, stream_end_ns, ctx, app_stream);
         if (now_ns != before_ns && allowance_changed(generation)) return route_launch(q); /* it slept: route again */
-        unsigned used_tpcs = lend.route->views[view].tpcs;
-        lend.predicted_ns = lend.route == route && lend.predicted_own_ns ? lend.predicted_own_ns : predict_ns(&key, used_tpcs);
+        lend.predicted_ns = lend.route == route ? own_ns : predict_ns(&key, lend.route->views[view].tpcs);
     }
     publish_activity(q, now_ns, lend.predicted_ns);
     route = lend.route;
@@ -1676,8 +1667,7 @@ static CUresult route_launch(launch_request *q) {
      * from the decision to the end of this launch; every other launch pays the owed joins first. */
     int paired = !p->owned, deferred = 0, continued = 0;
     if (paired && defer_on()) {
-        pthread_mutex_lock(&join_lock);
-        tls.in_join = 1;
+        join_enter();
         continued = p->pending && p->pending_owner == (const void *)&tls;
         if (!continued) {
             if (pending_count) flush_joins_locked();
@@ -1690,8 +1680,7 @@ static CUresult route_launch(launch_request *q) {
             deferred = 1;
         }
         if (!deferred) {
-            tls.in_join = 0;
-            pthread_mutex_unlock(&join_lock);
+            join_leave();
         }
     } else {
         flush_if_pending();
@@ -1700,8 +1689,7 @@ static CUresult route_launch(launch_request *q) {
         (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
          drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS)) {
         if (deferred) {
-            tls.in_join = 0;
-            pthread_mutex_unlock(&join_lock);
+            join_leave();
         }
         notice_once(WARN_RETRY, "cannot order the app stream before a green stream: this launch passes through");
         return launch_unconfined(q, info, cluster, generation, &key, now_ns);
@@ -1715,25 +1703,13 @@ static CUresult route_launch(launch_request *q) {
          * flush that lands meanwhile is not ordered with this launch on the host (README: limits);
          * the launch owes its join again below. */
         owe_join(p, app_stream);
-        tls.in_join = 0;
-        pthread_mutex_unlock(&join_lock);
+        join_leave();
     }
-    uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
-    int timing_slot = -1;
-    if (g.sample_every && g.ring && p->timing[0][0] && count % g.sample_every == 0) { /* unconfined pairs: no events */
-        CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
-        if (drv_cuStreamIsCapturing(p->green_stream, &capture) == CUDA_SUCCESS && capture == CU_STREAM_CAPTURE_STATUS_NONE) {
-            harvest_timings(p->timing, p->timing_index);
-            unsigned i = p->timing_next % TIMING_PAIRS;
-            if (!p->timing_index[i] && drv_cuEventRecord(p->timing[i][0], p->green_stream) == CUDA_SUCCESS) timing_slot = (int)i;
-        }
-    }
+    int pair = sample_due() ? timing_begin(&p->timing, p->green_stream) : -1;
     CUresult r = call_real(q, p->green_stream);
     if (deferred) {
-        pthread_mutex_lock(&join_lock);
-        tls.in_join = 1;
+        join_enter();
     }
-    int launched_view = view;
     if (r != CUDA_SUCCESS && view != LITHOS_VIEW_UNCONFINED) {
         /* E.g. a cooperative grid too large for the allowance, or a cluster shape the TPC view
          * refuses: this and every later launch of the kernel run unconfined, in stream order. */
@@ -1744,13 +1720,11 @@ static CUresult route_launch(launch_request *q) {
             drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair (and a run) ordered */
         if (deferred) {
             drop_pending(p);
-            tls.in_join = 0;
-            pthread_mutex_unlock(&join_lock);
+            join_leave();
         }
         q->whole_gpu = 1;
         return route_launch(q);
     }
-    if (view == LITHOS_VIEW_UNCONFINED) launched_view = LITHOS_VIEW_UNCONFINED;
     if (deferred && r == CUDA_SUCCESS) {
         owe_join(p, app_stream);
     } else if (paired) {
@@ -1758,21 +1732,13 @@ static CUresult route_launch(launch_request *q) {
         if (deferred) drop_pending(p);
     }
     if (r == CUDA_SUCCESS) {
-        if (stream_end_ns) /* after_launch on this thread's queue estimate */
-            *stream_end_ns = (*stream_end_ns > now_ns ? *stream_end_ns : now_ns) +
-                             (lend.predicted_ns ? lend.predicted_ns
-                                                : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
-        uint64_t ticket = record_launch(q, info, cluster, launched_view,
-                                        launched_view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs, generation, &lend,
-                                        now_ns);
-        if (timing_slot >= 0 && drv_cuEventRecord(p->timing[timing_slot][1], p->green_stream) == CUDA_SUCCESS && ticket) {
-            p->timing_index[timing_slot] = ticket;
-            p->timing_next++;
-        }
+        if (stream_end_ns) queue_after_launch(stream_end_ns, now_ns, lend.predicted_ns);
+        uint64_t ticket = record_launch(q, info, cluster, view, view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs,
+                                        generation, &lend, now_ns);
+        timing_end(&p->timing, pair, p->green_stream, ticket);
     }
     if (deferred) {
-        tls.in_join = 0;
-        pthread_mutex_unlock(&join_lock);
+        join_leave();
     }
     return r;
 }
@@ -1875,9 +1841,8 @@ EXPORT void lithos_client_set_bypass(int on) {
  * by hook name), so one process can time launches with and without the shim's work; NULL if unknown. */
 EXPORT void *lithos_client_real_hook(const char *name) {
     ensure_init();
-    for (unsigned i = 0; name && i < HOOK_COUNT; i++)
-        if (strcmp(hooks[i].name, name) == 0) return *hooks[i].real;
-    return NULL;
+    const hook_entry *e = name ? find_hook(name) : NULL;
+    return e ? *e->real : NULL;
 }
 
 /* For tests and tools: this thread's launches by path (direct on an owned green stream, paired

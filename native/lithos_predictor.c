@@ -144,6 +144,12 @@ static uint64_t estimate_ns(uint64_t duration_ns, uint32_t sample_tpcs, uint32_t
 
 uint64_t lithos_predictor_predict_ns(lithos_predictor *p, uint64_t function, uint64_t grid_blocks,
                                      uint64_t block_threads, uint32_t tpcs) {
+    return lithos_predictor_predict_longest_ns(p, function, grid_blocks, block_threads, tpcs, NULL);
+}
+
+uint64_t lithos_predictor_predict_longest_ns(lithos_predictor *p, uint64_t function, uint64_t grid_blocks,
+                                             uint64_t block_threads, uint32_t tpcs, uint64_t *longest_ns) {
+    if (longest_ns) *longest_ns = 0;
     if (tpcs == 0) return 0;
     lithos_kernel_key k = {function, grid_blocks, block_threads};
     uint64_t durations_ns[LITHOS_PREDICTOR_WINDOW], estimates[LITHOS_PREDICTOR_WINDOW];
@@ -156,6 +162,7 @@ uint64_t lithos_predictor_predict_ns(lithos_predictor *p, uint64_t function, uin
         for (; j > 0 && estimates[j - 1] > v; j--) estimates[j] = estimates[j - 1];
         estimates[j] = v;
     }
+    if (longest_ns) *longest_ns = estimates[n - 1];
     return estimates[n / 2];
 }
 

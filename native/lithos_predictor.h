@@ -47,6 +47,9 @@ int lithos_predictor_observe(lithos_predictor *p, uint64_t function, uint64_t gr
 /* Predicted duration (ns) of the key on tpcs TPCs; 0 = unknown (fewer than 3 samples). */
 uint64_t lithos_predictor_predict_ns(lithos_predictor *p, uint64_t function, uint64_t grid_blocks,
                                      uint64_t block_threads, uint32_t tpcs);
+/* The same, and *longest_ns (if not NULL) the largest of the estimates (0 when unknown). */
+uint64_t lithos_predictor_predict_longest_ns(lithos_predictor *p, uint64_t function, uint64_t grid_blocks,
+                                             uint64_t block_threads, uint32_t tpcs, uint64_t *longest_ns);
 /* The key's samples, oldest first, up to max (WINDOW suffices). Returns how many. */
 uint32_t lithos_predictor_samples(lithos_predictor *p, uint64_t function, uint64_t grid_blocks, uint64_t block_threads,
                                   uint64_t *durations_ns, uint32_t *tpcs, uint32_t max);
