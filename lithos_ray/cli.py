@@ -62,7 +62,7 @@ def cmd_status(args) -> int:
         print(json.dumps(ClusterStatus.model_json_schema(), indent=2))
         return 0
     _connect(args.address)
-    status = cluster_status()
+    status = cluster_status(with_dashboard_url=True)
     if not status.nodes:
         from .errors import LithosNotRunning
         raise LithosNotRunning("Ray is running but no lithos agent is registered; start lithos with `lithos-ray start`")
@@ -95,7 +95,7 @@ def cmd_run(args) -> int:
     node_id = ray.get_runtime_context().get_node_id()
     agents = client.list_agents(node_id)
     ray.shutdown()
-    grant = client.acquire(request, agents, name=os.path.basename(command[0]), node_id=node_id)
+    grant = client.acquire(request, agents, name=os.path.basename(command[0]))
     env = {**os.environ, **client.grant_env(grant)}
     if NODE_STATE_FILE.exists():
         env.update(json.loads(NODE_STATE_FILE.read_text()).get("mps_env") or {})

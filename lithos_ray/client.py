@@ -117,7 +117,7 @@ def _identity(name: str) -> pb.ClientIdentity:
     return ident
 
 
-def acquire(request: ClientRequest, agents: list[AgentRef], name: str = "", node_id: str | None = None) -> Grant:
+def acquire(request: ClientRequest, agents: list[AgentRef], name: str = "") -> Grant:
     """Get request.tpcs TPCs on one GPU among `agents`; wait for room up to request.acquire_timeout_s."""
     if not agents:
         raise LithosNotRunning("no lithos GPU agent runs on this node; start lithos with `lithos-ray start`")

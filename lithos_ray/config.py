@@ -71,10 +71,12 @@ def make_request(**fields) -> ClientRequest:
 
 
 def request_from_env(tpcs: float, environ=os.environ) -> ClientRequest:
-    """The request of a Ray worker: TPCs from Ray's assigned resources, the rest from LITHOS_* env vars."""
+    """The request of a Ray worker: TPCs from Ray's assigned resources, the rest from LITHOS_* env vars.
+    Without LITHOS_PRIORITY a worker with LITHOS_SLO_MS is latency-critical (e.g. a placed Serve
+    replica), else best-effort."""
     fields: dict = {"tpcs": whole_tpcs(tpcs)}
-    if environ.get(ENV_PRIORITY):
-        fields["priority"] = environ[ENV_PRIORITY]
+    if environ.get(ENV_PRIORITY) or environ.get(ENV_SLO_MS):
+        fields["priority"] = environ.get(ENV_PRIORITY) or Priority.LATENCY_CRITICAL.value
     for env, key, cast in ((ENV_SLO_MS, "slo_ms", float), (ENV_GPU_INDEX, "gpu_index", int),
                            (ENV_ACQUIRE_TIMEOUT_S, "acquire_timeout_s", float)):
         if environ.get(env):

@@ -3,7 +3,6 @@ the agent uses to get either it or the simulated GPU."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 from .scheduler.allocator import slices_from_cosched_groups
@@ -26,19 +25,10 @@ class NvidiaDevice(Device):
         self.shm_path = self._table.path if self._table else ""
         self.allowance_table = self._table   # the agent's lending loop publishes lend lists here
         if self._table:
-            # Which co-scheduled 8-SM group holds each TPC (where cluster kernels may run), probed in a
-            # child process that sees exactly this GPU.
-            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-            os.environ["CUDA_VISIBLE_DEVICES"] = uuid
-            try:
+            try:   # which co-scheduled 8-SM group holds each TPC (where cluster kernels may run)
                 native.probe_layout_into(self._table)
             except Exception as exc:
                 logger.warning("co-scheduled group probe failed (%s): cluster>2 kernels will run unconfined", exc)
-            finally:
-                if saved is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
         self._nvml = None
         try:
             import pynvml
@@ -59,11 +49,7 @@ class NvidiaDevice(Device):
         self._allowances.pop(slot, None)
         if self._table:
             self._table.clear(slot)
-            from .native import ring_path
-            try:   # the slot's next client starts a fresh launch ring (summaries are per client)
-                os.unlink(ring_path(self._table.path, slot))
-            except FileNotFoundError:
-                pass
+            self._table.remove_ring(slot)   # launch summaries are per client
 
     def tpc_state(self):
         if not self._table:

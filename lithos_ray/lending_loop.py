@@ -25,14 +25,12 @@ class LendingController:
 
     def step(self, now_ns: int | None = None) -> dict[int, tuple[tuple[int, ...], bool]]:
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
-        active_window_ns = int(self.policy.active_window_ms * 1e6)
         clients, publishing = [], set()
         for grant in self.grants():
             word = self.table.activity(grant.slot)
             if self.table.activity_writer_pid(grant.slot):
                 publishing.add(grant.slot)
-            active = word.last_launch_ns is not None and now_ns - word.last_launch_ns < active_window_ns
-            clients.append(ClientState(grant.slot, grant.priority, grant.tpc_ids, active))
+            clients.append(ClientState(grant.slot, grant.priority, grant.tpc_ids, self.policy.is_active(word, now_ns)))
         plan = plan_lending(clients, self.policy)
         wanted = {slot: (tuple(s for s in d.lender_slots if s in publishing), d.low_priority_on_borrowed)
                   for slot, d in plan.items()}

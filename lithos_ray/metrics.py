@@ -45,7 +45,7 @@ def _gauge(name: str, description: str, tag_keys: tuple[str, ...]):
 
 # -- cluster-level (dashboard actor) -------------------------------------------------------------
 class ClusterMetrics:
-    """Publishes one `ClusterStatus` (+ telemetry readings by GPU uuid) as gauges."""
+    """Publishes one `ClusterStatus` as gauges."""
 
     def __init__(self):
         self.tpcs_total = _gauge("gpu_tpcs_total", "TPCs of the GPU (1 TPC = 2 SMs).", GPU_TAG_KEYS)
@@ -67,9 +67,8 @@ class ClusterMetrics:
                                        "GPUs only.", CLIENT_TAG_KEYS)
         self._client_tags_seen: dict[str, dict] = {}
 
-    def publish(self, status, telemetry_by_uuid: dict | None = None) -> None:
-        """status: lithos_ray.status.ClusterStatus; telemetry_by_uuid: uuid -> Telemetry (None fields skipped)."""
-        telemetry_by_uuid = telemetry_by_uuid or {}
+    def publish(self, status) -> None:
+        """status: lithos_ray.status.ClusterStatus (sensor fields that are None are skipped)."""
         live_clients: dict[str, dict] = {}
         for node in status.nodes:
             for gpu in node.gpus:
@@ -81,12 +80,10 @@ class ClusterMetrics:
                     self.tpcs_busy.set(gpu.busy_tpcs, tags=tags)
                 if gpu.lent_tpcs is not None:
                     self.tpcs_lent.set(gpu.lent_tpcs, tags=tags)
-                reading = telemetry_by_uuid.get(gpu.uuid)
-                if reading is not None:
-                    for gauge, value in ((self.clock_mhz, reading.clock_mhz), (self.power_w, reading.power_w),
-                                         (self.energy_j, reading.energy_j)):
-                        if value is not None:
-                            gauge.set(value, tags=tags)
+                for gauge, value in ((self.clock_mhz, gpu.clock_mhz), (self.power_w, gpu.power_w),
+                                     (self.energy_j, gpu.energy_j)):
+                    if value is not None:
+                        gauge.set(value, tags=tags)
                 for client in gpu.clients:
                     client_tags = {"GpuUuid": gpu.uuid, "GrantId": client.grant_id, "Client": client.name,
                                    "Priority": client.priority}

@@ -276,6 +276,14 @@ class AllowanceTable:
         self._check_slot(slot)
         _lib().lithos_table_clear(self._writable(), slot)
 
+    def remove_ring(self, slot: int) -> None:
+        """Remove the slot's launch ring (its client has gone: the slot's next client makes a fresh one)."""
+        self._check_slot(slot)
+        try:
+            os.unlink(ring_path(self.path, slot))
+        except FileNotFoundError:
+            pass
+
     def allowance(self, slot: int) -> tuple[int, list[int] | None]:
         """(generation, TPC ids or None when cleared), read with the seqlock."""
         self._check_slot(slot)
@@ -409,14 +417,12 @@ def summarize_launches(records: np.ndarray, launches: int, tpcs_on_gpu: int = H1
     `window` (records looked at), launches per view (tpc, cosched, unconfined, graph), `borrowing`
     (launches that used lent TPCs) and `mean_tpcs` (TPCs per launch, an unconfined one counting the
     whole GPU; 0 without records)."""
-    views = np.bincount(records["view"].astype(np.int64), minlength=len(VIEW_NAMES)) if len(records) else np.zeros(len(VIEW_NAMES), int)
-    summary = {"launches": int(launches), "window": int(len(records))}
-    summary.update({VIEW_NAMES[v]: int(views[v]) for v in sorted(VIEW_NAMES)})
-    borrowing = records["lender_slots_used"] if "lender_slots_used" in (records.dtype.names or ()) else np.zeros(0)
-    summary["borrowing"] = int(np.count_nonzero(borrowing))
-    used = np.where(records["view"] == UNCONFINED_VIEW, tpcs_on_gpu, records["tpcs"]) if len(records) else np.zeros(0)
-    summary["mean_tpcs"] = float(used.mean()) if len(used) else 0.0
-    return summary
+    views = np.bincount(records["view"].astype(np.int64), minlength=len(VIEW_NAMES))
+    used = np.where(records["view"] == UNCONFINED_VIEW, tpcs_on_gpu, records["tpcs"])
+    return {"launches": int(launches), "window": int(len(records)),
+            **{VIEW_NAMES[v]: int(views[v]) for v in sorted(VIEW_NAMES)},
+            "borrowing": int(np.count_nonzero(records["lender_slots_used"])),
+            "mean_tpcs": float(used.mean()) if len(used) else 0.0}
 
 
 class LaunchRing:
@@ -631,8 +637,10 @@ def _default_gpu_uuid() -> str:
 
 
 def probe_layout_into(table: AllowanceTable) -> None:
-    """Fill the table's co-scheduled map from a child process that is not an MPS client."""
-    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="lithos-nomps-"))
+    """Fill the table's co-scheduled map from a child process that is not an MPS client and sees
+    exactly the table's GPU."""
+    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=tempfile.mkdtemp(prefix="lithos-nomps-"),
+               CUDA_VISIBLE_DEVICES=table.gpu_uuid)
     env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, "-c", "from lithos_ray.native import probe_cosched_map; "
                           "print(','.join(map(str, probe_cosched_map())))"],

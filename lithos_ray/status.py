@@ -98,8 +98,9 @@ def _launch_report(c: pb.ClientStatus) -> LaunchReport | None:
     return LaunchReport(**{f: getattr(c.launches, f) for f in LaunchReport.model_fields})
 
 
-def cluster_status() -> ClusterStatus:
-    """Ask every agent of the cluster. Needs ray.init() to the cluster."""
+def cluster_status(with_dashboard_url: bool = False) -> ClusterStatus:
+    """Ask every agent of the cluster. Needs ray.init() to the cluster. with_dashboard_url: also ask
+    the lithos page for its URL (for people; the page itself polls this every second)."""
     import ray
 
     from .client import agent_status, list_agents
@@ -109,6 +110,8 @@ def cluster_status() -> ClusterStatus:
     for agent in list_agents():
         node = nodes.setdefault(agent.node_id, NodeReport(node_id=agent.node_id, node_ip=agent.node_ip, gpus=[]))
         node.gpus.append(gpu_report(agent_status(agent, local)))
+    if not with_dashboard_url:
+        return ClusterStatus(nodes=list(nodes.values()))
     from .dashboard import dashboard_url
     return ClusterStatus(nodes=list(nodes.values()), dashboard_url=dashboard_url())
 

@@ -26,7 +26,7 @@ def _acquire_and_pin(tpcs: float, name: str, is_actor: bool):
         raise LithosRequestError("do not combine num_gpus with lithos_tpc: lithos owns the GPUs of its nodes")
     request = request_from_env(tpcs)
     node_id = ray.get_runtime_context().get_node_id()
-    grant = client.acquire(request, client.list_agents(node_id), name=name, node_id=node_id)
+    grant = client.acquire(request, client.list_agents(node_id), name=name)
     client.pin_current_process(grant, release_at_exit=is_actor)
     logger.info("lithos: %s got %d TPCs on GPU %d (%s)", name, grant.tpcs, grant.gpu_index, grant.gpu_uuid)
     return grant

@@ -96,6 +96,10 @@ class LendingPolicy:
     def unknown_kernel_busy_ns(self) -> int:
         return round(self.unknown_kernel_busy_us * 1000)
 
+    def is_active(self, word: "ActivityWord", now_ns: int) -> bool:
+        """The control loop's view of a client: it launched within active_window_ms."""
+        return word.last_launch_ns is not None and now_ns - word.last_launch_ns < round(self.active_window_ms * 1e6)
+
 
 def check_priority(priority) -> str:
     if priority not in PRIORITIES:

@@ -44,11 +44,9 @@ from .gpu_models import GpuModel
 from .lending import (ActivityWord, ClientState, LendingPolicy, after_launch, check_priority, lenders_at_launch,
                       plan_lending)
 from .predictor import KernelKey, LatencyPredictor, PredictorAccuracy, prediction_accuracy
-from .simulated import (MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSequence, Workload,
+from .simulated import (_FINISHED_FRACTION, MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSequence, Workload,
                         _validate_tpc_ids, check_new_client, check_run_arguments, client_arrivals_ms)
 
-# A kernel counts as finished when less than this fraction of it is left (float round-off).
-_FINISHED_FRACTION = 1e-12
 # Tolerance on "within the atom budget" for float time (ms).
 _TIME_EPSILON_MS = 1e-9
 # A paced borrower waits at most this many atoms per kernel (PACE_MAX_ATOMS in native/lithos.c).
@@ -272,12 +270,10 @@ class _Run:
     # --- the control loop ---------------------------------------------------------------------
 
     def control_tick(self, now_ms: float) -> None:
-        active_window_ns = round(self.policy.active_window_ms * 1e6)
         now_ns = round(now_ms * 1e6)
         states = []
         for c, client in enumerate(self.clients):
-            last = self.words[c].last_launch_ns
-            active = last is not None and now_ns - last < active_window_ns
+            active = self.policy.is_active(self.words[c], now_ns)
             states.append(ClientState(c, client.priority, client.quota, active, wants_more_tpcs=active))
         plan = plan_lending(states, self.policy)
         self.lenders = {c: plan[c].lender_slots for c in range(len(self.clients))}

@@ -69,3 +69,10 @@ def test_documented_status_schema_is_the_code_schema():
 
     documented = json.loads((Path(__file__).parents[1] / "docs" / "STATUS_SCHEMA.json").read_text())
     assert documented == ClusterStatus.model_json_schema(), "regenerate: lithos-ray status --schema > docs/STATUS_SCHEMA.json"
+
+
+def test_a_worker_with_an_slo_and_no_priority_is_latency_critical():
+    """E.g. a Serve replica a placement plan put on a GPU (placement_ray sets LITHOS_SLO_MS)."""
+    assert request_from_env(8, {"LITHOS_SLO_MS": "200", "LITHOS_GPU_INDEX": "0"}).priority.value == "latency_critical"
+    assert request_from_env(8, {"LITHOS_SLO_MS": "200", "LITHOS_PRIORITY": "best_effort"}).priority.value == "best_effort"
+    assert request_from_env(8, {}).priority.value == "best_effort"

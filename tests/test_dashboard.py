@@ -88,7 +88,7 @@ def test_page_state_maps_every_tpc_to_its_owner():
     gpu = GpuReport(index=0, uuid="SIM-H100-x-0", model="H100", simulated=True, sms=132, total_tpcs=66,
                     granted_tpcs=3, free_tpcs=63, agent_address="", native_status="sim", clients=[client])
     status = ClusterStatus(nodes=[NodeReport(node_id="n1", node_ip="10.0.0.1", gpus=[gpu])])
-    out = page_state(status, {}, {"g1": {"slo_attainment": 0.5}}, 123.0)
+    out = page_state(status, {"g1": {"slo_attainment": 0.5}}, 123.0)
     (g,) = out["nodes"][0]["gpus"]
     assert [i for i, owner in enumerate(g["tpc_owner"]) if owner == "g1"] == [4, 5, 6]
     assert g["tpc_owner"].count(None) == 63 and g["tpc_lent_to"] == [None] * 66

@@ -47,7 +47,7 @@ def test_real_agent_grants_pins_and_releases(gpu, tmp_path):
         if native.library_path():   # activity words live in the allowance table
             assert reported.HasField("busy_tpcs") and reported.busy_tpcs == 0 and reported.lent_tpcs == 0   # no clients yet
         ref = client.AgentRef("gpu-test-node", "127.0.0.1", port, gpu.index, gpu.uuid, gpu.model, gpu.tpcs, False)
-        grant = client.acquire(make_request(tpcs=12), [ref], name="pytest", node_id="gpu-test-node")
+        grant = client.acquire(make_request(tpcs=12), [ref], name="pytest")
         assert grant.tpcs == 12 and grant.gpu_uuid == gpu.uuid
         probe = ("import torch; p = torch.cuda.get_device_properties(0); "
                  "print(torch.cuda.device_count(), 'GPU-' + str(p.uuid))")

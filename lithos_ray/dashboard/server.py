@@ -15,9 +15,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 REPORT_STALE_S = 10.0          # a client's latency report older than this is not shown
 
 
-def page_state(status, telemetry_by_uuid: dict, reports: dict, now_unix_s: float, error: str | None = None,
+def page_state(status, reports: dict, now_unix_s: float, error: str | None = None,
                grafana_dashboard: str | None = None) -> dict:
-    """status: ClusterStatus; telemetry_by_uuid: uuid -> Telemetry; reports: grant_id -> latency summary dict."""
+    """status: ClusterStatus; reports: grant_id -> latency summary dict."""
     nodes = []
     for node in status.nodes:
         gpus = []
@@ -33,14 +33,13 @@ def page_state(status, telemetry_by_uuid: dict, reports: dict, now_unix_s: float
                     "tpc_ids": client.tpc_ids, "ray_actor_id": client.ray_actor_id,
                     "granted_at_unix_s": client.granted_at_unix_s, "latency": reports.get(client.grant_id),
                     "launches": client.launches.model_dump() if client.launches is not None else None})
-            reading = telemetry_by_uuid.get(gpu.uuid)
+            sensors = {"clock_mhz": gpu.clock_mhz, "power_w": gpu.power_w, "energy_j": gpu.energy_j}
             gpus.append({
                 "index": gpu.index, "uuid": gpu.uuid, "model": gpu.model, "simulated": gpu.simulated,
                 "total_tpcs": gpu.total_tpcs, "granted_tpcs": gpu.granted_tpcs, "free_tpcs": gpu.free_tpcs,
                 "busy_tpcs": gpu.busy_tpcs, "lent_tpcs": gpu.lent_tpcs,   # None on simulated GPUs
                 "native_status": gpu.native_status,
-                "telemetry": None if reading is None else {
-                    "clock_mhz": reading.clock_mhz, "power_w": reading.power_w, "energy_j": reading.energy_j},
+                "telemetry": sensors if any(v is not None for v in sensors.values()) else None,
                 "tpc_owner": owner, "tpc_lent_to": gpu.tpc_lent_to or [None] * gpu.total_tpcs, "clients": clients})
         nodes.append({"node_id": node.node_id, "node_ip": node.node_ip, "gpus": gpus})
     return {"schema_id": "lithos-ray/dashboard/v1", "updated_unix_s": now_unix_s, "error": error,
@@ -125,17 +124,13 @@ class DashboardActor:
         """Called by latency-critical clients (lithos_ray.metrics.ClientLatencyRecorder) every second."""
         self.reports[grant_id] = (time.monotonic(), {**summary, "client": client})
 
-    def get_state(self) -> dict:
-        return self.state
-
     async def refresh(self) -> dict:
         from ..status import cluster_status
 
         error = None
         try:
             status = await asyncio.to_thread(cluster_status)
-            telemetry = self._telemetry(status)
-            self._metrics.publish(status, telemetry)
+            self._metrics.publish(status)
         except Exception as exc:   # show the last good state with the error
             logger.warning("refresh failed: %s", exc)
             self.state = {**self.state, "error": f"{type(exc).__name__}: {exc}"}
@@ -145,19 +140,13 @@ class DashboardActor:
         now = time.monotonic()
         self.reports = {g: r for g, r in self.reports.items() if now - r[0] <= REPORT_STALE_S}
         reports = {g: r[1] for g, r in self.reports.items()}
-        self.state = page_state(status, telemetry, reports, time.time(), error, self.grafana_dashboard)
+        self.state = page_state(status, reports, time.time(), error, self.grafana_dashboard)
         return self.state
 
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
             await self.refresh()
-
-    def _telemetry(self, status) -> dict:
-        """Readings of the real GPUs, as their agents report them (simulated GPUs have none)."""
-        from ..scheduler.device import Telemetry
-        return {g.uuid: Telemetry(g.clock_mhz, g.power_w, g.energy_j, simulated=False)
-                for node in status.nodes for g in node.gpus if not g.simulated and g.power_w is not None}
 
     # -- HTTP --------------------------------------------------------------------------------
     async def _index(self, request):
