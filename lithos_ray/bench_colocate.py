@@ -136,7 +136,7 @@ def run(args) -> int:
     command = getattr(args, "command_line", None) or " ".join(sys.argv)
     out_dir = os.path.abspath(args.out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    state = driver.Run(plan, args, out_dir)
+    state = driver.Run(plan, args)
     json_path = os.path.join(out_dir, f"colocate_{tag}.json")
 
     def save(final: bool):

@@ -872,6 +872,8 @@ def lending():
     c = (ctypes.c_uint64 * 4)()
     lib.lithos_client_lending_counts(c, 4)
     return {"borrowed": c[0], "pending": c[1], "too_deep": c[2], "paced": c[3]}
+def show_outcomes():   # every lending outcome, as native.LENDING_OUTCOME_NAMES names them
+    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
 def full_log():
     lines = cuda.fake_log().decode().splitlines()
     cuda.fake_log_clear()
@@ -904,6 +906,11 @@ def lend_table(built_library, tmp_path):
         t.close()
 
 
+def outcomes(words: list[str]) -> dict[str, int]:
+    """A show_outcomes() line, by name."""
+    return dict(zip(native.LENDING_OUTCOME_NAMES, map(int, words)))
+
+
 def run_lending_client(code: str, env: dict) -> list[list[str]]:
     lines, _ = run_fake(LEND_PRELUDE + textwrap.dedent(code), env)
     return lines
@@ -922,7 +929,7 @@ def lend_env(fake_driver, table, slot=0, **extra):
 
 def test_lending_off_launches_stay_on_the_own_tpcs_and_the_activity_word_is_published(fake_driver, lend_table):
     lend_table.set_lending(0, [], low_priority=False)
-    before = time_ns = __import__("time").monotonic_ns()
+    before = time.monotonic_ns()
     lines = run_lending_client("""
     s = create(1)
     show("pending", warm_then_borrow(s), lending()["borrowed"])
@@ -1094,11 +1101,11 @@ def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     s = create(1)
     for _ in range(20): launch(s)
     show("counts", lending()["borrowed"], lending()["pending"])
-    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
+    show_outcomes()
     show_log()
     """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))   # nothing timed: no prediction ever
     assert lines[0] == ["counts", "0", "0"]
-    assert dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[1]))) == {
+    assert outcomes(lines[1]) == {
         "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0,
         "capturing": 0}
     lines = lines[1:]
@@ -1251,9 +1258,9 @@ def test_a_capturing_stream_never_borrows_so_no_graph_keeps_lent_tpcs(fake_drive
     lines = run_lending_client("""
     for _ in range(6):
         launch_fn(0x77, None)      # the default stream, which captures (FAKE_CAPTURING)
-    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
+    show_outcomes()
     """, lend_env(fake_driver, lend_table, FAKE_CAPTURING="1"))
-    counts = dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[0])))
+    counts = outcomes(lines[0])
     assert counts["borrowed"] == 0 and counts["paced"] == 0 and counts["capturing"] >= 1, counts
     records, _ = lend_table.read_launches(0)
     assert not any(native.lenders_of(r) for r in records)
@@ -1284,9 +1291,9 @@ def test_pace_always_keeps_the_queue_shallow_while_every_lender_is_busy(fake_dri
     s = create(1)
     for _ in range(6):
         launch_fn(0x77, s)       # launches 1-4 unknown: 20 ms in the queue estimate; the stream never drains
-    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
+    show_outcomes()
     """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE=pace))
-    counts = dict(zip(native.LENDING_OUTCOME_NAMES, map(int, lines[0])))
+    counts = outcomes(lines[0])
     assert counts["borrowed"] == 0 and counts["paced"] == paced and counts["no_idle_lender"] >= 1, counts
 
 

@@ -6,7 +6,6 @@ time-slicing and the shim act on them exactly as on independent jobs.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import selectors
@@ -27,7 +26,6 @@ READY_TIMEOUT_S = 240.0
 REPLY_MARGIN_S = 60.0
 RING_POLL_S = 0.02
 OVERRUN_FACTOR = 1.15   # phases still due after budget_s x this are skipped (the device call must end)
-LENDING_KNOB_NAMES = ("atom_us", "idle_window_us", "unknown_kernel_busy_us")
 
 
 class WorkerError(RuntimeError):
@@ -129,14 +127,6 @@ class RingCollector:
         return {slot: (np.concatenate(parts) if parts else None) for slot, parts in self.records.items()}
 
 
-def lending_support(table) -> tuple[bool, str]:
-    """Whether this build's AllowanceTable can set lend lists (the launch-path lending API)."""
-    if callable(getattr(table, "set_lending", None)):
-        return True, "AllowanceTable.set_lending present"
-    return False, ("lending unavailable: lithos_ray.native.AllowanceTable has no set_lending(slot, lender_slots, "
-                   "low_priority) in this build (lending on the launch path not built yet)")
-
-
 def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
     """Set every slot's lend list from scheduler.lending.plan_lending (all clients idle at plan time, so each
     may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled."""
@@ -147,17 +137,11 @@ def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...
     decisions = lending.plan_lending(clients, policy)
     for slot, decision in decisions.items():
         table.set_lending(slot, list(decision.lender_slots), decision.low_priority_on_borrowed)
-    knobs = {"atom_us": policy.atom_us, "idle_window_us": policy.idle_window_us,
-             "unknown_kernel_busy_us": policy.unknown_kernel_busy_us}
-    setter = getattr(table, "set_lending_knobs", None)
-    knob_status = "no set_lending_knobs in this build: the shim's defaults apply"
-    if callable(setter):
-        accepted = inspect.signature(setter).parameters
-        given = {k: v for k, v in knobs.items() if k in accepted}
-        setter(**given)
-        knob_status = f"set {sorted(given)}"
+    table.set_lending_knobs(policy.atom_us, policy.idle_window_us, policy.unknown_kernel_busy_us)
     return {"enabled": enabled, "lend_lists": {s: list(d.lender_slots) for s, d in decisions.items()},
-            "low_priority": {s: d.low_priority_on_borrowed for s, d in decisions.items()}, "knobs": knob_status}
+            "low_priority": {s: d.low_priority_on_borrowed for s, d in decisions.items()},
+            "knobs": {"atom_us": policy.atom_us, "idle_window_us": policy.idle_window_us,
+                      "unknown_kernel_busy_us": policy.unknown_kernel_busy_us}}
 
 
 def predictor_accuracy(recs: np.ndarray) -> dict | None:
@@ -165,12 +149,12 @@ def predictor_accuracy(recs: np.ndarray) -> dict | None:
     share off by more than 50 us, error p99); None when no launch was both predicted and timed."""
     if "predicted_ns" not in (recs.dtype.names or ()):
         return None
-    both = (recs["predicted_ns"] > 0) & (recs["gpu_ns"] > 0)
-    if not both.any():
-        return None
+    from lithos_ray.native import prediction_pairs
     from lithos_ray.scheduler.predictor import prediction_accuracy
-    return dataclasses.asdict(prediction_accuracy(recs["predicted_ns"][both].astype(np.int64),
-                                                  recs["gpu_ns"][both].astype(np.int64)))
+    predicted, measured = prediction_pairs(recs)
+    if not len(predicted):
+        return None
+    return dataclasses.asdict(prediction_accuracy(predicted, measured))
 
 
 def borrowed_work(recs: np.ndarray, borrowing: np.ndarray, duration_ns: np.ndarray, own_tpcs: int) -> dict:
@@ -244,8 +228,8 @@ def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple
 class Run:
     """State of one run: plan, rates, raw phase results, errors, timeline."""
 
-    def __init__(self, plan: Plan, args, out_dir: str):
-        self.plan, self.args, self.out_dir = plan, args, out_dir
+    def __init__(self, plan: Plan, args):
+        self.plan, self.args = plan, args
         self.log_dir = tempfile.mkdtemp(prefix="lithos-colocate-logs-")
         self.rates: dict[str, dict[str, float]] = {}
         self.calibration: dict[str, dict] = {}
@@ -426,8 +410,7 @@ class Run:
                 group.workers, lambda name: {**self.base_env(), **self.mps_env,
                                              **native.client_env(table_path, shim["slots"][name]),
                                              "LITHOS_SAMPLE_EVERY": str(self.args.sample_every),
-                                             "LITHOS_LEND_PACE": "always" if getattr(self.args, "lend_pace", "idle") == "always"
-                                             else "1"},
+                                             "LITHOS_LEND_PACE": "always" if self.args.lend_pace == "always" else "1"},
                 f"shim-{group.mix}")
         else:
             self.ensure_mps()
@@ -464,7 +447,6 @@ class Run:
         return workers
 
     def run_phases(self, group: Group, workers: dict[str, Worker], shim: dict | None) -> None:
-        lending_ok, lending_reason = (lending_support(self.table) if shim else (False, ""))
         for phase in group.phases:
             if phase.system == "calibrate":
                 try:
@@ -476,14 +458,9 @@ class Run:
                 self.phase_results.append({**_phase_keys(phase), "status": "failed: a service has no calibrated rate"})
                 continue
             if shim is not None:
-                if phase.system == "lithos" and not lending_ok:
-                    self.phase_results.append({**_phase_keys(phase), "status": lending_reason})
-                    continue
-                if lending_ok:
-                    roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n]))
-                             for n, slot in shim["slots"].items()]
-                    self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
-                        self.table, roles, phase.system == "lithos", self.args.atom_us)
+                roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
+                self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
+                    self.table, roles, phase.system == "lithos", self.args.atom_us)
             result = self.run_phase(phase, workers, shim)
             self.phase_results.append(result)
             self.mark(f"{phase.label}: {result['status']} " + _phase_summary(result))

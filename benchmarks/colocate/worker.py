@@ -157,7 +157,7 @@ class Service:
         offsets = arrival_schedule_s(float(cmd["rate_per_s"]), warmup_s + window_s, int(cmd["seed"]))
         start = to_perf(float(cmd["start_at"]))
         cutoff = start + warmup_s + window_s + float(cmd["drain_s"])
-        latency_ms, service_ms, measured_arrivals, unserved_wait_ms = [], [], 0, []
+        latency_ms, service_ms, unserved_wait_ms = [], [], []
         counts_before = shim_counts()
         for offset in offsets:
             arrival = start + offset

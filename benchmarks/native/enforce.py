@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import metadata, write_json  # noqa: E402
+from common import metadata, replot_beside, write_json  # noqa: E402
 from lithos_ray import mps, native  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spin_worker.py")
@@ -158,6 +158,6 @@ def plot(payload, path):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--replot"]:  # redraw the figure from a stored JSON
-        plot(json.load(open(sys.argv[2])), sys.argv[2].replace(".json", ".png"))
+        replot_beside(sys.argv[2], plot)
     else:
         main(sys.argv[1])

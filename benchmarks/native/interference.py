@@ -58,21 +58,21 @@ while True:
     torch.cuda.synchronize()
 """
 
-# name -> (LC stream, BE matmul size or None, shim on, extra env for all, a busy Python thread in the LC,
+# name -> (LC stream, BE matmul size or None, shim on, a busy Python thread in the LC,
 #          LC processes at once: 2 = a second BERT on 16 more TPCs, as in the Serve example)
 # Cases named *_lending also set lend lists as the agent's lending loop does (each LC may borrow from
 # the other LC and the BE job; the BE job, low priority, from both LCs); the others lend nothing.
 CASES = {
-    "lc_solo_legacy": ("legacy", None, True, {}, False, 1),
-    "lc_legacy_be8192": ("legacy", 8192, True, {}, False, 1),
-    "two_lc_legacy": ("legacy", None, True, {}, False, 2),
-    "two_lc_legacy_be8192": ("legacy", 8192, True, {}, False, 2),
-    "two_lc_legacy_be8192_lending": ("legacy", 8192, True, {}, False, 2),
-    "lc_solo_legacy_busy_thread": ("legacy", None, True, {}, True, 1),
-    "lc_legacy_be8192_busy_thread": ("legacy", 8192, True, {}, True, 1),
-    "no_shim_lc_solo_legacy_busy_thread": ("legacy", None, False, {}, True, 1),
-    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, {}, False, 1),
-    "lc_created_be8192": ("created", 8192, True, {}, False, 1),
+    "lc_solo_legacy": ("legacy", None, True, False, 1),
+    "lc_legacy_be8192": ("legacy", 8192, True, False, 1),
+    "two_lc_legacy": ("legacy", None, True, False, 2),
+    "two_lc_legacy_be8192": ("legacy", 8192, True, False, 2),
+    "two_lc_legacy_be8192_lending": ("legacy", 8192, True, False, 2),
+    "lc_solo_legacy_busy_thread": ("legacy", None, True, True, 1),
+    "lc_legacy_be8192_busy_thread": ("legacy", 8192, True, True, 1),
+    "no_shim_lc_solo_legacy_busy_thread": ("legacy", None, False, True, 1),
+    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, False, 1),
+    "lc_created_be8192": ("created", 8192, True, False, 1),
 }
 
 
@@ -88,15 +88,17 @@ def main(out_dir):
     table.set_allowance(2, sum(groups[11:15], []))                  # the second LC, when a case has one
     results = {}
     try:
-        for name, (stream_kind, be_size, shim, extra, busy, lc_count) in CASES.items():
+        for name, (stream_kind, be_size, shim, busy, lc_count) in CASES.items():
             lending = name.endswith("_lending")
             table.set_lending(0, [1, 2] if lending else [], low_priority=False)
             table.set_lending(2, [0, 1] if lending else [], low_priority=False)
             table.set_lending(1, [0, 2] if lending else [], low_priority=True)
-            base = {**os.environ, **mps_env, **extra}
-            lc_env = {**base, **native.client_env(table.path, 0)} if shim else base
-            lc2_env = {**base, **native.client_env(table.path, 2)} if shim else base
-            be_env = {**base, **native.client_env(table.path, 1)} if shim else base
+            base = {**os.environ, **mps_env}
+
+            def env_for(slot):
+                return {**base, **native.client_env(table.path, slot)} if shim else base
+            lc_env, lc2_env = env_for(0), env_for(2)
+            be_env = env_for(1)
             be = None
             if be_size:
                 be = subprocess.Popen([sys.executable, "-c", BE_CODE, str(be_size)], env=be_env, stdout=subprocess.PIPE,

@@ -37,14 +37,21 @@ AB_BLOCK = 256
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
 
 
-def pin_to_e2e_cpus():
-    if E2E_CPUS <= os.sched_getaffinity(0):
-        os.sched_setaffinity(0, E2E_CPUS)
+def usable(cpus: set[int]) -> bool:
+    return cpus <= os.sched_getaffinity(0)
 
 
-def pin_to_launch_cpus():
-    if LAUNCH_CPUS <= os.sched_getaffinity(0):
-        os.sched_setaffinity(0, LAUNCH_CPUS)
+def pinned_to(cpus: set[int]):
+    """A preexec_fn that runs the child on `cpus` when this machine has them."""
+    return lambda: os.sched_setaffinity(0, cpus) if usable(cpus) else None
+
+
+def run_e2e_worker(env: dict) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env=env, capture_output=True, text=True,
+                          timeout=400, preexec_fn=pinned_to(E2E_CPUS))
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def percentiles(ns):
@@ -58,7 +65,7 @@ def in_process_ab(binary, shim_env, work) -> dict:
         for mode in AB_MODES:
             raw = os.path.join(work, f"{mode}{trial}.bin")
             subprocess.run([binary, str(LAUNCHES), raw, mode], env=shim_env, check=True, capture_output=True, text=True,
-                           preexec_fn=pin_to_launch_cpus)
+                           preexec_fn=pinned_to(LAUNCH_CPUS))
             runs[mode].append(np.fromfile(raw, dtype=np.uint32))
     result = {}
     for mode in AB_MODES:
@@ -94,11 +101,7 @@ def setup():
 def e2e_in_process(shim_env) -> tuple[dict, dict]:
     """Default-stream steps in one shimmed process, the shim's work on and bypassed in alternating
     blocks (e2e_worker.py, LITHOS_E2E_AB=1): (summary per workload, raw step times)."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env={**shim_env, "LITHOS_E2E_AB": "1"},
-                          capture_output=True, text=True, timeout=400, preexec_fn=pin_to_e2e_cpus)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    steps = json.loads(proc.stdout.strip().splitlines()[-1])
+    steps = run_e2e_worker({**shim_env, "LITHOS_E2E_AB": "1"})
     return {workload: {"shim_median_ms": float(np.median(arms["shim"])), "bypass_median_ms": float(np.median(arms["bypass"])),
                        "shim_vs_bypass_percent": 100.0 * (np.median(arms["shim"]) / np.median(arms["bypass"]) - 1.0),
                        "steps_per_arm": len(arms["shim"])}
@@ -115,7 +118,7 @@ def main_in_process_only(out_dir):
         table.close()
     payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --in-process-only"),
                "launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "block": AB_BLOCK,
-               "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
+               "cpus": sorted(LAUNCH_CPUS) if usable(LAUNCH_CPUS) else "any",
                "added_per_launch_in_process": result, "end_to_end_in_process": e2e, "end_to_end_raw_ms": steps,
                "notes": "one shimmed process per run: cuLaunchKernel of an empty kernel through the shim's hook (even "
                         "blocks of 256) and through the real driver function behind it (odd blocks), same stream; "
@@ -168,7 +171,7 @@ def main(out_dir):
                 for name, env in (("plain", dict(os.environ)), ("shim", {**shim_env, **extra_env})):
                     raw = os.path.join(work, f"{mode}_{name}{trial}.bin")
                     proc = subprocess.run([binary, str(LAUNCHES), raw, binary_mode], env=env, check=True, capture_output=True,
-                                          text=True, preexec_fn=pin_to_launch_cpus)
+                                          text=True, preexec_fn=pinned_to(LAUNCH_CPUS))
                     launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -177,11 +180,7 @@ def main(out_dir):
         e2e = {"plain": [], "shim": [], "shim_no_defer": []}
         for trial in range(E2E_TRIALS):  # interleaved: plain, shim, shim without deferred joins, plain, ...
             for name, env in (("plain", dict(os.environ)), ("shim", shim_env), ("shim_no_defer", no_defer_env)):
-                proc = subprocess.run([sys.executable, os.path.join(HERE, "e2e_worker.py")], env=env, capture_output=True,
-                                      text=True, timeout=400, preexec_fn=pin_to_e2e_cpus)
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr[-2000:])
-                e2e[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                e2e[name].append(run_e2e_worker(env))
         records, _ = table.read_launches(0, max_records=4096)
     finally:
         table.close()
@@ -201,13 +200,11 @@ def main(out_dir):
                                  "shim_vs_plain_percent": 100.0 * (medians["shim"] / medians["plain"] - 1.0),
                                  "shim_no_defer_vs_plain_percent": 100.0 * (medians["shim_no_defer"] / medians["plain"] - 1.0),
                                  "plain_run_spread_percent": 100.0 * (max(per_run["plain"]) / min(per_run["plain"]) - 1.0)}
-    views = {}
-    for r in records:
-        key = native.VIEW_NAMES[int(r["view"])]
-        views[key] = views.get(key, 0) + 1
+    summary = native.summarize_launches(records, len(records))
+    views = {name: summary[name] for name in native.VIEW_NAMES.values() if summary[name]}
     payload = {**metadata("python benchmarks/native/overhead.py " + out_dir),
                "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
-                          "cpus": sorted(LAUNCH_CPUS) if LAUNCH_CPUS <= os.sched_getaffinity(0) else "any",
+                          "cpus": sorted(LAUNCH_CPUS) if usable(LAUNCH_CPUS) else "any",
                           "added_per_launch": added, "shim_launch_paths": launch_paths,
                           "added_per_launch_in_process": in_process},
                "end_to_end_in_process": e2e_ab, "end_to_end_in_process_raw_ms": e2e_ab_raw,
