@@ -23,13 +23,9 @@ from lithos_ray import mps, native  # noqa: E402
 REQUESTS = 150
 
 LC_CODE = r"""
-import json, sys, threading, time, torch
+import json, sys, time, torch
+from lithos_ray.native import thread_launch_counts, thread_lending_counts
 stream_kind = sys.argv[1]
-if sys.argv[3] == "busy":   # another Python thread that always wants the GIL (as a busy server loop would)
-    def spin():
-        while True:
-            sum(range(1000))
-    threading.Thread(target=spin, daemon=True).start()
 layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
 model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
 x = torch.randn(1, 128, 768, device="cuda", dtype=torch.half)
@@ -43,36 +39,45 @@ with torch.no_grad(), torch.cuda.stream(stream):
         if i >= 20:
             ms.append((time.perf_counter() - t) * 1000)
 ms.sort()
-print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)]}))
+print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)],
+                  "launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}))
 """
 
 BE_CODE = r"""
-import sys, time, torch
+import json, signal, sys, time, torch
+from lithos_ray.native import thread_launch_counts, thread_lending_counts
 n = int(sys.argv[1])
 a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
 for _ in range(3): a @ a
 torch.cuda.synchronize()
+steps, start = 0, time.monotonic()
+def report(*_):
+    print(json.dumps({"matmuls_per_s": steps / (time.monotonic() - start), "launch_paths": thread_launch_counts(),
+                      "lending": thread_lending_counts()}), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, report)
 print("ready", flush=True)
 while True:
     for _ in range(4): a @ a
     torch.cuda.synchronize()
+    steps += 4
 """
 
-# name -> (LC stream, BE matmul size or None, shim on, a busy Python thread in the LC,
-#          LC processes at once: 2 = a second BERT on 16 more TPCs, as in the Serve example)
-# Cases named *_lending also set lend lists as the agent's lending loop does (each LC may borrow from
-# the other LC and the BE job; the BE job, low priority, from both LCs); the others lend nothing.
+# name -> (LC stream, BE matmul size or None, shim on, LC processes at once: 2 = a second BERT on
+#          16 more TPCs, as in the Serve example, who borrows: "" nobody, "all", "lc" or "be")
+# Borrowers get lend lists as the agent's lending loop sets them: each LC may borrow from the other LC
+# and the BE job; the BE job, low priority, from both LCs. (A busy Python thread in the LC process, run
+# at 61b50f4, costs 124-132 ms per request whatever else runs: native_interference_61b50f4.json.)
 CASES = {
-    "lc_solo_legacy": ("legacy", None, True, False, 1),
-    "lc_legacy_be8192": ("legacy", 8192, True, False, 1),
-    "two_lc_legacy": ("legacy", None, True, False, 2),
-    "two_lc_legacy_be8192": ("legacy", 8192, True, False, 2),
-    "two_lc_legacy_be8192_lending": ("legacy", 8192, True, False, 2),
-    "lc_solo_legacy_busy_thread": ("legacy", None, True, True, 1),
-    "lc_legacy_be8192_busy_thread": ("legacy", 8192, True, True, 1),
-    "no_shim_lc_solo_legacy_busy_thread": ("legacy", None, False, True, 1),
-    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, False, 1),
-    "lc_created_be8192": ("created", 8192, True, False, 1),
+    "lc_solo_legacy": ("legacy", None, True, 1, ""),
+    "lc_legacy_be8192": ("legacy", 8192, True, 1, ""),
+    "two_lc_legacy": ("legacy", None, True, 2, ""),
+    "two_lc_legacy_be8192": ("legacy", 8192, True, 2, ""),
+    "two_lc_legacy_be8192_lending": ("legacy", 8192, True, 2, "all"),
+    "two_lc_legacy_be8192_lending_lc": ("legacy", 8192, True, 2, "lc"),
+    "two_lc_legacy_be8192_lending_be": ("legacy", 8192, True, 2, "be"),
+    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, 1, ""),
+    "lc_created_be8192": ("created", 8192, True, 1, ""),
 }
 
 
@@ -88,11 +93,11 @@ def main(out_dir):
     table.set_allowance(2, sum(groups[11:15], []))                  # the second LC, when a case has one
     results = {}
     try:
-        for name, (stream_kind, be_size, shim, busy, lc_count) in CASES.items():
-            lending = name.endswith("_lending")
-            table.set_lending(0, [1, 2] if lending else [], low_priority=False)
-            table.set_lending(2, [0, 1] if lending else [], low_priority=False)
-            table.set_lending(1, [0, 2] if lending else [], low_priority=True)
+        for name, (stream_kind, be_size, shim, lc_count, borrowers) in CASES.items():
+            lc_borrow, be_borrow = borrowers in ("all", "lc"), borrowers in ("all", "be")
+            table.set_lending(0, [1, 2] if lc_borrow else [], low_priority=False)
+            table.set_lending(2, [0, 1] if lc_borrow else [], low_priority=False)
+            table.set_lending(1, [0, 2] if be_borrow else [], low_priority=True)
             base = {**os.environ, **mps_env}
 
             def env_for(slot):
@@ -105,14 +110,15 @@ def main(out_dir):
                                       stderr=subprocess.PIPE, text=True)
                 assert be.stdout.readline().strip() == "ready", be.stderr.read()
             start = time.monotonic()
-            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), "busy" if busy else "idle"]
+            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS)]
             second = (subprocess.Popen(lc_args, env=lc2_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                       if lc_count == 2 else None)
             lc = subprocess.run(lc_args, env=lc_env, capture_output=True, text=True, timeout=240)
             second_out = second.communicate(timeout=240)[0] if second else None
+            be_out = None
             if be:
-                be.kill()
-                be.wait()
+                be.terminate()
+                be_out = be.communicate(timeout=60)[0]
             if lc.returncode != 0:
                 results[name] = {"error": lc.stderr[-1500:]}
             else:
@@ -120,6 +126,8 @@ def main(out_dir):
                                  "lithos_notices": sorted({l for l in lc.stderr.splitlines() if l.startswith("lithos:")})}
                 if second_out:
                     results[name]["second_lc"] = json.loads(second_out.strip().splitlines()[-1])
+                if be_out and be_out.strip().splitlines()[-1].startswith("{"):
+                    results[name]["be"] = json.loads(be_out.strip().splitlines()[-1])
             print(name, results[name], flush=True)
     finally:
         table.close()
@@ -141,7 +149,7 @@ def plot(payload: dict, path: str) -> None:
     solo = results["lc_solo_legacy"]["p50_ms"]
     names = list(results)
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.barh(names, [results[n]["p50_ms"] / solo for n in names], color=["tab:red" if "busy" in n else
+    ax.barh(names, [results[n]["p50_ms"] / solo for n in names], color=["tab:red" if "lending" in n else
                                                                           "tab:gray" if n.startswith("no_shim") else
                                                                           "tab:blue" for n in names])
     for i, n in enumerate(names):
