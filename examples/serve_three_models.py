@@ -80,11 +80,11 @@ class ModelServer:
         return (time.perf_counter() - start) * 1000, (time.thread_time() - cpu_start) * 1000
 
     def __call__(self, request=None) -> dict:
-        from lithos_ray.native import thread_launch_counts
+        from lithos_ray.native import thread_launch_counts, thread_lending_counts
         with self.one_at_a_time:
             service_ms, cpu_ms = self._timed_run_with_cpu()
         return {"service_ms": service_ms, "cpu_ms": cpu_ms, "solo_ms": self.solo_ms, **self.environment,
-                "launch_paths": thread_launch_counts()}
+                "launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}
 
 
 def _build_torch_model(workload: str, cuda_graph: bool = False):
@@ -232,7 +232,7 @@ def main() -> int:
         print("Caller latency adds Serve's routing in this process; replica latency is a request's time in the "
               "replica, waiting for the model included (what the SLO policy and the metrics see).")
         print("\nService time: the model's run alone; slice busy = rate x mean service time; CPU: the serving "
-              "thread's CPU time in the run (far below the service time: it waited).")
+              "thread's CPU time in the run (far below it: the thread waited on a lock or the GIL; close to it: it computed, or CUDA spin-waited for the GPU).")
         print(f"{'model':<10} {'solo service ms':>15} {'service p50/p99 ms under load':>30} {'CPU p50 ms':>10} "
               f"{'slice busy':>10}   replica env")
         for m in MODELS:
@@ -245,6 +245,8 @@ def main() -> int:
             env = f"{replies[0]['mode']}, " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in replies[0].items()
                                                         if k in ("mps", "shim"))
             env += f", launches by path (a thread's): {replies[-1]['launch_paths']}"
+            if replies[-1].get("lending"):
+                env += f", lending outcomes: { {k: v for k, v in replies[-1]['lending'].items() if v} }"
             cpu = np.asarray([r["cpu_ms"] for r in replies])
             print(f"{m.name:<10} {replies[0]['solo_ms']:>15.2f} {np.percentile(service, 50):>14.2f}/{np.percentile(service, 99):<15.2f}"
                   f"{np.percentile(cpu, 50):>10.2f} {busy:>10.0%}{' (overloaded)' if busy > 1 else ''}   {env}{label}")

@@ -14,6 +14,7 @@
 #   colocate-pace-always  static vs lithos only, best-effort borrowers pacing always (about 5 minutes)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
+#   serve-lending-ab  the same, eager, with the agent's lending off then on (LITHOS_LENDING=0/1)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s):
 #   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
@@ -68,6 +69,12 @@ for s in "$@"; do
         tee "$OUT/serve_three_models_graphs.txt" | tail -12 || status=1
       echo "--- the shim's notices in the Ray workers' logs (count, line)"
       grep -h "lithos:" /tmp/ray/session_latest/logs/worker-*.err 2>/dev/null | sort | uniq -c | sort -rn | head -20 ;;
+    serve-lending-ab)
+      for lending in 0 1; do
+        echo "--- LITHOS_LENDING=$lending (eager)"
+        LITHOS_LENDING=$lending timeout 200 python3 examples/serve_three_models.py --seconds 15 2>&1 |
+          tee "$OUT/serve_three_models_lending$lending.txt" | grep -v raylet | tail -14 || status=1
+      done ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done
