@@ -3,9 +3,9 @@ example on the H100: 5 ms solo, ~60 ms with the training task running). Under MP
 time each: a BERT-base request loop (fp16, batch 1, seq 128, synchronised per request) on 16 TPCs,
 next to a bf16 matmul loop on 28 other TPCs, in several configurations.
 
-usage: python benchmarks/native/interference.py OUT_DIR      (GPU machine)
+usage: python benchmarks/native/interference.py OUT_DIR [CASE,CASE...]   (GPU machine; default every case)
        python benchmarks/native/interference.py --plot JSON  (redraws JSON's plot beside it)
-Writes OUT_DIR/native_interference.json and .png.
+Writes OUT_DIR/native_interference.json and .png (native_interference_some.* when cases are named).
 """
 import json
 import os
@@ -23,24 +23,36 @@ from lithos_ray import mps, native  # noqa: E402
 REQUESTS = 150
 
 LC_CODE = r"""
-import json, sys, time, torch
+import json, sys, threading, time, torch
 from lithos_ray.native import thread_launch_counts, thread_lending_counts
-stream_kind = sys.argv[1]
+stream_kind, requests, new_thread, gap_s = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4]) / 1000
 layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
 model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
 x = torch.randn(1, 128, 768, device="cuda", dtype=torch.half)
 stream = torch.cuda.Stream() if stream_kind == "created" else torch.cuda.current_stream()
-ms = []
-with torch.no_grad(), torch.cuda.stream(stream):
-    for i in range(20 + int(sys.argv[2])):
+ms, enqueue_ms, counts = [], [], {}
+def request(i):   # one forward; enqueue = until the forward returns (the launches), the rest waits for the GPU
+    with torch.no_grad(), torch.cuda.stream(stream):
         t = time.perf_counter()
         model(x)
+        queued = time.perf_counter()
         stream.synchronize()
         if i >= 20:
             ms.append((time.perf_counter() - t) * 1000)
+            enqueue_ms.append((queued - t) * 1000)
+    counts.update(launch_paths=thread_launch_counts(), lending=thread_lending_counts())
+for i in range(20 + requests):
+    if new_thread:   # a fresh thread per request, as a server's worker pool may give
+        worker = threading.Thread(target=request, args=(i,))
+        worker.start()
+        worker.join()
+    else:
+        request(i)
+    time.sleep(gap_s)
 ms.sort()
-print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)],
-                  "launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}))
+enqueue_ms.sort()
+print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], "enqueue_p50_ms": enqueue_ms[len(ms) // 2],
+                  **counts}))
 """
 
 BE_CODE = r"""
@@ -63,25 +75,36 @@ while True:
     steps += 4
 """
 
-# name -> (LC stream, BE matmul size or None, shim on, LC processes at once: 2 = a second BERT on
-#          16 more TPCs, as in the Serve example, who borrows: "" nobody, "all", "lc" or "be")
-# Borrowers get lend lists as the agent's lending loop sets them: each LC may borrow from the other LC
-# and the BE job; the BE job, low priority, from both LCs. (A busy Python thread in the LC process, run
-# at 61b50f4, costs 124-132 ms per request whatever else runs: native_interference_61b50f4.json.)
+def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new_thread=False, gap_ms=0):
+    """stream: the LC's ("legacy" = default stream, "created"); be_size: the BE matmul (None: no BE
+    job); lc_count 2: a second BERT on 16 more TPCs, as in the Serve example; borrowers: "" nobody,
+    "all", "lc" or "be", with lend lists as the agent's lending loop sets them (each LC may borrow from
+    the other LC and the BE job; the BE job, low priority, from both LCs); new_thread: each request
+    in a fresh thread; gap_ms: idle time after each request."""
+    return dict(stream=stream, be_size=be_size, shim=shim, lc_count=lc_count, borrowers=borrowers,
+                new_thread=new_thread, gap_ms=gap_ms)
+
+
+# (A busy Python thread in the LC process, run at 61b50f4, costs 124-132 ms per request whatever
+# else runs: native_interference_61b50f4.json.)
 CASES = {
-    "lc_solo_legacy": ("legacy", None, True, 1, ""),
-    "lc_legacy_be8192": ("legacy", 8192, True, 1, ""),
-    "two_lc_legacy": ("legacy", None, True, 2, ""),
-    "two_lc_legacy_be8192": ("legacy", 8192, True, 2, ""),
-    "two_lc_legacy_be8192_lending": ("legacy", 8192, True, 2, "all"),
-    "two_lc_legacy_be8192_lending_lc": ("legacy", 8192, True, 2, "lc"),
-    "two_lc_legacy_be8192_lending_be": ("legacy", 8192, True, 2, "be"),
-    "no_shim_lc_legacy_be8192": ("legacy", 8192, False, 1, ""),
-    "lc_created_be8192": ("created", 8192, True, 1, ""),
+    "lc_solo_legacy": case(be_size=None),
+    "lc_legacy_be8192": case(),
+    "two_lc_legacy": case(be_size=None, lc_count=2),
+    "two_lc_legacy_be8192": case(lc_count=2),
+    "two_lc_legacy_be8192_lending": case(lc_count=2, borrowers="all"),
+    "two_lc_legacy_be8192_lending_lc": case(lc_count=2, borrowers="lc"),
+    "two_lc_legacy_be8192_lending_be": case(lc_count=2, borrowers="be"),
+    "no_shim_lc_legacy_be8192": case(shim=False),
+    "lc_created_be8192": case(stream="created"),
+    "lc_legacy_be8192_thread_per_request": case(new_thread=True),
+    "no_shim_lc_legacy_be8192_thread_per_request": case(shim=False, new_thread=True),
+    "lc_legacy_be8192_gap25ms": case(gap_ms=25),
+    "lc_legacy_be8192_thread_per_request_gap25ms": case(new_thread=True, gap_ms=25),
 }
 
 
-def main(out_dir):
+def main(out_dir, only=None):
     run_dir = tempfile.mkdtemp(prefix="lithos-mps-interference-")
     mps_env = mps.start_mps(run_dir)
     table = native.AllowanceTable.create(native._default_gpu_uuid(), tempfile.mkdtemp(prefix="lithos-interference-"))
@@ -93,8 +116,11 @@ def main(out_dir):
     table.set_allowance(2, sum(groups[11:15], []))                  # the second LC, when a case has one
     results = {}
     try:
-        for name, (stream_kind, be_size, shim, lc_count, borrowers) in CASES.items():
-            lc_borrow, be_borrow = borrowers in ("all", "lc"), borrowers in ("all", "be")
+        for name, c in CASES.items():
+            if only and name not in only:
+                continue
+            stream_kind, be_size, shim, lc_count = c["stream"], c["be_size"], c["shim"], c["lc_count"]
+            lc_borrow, be_borrow = c["borrowers"] in ("all", "lc"), c["borrowers"] in ("all", "be")
             table.set_lending(0, [1, 2] if lc_borrow else [], low_priority=False)
             table.set_lending(2, [0, 1] if lc_borrow else [], low_priority=False)
             table.set_lending(1, [0, 2] if be_borrow else [], low_priority=True)
@@ -110,7 +136,7 @@ def main(out_dir):
                                       stderr=subprocess.PIPE, text=True)
                 assert be.stdout.readline().strip() == "ready", be.stderr.read()
             start = time.monotonic()
-            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS)]
+            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), str(int(c["new_thread"])), str(c["gap_ms"])]
             second = (subprocess.Popen(lc_args, env=lc2_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                       if lc_count == 2 else None)
             lc = subprocess.run(lc_args, env=lc_env, capture_output=True, text=True, timeout=240)
@@ -132,12 +158,13 @@ def main(out_dir):
     finally:
         table.close()
         mps.stop_mps(run_dir)
-    payload = {**metadata("python benchmarks/native/interference.py " + out_dir),
+    stem = "native_interference_some" if only else "native_interference"
+    payload = {**metadata(" ".join(["python benchmarks/native/interference.py", out_dir] + ([",".join(only)] if only else []))),
                "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs {lc_tpcs} "
                      f"(a second one, in two_lc cases: slot 2, co-scheduled groups 11-14)",
                "be": f"bf16 square matmuls, 4 per synchronize, TPCs {be_tpcs}", "mps": True, "results": results}
-    write_json(os.path.join(out_dir, "native_interference.json"), payload)
-    plot(payload, os.path.join(out_dir, "native_interference.png"))
+    write_json(os.path.join(out_dir, stem + ".json"), payload)
+    plot(payload, os.path.join(out_dir, stem + ".png"))
 
 
 def plot(payload: dict, path: str) -> None:
@@ -146,7 +173,8 @@ def plot(payload: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     results = {k: v for k, v in payload["results"].items() if "p50_ms" in v}
-    solo = results["lc_solo_legacy"]["p50_ms"]
+    reference = "lc_solo_legacy" if "lc_solo_legacy" in results else next(iter(results))
+    solo = results[reference]["p50_ms"]
     names = list(results)
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.barh(names, [results[n]["p50_ms"] / solo for n in names], color=["tab:red" if "lending" in n else
@@ -155,7 +183,7 @@ def plot(payload: dict, path: str) -> None:
     for i, n in enumerate(names):
         ax.text(results[n]["p50_ms"] / solo, i, f" {results[n]['p50_ms']:.1f} ms", va="center", fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel(f"BERT request p50 / solo p50 ({solo:.2f} ms), log scale")
+    ax.set_xlabel(f"BERT request p50 / {reference} p50 ({solo:.2f} ms), log scale")
     ax.set_title(f"LC BERT next to a bf16 matmul job, MPS ({payload['gpu']}, {payload['git_commit']})", fontsize=9)
     ax.invert_yaxis()
     fig.tight_layout()
@@ -166,7 +194,10 @@ def plot(payload: dict, path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--plot":
         replot_beside(sys.argv[2], plot)
-    elif len(sys.argv) == 2:
-        main(sys.argv[1])
+    elif len(sys.argv) in (2, 3) and not sys.argv[1].startswith("-"):
+        unknown = set(sys.argv[2].split(",")) - set(CASES) if len(sys.argv) == 3 else set()
+        if unknown:
+            sys.exit(f"unknown cases {sorted(unknown)}; cases: {', '.join(CASES)}")
+        main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) == 3 else None)
     else:
         sys.exit(__doc__)
