@@ -48,11 +48,8 @@ class ModelServer:
     tell a slow slice from a queue."""
 
     def __init__(self, workload: str, cuda_graph: bool = False):
-        import threading
-
         import lithos_ray
 
-        self.one_at_a_time = threading.Lock()    # one model instance, one request at a time (FIFO-ish)
         self.grant = lithos_ray.current_grant()
         if self.grant.simulated:
             from lithos_ray.scheduler.calibration import named_workload
@@ -81,8 +78,7 @@ class ModelServer:
 
     def __call__(self, request=None) -> dict:
         from lithos_ray.native import thread_launch_counts, thread_lending_counts
-        with self.one_at_a_time:
-            service_ms, cpu_ms = self._timed_run_with_cpu()
+        service_ms, cpu_ms = self._timed_run_with_cpu()   # on the replica's model thread, one request at a time
         return {"service_ms": service_ms, "cpu_ms": cpu_ms, "solo_ms": self.solo_ms, **self.environment,
                 "launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}
 

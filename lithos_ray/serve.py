@@ -14,6 +14,12 @@
 - `ray_actor_options` gets `resources={"lithos_tpc": tpc}` and the env vars LITHOS_PRIORITY=
   latency_critical and LITHOS_SLO_MS (and LITHOS_GPU_INDEX), so the lithos worker hook grants each
   replica `tpc` TPCs on one GPU before the replica starts, and its SLO reaches the GPU's agent;
+- the replica's `__init__` and its sync request methods run on one model thread, one request at a
+  time in arrival order (`model_thread=True`, the default): PyTorch on a thread that has not run
+  the model before pays for it (60-75 ms per BERT-base request on the H100, with or without lithos:
+  benchmarks/results/native_interference_threads.json), and Serve's thread pool hands requests to
+  whichever thread is free. Async methods run on Serve's event loop, streaming (generator) methods
+  in Serve's threads; `model_thread=False` gives Serve's own threading back;
 - every public method (and `__call__`) is timed by the replica; latencies go to the
   `ray_lithos_client_*` metrics, to the lithos dashboard, and to Serve's autoscaler through
   `record_autoscaling_stats` (lithos_slo_attainment, lithos_slice_busy_fraction); a replica's
@@ -25,9 +31,12 @@ builds the `autoscaling_config` that uses it.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import functools
 import inspect
 import math
+import threading
 import time
 
 from .errors import LithosNotRunning, LithosRequestError
@@ -47,8 +56,9 @@ _NOT_TIMED = frozenset({"reconfigure", "check_health", "record_autoscaling_stats
 # -- the deployment option ----------------------------------------------------------------------
 def deployment(_class=None, *, tpc: int, slo_ms: float, gpu_index: int | None = None,
                acquire_timeout_s: float | None = None, latency_window_s: float = DEFAULT_LATENCY_WINDOW_S,
-               **serve_kwargs):
-    """`@lithos_ray.serve.deployment(tpc=12, slo_ms=50, **serve.deployment kwargs)` on a class."""
+               model_thread: bool = True, **serve_kwargs):
+    """`@lithos_ray.serve.deployment(tpc=12, slo_ms=50, **serve.deployment kwargs)` on a class
+    (model_thread: see the module's docstring)."""
     from ray import serve
 
     from .api import ray_options
@@ -57,6 +67,8 @@ def deployment(_class=None, *, tpc: int, slo_ms: float, gpu_index: int | None = 
     if slo_ms is None:
         raise LithosRequestError("a lithos Serve deployment is latency-critical: give slo_ms (> 0), the latency "
                                  "objective of one request in milliseconds")
+    if not isinstance(model_thread, bool):
+        raise LithosRequestError(f"model_thread must be True or False, got {model_thread!r}")
     if not (isinstance(latency_window_s, (int, float)) and 1 <= latency_window_s <= 3600):
         raise LithosRequestError(f"latency_window_s must be 1..3600 seconds, got {latency_window_s!r}")
     user_actor_options = dict(serve_kwargs.pop("ray_actor_options", None) or {})
@@ -72,20 +84,41 @@ def deployment(_class=None, *, tpc: int, slo_ms: float, gpu_index: int | None = 
             raise LithosRequestError(f"lithos_ray.serve.deployment takes a class, got {cls!r}; put a function "
                                      f"into a class's __call__")
         return serve.deployment(ray_actor_options=actor_options, **serve_kwargs)(
-            _instrument(cls, float(slo_ms), float(latency_window_s)))
+            _instrument(cls, float(slo_ms), float(latency_window_s), model_thread))
 
     return wrap(_class) if _class is not None else wrap
 
 
-def _instrument(cls, slo_ms: float, window_s: float):
-    """A subclass of `cls` whose requests are timed and whose autoscaling stats carry lithos signals."""
+class _ModelThread:
+    """One thread that runs calls one at a time, in the order they come (a FIFO executor)."""
+
+    def __init__(self):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lithos-model")
+        self._ident = self._executor.submit(threading.get_ident).result()
+
+    def is_current(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the model thread with the caller's context variables (Serve's request
+        context); blocks the calling thread until it returns, and raises what it raised."""
+        return self._executor.submit(contextvars.copy_context().run, fn, *args, **kwargs).result()
+
+
+def _instrument(cls, slo_ms: float, window_s: float, model_thread: bool):
+    """A subclass of `cls` whose requests are timed (and run on its model thread) and whose autoscaling
+    stats carry lithos signals."""
     original_init = cls.__init__
     user_stats = getattr(cls, "record_autoscaling_stats", None)
     namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
 
     def __init__(self, *args, **kwargs):
         self._lithos_recorder = _replica_recorder(slo_ms, window_s)
-        original_init(self, *args, **kwargs)
+        self._lithos_model_thread = _ModelThread() if model_thread else None
+        if self._lithos_model_thread:
+            self._lithos_model_thread.call(original_init, self, *args, **kwargs)
+        else:
+            original_init(self, *args, **kwargs)
 
     def lithos_stats(self) -> dict:
         summary = self._lithos_recorder.summary()
@@ -134,7 +167,10 @@ def _timed(method):
     def timed(self, *args, **kwargs):
         start_s = time.monotonic()
         try:
-            return method(self, *args, **kwargs)
+            runner = self._lithos_model_thread
+            if runner is None or runner.is_current():   # off, or one request method calling another
+                return method(self, *args, **kwargs)
+            return runner.call(method, self, *args, **kwargs)
         finally:
             self._lithos_recorder.observe(start_s, time.monotonic())
     return timed

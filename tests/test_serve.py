@@ -6,6 +6,7 @@ One Ray cluster (and one Serve instance) for the whole module; every actor uses 
 import logging
 import os
 import socket
+import threading
 import time
 import urllib.request
 
@@ -65,10 +66,12 @@ class EchoBody:
     def __init__(self):
         import lithos_ray
         self.grant = lithos_ray.current_grant()
+        self.init_thread = threading.current_thread().name
 
     def __call__(self, ms: float) -> dict:
         time.sleep(ms / 1000)
-        return {"pid": os.getpid(), "tpcs": self.grant.tpcs, "slo": os.environ.get("LITHOS_SLO_MS")}
+        return {"pid": os.getpid(), "tpcs": self.grant.tpcs, "slo": os.environ.get("LITHOS_SLO_MS"),
+                "thread": threading.current_thread().name, "init_thread": self.init_thread}
 
     async def ping(self) -> str:
         return "pong"
@@ -126,6 +129,7 @@ def test_slo_autoscaling_config_and_plan_limit():
     (dict(tpc=4, slo_ms=-1), "slo_ms"),
     (dict(tpc=67, slo_ms=10), "more than any GPU of this cluster"),
     (dict(tpc=4, slo_ms=10, ray_actor_options={"scheduling_strategy": "SPREAD"}), "Serve does not accept"),
+    (dict(tpc=4, slo_ms=10, model_thread="yes"), "model_thread must be True or False"),
 ])
 def test_bad_deployment_options_fail_at_the_boundary(cluster, kwargs, needle):
     with pytest.raises(LithosRequestError, match=needle):
@@ -159,6 +163,14 @@ def test_replica_is_a_latency_critical_client_and_its_latency_feeds_back(cluster
         count = [l for l in lines if l.startswith("ray_lithos_client_latency_ms_count{")]
         return attainment and attainment[0].endswith(" 0.75") and count and count[0].endswith(" 8.0")
     wait_for(exported_after_the_slow_requests, what="the attainment and latency count in Prometheus")
+
+    # __init__ and every request ran on the one model thread; requests sent together run one at a time
+    assert {(r["thread"], r["init_thread"]) for r in replies} == {(replies[0]["init_thread"],) * 2}
+    assert replies[0]["thread"].startswith("lithos-model")
+    start = time.monotonic()
+    together = [handle.remote(100) for _ in range(3)]
+    assert {r.result()["thread"] for r in together} == {replies[0]["thread"]}
+    assert time.monotonic() - start >= 0.3
     serve.delete("echo")
     wait_for(lambda: not clients(), what="the replica's grant to be released")
 
