@@ -186,6 +186,8 @@ typedef struct {
 typedef struct allowance_route {
     uint64_t tpc_mask[LITHOS_MASK_WORDS];
     view_ctx views[2]; /* LITHOS_VIEW_TPC, LITHOS_VIEW_COSCHED; green == NULL: no such view */
+    int one_view;      /* both views are one green context of whole co-scheduled groups: every kernel
+                        * goes to the TPC view's streams (no switch between views, no extra pair) */
     int failed;        /* a borrowed set whose TPC view could not be built: never used, never rebuilt */
     struct allowance_route *next;
 } allowance_route;
@@ -670,25 +672,18 @@ static int build_view(view_ctx *view, CUdevResource *groups, unsigned count) {
 static int mask_has(const uint64_t *mask, unsigned tpc) { return (mask[tpc / 64] >> (tpc % 64)) & 1u; }
 
 /* The green contexts of one TPC set (1-2 ms on an H100). Needs no lock: it reads only what
- * prepare_device fixed. Returns NULL without memory, else a route (failed = 1 without a TPC view). */
+ * prepare_device fixed. Returns NULL without memory, else a route (failed = 1 without a TPC view).
+ * When the co-scheduled 8-SM groups inside the set cover all of it (Ray grants whole groups), one
+ * green context of those groups serves both views (one_view). */
 static allowance_route *build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
     allowance_route *r = calloc(1, sizeof(*r));
     if (!r) return NULL;
     memcpy(r->tpc_mask, mask, sizeof(r->tpc_mask));
-    CUdevResource picked[LITHOS_MAX_TPCS];
-    unsigned n = 0;
+    CUdevResource picked[LITHOS_MAX_TPCS], cosched[LITHOS_MAX_TPCS];
+    unsigned n = 0, groups = 0, cosched_tpcs = 0;
     for (unsigned t = 0; t < g.tpc_group_count; t++)
         if (mask_has(mask, t)) picked[n++] = g.tpc_groups[t];
-    r->views[LITHOS_VIEW_TPC].tpcs = (uint16_t)n;
-    if (n == 0 || build_view(&r->views[LITHOS_VIEW_TPC], picked, n) != 0) {
-        notice_once(WARN_ROUTE, "cannot build a green context for a set of %u TPCs: launches on it pass through or "
-                    "stay on the own TPCs", n);
-        r->failed = 1;
-        return r;
-    }
     /* Co-scheduled view: the 8-SM groups whose TPCs all lie in the allowance. */
-    n = 0;
-    unsigned cosched_tpcs = 0;
     if (__atomic_load_n(&g.table->cosched_probed[0], __ATOMIC_ACQUIRE)) {
         for (unsigned c = 0; c < g.cosched_group_count; c++) {
             unsigned members = 0, allowed = 0;
@@ -698,13 +693,26 @@ static allowance_route *build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
                     allowed += mask_has(mask, t);
                 }
             if (members > 0 && members == allowed) {
-                picked[n++] = g.cosched_groups[c];
+                cosched[groups++] = g.cosched_groups[c];
                 cosched_tpcs += members;
             }
         }
     }
+    r->views[LITHOS_VIEW_TPC].tpcs = (uint16_t)n;
     r->views[LITHOS_VIEW_COSCHED].tpcs = (uint16_t)cosched_tpcs;
-    if (n > 0 && build_view(&r->views[LITHOS_VIEW_COSCHED], picked, n) != 0) r->views[LITHOS_VIEW_COSCHED].green = NULL;
+    if (n > 0 && cosched_tpcs == n && build_view(&r->views[LITHOS_VIEW_COSCHED], cosched, groups) == 0) {
+        r->views[LITHOS_VIEW_TPC] = r->views[LITHOS_VIEW_COSCHED];
+        r->one_view = 1;
+        return r;
+    }
+    r->views[LITHOS_VIEW_COSCHED].green = NULL;
+    if (n == 0 || build_view(&r->views[LITHOS_VIEW_TPC], picked, n) != 0) {
+        notice_once(WARN_ROUTE, "cannot build a green context for a set of %u TPCs: launches on it pass through or "
+                    "stay on the own TPCs", n);
+        r->failed = 1;
+        return r;
+    }
+    if (groups > 0 && build_view(&r->views[LITHOS_VIEW_COSCHED], cosched, groups) != 0) r->views[LITHOS_VIEW_COSCHED].green = NULL;
     if (!r->views[LITHOS_VIEW_COSCHED].green)
         notice_once(WARN_COSCHED, "%s: kernels with clusters > 2 pass through unconfined",
                     g.table->cosched_probed[0] ? "no co-scheduled 8-SM group lies inside the allowance"
@@ -1649,13 +1657,15 @@ static CUresult route_launch(launch_request *q) {
     }
     publish_activity(q, now_ns, lend.predicted_ns);
     route = lend.route;
-    /* Entry for (app stream, view, route, priority): thread cache, then the locked list. */
-    unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)view + ((uintptr_t)route >> 4) * 3 +
+    /* Entry for (app stream, view, route, priority): thread cache, then the locked list. A one-view
+     * route's cluster kernels share the TPC view's entry (one green context), so runs go on. */
+    int pair_view = view == LITHOS_VIEW_COSCHED && route->one_view ? (int)LITHOS_VIEW_TPC : view;
+    unsigned h = (unsigned)(((uintptr_t)app_stream >> 3) * 2 + (unsigned)pair_view + ((uintptr_t)route >> 4) * 3 +
                             (unsigned)lend.low_priority) % TLS_PAIRS;
     stream_pair *p = tls.pairs[h];
-    if (!p || !pair_matches(p, ctx, app_stream, p->thread, route, view, lend.low_priority)) {
+    if (!p || !pair_matches(p, ctx, app_stream, p->thread, route, pair_view, lend.low_priority)) {
         pthread_mutex_lock(&g.lock);
-        p = find_or_build_pair(ctx, app_stream, route, view, lend.low_priority);
+        p = find_or_build_pair(ctx, app_stream, route, pair_view, lend.low_priority);
         pthread_mutex_unlock(&g.lock);
         if (!p) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
         tls.pairs[h] = p;

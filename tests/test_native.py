@@ -1173,6 +1173,31 @@ def test_cluster_kernels_borrow_whole_cosched_groups_only(fake_driver, lend_tabl
     assert launch_places(lines)[-1][0] == 4                                # the union's 4 co-scheduled groups
 
 
+def test_whole_cosched_groups_give_one_green_context_for_cluster_and_plain_kernels(fake_driver, lend_table):
+    """An allowance of whole co-scheduled groups (as Ray grants) covers the same SMs in both views, so
+    one green context of those groups serves every kernel: on the default stream, plain and cluster
+    kernels in turn stay one deferred run (no events between them); on a created stream all go direct."""
+    lend_table.set_lending(0, [], low_priority=False)
+    for cosched_map, expected_greens in (([t // 4 for t in range(60)] + [255] * 6, ["groups=2"]),   # 0-7 = groups 0, 1
+                                         ([255] * 66, ["groups=8"])):                               # no group: TPC view only
+        lend_table.set_cosched_map(cosched_map)
+        lines = run_lending_client("""
+        s = create(1)
+        for stream in (None, s):
+            for function in (0x77, 0xc1, 0x77, 0xc1):
+                launch_fn(function, stream)
+        c = (ctypes.c_uint64 * 4)(); lib.lithos_client_launch_counts(c, 4); show("counts", *c)
+        show_log()
+        """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))
+        assert [w[2] for w in lines if w[0] == "cuGreenCtxCreate"] == expected_greens
+        direct, paired, unconfined, continued = map(int, lines[0][1:])
+        if expected_greens == ["groups=2"]:
+            assert (direct, paired, unconfined, continued) == (4, 4, 0, 3)
+            assert len({stream for _, stream in launch_places(lines)}) == 2   # one green stream each
+        else:                                              # cluster kernels have no view: unconfined
+            assert (direct, paired, unconfined) == (2, 4, 2)   # on the created stream via a helper pair
+
+
 def test_clients_write_only_their_own_activity_word(fake_driver, lend_table):
     code = """
     import os
