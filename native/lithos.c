@@ -186,6 +186,7 @@ typedef struct {
 typedef struct allowance_route {
     uint64_t tpc_mask[LITHOS_MASK_WORDS];
     view_ctx views[2]; /* LITHOS_VIEW_TPC, LITHOS_VIEW_COSCHED; green == NULL: no such view */
+    int whole_gpu;     /* every TPC of the GPU: no green context, launches go on the app stream itself */
     int one_view;      /* both views are one green context of whole co-scheduled groups: every kernel
                         * goes to the TPC view's streams (no switch between views, no extra pair) */
     int failed;        /* a borrowed set whose TPC view could not be built: never used, never rebuilt */
@@ -315,8 +316,8 @@ static __thread struct {
         uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
     } queues[TLS_QUEUES];
     unsigned queue_next;
-    CUcontext graph_timing_ctx; /* of graph_timing: this thread's graph replays (made at the first sampled one) */
-    timing_set graph_timing;
+    CUcontext app_timing_ctx; /* of graph_timing: this thread's graph replays (made at the first sampled one) */
+    timing_set app_timing;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
     uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
     uint64_t joins[LITHOS_JOIN_COUNTS];     /* this thread's deferred-join events, for tools */
@@ -732,7 +733,15 @@ static allowance_route *find_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
 static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
     allowance_route *r = find_route(mask);
     if (r && !r->failed) return r;
-    r = build_route(mask);
+    unsigned tpcs = 0;
+    for (unsigned t = 0; t < g.tpc_group_count; t++) tpcs += mask_has(mask, t);
+    if (tpcs > 0 && tpcs == g.tpc_group_count && (r = calloc(1, sizeof(*r)))) { /* the whole GPU: nothing to confine */
+        memcpy(r->tpc_mask, mask, sizeof(r->tpc_mask));
+        r->whole_gpu = 1;
+        r->views[LITHOS_VIEW_TPC].tpcs = r->views[LITHOS_VIEW_COSCHED].tpcs = (uint16_t)tpcs;
+    } else {
+        r = build_route(mask);
+    }
     if (r && r->failed) {
         free(r);
         return NULL;
@@ -968,6 +977,7 @@ static int green_streams_usable(CUstream green_stream) {
 /* Called with g.lock held: create the application's stream as a green stream of the route's TPC
  * view. Returns the owned entry, or NULL (the caller creates an ordinary stream). */
 static stream_pair *build_owned_stream(CUcontext app_ctx, allowance_route *route, unsigned flags, int priority) {
+    if (route->whole_gpu) return NULL; /* an ordinary stream is the whole GPU */
     view_ctx *v = &route->views[LITHOS_VIEW_TPC];
     stream_pair *p = calloc(1, sizeof(*p));
     if (!p) return NULL;
@@ -1574,21 +1584,22 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
     return r;
 }
 
-/* This thread's graph timing events, in the context of `stream` (events and stream must share
- * one), made once per thread and context (a replaced context's are destroyed; a thread that exits
- * leaves its 8 events: few threads replay graphs). NULL when they cannot be made. */
-static timing_set *graph_timing(CUstream stream) {
+/* This thread's timing events for launches on app streams (graph replays, whole-GPU launches), in the
+ * context of `stream` (events and stream must share one), made once per thread and context (a
+ * replaced context's are destroyed; a thread that exits leaves its 8 events). NULL when they cannot
+ * be made. */
+static timing_set *app_stream_timing(CUstream stream) {
     CUcontext ctx = NULL;
     if (drv_cuStreamGetCtx(stream, &ctx) != CUDA_SUCCESS || !ctx) return NULL;
-    if (tls.graph_timing_ctx != ctx) {
-        timing_destroy(&tls.graph_timing);
+    if (tls.app_timing_ctx != ctx) {
+        timing_destroy(&tls.app_timing);
         pthread_mutex_lock(&g.lock);
-        int made = timing_create(&tls.graph_timing, ctx);
+        int made = timing_create(&tls.app_timing, ctx);
         pthread_mutex_unlock(&g.lock);
-        tls.graph_timing_ctx = made ? ctx : NULL;
+        tls.app_timing_ctx = made ? ctx : NULL;
         if (!made) return NULL;
     }
-    return &tls.graph_timing;
+    return &tls.app_timing;
 }
 
 /* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
@@ -1606,12 +1617,34 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
     publish_activity(q, now_ns, longest_ns);
     flush_if_pending(); /* a graph ends every deferred run */
     if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, longest_ns); /* kernels behind it start after it */
-    timing_set *timing = sample_due() ? graph_timing(app_stream) : NULL;
+    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
     int pair = timing ? timing_begin(timing, app_stream) : -1;
     CUresult r = call_real(q, q->stream);
     tls.launches[PATH_UNCONFINED]++;
     if (r == CUDA_SUCCESS) {
         uint64_t ticket = record_launch(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, now_ns);
+        if (timing) timing_end(timing, pair, app_stream, ticket);
+    }
+    return r;
+}
+
+/* A whole-GPU allowance: the kernel on the app stream itself, as without the shim (no green context,
+ * no events but a sampled launch's timing pair), recorded in its view on every TPC. */
+static CUresult launch_whole_gpu(launch_request *q, const allowance_route *route, const func_info *info,
+                                 const unsigned cluster[3], uint64_t generation, const lithos_kernel_key *key,
+                                 CUstream app_stream, uint64_t now_ns) {
+    int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    unsigned tpcs = route->views[view].tpcs;
+    lend_choice lend = {.route = (allowance_route *)route, .own_tpcs = (uint16_t)tpcs};
+    lend.predicted_ns = predict_ns(key, tpcs);
+    publish_activity(q, now_ns, lend.predicted_ns);
+    flush_if_pending();
+    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
+    int pair = timing ? timing_begin(timing, app_stream) : -1;
+    CUresult r = call_real(q, q->stream);
+    tls.launches[PATH_DIRECT]++;
+    if (r == CUDA_SUCCESS) {
+        uint64_t ticket = record_launch(q, info, cluster, view, tpcs, generation, &lend, now_ns);
         if (timing) timing_end(timing, pair, app_stream, ticket);
     }
     return r;
@@ -1638,6 +1671,7 @@ static CUresult route_launch(launch_request *q) {
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
+    if (route->whole_gpu) return launch_whole_gpu(q, route, info, cluster, generation, &key, app_stream, now_ns);
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
     uint64_t *stream_end_ns = NULL;

@@ -1198,6 +1198,34 @@ def test_whole_cosched_groups_give_one_green_context_for_cluster_and_plain_kerne
             assert (direct, paired, unconfined) == (2, 4, 2)   # on the created stream via a helper pair
 
 
+def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_shim(fake_driver, lend_table):
+    """Every TPC allowed: nothing to confine, so no green context, no helper stream, no events (but a
+    sampled launch's timing pair); launches are recorded in their view on all 66 TPCs."""
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    lend_table.set_lending(0, [], low_priority=False)
+    lend_table.clear(1)
+    lend_table.set_allowance(0, list(range(66)))
+    for sample_every in ("0", "1"):
+        lines = run_lending_client("""
+        s = create(1)
+        for stream in (None, s):
+            for function in (0x77, 0xc1):
+                launch_fn(function, stream)
+        c = (ctypes.c_uint64 * 4)(); lib.lithos_client_launch_counts(c, 4); show("counts", *c)
+        show("stream", hex(s))
+        show_log()
+        """, lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY=sample_every))
+        counts, (_, stream), log_lines = lines[0], lines[1], lines[2:]
+        assert counts == ["counts", "4", "0", "0", "0"]
+        assert not [w for w in log_lines if w[0].startswith("cuGreenCtx")]
+        assert [w[1] for w in log_lines if w[0] == "cuLaunchKernel"] == ["0", "0", stream, stream], log_lines
+        records = lend_table.read_launches(0)[0][-4:]
+        assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["tpc", "cosched"] * 2
+        assert [int(r["tpcs"]) for r in records] == [66] * 4
+        events = [w for w in log_lines if w[0] == "cuEventRecord"]
+        assert (len(events) == 8) if sample_every == "1" else not events, log_lines
+
+
 def test_clients_write_only_their_own_activity_word(fake_driver, lend_table):
     code = """
     import os

@@ -9,6 +9,11 @@ plain runs use PyTorch's default stream (the legacy stream 0, which the shim mus
 LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 3x as many, in alternating blocks
 of AB_BLOCK steps with the shim's work on and bypassed (lithos_client_set_bypass); prints
 {"resnet50_train_ms": {"shim": [...], "bypass": [...]}, "bert_base_infer_ms": {...}}.
+
+LITHOS_E2E_GREEN=1 (without the shim): the two steps on a stream of a green context holding every
+co-scheduled 8-SM group (120 of 132 SMs on an H100), made here with cuda-python: the SMs a lithos
+client granted those groups runs on, without the shim. Prints {"resnet50_train_ms": [...],
+"bert_base_infer_ms": [...], "green_sms": N}.
 """
 import ctypes
 import json
@@ -18,6 +23,7 @@ import time
 import torch
 
 AB = os.environ.get("LITHOS_E2E_AB") == "1"
+GREEN = os.environ.get("LITHOS_E2E_GREEN") == "1"
 AB_BLOCK = 5
 _set_bypass = ctypes.CDLL(None).lithos_client_set_bypass if AB else None
 
@@ -34,6 +40,7 @@ def timed(fn, warmup, steps):
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()   # a green context's stream: a device sync may not wait for it
         elapsed_ms = (time.perf_counter() - start) * 1e3
         if AB:
             times["bypass" if bypass else "shim"].append(elapsed_ms)
@@ -42,6 +49,26 @@ def timed(fn, warmup, steps):
     if AB:
         _set_bypass(0)
     return times
+
+
+def cosched_green_stream():
+    """(a torch stream of a green context of all co-scheduled 8-SM groups, its SM count)."""
+    from cuda.bindings import driver as cu
+
+    def check(result):
+        err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA call failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    torch.zeros(1, device="cuda")   # the primary context, current on this thread
+    device = check(cu.cuDeviceGet(torch.cuda.current_device()))
+    all_sms = check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    groups, count, _ = check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, 8))
+    desc = check(cu.cuDevResourceGenerateDesc(groups[:count], count))
+    green = check(cu.cuGreenCtxCreate(desc, device, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+    stream = check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+    return torch.cuda.ExternalStream(int(stream)), sum(int(g.sm.smCount) for g in groups[:count])
 
 
 def on_side_stream(make):
@@ -82,6 +109,11 @@ def bert_base():
 
 if AB:
     print(json.dumps({"resnet50_train_ms": resnet50(), "bert_base_infer_ms": bert_base()}), flush=True)
+elif GREEN:
+    green_stream, green_sms = cosched_green_stream()
+    with torch.cuda.stream(green_stream):
+        print(json.dumps({"resnet50_train_ms": resnet50(), "bert_base_infer_ms": bert_base(), "green_sms": green_sms}),
+              flush=True)
 else:
     print(json.dumps({"resnet50_train_ms": resnet50(), "bert_base_infer_ms": bert_base(),
                       "resnet50_train_side_stream_ms": on_side_stream(resnet50),

@@ -1,5 +1,8 @@
 """Overhead evidence: per-launch host time of 1e5 empty kernels and end-to-end step times,
-with and without liblithos.so (allowance: all 66 TPCs, so only the shim's cost shows).
+with and without liblithos.so. Two allowances: the whole GPU (all 66 TPCs: launches go on the
+program's streams, only the shim's bookkeeping shows) and every co-scheduled 8-SM group (60 TPCs =
+120 SMs, as Ray grants whole groups: the confined paths, green streams and deferred joins), compared
+with the same program on a 120-SM green context without the shim (e2e_worker.py LITHOS_E2E_GREEN=1).
 
 usage: python benchmarks/native/overhead.py OUT_DIR [--in-process-only]
 Writes OUT_DIR/native_overhead.json and .png (--in-process-only: OUT_DIR/native_overhead_in_process.json,
@@ -89,13 +92,17 @@ def build_binary(work) -> str:
 
 
 def setup():
-    """The launch benchmark built, and an allowance table with slot 0 = all 66 TPCs: (work dir, binary, table, shim env)."""
+    """The launch benchmark built, and an allowance table with slot 0 = the whole GPU and slot 1 = every
+    TPC of a co-scheduled group (one process at a time uses the table, so the two may overlap):
+    (work dir, binary, table, shim env of slot 0, shim env of slot 1)."""
     work = tempfile.mkdtemp(prefix="lithos-overhead-")
     binary = build_binary(work)
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native.probe_layout_into(table)
     table.set_allowance(0, list(range(66)))
-    return work, binary, table, {**os.environ, **native.client_env(table.path, 0)}
+    table.set_allowance(1, sorted(t for tpcs in table.cosched_groups().values() for t in tpcs))
+    return (work, binary, table, {**os.environ, **native.client_env(table.path, 0)},
+            {**os.environ, **native.client_env(table.path, 1)})
 
 
 def e2e_in_process(shim_env) -> tuple[dict, dict]:
@@ -110,10 +117,10 @@ def e2e_in_process(shim_env) -> tuple[dict, dict]:
 
 def main_in_process_only(out_dir):
     """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
-    work, binary, table, shim_env = setup()
+    work, binary, table, whole_gpu_env, groups_env = setup()
     try:
-        result = in_process_ab(binary, shim_env, work)
-        e2e, steps = e2e_in_process(shim_env)
+        result = in_process_ab(binary, groups_env, work)
+        e2e, steps = e2e_in_process(whole_gpu_env)
     finally:
         table.close()
     payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --in-process-only"),
@@ -122,11 +129,11 @@ def main_in_process_only(out_dir):
                "added_per_launch_in_process": result, "end_to_end_in_process": e2e, "end_to_end_raw_ms": steps,
                "notes": "one shimmed process per run: cuLaunchKernel of an empty kernel through the shim's hook (even "
                         "blocks of 256) and through the real driver function behind it (odd blocks), same stream; "
-                        "allowance = all 66 TPCs, lending off. 'legacy': the real arm launches on the legacy stream "
-                        "itself, the shim's on a green stream (a deferred run). end_to_end_in_process: one shimmed "
-                        "process (e2e_worker.py, LITHOS_E2E_AB=1), default-stream steps in alternating blocks of 5 with the "
-                        "shim's work on and bypassed (lithos_client_set_bypass): bypassed launches run where the program "
-                        "put them (the legacy stream, whole GPU), so cluster kernels get 132 instead of 120 SMs there."}
+                        "allowance = every co-scheduled group (60 TPCs), lending off. 'legacy': the real arm launches on "
+                        "the legacy stream itself, the shim's on a green stream (a deferred run). end_to_end_in_process: "
+                        "one shimmed process with the whole GPU allowed (e2e_worker.py, LITHOS_E2E_AB=1), default-stream "
+                        "steps in alternating blocks of 5 with the shim's work on and bypassed (lithos_client_set_bypass); "
+                        "both arms launch on the program's stream."}
     write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
     print(json.dumps({"added_per_launch_in_process": result, "end_to_end_in_process": e2e}, indent=1))
     plot_in_process(payload, os.path.join(out_dir, "native_overhead_in_process.png"))
@@ -161,27 +168,56 @@ def plot_in_process(payload, path):
     print(f"wrote {path}")
 
 
+# End-to-end arms: (shim env key or None, extra env). Without the shim: the whole GPU, and the same
+# program on a 120-SM green context (the SMs of every co-scheduled group).
+E2E_ARMS = {"plain": (None, {}), "shim_whole_gpu": ("whole_gpu", {}), "plain_120_sms": (None, {"LITHOS_E2E_GREEN": "1"}),
+            "shim_groups": ("groups", {}), "shim_groups_no_defer": ("groups", {"LITHOS_DEFER_JOIN": "0"})}
+# ratio name -> (arm, baseline arm)
+E2E_RATIOS = {"whole_gpu_shim_vs_plain_percent": ("shim_whole_gpu", "plain"),
+              "groups_shim_vs_plain_120_sms_percent": ("shim_groups", "plain_120_sms"),
+              "groups_no_defer_vs_plain_120_sms_percent": ("shim_groups_no_defer", "plain_120_sms")}
+
+
+def e2e_summarize(e2e: dict) -> dict:
+    """Per workload: median ms per arm (median of its runs' medians), the ratios of E2E_RATIOS (a
+    side-stream workload's 120-SM baseline is the default-stream one: that baseline runs on a stream
+    it created) and the plain runs' spread."""
+    summary = {}
+    for workload in WORKLOADS:
+        per_run = {arm: [float(np.median(run[workload if workload in run else workload.replace("_side_stream", "")]))
+                         for run in runs] for arm, runs in e2e.items()}
+        medians = {arm: float(np.median(values)) for arm, values in per_run.items()}
+        summary[workload] = {"median_ms": medians, "per_run_median_ms": per_run,
+                             **{name: 100.0 * (medians[arm] / medians[base] - 1.0) for name, (arm, base) in E2E_RATIOS.items()},
+                             "plain_run_spread_percent": 100.0 * (max(per_run["plain"]) / min(per_run["plain"]) - 1.0)}
+    return summary
+
+
 def main(out_dir):
-    work, binary, table, shim_env = setup()
-    no_defer_env = {**shim_env, "LITHOS_DEFER_JOIN": "0"}
+    work, binary, table, whole_gpu_env, groups_env = setup()
+    shim_envs = {"whole_gpu": whole_gpu_env, "groups": groups_env}
     launch, launch_paths = {}, {}
     try:
         for trial in range(LAUNCH_TRIALS):  # interleaved: plain, shim, plain, shim, ... per stream kind
             for mode, (binary_mode, extra_env) in CASES.items():
-                for name, env in (("plain", dict(os.environ)), ("shim", {**shim_env, **extra_env})):
+                for name, env in (("plain", dict(os.environ)), ("shim", {**groups_env, **extra_env})):
                     raw = os.path.join(work, f"{mode}_{name}{trial}.bin")
                     proc = subprocess.run([binary, str(LAUNCHES), raw, binary_mode], env=env, check=True, capture_output=True,
                                           text=True, preexec_fn=pinned_to(LAUNCH_CPUS))
                     launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        in_process = in_process_ab(binary, shim_env, work)
-        e2e_ab, e2e_ab_raw = e2e_in_process(shim_env)
-        e2e = {"plain": [], "shim": [], "shim_no_defer": []}
-        for trial in range(E2E_TRIALS):  # interleaved: plain, shim, shim without deferred joins, plain, ...
-            for name, env in (("plain", dict(os.environ)), ("shim", shim_env), ("shim_no_defer", no_defer_env)):
-                e2e[name].append(run_e2e_worker(env))
-        records, _ = table.read_launches(0, max_records=4096)
+        in_process = in_process_ab(binary, groups_env, work)
+        e2e_ab, e2e_ab_raw = e2e_in_process(whole_gpu_env)
+        e2e = {arm: [] for arm in E2E_ARMS}
+        for trial in range(E2E_TRIALS):  # interleaved: every arm once, then again
+            for arm, (shim, extra_env) in E2E_ARMS.items():
+                e2e[arm].append(run_e2e_worker({**(shim_envs[shim] if shim else os.environ), **extra_env}))
+        views = {}
+        for slot in (0, 1):
+            records, _ = table.read_launches(slot, max_records=4096)
+            summary = native.summarize_launches(records, len(records))
+            views["whole_gpu" if slot == 0 else "groups"] = {v: summary[v] for v in native.VIEW_NAMES.values() if summary[v]}
     finally:
         table.close()
     stats = {name: [percentiles(a) for a in arrays] for name, arrays in launch.items()}
@@ -192,16 +228,7 @@ def main(out_dir):
                        "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(plain_all, 99)),
                        "per_trial_median_ns": [float(np.median(s) - np.median(p)) for p, s in
                                                zip(launch[f"{mode}_plain"], launch[f"{mode}_shim"])]}
-    e2e_summary = {}
-    for workload in WORKLOADS:
-        per_run = {name: [float(np.median(run[workload])) for run in e2e[name]] for name in e2e}
-        medians = {name: float(np.median(values)) for name, values in per_run.items()}
-        e2e_summary[workload] = {"median_ms": medians, "per_run_median_ms": per_run,
-                                 "shim_vs_plain_percent": 100.0 * (medians["shim"] / medians["plain"] - 1.0),
-                                 "shim_no_defer_vs_plain_percent": 100.0 * (medians["shim_no_defer"] / medians["plain"] - 1.0),
-                                 "plain_run_spread_percent": 100.0 * (max(per_run["plain"]) / min(per_run["plain"]) - 1.0)}
-    summary = native.summarize_launches(records, len(records))
-    views = {name: summary[name] for name in native.VIEW_NAMES.values() if summary[name]}
+    e2e_summary = e2e_summarize(e2e)
     payload = {**metadata("python benchmarks/native/overhead.py " + out_dir),
                "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
                           "cpus": sorted(LAUNCH_CPUS) if usable(LAUNCH_CPUS) else "any",
@@ -209,26 +236,26 @@ def main(out_dir):
                           "added_per_launch_in_process": in_process},
                "end_to_end_in_process": e2e_ab, "end_to_end_in_process_raw_ms": e2e_ab_raw,
                "end_to_end": e2e_summary, "end_to_end_raw_ms": e2e, "shim_launch_views_sample": views,
-               "notes": "allowance = all 66 TPCs; cluster>2 kernels run in the co-scheduled view (the 8-SM groups "
-                        "cover 120 of 132 SMs on an H100), so part of the e2e difference is fewer SMs, not call overhead. "
-                        "launch modes: 'stream' = a cudaStreamNonBlocking stream the program creates (a green stream "
-                        "under the shim: direct path), 'legacy' = the default stream 0 (paired path with deferred joins: "
-                        "events only at the start of a run and at the join, here every 256 launches at cudaStreamSynchronize), "
-                        "'legacy_no_defer' = the same with LITHOS_DEFER_JOIN=0 (4 event calls per launch). "
-                        "e2e shim_no_defer = the shim with LITHOS_DEFER_JOIN=0; "
-                        "e2e *_side_stream = the same step inside torch.cuda.stream(torch.cuda.Stream()); "
-                        "added_per_launch_in_process: one shimmed process, cuLaunchKernel through the shim's hook vs the real "
-                        "driver function behind it (lithos_client_real_hook), alternating blocks of 256 on the same stream "
-                        "(on the default stream the real arm launches on the legacy stream itself, the shim on a green stream); "
-                        "end_to_end_in_process: one shimmed process, default-stream steps in alternating blocks of 5 with "
-                        "the shim's work on and bypassed (lithos_client_set_bypass)"}
+               "notes": "launch benchmarks: allowance = every co-scheduled group (60 TPCs, 120 SMs; one green context "
+                        "for plain and cluster kernels). launch modes: 'stream' = a cudaStreamNonBlocking stream the "
+                        "program creates (a green stream under the shim: direct path), 'legacy' = the default stream 0 "
+                        "(paired path with deferred joins: events only at the start of a run and at the join, here every "
+                        "256 launches at cudaStreamSynchronize), 'legacy_no_defer' = the same with LITHOS_DEFER_JOIN=0 "
+                        "(4 event calls per launch). added_per_launch_in_process: one shimmed process, cuLaunchKernel "
+                        "through the shim's hook vs the real driver function behind it (lithos_client_real_hook), "
+                        "alternating blocks of 256 on the same stream. End to end (arms interleaved, E2E_ARMS): plain = "
+                        "no shim, whole GPU; shim_whole_gpu = all 66 TPCs allowed (launches on the program's streams); "
+                        "plain_120_sms = no shim, the steps on a green context of every co-scheduled group "
+                        "(e2e_worker.py LITHOS_E2E_GREEN=1); shim_groups = those groups allowed, on the default stream "
+                        "(paired, deferred joins) and inside torch.cuda.stream(torch.cuda.Stream()) (*_side_stream: a "
+                        "green stream, direct); shim_groups_no_defer = LITHOS_DEFER_JOIN=0. end_to_end_in_process: one "
+                        "shimmed process with the whole GPU allowed, default-stream steps in alternating blocks of 5 with "
+                        "the shim's work on and bypassed (lithos_client_set_bypass)."}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
     print(json.dumps({"added_per_launch": added, "added_per_launch_in_process": in_process,
-                      "end_to_end_in_process": e2e_ab,
-                      "shim_launch_paths": launch_paths,
-                      "end_to_end": {k: {"median_ms": v["median_ms"], "shim_vs_plain_percent": round(v["shim_vs_plain_percent"], 1),
-                                         "shim_no_defer_vs_plain_percent": round(v["shim_no_defer_vs_plain_percent"], 1),
-                                         "plain_run_spread_percent": round(v["plain_run_spread_percent"], 1)}
+                      "end_to_end_in_process": e2e_ab, "shim_launch_paths": launch_paths,
+                      "end_to_end": {k: {"median_ms": v["median_ms"],
+                                         **{r: round(v[r], 1) for r in (*E2E_RATIOS, "plain_run_spread_percent")}}
                                      for k, v in e2e_summary.items()}}, indent=1))
     plot(launch, e2e_summary, os.path.join(out_dir, "native_overhead.png"))
 
@@ -241,7 +268,7 @@ def plot(launch, e2e_summary, path):
     for mode, style in zip(MODES, ("-", "--", ":")):
         for name, color in (("plain", "C0"), ("shim", "C3")):
             data = np.sort(np.concatenate(launch[f"{mode}_{name}"])) / 1000.0
-            left.plot(data, np.linspace(0, 1, len(data)), color=color, ls=style, label=f"{name}, {mode} stream")
+            left.plot(data, np.linspace(0, 1, len(data)), color=color, ls=style, label=f"{name}, {mode}")
     left.set_xscale("log")
     left.set_xlabel("host time per cudaLaunchKernel (us)")
     left.set_ylabel("CDF")
@@ -250,13 +277,16 @@ def plot(launch, e2e_summary, path):
     names = list(e2e_summary)
     labels = [n.replace("_ms", "").replace("_side_stream", "\nside stream") for n in names]
     x = np.arange(len(names))
-    right.bar(x - 0.27, [e2e_summary[n]["median_ms"]["plain"] for n in names], 0.27, color="C0", label="plain")
-    right.bar(x, [e2e_summary[n]["median_ms"]["shim"] for n in names], 0.27, color="C3", label="shim")
-    right.bar(x + 0.27, [e2e_summary[n]["median_ms"]["shim_no_defer"] for n in names], 0.27, color="C1",
-              label="shim, LITHOS_DEFER_JOIN=0")
+    arms = list(E2E_ARMS)
+    width = 0.8 / len(arms)
+    for k, arm in enumerate(arms):
+        right.bar(x + (k - (len(arms) - 1) / 2) * width, [e2e_summary[n]["median_ms"][arm] for n in names], width,
+                  color=f"C{k}", label=arm)
     for i, n in enumerate(names):
-        right.text(i, e2e_summary[n]["median_ms"]["shim"], f"{e2e_summary[n]['shim_vs_plain_percent']:+.0f}%",
-                   ha="center", va="bottom", fontsize=8)
+        right.text(i, max(e2e_summary[n]["median_ms"].values()) * 1.02,
+                   f"whole GPU {e2e_summary[n]['whole_gpu_shim_vs_plain_percent']:+.1f}%\n"
+                   f"120 SMs {e2e_summary[n]['groups_shim_vs_plain_120_sms_percent']:+.1f}%", ha="center", va="bottom", fontsize=7)
+    right.set_ylim(0, max(max(v["median_ms"].values()) for v in e2e_summary.values()) * 1.25)
     right.set_xticks(x, labels, fontsize=7)
     right.set_ylabel("median ms per step")
     right.legend(fontsize=8)
