@@ -82,7 +82,11 @@ def test_launches_are_recorded_with_their_allowance(table):
     assert 0.15 < sorted(timed)[len(timed) // 2] < 0.3
 
 
-def test_torch_library_kernels_run_confined_without_errors(table):
+@pytest.mark.parametrize("allowance", ["0-31", "groups", "all"])
+def test_torch_library_kernels_run_confined_without_errors(table, allowance):
+    """cuBLAS (cluster GEMMs among them), cuDNN and SDPA under three allowances: TPCs 0-31 (co-scheduled
+    groups 0-3 and 16 TPCs in no whole group: two green contexts), every co-scheduled group (one green
+    context for all kernels) and the whole GPU (the program's own streams)."""
     code = ("import torch\n"
             "for dt in (torch.float16, torch.bfloat16, torch.float32):\n"
             "    for n in (64, 256, 4096):\n"
@@ -93,16 +97,17 @@ def test_torch_library_kernels_run_confined_without_errors(table):
             "q = torch.randn(4, 12, 128, 64, device='cuda', dtype=torch.half)\n"
             "torch.nn.functional.scaled_dot_product_attention(q, q, q)\n"
             "torch.cuda.synchronize(); print('ok')\n")
-    table.set_allowance(2, list(range(0, 32)))  # holds co-scheduled groups 0..3 (see the probe's map)
+    tpcs = {"0-31": list(range(0, 32)), "all": list(range(66)),
+            "groups": sorted(t for group in table.cosched_groups().values() for t in group)}[allowance]
+    table.set_allowance(2, tpcs)
     start = native.LaunchRing(native.ring_path(table.path, 2)).head()
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **native.client_env(table.path, 2)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
     records, _ = table.read_launches(2, since_index=start)
-    views = {int(r["view"]) for r in records}
-    assert 0 in views  # TPC view used
-    assert any(int(r["view"]) == 1 for r in records if int(r["cluster"].prod()) > 2) or not any(
-        int(r["cluster"].prod()) > 2 for r in records)
+    assert {int(r["tpcs"]) for r in records if int(r["view"]) == 0} == {len(tpcs)}  # TPC view: the allowance
+    clustered = [r for r in records if int(r["cluster"].prod()) > 2]
+    assert all(int(r["view"]) == 1 for r in clustered)  # co-scheduled view, never unconfined
 
 
 def test_mps_start_query_stop():
