@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.colocate import metrics, plan, report  # noqa: E402
-from benchmarks.colocate.driver import lending_stats  # noqa: E402
+from benchmarks.colocate.driver import ActivitySampler, lending_stats  # noqa: E402
 from lithos_ray import bench_colocate  # noqa: E402
 from lithos_ray.errors import LithosRequestError  # noqa: E402
 
@@ -331,3 +331,30 @@ def test_shim_lending_outcomes_are_summed_per_workload_over_trials():
     phases = [{"workloads": {"train": {"shim_counts": {"launch_paths": {}, "lending": counts}},
                              "bert": {"shim_counts": {"lending": {"borrowed": 0}}}, "plain": {"status": "ok"}}}] * 2
     assert shim_lending_outcomes(phases) == {"train": {"borrowed": 6, "unknown": 2, "no_idle_lender": 0}}
+
+
+def test_activity_sampler_tells_idle_from_recent_launches_and_predicted_work():
+    """Three lenders as a borrower's launch-path rule sees them: idle; launched 0.1 ms ago; last launch
+    long ago but 5 ms of predicted work left. The report line gives each one's shares."""
+    import threading
+    import time
+    from lithos_ray.scheduler.lending import ActivityWord
+    sampled = threading.Event()
+
+    class Table:
+        def activity(self, slot):
+            now = time.monotonic_ns()
+            if slot == 2:
+                sampled.set()
+            return {0: ActivityWord(None, 0), 1: ActivityWord(now - 100_000, now),
+                    2: ActivityWord(now - 10_000_000, now + 5_000_000)}[slot]
+
+    sampler = ActivitySampler(Table(), [0, 1, 2], idle_window_us=500)
+    assert sampled.wait(5)
+    activity = sampler.finish()
+    assert activity[0]["idle_share"] == 1 and activity[0]["predicted_busy_ahead_ms_p50"] is None
+    assert activity[1]["recent_launch_share"] == 1
+    assert activity[2]["predicted_busy_share"] == 1 and 4.9 < activity[2]["predicted_busy_ahead_ms_p50"] <= 5
+    line = report.activity_summary([{"slot_names": {0: "bert", 1: "resnet", 2: "gpt2"}, "activity": activity}])
+    assert line.startswith("bert idle 100%, recent launch 0%, predicted busy 0%; resnet idle 0%, recent launch 100%")
+    assert "gpt2 idle 0%, recent launch 0%, predicted busy 100% (ahead p50 " in line

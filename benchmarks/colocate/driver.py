@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 READY_TIMEOUT_S = 240.0
 REPLY_MARGIN_S = 60.0
 RING_POLL_S = 0.02
+ACTIVITY_POLL_S = 0.001
 OVERRUN_FACTOR = 1.15   # phases still due after budget_s x this are skipped (the device call must end)
 
 
@@ -125,6 +126,51 @@ class RingCollector:
         self._thread.join()
         self._read_all()
         return {slot: (np.concatenate(parts) if parts else None) for slot, parts in self.records.items()}
+
+
+class ActivitySampler:
+    """Reads the shim slots' activity words every ACTIVITY_POLL_S while a phase runs and counts, per
+    slot, how often a borrower would have found it idle (the launch-path rule), busy because it
+    launched within the idle window, or busy only because its predicted work had not ended."""
+
+    def __init__(self, table, slots: list[int], idle_window_us: float):
+        from lithos_ray.scheduler.lending import lender_is_idle
+        self._table, self._slots, self._idle = table, slots, lender_is_idle
+        self._window_ns = int(idle_window_us * 1000)
+        self.counts = {slot: {"samples": 0, "idle": 0, "recent_launch": 0, "predicted_busy": 0} for slot in slots}
+        self._ahead_ns: dict[int, list[int]] = {slot: [] for slot in slots}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(ACTIVITY_POLL_S):
+            for slot in self._slots:
+                word, now_ns = self._table.activity(slot), time.monotonic_ns()
+                counts = self.counts[slot]
+                counts["samples"] += 1
+                if self._idle(word, now_ns, self._window_ns):
+                    counts["idle"] += 1
+                elif word.last_launch_ns is not None and now_ns - word.last_launch_ns < self._window_ns:
+                    counts["recent_launch"] += 1
+                else:
+                    counts["predicted_busy"] += 1
+                    self._ahead_ns[slot].append(word.busy_until_ns - now_ns)
+
+    def finish(self) -> dict[int, dict]:
+        """Per slot: samples, and the shares idle / recent launch / predicted busy; for the last, the
+        median and p99 of how far ahead busy_until was (ms)."""
+        self._stop.set()
+        self._thread.join()
+        out = {}
+        for slot, counts in self.counts.items():
+            n = max(1, counts["samples"])
+            ahead = np.asarray(self._ahead_ns[slot], dtype=float) / 1e6
+            out[slot] = {"samples": counts["samples"],
+                         **{f"{k}_share": counts[k] / n for k in ("idle", "recent_launch", "predicted_busy")},
+                         "predicted_busy_ahead_ms_p50": float(np.median(ahead)) if ahead.size else None,
+                         "predicted_busy_ahead_ms_p99": float(np.percentile(ahead, 99)) if ahead.size else None}
+        return out
 
 
 def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
@@ -352,6 +398,8 @@ class Run:
                 worker.error = str(exc)
                 result["workloads"][name] = {"status": f"failed: {exc}"}
         collector = RingCollector(self.table.path, list(shim["slots"].values())) if shim and running else None
+        idle_window_us = scheduler_module("lending").DEFAULT_IDLE_WINDOW_US
+        sampler = ActivitySampler(self.table, list(shim["slots"].values()), idle_window_us) if collector else None
         timeout_s = PHASE_LEAD_S + self.plan.warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
         for name, worker in running.items():
             try:
@@ -366,8 +414,9 @@ class Run:
             slots = shim["slots"]
             quotas = {slot: tuple(shim["quota_tpcs"][name]) for name, slot in slots.items()}
             owners = [slot for name, slot in slots.items() if self.plan.workloads[name].role == LATENCY_CRITICAL]
-            result["lending"] = lending_stats(records, quotas, owners, scheduler_module("lending").DEFAULT_IDLE_WINDOW_US)
+            result["lending"] = lending_stats(records, quotas, owners, idle_window_us)
             result["lending"]["slot_names"] = {slot: name for name, slot in slots.items()}
+            result["lending"]["activity"] = sampler.finish()
         result["status"] = "ok" if all(w.get("status") == "ok" for w in result["workloads"].values()) else "partial"
         return result
 

@@ -201,6 +201,9 @@ def table(analysis: dict) -> str:
                 lines.append(f"{mix_name} {system}/{variant}: " + "; ".join(parts))
                 if cell.get("lending_per_trial"):
                     lines.append("    " + lending_summary(cell["lending_per_trial"]))
+                    activity = activity_summary(cell["lending_per_trial"])
+                    if activity:
+                        lines.append("    activity words as borrowers saw them: " + activity)
                 for name, outcomes in cell.get("shim_lending_outcomes", {}).items():
                     lines.append(f"    {name} launches that may borrow: " +
                                  ", ".join(f"{k} {v}" for k, v in outcomes.items() if v))
@@ -250,6 +253,32 @@ def lending_summary(per_trial: list[dict]) -> str:
         text += f", grids within the borrower's own SMs {min(v for v in small_grids if v is not None):.0%}-" \
                 f"{max(v for v in small_grids if v is not None):.0%}"
     return text
+
+
+def activity_summary(per_trial: list[dict]) -> str:
+    """Per slot, over a cell's trials (sample-weighted): the share of the phase its activity word said
+    idle, launched within the idle window, or busy only by its predicted work (and how far ahead)."""
+    totals: dict[str, dict] = {}
+    for trial in per_trial:
+        names = trial.get("slot_names", {})
+        for slot, entry in trial.get("activity", {}).items():
+            name = names.get(slot, names.get(str(slot), str(slot)))
+            total = totals.setdefault(name, {"samples": 0, "idle": 0.0, "recent_launch": 0.0, "predicted_busy": 0.0,
+                                             "ahead_p50": []})
+            total["samples"] += entry["samples"]
+            for key in ("idle", "recent_launch", "predicted_busy"):
+                total[key] += entry[f"{key}_share"] * entry["samples"]
+            if entry.get("predicted_busy_ahead_ms_p50") is not None:
+                total["ahead_p50"].append(entry["predicted_busy_ahead_ms_p50"])
+    parts = []
+    for name, total in totals.items():
+        n = max(1, total["samples"])
+        text = (f"{name} idle {total['idle'] / n:.0%}, recent launch {total['recent_launch'] / n:.0%}, "
+                f"predicted busy {total['predicted_busy'] / n:.0%}")
+        if total["ahead_p50"]:
+            text += f" (ahead p50 {max(total['ahead_p50']):.1f} ms)"
+        parts.append(text)
+    return "; ".join(parts)
 
 
 def _fmt(stat, spec: str = ".2f") -> str:
