@@ -20,8 +20,8 @@
 #   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
 #      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native
 #   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve
-#   3. (no carry)  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup interference colocate-pace-always
-#      (or: setup colocate, the whole comparison, about 8 minutes)
+#   3. carry [.whl, proto stubs]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup colocate
+#      (the whole comparison, about 8 minutes; or: setup interference colocate-pace-always)
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
