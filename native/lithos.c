@@ -277,9 +277,12 @@ enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUN
 /* Lending outcomes of launches that may borrow, counted per thread (lithos_client_lending_counts):
  * borrowed; idle lenders but their union still being built (own TPCs used); queue too deep; paced
  * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle; the
- * stream was capturing a graph (a captured kernel would keep the lenders' TPCs in every replay). */
+ * stream was capturing a graph (a captured kernel would keep the lenders' TPCs in every replay);
+ * the grid fits the own SMs (no more blocks than SMs: more TPCs cannot make it faster). */
 enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LEND_UNKNOWN = 4,
-       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LITHOS_LEND_COUNTS = 8 };
+       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LEND_FITS_OWN_SMS = 8, LITHOS_LEND_COUNTS = 9 };
+/* SMs per TPC (Hopper). */
+#define SMS_PER_TPC 2u
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
 #define PACE_MAX_ATOMS 40u
 /* LITHOS_LEND_PACE: 0 off; 1 (default) while a lender is idle; "always": whenever the borrower may
@@ -1509,7 +1512,7 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
  * too deep sleeps while it has idle lenders (PACE_ALWAYS: whether or not one is idle), at most one
  * atom at a time (then the lenders and the stream are asked again) and PACE_MAX_ATOMS atoms per
  * launch: its queue drains to where its next kernel may borrow, while the GPU still has its work. */
-static void choose_lending(lend_choice *c, allowance_route *own, int view, uint64_t own_ns,
+static void choose_lending(lend_choice *c, allowance_route *own, int view, uint64_t own_ns, uint64_t grid_blocks,
                            uint64_t *now_ns, uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
     c->route = own;
     c->own_tpcs = own->views[view].tpcs;
@@ -1521,6 +1524,10 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
     uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
     if (!c->predicted_own_ns || c->predicted_own_ns > atom_ns) {
         tls.lending[c->predicted_own_ns ? LEND_TOO_LONG : LEND_UNKNOWN]++;
+        return;
+    }
+    if (grid_blocks <= SMS_PER_TPC * c->own_tpcs) { /* one block per own SM at most: it already runs in one wave */
+        tls.lending[LEND_FITS_OWN_SMS]++;
         return;
     }
     int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
@@ -1685,7 +1692,7 @@ static CUresult route_launch(launch_request *q) {
     } else {
         stream_end_ns = queue_end(ctx, app_stream);
         uint64_t before_ns = now_ns, own_ns = predict_ns(&key, route->views[view].tpcs);
-        choose_lending(&lend, route, view, own_ns, &now_ns, stream_end_ns, ctx, app_stream);
+        choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, stream_end_ns, ctx, app_stream);
         if (now_ns != before_ns && allowance_changed(generation)) return route_launch(q); /* it slept: route again */
         lend.predicted_ns = lend.route == route ? own_ns : predict_ns(&key, lend.route->views[view].tpcs);
     }

@@ -229,15 +229,22 @@ def tpc_state(allowances: Mapping[int, Sequence[int]], words: Mapping[int, Activ
     return TpcState(sum(len(allowances[s]) for s in busy), len(lent_to), lent_to)
 
 
+SMS_PER_TPC = 2
+
+
 def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityWord], now_ns: int,
                       predicted_own_ns: int | None, atom_ns: int, idle_window_ns: int,
-                      queue_ahead_ns: int = 0) -> tuple[int, ...]:
+                      queue_ahead_ns: int = 0, grid_blocks: int | None = None, own_tpcs: int = 0) -> tuple[int, ...]:
     """The lenders whose TPCs this launch adds to the borrower's own quota (possibly none).
 
     predicted_own_ns: the predictor's duration of this kernel on the borrower's own quota (None: unknown).
     queue_ahead_ns: predicted time until the work queued before this kernel on its stream ends.
+    grid_blocks, own_tpcs: a grid of no more blocks than the own quota has SMs already runs in one wave
+    there, so it borrows nothing (None: not known, as for the simulator's kernels).
     """
     if predicted_own_ns is None or queue_ahead_ns + predicted_own_ns > atom_ns:
+        return ()
+    if grid_blocks is not None and grid_blocks <= SMS_PER_TPC * own_tpcs:
         return ()
     return tuple(slot for slot in lender_slots if lender_is_idle(words[slot], now_ns, idle_window_ns))
 

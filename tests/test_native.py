@@ -873,13 +873,15 @@ def lending():
     lib.lithos_client_lending_counts(c, 4)
     return {"borrowed": c[0], "pending": c[1], "too_deep": c[2], "paced": c[3]}
 def show_outcomes():   # every lending outcome, as native.LENDING_OUTCOME_NAMES names them
-    c = (ctypes.c_uint64 * 8)(); lib.lithos_client_lending_counts(c, 8); show(*c)
+    c = (ctypes.c_uint64 * 9)(); lib.lithos_client_lending_counts(c, 9); show(*c)
 def full_log():
     lines = cuda.fake_log().decode().splitlines()
     cuda.fake_log_clear()
     return lines
-def launch_fn(function, stream):
-    assert lib.cuLaunchKernel(ctypes.c_void_p(function), 1, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
+def launch_fn(function, stream, grid=64):   # 64 blocks: more than the 16 SMs of 8 TPCs, so borrowing can help
+    assert lib.cuLaunchKernel(ctypes.c_void_p(function), grid, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
+def launch(stream, grid=64):
+    launch_fn(0x77, stream, grid)
 def warm_then_borrow(stream, function=0x77):
     # every launch is sampled (LITHOS_SAMPLE_EVERY=1); the fake reports FAKE_KERNEL_US per kernel.
     # Launch k sees the samples of launches 1..k-2, so launch 5 is the first with a prediction (3 samples).
@@ -1096,6 +1098,22 @@ def test_an_owner_replaying_a_graph_publishes_its_longest_sample_not_the_median(
     assert word.busy_until_ns == word.last_launch_ns + 400_000          # the longest
 
 
+def test_a_grid_that_fits_the_own_sms_never_borrows(fake_driver, lend_table):
+    """Slot 0 owns 8 TPCs = 16 SMs: a known short kernel of 16 blocks already runs in one wave there
+    and stays on them (fits_own_sms); the same kernel with 17 blocks borrows the idle lender's."""
+    lines = run_lending_client("""
+    s = create(1)
+    for _ in range(6): launch(s, grid=16)
+    show_outcomes()
+    warm_then_borrow(s)
+    show_outcomes()
+    """, lend_env(fake_driver, lend_table))
+    assert outcomes(lines[0])["fits_own_sms"] == 2 and outcomes(lines[0])["unknown"] == 4   # launch 5 is the first predicted
+    assert outcomes(lines[1])["borrowed"] == 1 and outcomes(lines[1])["fits_own_sms"] == 2
+    records, _ = lend_table.read_launches(0)
+    assert [int(r["tpcs"]) for r in records[:6]] == [8] * 6 and int(records[-1]["tpcs"]) == 16
+
+
 def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     lines = run_lending_client("""
     s = create(1)
@@ -1107,7 +1125,7 @@ def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     assert lines[0] == ["counts", "0", "0"]
     assert outcomes(lines[1]) == {
         "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0,
-        "capturing": 0}
+        "capturing": 0, "fits_own_sms": 0}
     lines = lines[1:]
     assert {groups for groups, _ in launch_places(lines)} == {8}
     records, _ = lend_table.read_launches(0)

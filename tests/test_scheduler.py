@@ -195,6 +195,9 @@ def test_launch_rule():
     assert lenders_at_launch((1, 2, 3, 4), words, now, 200_000, atom_ns, idle_ns, queue_ahead_ns=50_000) == (1, 4)
     assert lenders_at_launch((1, 2, 3, 4), words, now, 200_000, atom_ns, idle_ns, queue_ahead_ns=50_001) == ()
     assert lender_is_idle(words[4], now, idle_ns) and not lender_is_idle(words[3], now, idle_ns)
+    # a grid of no more blocks than the own 8 TPCs have SMs (16) runs in one wave there: it borrows nothing
+    assert lenders_at_launch((1, 4), words, now, 200_000, atom_ns, idle_ns, grid_blocks=16, own_tpcs=8) == ()
+    assert lenders_at_launch((1, 4), words, now, 200_000, atom_ns, idle_ns, grid_blocks=17, own_tpcs=8) == (1, 4)
 
 
 def test_activity_word_queues_kernels_of_one_stream():
