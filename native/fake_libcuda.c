@@ -144,6 +144,10 @@ EXPORT CUresult cuGreenCtxCreate(CUgreenCtx *green, CUdevResourceDesc desc, CUde
     logf_("cuGreenCtxCreate %#lx groups=%d", (unsigned long)(uintptr_t)*green, i < 0 ? -1 : owner_value[i]);
     return CUDA_SUCCESS;
 }
+EXPORT CUresult cuGreenCtxDestroy(CUgreenCtx green) {
+    logf_("cuGreenCtxDestroy %#lx", (unsigned long)(uintptr_t)green);
+    return CUDA_SUCCESS;
+}
 /* The converted context of green context G is G + 1. */
 EXPORT CUresult cuCtxFromGreenCtx(CUcontext *ctx, CUgreenCtx green) {
     *ctx = (CUcontext)((uintptr_t)green + 1);

@@ -151,6 +151,7 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuDevSmResourceSplitByCount, "cuDevSmResourceSplitByCount")           \
     X(cuDevResourceGenerateDesc, "cuDevResourceGenerateDesc")               \
     X(cuGreenCtxCreate, "cuGreenCtxCreate")                                 \
+    X(cuGreenCtxDestroy, "cuGreenCtxDestroy")                               \
     X(cuGreenCtxStreamCreate, "cuGreenCtxStreamCreate")                     \
     X(cuEventCreate, "cuEventCreate")                                       \
     X(cuEventDestroy, "cuEventDestroy_v2")                                  \
@@ -278,9 +279,11 @@ enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUN
  * borrowed; idle lenders but their union still being built (own TPCs used); queue too deep; paced
  * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle; the
  * stream was capturing a graph (a captured kernel would keep the lenders' TPCs in every replay);
- * the grid fits the own SMs (no more blocks than SMs: more TPCs cannot make it faster). */
+ * the grid fits the own SMs (no more blocks than SMs: more TPCs cannot make it faster); the union
+ * adds no TPC in the kernel's view (e.g. no whole co-scheduled group for a cluster kernel). */
 enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LEND_UNKNOWN = 4,
-       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LEND_FITS_OWN_SMS = 8, LITHOS_LEND_COUNTS = 9 };
+       LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LEND_FITS_OWN_SMS = 8, LEND_NO_GAIN = 9,
+       LITHOS_LEND_COUNTS = 10 };
 /* SMs per TPC (Hopper). */
 #define SMS_PER_TPC 2u
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
@@ -664,12 +667,18 @@ static const func_info *lookup_func(CUfunction f, func_info *scratch) {
 
 /* ---------------------------------------------------------------- green contexts */
 
+/* Fills view (green context, its CUcontext) or leaves it empty (green NULL) and returns -1. */
 static int build_view(view_ctx *view, CUdevResource *groups, unsigned count) {
     CUdevResourceDesc desc;
-    if (count == 0) return 0;
-    if (drv_cuDevResourceGenerateDesc(&desc, groups, count) != CUDA_SUCCESS) return -1;
-    if (drv_cuGreenCtxCreate(&view->green, desc, g.device, CU_GREEN_CTX_DEFAULT_STREAM) != CUDA_SUCCESS) return -1;
-    if (drv_cuCtxFromGreenCtx(&view->ctx, view->green) != CUDA_SUCCESS) return -1;
+    CUgreenCtx green = NULL;
+    if (count == 0 || drv_cuDevResourceGenerateDesc(&desc, groups, count) != CUDA_SUCCESS ||
+        drv_cuGreenCtxCreate(&green, desc, g.device, CU_GREEN_CTX_DEFAULT_STREAM) != CUDA_SUCCESS)
+        return -1;
+    if (drv_cuCtxFromGreenCtx(&view->ctx, green) != CUDA_SUCCESS) {
+        drv_cuGreenCtxDestroy(green);
+        return -1;
+    }
+    view->green = green;
     return 0;
 }
 
@@ -709,14 +718,14 @@ static allowance_route *build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
         r->one_view = 1;
         return r;
     }
-    r->views[LITHOS_VIEW_COSCHED].green = NULL;
+    if (cosched_tpcs == n) groups = 0; /* that build failed: no co-scheduled view */
     if (n == 0 || build_view(&r->views[LITHOS_VIEW_TPC], picked, n) != 0) {
         notice_once(WARN_ROUTE, "cannot build a green context for a set of %u TPCs: launches on it pass through or "
                     "stay on the own TPCs", n);
         r->failed = 1;
         return r;
     }
-    if (groups > 0 && build_view(&r->views[LITHOS_VIEW_COSCHED], cosched, groups) != 0) r->views[LITHOS_VIEW_COSCHED].green = NULL;
+    if (groups > 0) build_view(&r->views[LITHOS_VIEW_COSCHED], cosched, groups);
     if (!r->views[LITHOS_VIEW_COSCHED].green)
         notice_once(WARN_COSCHED, "%s: kernels with clusters > 2 pass through unconfined",
                     g.table->cosched_probed[0] ? "no co-scheduled 8-SM group lies inside the allowance"
@@ -725,20 +734,21 @@ static allowance_route *build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
 }
 
 /* Called with g.lock held: the route of this exact TPC set, built or failed; NULL if none yet. */
-static allowance_route *find_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
+static allowance_route *find_route(const uint64_t mask[LITHOS_MASK_WORDS], int whole_gpu) {
     for (allowance_route *r = g.routes; r; r = r->next)
-        if (memcmp(r->tpc_mask, mask, sizeof(r->tpc_mask)) == 0) return r;
+        if (r->whole_gpu == whole_gpu && memcmp(r->tpc_mask, mask, sizeof(r->tpc_mask)) == 0) return r;
     return NULL;
 }
 
 /* Called with g.lock held: the route of the slot's own allowance, built here if new (the one
  * green-context build on the launch path, once per distinct allowance). */
 static allowance_route *find_or_build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
-    allowance_route *r = find_route(mask);
-    if (r && !r->failed) return r;
     unsigned tpcs = 0;
     for (unsigned t = 0; t < g.tpc_group_count; t++) tpcs += mask_has(mask, t);
-    if (tpcs > 0 && tpcs == g.tpc_group_count && (r = calloc(1, sizeof(*r)))) { /* the whole GPU: nothing to confine */
+    int whole_gpu = tpcs > 0 && tpcs == g.tpc_group_count; /* nothing to confine (a lending union of every TPC is green) */
+    allowance_route *r = find_route(mask, whole_gpu);
+    if (r && !r->failed) return r;
+    if (whole_gpu && (r = calloc(1, sizeof(*r)))) {
         memcpy(r->tpc_mask, mask, sizeof(r->tpc_mask));
         r->whole_gpu = 1;
         r->views[LITHOS_VIEW_TPC].tpcs = r->views[LITHOS_VIEW_COSCHED].tpcs = (uint16_t)tpcs;
@@ -805,7 +815,7 @@ static allowance_route *union_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
         if (tls.unions[i].route && memcmp(tls.unions[i].tpc_mask, mask, sizeof(tls.unions[i].tpc_mask)) == 0)
             return tls.unions[i].route->failed ? NULL : tls.unions[i].route;
     pthread_mutex_lock(&g.lock);
-    allowance_route *r = find_route(mask);
+    allowance_route *r = find_route(mask, 0);
     if (!r) request_build(mask);
     pthread_mutex_unlock(&g.lock);
     if (!r) return NULL;
@@ -1572,7 +1582,10 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
         tls.lending[LEND_UNION_PENDING]++;
         return;
     }
-    if (!u->views[view].green || u->views[view].tpcs <= c->own_tpcs) return; /* e.g. no whole co-scheduled group gained */
+    if (!u->views[view].green || u->views[view].tpcs <= c->own_tpcs) {
+        tls.lending[LEND_NO_GAIN]++;
+        return;
+    }
     c->route = u;
     c->lenders_used = lenders;
     c->low_priority = low_priority;
@@ -1639,13 +1652,14 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
  * no events but a sampled launch's timing pair), recorded in its view on every TPC. */
 static CUresult launch_whole_gpu(launch_request *q, const allowance_route *route, const func_info *info,
                                  const unsigned cluster[3], uint64_t generation, const lithos_kernel_key *key,
-                                 CUstream app_stream, uint64_t now_ns) {
+                                 CUcontext ctx, CUstream app_stream, uint64_t now_ns) {
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     unsigned tpcs = route->views[view].tpcs;
     lend_choice lend = {.route = (allowance_route *)route, .own_tpcs = (uint16_t)tpcs};
     lend.predicted_ns = predict_ns(key, tpcs);
     publish_activity(q, now_ns, lend.predicted_ns);
     flush_if_pending();
+    queue_after_launch(queue_end(ctx, app_stream), now_ns, lend.predicted_ns);
     timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
     int pair = timing ? timing_begin(timing, app_stream) : -1;
     CUresult r = call_real(q, q->stream);
@@ -1678,7 +1692,11 @@ static CUresult route_launch(launch_request *q) {
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
-    if (route->whole_gpu) return launch_whole_gpu(q, route, info, cluster, generation, &key, app_stream, now_ns);
+    if (route->whole_gpu) { /* a green stream of an earlier allowance falls through to the unconfined pair */
+        CUcontext stream_ctx = NULL;
+        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx))
+            return launch_whole_gpu(q, route, info, cluster, generation, &key, ctx, app_stream, now_ns);
+    }
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
     uint64_t *stream_end_ns = NULL;

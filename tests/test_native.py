@@ -873,7 +873,7 @@ def lending():
     lib.lithos_client_lending_counts(c, 4)
     return {"borrowed": c[0], "pending": c[1], "too_deep": c[2], "paced": c[3]}
 def show_outcomes():   # every lending outcome, as native.LENDING_OUTCOME_NAMES names them
-    c = (ctypes.c_uint64 * 9)(); lib.lithos_client_lending_counts(c, 9); show(*c)
+    c = (ctypes.c_uint64 * 10)(); lib.lithos_client_lending_counts(c, 10); show(*c)
 def full_log():
     lines = cuda.fake_log().decode().splitlines()
     cuda.fake_log_clear()
@@ -1125,7 +1125,7 @@ def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     assert lines[0] == ["counts", "0", "0"]
     assert outcomes(lines[1]) == {
         "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0,
-        "capturing": 0, "fits_own_sms": 0}
+        "capturing": 0, "fits_own_sms": 0, "no_gain": 0}
     lines = lines[1:]
     assert {groups for groups, _ in launch_places(lines)} == {8}
     records, _ = lend_table.read_launches(0)
@@ -1242,6 +1242,59 @@ def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_sh
         assert [int(r["tpcs"]) for r in records] == [66] * 4
         events = [w for w in log_lines if w[0] == "cuEventRecord"]
         assert (len(events) == 8) if sample_every == "1" else not events, log_lines
+
+
+def test_after_the_whole_gpu_is_allowed_a_green_stream_of_an_earlier_allowance_is_left_for_an_ordinary_one(
+        fake_driver, lend_table):
+    """A stream created while 8 TPCs were allowed is a green stream of those 8; once every TPC is
+    allowed its launches go to a helper stream of the ordinary context (ordered by events), never onto
+    that green stream, while the default stream takes its launches itself."""
+    lend_table.set_lending(0, [], low_priority=False)
+    code = """
+    s = create(1)
+    show(hex(s))
+    wait_for_parent()          # the parent allows every TPC
+    full_log()
+    launch_fn(0x77, s); launch_fn(0xc1, s); launch_fn(0x77, None)
+    show_log()
+    """
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + textwrap.dedent(code)],
+                            env=lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    s = proc.stdout.readline().split()[0]
+    assert proc.stdout.readline().strip() == "ready"
+    lend_table.clear(1)
+    lend_table.set_allowance(0, list(range(66)))
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    launches = [w[1] for w in (line.split() for line in out.splitlines()) if w[0] == "cuLaunchKernel"]
+    assert len(launches) == 3 and launches[0] == launches[1] != s and launches[2] == "0"
+    records = lend_table.read_launches(0)[0][-3:]
+    assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["unconfined", "unconfined", "tpc"]
+
+
+def test_a_lending_union_of_every_tpc_is_a_green_route_even_after_a_whole_gpu_allowance(fake_driver, lend_table):
+    """Once allowed every TPC, then 0-7 with lender slot 1 on 8-65 idle: the union of all 66 TPCs is
+    built as green contexts (not the whole-GPU route of before), and the launch borrows."""
+    lend_table.set_allowance(1, list(range(8, 66)))
+    code = """
+    s = create(1)
+    launch_fn(0x77, None)
+    wait_for_parent()          # the parent allows 0-7 and lends 8-65
+    s = create(1)
+    warm_then_borrow(s)
+    show_outcomes()
+    """
+    lend_table.set_allowance(0, list(range(66)))
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + textwrap.dedent(code)],
+                            env=lend_env(fake_driver, lend_table), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    lend_table.set_allowance(0, list(range(8)))
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert outcomes(out.split())["borrowed"] == 1
+    assert int(lend_table.read_launches(0)[0][-1]["tpcs"]) == 66
 
 
 def test_clients_write_only_their_own_activity_word(fake_driver, lend_table):
