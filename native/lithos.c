@@ -686,7 +686,7 @@ static int mask_has(const uint64_t *mask, unsigned tpc) { return (mask[tpc / 64]
 
 /* The green contexts of one TPC set (1-2 ms on an H100). Needs no lock: it reads only what
  * prepare_device fixed. Returns NULL without memory, else a route (failed = 1 without a TPC view).
- * When the co-scheduled 8-SM groups inside the set cover all of it (Ray grants whole groups), one
+ * When the co-scheduled 8-SM groups inside the set cover all of it (Ray grants a multiple of 4 TPCs so), one
  * green context of those groups serves both views (one_view). */
 static allowance_route *build_route(const uint64_t mask[LITHOS_MASK_WORDS]) {
     allowance_route *r = calloc(1, sizeof(*r));
