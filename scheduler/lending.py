@@ -240,7 +240,7 @@ def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityW
     predicted_own_ns: the predictor's duration of this kernel on the borrower's own quota (None: unknown).
     queue_ahead_ns: predicted time until the work queued before this kernel on its stream ends.
     grid_blocks, own_tpcs: a grid of no more blocks than the own quota has SMs already runs in one wave
-    there, so it borrows nothing (None: not known, as for the simulator's kernels).
+    there, so it borrows nothing (None: not known; the simulator passes 2 x a kernel's saturation TPCs).
     """
     if predicted_own_ns is None or queue_ahead_ns + predicted_own_ns > atom_ns:
         return ()

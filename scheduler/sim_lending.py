@@ -41,8 +41,8 @@ from typing import Sequence
 import numpy as np
 
 from .gpu_models import GpuModel
-from .lending import (ActivityWord, ClientState, LendingPolicy, after_launch, check_priority, lenders_at_launch,
-                      plan_lending)
+from .lending import (SMS_PER_TPC, ActivityWord, ClientState, LendingPolicy, after_launch, check_priority,
+                      lenders_at_launch, plan_lending)
 from .predictor import KernelKey, LatencyPredictor, PredictorAccuracy, prediction_accuracy
 from .simulated import (_FINISHED_FRACTION, MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSequence, Workload,
                         _validate_tpc_ids, check_new_client, check_run_arguments, client_arrivals_ms)
@@ -287,10 +287,13 @@ class _Run:
             return ()
         policy = self.policy
         now_ns = round(now_ms * 1e6)
-        key = self.kernels[c][self.next_kernel[c]][3]
+        _, _, saturation, key = self.kernels[c][self.next_kernel[c]]
         predicted_own_ns = self.predictors[c].predict_ns(key, self.quota_tpcs[c])
+        # a kernel that saturates within the own TPCs stands for a grid within the own SMs
+        blocks = None if saturation is None or math.isinf(saturation) else math.ceil(SMS_PER_TPC * saturation)
+        grid = dict(grid_blocks=blocks, own_tpcs=self.quota_tpcs[c])
         lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns,
-                                    policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0)
+                                    policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0, **grid)
         pace_always = self.gpu.pacing == "always" and self.low_priority[c] and predicted_own_ns is not None \
             and predicted_own_ns <= policy.atom_ns
         if not self.gpu.queue_term or (not lenders and not pace_always):
@@ -312,7 +315,7 @@ class _Run:
         if not lenders:
             return ()
         return lenders_at_launch(lenders, self.words, now_ns, predicted_own_ns,
-                                 policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=ahead_ns)
+                                 policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=ahead_ns, **grid)
 
     def issue(self, c: int, now_ms: float, lenders: tuple[int, ...]) -> None:
         """Client c's CPU issues its next kernel on its own TPCs plus `lenders`' (after_launch as the shim)."""
