@@ -1622,6 +1622,25 @@ static timing_set *app_stream_timing(CUstream stream) {
     return &tls.app_timing;
 }
 
+/* A launch on the app stream itself (graph replays, whole-GPU allowances): publishes busy_ns, pays
+ * owed joins, counts in the stream's queue estimate, times a sampled launch there, records it. */
+static CUresult launch_on_app_stream(launch_request *q, const func_info *info, const unsigned cluster[3], int view,
+                                     unsigned tpcs, uint64_t generation, const lend_choice *lend, uint64_t busy_ns,
+                                     CUcontext ctx, CUstream app_stream, uint64_t now_ns, int path) {
+    publish_activity(q, now_ns, busy_ns);
+    flush_if_pending();
+    if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, busy_ns); /* kernels behind it start after it */
+    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
+    int pair = timing ? timing_begin(timing, app_stream) : -1;
+    CUresult r = call_real(q, q->stream);
+    tls.launches[path]++;
+    if (r == CUDA_SUCCESS) {
+        uint64_t ticket = record_launch(q, info, cluster, view, tpcs, generation, lend, now_ns);
+        if (timing) timing_end(timing, pair, app_stream, ticket);
+    }
+    return r;
+}
+
 /* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
  * (the allowance then). Sampled replays are timed by an event pair on the app stream and fed to the
  * predictor keyed (graph exec, 0, 0) on the current allowance's TPCs (after an allowance change
@@ -1634,41 +1653,8 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
     uint64_t longest_ns = 0;
     if (g.predictor)
         lend.predicted_ns = lithos_predictor_predict_longest_ns(g.predictor, (uint64_t)(uintptr_t)q->graph, 0, 0, tpcs, &longest_ns);
-    publish_activity(q, now_ns, longest_ns);
-    flush_if_pending(); /* a graph ends every deferred run */
-    if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, longest_ns); /* kernels behind it start after it */
-    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
-    int pair = timing ? timing_begin(timing, app_stream) : -1;
-    CUresult r = call_real(q, q->stream);
-    tls.launches[PATH_UNCONFINED]++;
-    if (r == CUDA_SUCCESS) {
-        uint64_t ticket = record_launch(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, now_ns);
-        if (timing) timing_end(timing, pair, app_stream, ticket);
-    }
-    return r;
-}
-
-/* A whole-GPU allowance: the kernel on the app stream itself, as without the shim (no green context,
- * no events but a sampled launch's timing pair), recorded in its view on every TPC. */
-static CUresult launch_whole_gpu(launch_request *q, const allowance_route *route, const func_info *info,
-                                 const unsigned cluster[3], uint64_t generation, const lithos_kernel_key *key,
-                                 CUcontext ctx, CUstream app_stream, uint64_t now_ns) {
-    int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    unsigned tpcs = route->views[view].tpcs;
-    lend_choice lend = {.route = (allowance_route *)route, .own_tpcs = (uint16_t)tpcs};
-    lend.predicted_ns = predict_ns(key, tpcs);
-    publish_activity(q, now_ns, lend.predicted_ns);
-    flush_if_pending();
-    queue_after_launch(queue_end(ctx, app_stream), now_ns, lend.predicted_ns);
-    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
-    int pair = timing ? timing_begin(timing, app_stream) : -1;
-    CUresult r = call_real(q, q->stream);
-    tls.launches[PATH_DIRECT]++;
-    if (r == CUDA_SUCCESS) {
-        uint64_t ticket = record_launch(q, info, cluster, view, tpcs, generation, &lend, now_ns);
-        if (timing) timing_end(timing, pair, app_stream, ticket);
-    }
-    return r;
+    return launch_on_app_stream(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, longest_ns,
+                                ctx, app_stream, now_ns, PATH_UNCONFINED);
 }
 
 static CUresult route_launch(launch_request *q) {
@@ -1692,13 +1678,18 @@ static CUresult route_launch(launch_request *q) {
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
-    if (route->whole_gpu) { /* a green stream of an earlier allowance falls through to the unconfined pair */
-        CUcontext stream_ctx = NULL;
-        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx))
-            return launch_whole_gpu(q, route, info, cluster, generation, &key, ctx, app_stream, now_ns);
-    }
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     lend_choice lend = {.route = route};
+    if (route->whole_gpu) { /* as without the shim; a green stream of an earlier allowance goes to the unconfined pair */
+        CUcontext stream_ctx = NULL;
+        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx)) {
+            unsigned tpcs = route->views[view].tpcs;
+            lend.own_tpcs = (uint16_t)tpcs;
+            lend.predicted_ns = predict_ns(&key, tpcs);
+            return launch_on_app_stream(q, info, cluster, view, tpcs, generation, &lend, lend.predicted_ns, ctx, app_stream,
+                                        now_ns, PATH_DIRECT);
+        }
+    }
     uint64_t *stream_end_ns = NULL;
     if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
         /* Unconfined: on the app stream when it is the context's own; a created stream may be a green
@@ -1914,20 +1905,24 @@ EXPORT void *lithos_client_real_hook(const char *name) {
     return e ? *e->real : NULL;
 }
 
-/* For tests and tools: this thread's launches by path (direct on an owned green stream, paired
- * with events, unconfined). Returns the number of paths filled. */
-EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {
-    int n = max_counts < LITHOS_PATHS ? max_counts : LITHOS_PATHS;
-    for (int i = 0; i < n; i++) counts[i] = tls.launches[i];
+/* The first min(max_counts, n) of one of this thread's counters into out; returns how many. */
+static int copy_counts(uint64_t *out, int max_counts, const uint64_t *counts, int n) {
+    if (max_counts < n) n = max_counts;
+    for (int i = 0; i < n; i++) out[i] = counts[i];
     return n;
+}
+
+/* For tests and tools: this thread's launches by path (direct on an owned green stream or, for a
+ * whole-GPU allowance, on the app stream; paired with events; unconfined; continued runs).
+ * Returns the number of paths filled. */
+EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {
+    return copy_counts(counts, max_counts, tls.launches, LITHOS_PATHS);
 }
 
 /* For tests and tools: this thread's deferred-join events (runs started, joins paid, joins made to
  * the legacy stream for another thread's per-thread stream). Returns the number filled. */
 EXPORT int lithos_client_join_counts(uint64_t *counts, int max_counts) {
-    int n = max_counts < LITHOS_JOIN_COUNTS ? max_counts : LITHOS_JOIN_COUNTS;
-    for (int i = 0; i < n; i++) counts[i] = tls.joins[i];
-    return n;
+    return copy_counts(counts, max_counts, tls.joins, LITHOS_JOIN_COUNTS);
 }
 
 /* For tests and tools: the driver-call stubs, pool first (in hand-out order), then the exported
@@ -1952,9 +1947,7 @@ EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes)
 /* For tests and tools: this thread's lending outcomes (the LEND_* counts, in order). Returns the
  * number filled. */
 EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {
-    int n = max_counts < LITHOS_LEND_COUNTS ? max_counts : LITHOS_LEND_COUNTS;
-    for (int i = 0; i < n; i++) counts[i] = tls.lending[i];
-    return n;
+    return copy_counts(counts, max_counts, tls.lending, LITHOS_LEND_COUNTS);
 }
 
 /* For tests and tools: wait until the builder thread has built every queued union. Returns 0, or
