@@ -77,10 +77,10 @@ class ModelServer:
         return (time.perf_counter() - start) * 1000, (time.thread_time() - cpu_start) * 1000
 
     def __call__(self, request=None) -> dict:
-        from lithos_ray.native import thread_launch_counts, thread_lending_counts
+        from lithos_ray.native import thread_shim_counts
         service_ms, cpu_ms = self._timed_run_with_cpu()   # on the replica's model thread, one request at a time
         return {"service_ms": service_ms, "cpu_ms": cpu_ms, "solo_ms": self.solo_ms, **self.environment,
-                "launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}
+                **thread_shim_counts()}
 
 
 def _build_torch_model(workload: str, cuda_graph: bool = False):

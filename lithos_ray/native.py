@@ -401,11 +401,12 @@ class AllowanceTable:
                 pass
         os.close(self._fd)
         if unlink and self._owner:
-            for path in [ring_path(self.path, slot) for slot in range(self.max_slots)] + [activity_path(self.path)]:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            for slot in range(self.max_slots):
+                self.remove_ring(slot)
+            try:
+                os.unlink(activity_path(self.path))
+            except FileNotFoundError:
+                pass
             os.unlink(self.path)
 
 
@@ -547,6 +548,11 @@ def thread_lending_counts() -> dict[str, int] | None:
     return _thread_counts("lithos_client_lending_counts", LENDING_OUTCOME_NAMES)
 
 
+def thread_shim_counts() -> dict[str, dict[str, int] | None]:
+    """This thread's {"launch_paths": ..., "lending": ...} (each None without the shim)."""
+    return {"launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}
+
+
 def preload_with_shim(existing: str = "") -> str:
     """LD_PRELOAD value with the shim first and `existing` entries after it (no duplicate)."""
     path = library_path()
@@ -563,6 +569,23 @@ def client_env(table_path: str, slot: int) -> dict[str, str]:
             ENV_SLOT: str(int(slot))}
 
 
+def cuda_check(result):
+    """A cuda-bindings call's result without its error code; raises on an error."""
+    err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA call failed: {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def green_stream(device, resources: list):
+    """(green context, a non-blocking stream of it) holding the SM `resources` (cuda-bindings objects)."""
+    from cuda.bindings import driver as cu  # lazy: GPU machines only
+
+    desc = cuda_check(cu.cuDevResourceGenerateDesc(list(resources), len(resources)))
+    green = cuda_check(cu.cuGreenCtxCreate(desc, device, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
+    return green, cuda_check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+
+
 def probe_cosched_map(device_index: int = 0) -> list[int]:
     """Which co-scheduled 8-SM group holds each TPC group, found from %smid (needs a GPU, no MPS).
 
@@ -572,12 +595,7 @@ def probe_cosched_map(device_index: int = 0) -> list[int]:
     """
     from cuda.bindings import driver as cu, nvrtc  # lazy: GPU machines only
 
-    def check(result):
-        err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-        if int(err) != 0:
-            raise RuntimeError(f"CUDA call failed: {err}")
-        return rest[0] if len(rest) == 1 else rest
-
+    check = cuda_check
     check(cu.cuInit(0))
     device = check(cu.cuDeviceGet(device_index))
     context = check(cu.cuDevicePrimaryCtxRetain(device))
@@ -595,9 +613,7 @@ def probe_cosched_map(device_index: int = 0) -> list[int]:
     params = np.array([pointer.ctypes.data], dtype=np.uint64)
 
     def sms_of(group) -> set[int]:
-        desc = check(cu.cuDevResourceGenerateDesc([group], 1))
-        green = check(cu.cuGreenCtxCreate(desc, device, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-        stream = check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+        green, stream = green_stream(device, [group])
         check(cu.cuLaunchKernel(function, blocks, 1, 1, 32, 1, 1, 0, stream, params.ctypes.data, 0))
         check(cu.cuStreamSynchronize(stream))
         host = np.zeros(blocks, dtype=np.uint32)

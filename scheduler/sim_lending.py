@@ -291,9 +291,8 @@ class _Run:
         predicted_own_ns = self.predictors[c].predict_ns(key, self.quota_tpcs[c])
         # a kernel that saturates within the own TPCs stands for a grid within the own SMs
         blocks = None if saturation is None or math.isinf(saturation) else math.ceil(SMS_PER_TPC * saturation)
-        grid = dict(grid_blocks=blocks, own_tpcs=self.quota_tpcs[c])
-        lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns,
-                                    policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=0, **grid)
+        lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns, policy.atom_ns,
+                                    policy.idle_window_ns, queue_ahead_ns=0, grid_blocks=blocks, own_tpcs=self.quota_tpcs[c])
         pace_always = self.gpu.pacing == "always" and self.low_priority[c] and predicted_own_ns is not None \
             and predicted_own_ns <= policy.atom_ns
         if not self.gpu.queue_term or (not lenders and not pace_always):
@@ -312,10 +311,7 @@ class _Run:
                 self.pace_began_ns[c] = began_ns
                 self.pace_until_ms[c] = (now_ns + min(nap_ns, policy.atom_ns, left_ns)) / 1e6
                 return None
-        if not lenders:
-            return ()
-        return lenders_at_launch(lenders, self.words, now_ns, predicted_own_ns,
-                                 policy.atom_ns, policy.idle_window_ns, queue_ahead_ns=ahead_ns, **grid)
+        return lenders if ahead_ns + predicted_own_ns <= policy.atom_ns else ()   # the queue term on the idle lenders
 
     def issue(self, c: int, now_ms: float, lenders: tuple[int, ...]) -> None:
         """Client c's CPU issues its next kernel on its own TPCs plus `lenders`' (after_launch as the shim)."""
@@ -326,8 +322,8 @@ class _Run:
         predicted_ns = self.predictors[c].predict_ns(key, tpcs)
         old_word = self.words[c]
         self.words[c] = after_launch(old_word, now_ns, predicted_ns, policy.unknown_kernel_busy_ns)
-        self.queue_end_ns[c] = max(self.queue_end_ns[c], now_ns) + \
-            (policy.unknown_kernel_busy_ns if predicted_ns is None else predicted_ns)
+        self.queue_end_ns[c] = after_launch(ActivityWord(None, self.queue_end_ns[c]), now_ns, predicted_ns,
+                                            policy.unknown_kernel_busy_ns).busy_until_ns
         for lender in lenders:
             if self.queue[lender]:          # ground truth: the lender was not idle after all
                 self.violations[lender] += 1

@@ -75,10 +75,12 @@ def test_reclaim_time_from_owner_wakeups_and_borrowed_kernels():
 
 
 def test_lending_stats_from_launch_records():
-    dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8"), ("grid", "<u4", (3,))])
+    dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8"), ("grid", "<u4", (3,)),
+                      ("predicted_ns", "<u8")])
     us = 1000
-    owner = np.array([(0, 0, 20, 1, (1, 1, 1)), (5000 * us, 0, 20, 1, (1, 1, 1))], dtype=dtype)
-    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1)), (4950 * us, 100 * us, 26, 3, (800, 1, 1))], dtype=dtype)
+    owner = np.array([(0, 0, 20, 1, (1, 1, 1), 0), (5000 * us, 0, 20, 1, (1, 1, 1), 0)], dtype=dtype)
+    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1), 0), (4950 * us, 100 * us, 26, 3, (800, 1, 1), 0)],
+                        dtype=dtype)
     stats = lending_stats({0: owner, 1: borrower}, {0: tuple(range(20)), 1: tuple(range(20, 46))}, [0], 500.0)
     assert stats["per_slot"][1]["borrowing_launches"] == 1
     # the borrowing launch: 40 blocks, within the borrower's own 52 SMs; 300 of 400 us of its GPU time

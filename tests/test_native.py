@@ -987,12 +987,27 @@ wait_for_parent()
 """
 
 
+def start_waiting_client(code: str, env: dict) -> tuple[subprocess.Popen, list[list[str]]]:
+    """A lending-prelude client run up to its first wait_for_parent(): (the process, the lines it showed)."""
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + code], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while (line := proc.stdout.readline()) and line.strip() != "ready":
+        lines.append(line.split())
+    return proc, lines
+
+
+def finish_client(proc: subprocess.Popen) -> str:
+    """Says "go" to a waiting client; returns the rest of what it showed."""
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0, err
+    return out
+
+
 def start_lending_client(code: str, env: dict) -> subprocess.Popen:
     """A lending client that borrows once, says so, and waits for the parent's "go" before `code`."""
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + BORROW_THEN_WAIT + textwrap.dedent(code)],
-                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().split() == ["borrowed", "1"]
-    assert proc.stdout.readline().strip() == "ready"
+    proc, lines = start_waiting_client(BORROW_THEN_WAIT + textwrap.dedent(code), env)
+    assert lines == [["borrowed", "1"]]
     return proc
 
 
@@ -1014,9 +1029,7 @@ def test_an_active_lender_keeps_its_tpcs_and_lends_them_again_once_idle(fake_dri
     assert proc.stdout.readline().split() == ["borrowed", "1"]   # the lender launched within the idle window
     assert proc.stdout.readline().strip() == "ready"
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=1, unknown_kernel_busy_us=1)
-    out, err = proc.communicate("go\n", timeout=60)
-    assert proc.returncode == 0, err
-    assert out.split() == ["borrowed", "2"]
+    assert finish_client(proc).split() == ["borrowed", "2"]
     records, _ = lend_table.read_launches(0)
     assert [int(r["tpcs"]) for r in records[-3:]] == [16, 8, 16]
     assert [native.lenders_of(r) for r in records[-3:]] == [[1], [], [1]]
@@ -1258,15 +1271,10 @@ def test_after_the_whole_gpu_is_allowed_a_green_stream_of_an_earlier_allowance_i
     launch_fn(0x77, s); launch_fn(0xc1, s); launch_fn(0x77, None)
     show_log()
     """
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + textwrap.dedent(code)],
-                            env=lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    s = proc.stdout.readline().split()[0]
-    assert proc.stdout.readline().strip() == "ready"
+    proc, [[s]] = start_waiting_client(textwrap.dedent(code), lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))
     lend_table.clear(1)
     lend_table.set_allowance(0, list(range(66)))
-    out, err = proc.communicate("go\n", timeout=60)
-    assert proc.returncode == 0, err
+    out = finish_client(proc)
     launches = [w[1] for w in (line.split() for line in out.splitlines()) if w[0] == "cuLaunchKernel"]
     assert len(launches) == 3 and launches[0] == launches[1] != s and launches[2] == "0"
     records = lend_table.read_launches(0)[0][-3:]
@@ -1286,14 +1294,9 @@ def test_a_lending_union_of_every_tpc_is_a_green_route_even_after_a_whole_gpu_al
     show_outcomes()
     """
     lend_table.set_allowance(0, list(range(66)))
-    proc = subprocess.Popen([sys.executable, "-c", FAKE_PRELUDE + LEND_PRELUDE + textwrap.dedent(code)],
-                            env=lend_env(fake_driver, lend_table), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    proc, _ = start_waiting_client(textwrap.dedent(code), lend_env(fake_driver, lend_table))
     lend_table.set_allowance(0, list(range(8)))
-    out, err = proc.communicate("go\n", timeout=60)
-    assert proc.returncode == 0, err
-    assert outcomes(out.split())["borrowed"] == 1
+    assert outcomes(finish_client(proc).split())["borrowed"] == 1
     assert int(lend_table.read_launches(0)[0][-1]["tpcs"]) == 66
 
 
@@ -1399,9 +1402,7 @@ def test_a_kernel_launched_behind_a_graph_replay_counts_the_replay_in_its_queue(
     show("after", lending()["borrowed"], lending()["too_deep"])
     """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=70_000)
-    out, err = proc.communicate("go\n", timeout=60)
-    assert proc.returncode == 0, err
-    assert out.split() == ["after", "1", "1"]
+    assert finish_client(proc).split() == ["after", "1", "1"]
 
 
 @pytest.mark.parametrize("pace, paced", [("1", 0), ("always", 1)])

@@ -17,9 +17,11 @@ import time
 
 import numpy as np
 
+from lithos_ray.scheduler import allocator, lending
+
 from . import metrics
 from .plan import (BEST_EFFORT, CALIBRATE_S, ESTIMATE_GROUP_START_S, LATENCY_CRITICAL, MIXES, PHASE_DRAIN_S,
-                   PHASE_LEAD_S, Group, Phase, Plan, assign_quotas, mps_be_percent, scheduler_module)
+                   PHASE_LEAD_S, Group, Phase, Plan, assign_quotas, mps_be_percent)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READY_TIMEOUT_S = 240.0
@@ -134,8 +136,7 @@ class ActivitySampler:
     launched within the idle window, or busy only because its predicted work had not ended."""
 
     def __init__(self, table, slots: list[int], idle_window_us: float):
-        from lithos_ray.scheduler.lending import lender_is_idle
-        self._table, self._slots, self._idle = table, slots, lender_is_idle
+        self._table, self._slots = table, slots
         self._window_ns = int(idle_window_us * 1000)
         self.counts = {slot: {"samples": 0, "idle": 0, "recent_launch": 0, "predicted_busy": 0} for slot in slots}
         self._ahead_ns: dict[int, list[int]] = {slot: [] for slot in slots}
@@ -149,7 +150,7 @@ class ActivitySampler:
                 word, now_ns = self._table.activity(slot), time.monotonic_ns()
                 counts = self.counts[slot]
                 counts["samples"] += 1
-                if self._idle(word, now_ns, self._window_ns):
+                if lending.lender_is_idle(word, now_ns, self._window_ns):
                     counts["idle"] += 1
                 elif word.last_launch_ns is not None and now_ns - word.last_launch_ns < self._window_ns:
                     counts["recent_launch"] += 1
@@ -176,7 +177,6 @@ class ActivitySampler:
 def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
     """Set every slot's lend list from scheduler.lending.plan_lending (all clients idle at plan time, so each
     may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled."""
-    lending = scheduler_module("lending")
     clients = [lending.ClientState(slot, lending.LATENCY_CRITICAL if role == LATENCY_CRITICAL else lending.BEST_EFFORT,
                                    quota, active=False) for slot, role, quota in slots_roles_quotas]
     policy = lending.LendingPolicy(atom_us=atom_us, lending_enabled=enabled)
@@ -193,8 +193,6 @@ def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...
 def predictor_accuracy(recs: np.ndarray) -> dict | None:
     """The shim's predictions against the sampled GPU times of the same launches (the issue's figures:
     share off by more than 50 us, error p99); None when no launch was both predicted and timed."""
-    if "predicted_ns" not in (recs.dtype.names or ()):
-        return None
     from lithos_ray.native import prediction_pairs
     from lithos_ray.scheduler.predictor import prediction_accuracy
     predicted, measured = prediction_pairs(recs)
@@ -342,7 +340,7 @@ class Run:
     def shim_setup(self, mix_name: str) -> dict:
         table = self.ensure_table()
         mix = MIXES[mix_name]
-        slices = scheduler_module("allocator").slices_from_cosched_groups(table.cosched_groups(), table.tpcs_on_gpu)
+        slices = allocator.slices_from_cosched_groups(table.cosched_groups(), table.tpcs_on_gpu)
         quota_list = assign_quotas(slices, mix.lc_quota_groups)
         names = (*mix.services, mix.best_effort)
         setup = {"slots": {name: slot for slot, name in enumerate(names)},
@@ -398,7 +396,7 @@ class Run:
                 worker.error = str(exc)
                 result["workloads"][name] = {"status": f"failed: {exc}"}
         collector = RingCollector(self.table.path, list(shim["slots"].values())) if shim and running else None
-        idle_window_us = scheduler_module("lending").DEFAULT_IDLE_WINDOW_US
+        idle_window_us = self.table.lending_knobs()["idle_window_ns"] / 1000 if collector else None   # apply_lending's
         sampler = ActivitySampler(self.table, list(shim["slots"].values()), idle_window_us) if collector else None
         timeout_s = PHASE_LEAD_S + self.plan.warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
         for name, worker in running.items():

@@ -29,9 +29,9 @@ def arrival_schedule_s(rate_per_s: float, seconds: float, seed: int) -> np.ndarr
         raise ValueError(f"rate_per_s must be a positive finite number of requests per second, got {rate_per_s!r}")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"seconds must be a positive finite duration, got {seconds!r}")
-    from .plan import scheduler_module  # the simulator's Poisson process: one definition in the project
+    from lithos_ray.scheduler import simulated  # the simulator's Poisson process: one definition in the project
     rng = np.random.default_rng(seed)
-    return scheduler_module("simulated").poisson_arrivals_ms(float(rate_per_s), 1000.0 * seconds, rng) / 1000.0
+    return simulated.poisson_arrivals_ms(float(rate_per_s), 1000.0 * seconds, rng) / 1000.0
 
 
 def latency_percentiles_ms(latency_ms: Sequence[float]) -> dict:

@@ -9,7 +9,6 @@ together for `phase_s` seconds after `warmup_s` seconds whose requests are disca
 """
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -289,11 +288,3 @@ def mps_be_percent(be_quota_tpcs: int, total_tpcs: int) -> int:
     """Default CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for the best-effort job: its static quota's share."""
     return max(1, min(100, round(100 * be_quota_tpcs / total_tpcs)))
 
-
-def scheduler_module(name: str):
-    """lithos_ray.scheduler.<name> where the package is installed, else the source tree's scheduler/<name>
-    (the GPU machine runs from a checkout without installing the package)."""
-    try:
-        return importlib.import_module(f"lithos_ray.scheduler.{name}")
-    except ImportError:
-        return importlib.import_module(f"scheduler.{name}")

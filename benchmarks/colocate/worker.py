@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.colocate.metrics import arrival_schedule_s  # noqa: E402
-from lithos_ray.native import thread_launch_counts, thread_lending_counts  # noqa: E402
+from lithos_ray.native import thread_shim_counts  # noqa: E402
 
 EAGER_WARMUP_ITERS = 20
 TRAIN_WARMUP_STEPS = 3
@@ -87,16 +87,11 @@ def build_training(name: str, batch: int, seq_len: int):
     raise ValueError(f"unknown training workload {name!r}")
 
 
-def shim_counts() -> dict | None:
-    """The shim's counts for this thread (launch paths, lending outcomes); None without the shim."""
-    paths = thread_launch_counts()
-    return None if paths is None else {"launch_paths": paths, "lending": thread_lending_counts()}
-
-
-def counts_since(before: dict | None) -> dict | None:
-    after = shim_counts()
-    if before is None or after is None:
-        return after
+def counts_since(before: dict) -> dict | None:
+    """The shim's counts of this thread since `before` (thread_shim_counts()); None without the shim."""
+    after = thread_shim_counts()
+    if after["launch_paths"] is None:
+        return None
     return {group: {k: v - before[group].get(k, 0) for k, v in values.items()} for group, values in after.items()}
 
 
@@ -158,7 +153,7 @@ class Service:
         start = to_perf(float(cmd["start_at"]))
         cutoff = start + warmup_s + window_s + float(cmd["drain_s"])
         latency_ms, service_ms, unserved_wait_ms = [], [], []
-        counts_before = shim_counts()
+        counts_before = thread_shim_counts()
         for offset in offsets:
             arrival = start + offset
             wait_until(arrival)
@@ -196,7 +191,7 @@ class Training:
         stop = window_end + float(cmd["drain_s"])  # keep the interference up while services drain
         wait_until(start)
         starts, ends = [], []
-        counts_before = shim_counts()
+        counts_before = thread_shim_counts()
         with torch.cuda.stream(self.stream):
             while time.perf_counter() < stop:
                 begin = time.perf_counter()

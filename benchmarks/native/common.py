@@ -19,6 +19,11 @@ def metadata(command: str) -> dict:
             "python": sys.version.split()[0]}
 
 
+def last_json(stdout: str):
+    """The JSON a worker printed last (its result line)."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as handle:

@@ -12,7 +12,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from common import metadata, write_json  # noqa: E402
+from common import last_json, metadata, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def run(env):
                           text=True, timeout=500)
     if proc.returncode != 0:
         return {"results": {}, "errors": {"process": proc.stderr[-1500:]}}, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    return last_json(proc.stdout), proc.stderr
 
 
 def main(out_dir, tpcs_text="0-31"):

@@ -40,7 +40,8 @@ def timed(fn, warmup, steps):
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        torch.cuda.current_stream().synchronize()   # a green context's stream: a device sync may not wait for it
+        if GREEN:   # a green context's stream: a device sync of the primary context may not wait for it
+            torch.cuda.current_stream().synchronize()
         elapsed_ms = (time.perf_counter() - start) * 1e3
         if AB:
             times["bypass" if bypass else "shim"].append(elapsed_ms)
@@ -55,19 +56,13 @@ def cosched_green_stream():
     """(a torch stream of a green context of all co-scheduled 8-SM groups, its SM count)."""
     from cuda.bindings import driver as cu
 
-    def check(result):
-        err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
-        if int(err) != 0:
-            raise RuntimeError(f"CUDA call failed: {err}")
-        return rest[0] if len(rest) == 1 else rest
+    from lithos_ray.native import cuda_check, green_stream
 
     torch.zeros(1, device="cuda")   # the primary context, current on this thread
-    device = check(cu.cuDeviceGet(torch.cuda.current_device()))
-    all_sms = check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    groups, count, _ = check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, 8))
-    desc = check(cu.cuDevResourceGenerateDesc(groups[:count], count))
-    green = check(cu.cuGreenCtxCreate(desc, device, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-    stream = check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
+    device = cuda_check(cu.cuDeviceGet(torch.cuda.current_device()))
+    all_sms = cuda_check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    groups, count, _ = cuda_check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, 8))
+    _, stream = green_stream(device, groups[:count])
     return torch.cuda.ExternalStream(int(stream)), sum(int(g.sm.smCount) for g in groups[:count])
 
 

@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from common import metadata, replot_beside, write_json  # noqa: E402
+from common import last_json, metadata, replot_beside, write_json  # noqa: E402
 from lithos_ray import mps, native  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spin_worker.py")
@@ -55,7 +55,7 @@ def run_clients(table, mps_env, clients, per_launch=False, seconds=SECONDS, duri
         out, err = proc.communicate(timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"client failed rc={proc.returncode}: {err[-2000:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(last_json(out))
         results[-1]["stderr"] = err.strip()[-300:]
     return (results, events, records) if ring_slot is not None else (results, events)
 

@@ -7,7 +7,6 @@ usage: python benchmarks/native/interference.py OUT_DIR [CASE,CASE...]   (GPU ma
        python benchmarks/native/interference.py --plot JSON  (redraws JSON's plot beside it)
 Writes OUT_DIR/native_interference.json and .png (native_interference_some.* when cases are named).
 """
-import json
 import os
 import subprocess
 import sys
@@ -17,14 +16,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from common import metadata, replot_beside, write_json  # noqa: E402
+from common import last_json, metadata, replot_beside, write_json  # noqa: E402
 from lithos_ray import mps, native  # noqa: E402
 
 REQUESTS = 150
 
 LC_CODE = r"""
 import json, sys, threading, time, torch
-from lithos_ray.native import thread_launch_counts, thread_lending_counts
+from lithos_ray.native import thread_shim_counts
 stream_kind, requests, new_thread, gap_s = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4]) / 1000
 layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
 model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
@@ -40,7 +39,7 @@ def request(i):   # one forward; enqueue = until the forward returns (the launch
         if i >= 20:
             ms.append((time.perf_counter() - t) * 1000)
             enqueue_ms.append((queued - t) * 1000)
-    counts.update(launch_paths=thread_launch_counts(), lending=thread_lending_counts())
+    counts.update(thread_shim_counts())
 for i in range(20 + requests):
     if new_thread:   # a fresh thread per request, as a server's worker pool may give
         worker = threading.Thread(target=request, args=(i,))
@@ -57,15 +56,15 @@ print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], 
 
 BE_CODE = r"""
 import json, signal, sys, time, torch
-from lithos_ray.native import thread_launch_counts, thread_lending_counts
+from lithos_ray.native import thread_shim_counts
 n = int(sys.argv[1])
 a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
 for _ in range(3): a @ a
 torch.cuda.synchronize()
 steps, start = 0, time.monotonic()
 def report(*_):
-    print(json.dumps({"matmuls_per_s": steps / (time.monotonic() - start), "launch_paths": thread_launch_counts(),
-                      "lending": thread_lending_counts()}), flush=True)
+    print(json.dumps({"matmuls_per_s": steps / (time.monotonic() - start),
+                      **thread_shim_counts()}), flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, report)
 print("ready", flush=True)
@@ -148,12 +147,12 @@ def main(out_dir, only=None):
             if lc.returncode != 0:
                 results[name] = {"error": lc.stderr[-1500:]}
             else:
-                results[name] = {**json.loads(lc.stdout.strip().splitlines()[-1]), "seconds": time.monotonic() - start,
+                results[name] = {**last_json(lc.stdout), "seconds": time.monotonic() - start,
                                  "lithos_notices": sorted({l for l in lc.stderr.splitlines() if l.startswith("lithos:")})}
                 if second_out:
-                    results[name]["second_lc"] = json.loads(second_out.strip().splitlines()[-1])
+                    results[name]["second_lc"] = last_json(second_out)
                 if be_out and be_out.strip().splitlines()[-1].startswith("{"):
-                    results[name]["be"] = json.loads(be_out.strip().splitlines()[-1])
+                    results[name]["be"] = last_json(be_out)
             print(name, results[name], flush=True)
     finally:
         table.close()

@@ -19,7 +19,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
-from common import metadata, replot_beside, write_json  # noqa: E402
+from common import last_json, metadata, replot_beside, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 LAUNCHES = 100000
@@ -54,11 +54,26 @@ def run_e2e_worker(env: dict) -> dict:
                           timeout=400, preexec_fn=pinned_to(E2E_CPUS))
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(proc.stdout)
 
 
 def percentiles(ns):
     return {"median_ns": float(np.median(ns)), "p99_ns": float(np.percentile(ns, 99)), "mean_ns": float(np.mean(ns))}
+
+
+def run_launches(binary, mode: str, env: dict, raw: str) -> tuple[np.ndarray, str]:
+    """One launch_overhead.cu run on LAUNCH_CPUS: (host ns per launch, its stdout)."""
+    proc = subprocess.run([binary, str(LAUNCHES), raw, mode], env=env, check=True, capture_output=True, text=True,
+                          preexec_fn=pinned_to(LAUNCH_CPUS))
+    return np.fromfile(raw, dtype=np.uint32), proc.stdout
+
+
+def added_ns(shim_runs: list[np.ndarray], base_runs: list[np.ndarray]) -> dict:
+    """What the shim's runs add per launch to the baseline's: all launches' median and p99, and per trial."""
+    shim_all, base_all = np.concatenate(shim_runs), np.concatenate(base_runs)
+    return {"median_ns": float(np.median(shim_all) - np.median(base_all)),
+            "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(base_all, 99)),
+            "per_trial_median_ns": [float(np.median(s) - np.median(b)) for s, b in zip(shim_runs, base_runs)]}
 
 
 def in_process_ab(binary, shim_env, work) -> dict:
@@ -66,22 +81,13 @@ def in_process_ab(binary, shim_env, work) -> dict:
     runs = {mode: [] for mode in AB_MODES}
     for trial in range(LAUNCH_TRIALS):
         for mode in AB_MODES:
-            raw = os.path.join(work, f"{mode}{trial}.bin")
-            subprocess.run([binary, str(LAUNCHES), raw, mode], env=shim_env, check=True, capture_output=True, text=True,
-                           preexec_fn=pinned_to(LAUNCH_CPUS))
-            runs[mode].append(np.fromfile(raw, dtype=np.uint32))
+            runs[mode].append(run_launches(binary, mode, shim_env, os.path.join(work, f"{mode}{trial}.bin"))[0])
     result = {}
     for mode in AB_MODES:
-        shim_arm, real_arm = [], []
-        for run in runs[mode]:
-            block = (np.arange(len(run)) // AB_BLOCK) % 2
-            shim_arm.append(run[block == 0])
-            real_arm.append(run[block == 1])
-        result[mode[3:]] = {
-            "median_ns": float(np.median(np.concatenate(shim_arm)) - np.median(np.concatenate(real_arm))),
-            "p99_ns": float(np.percentile(np.concatenate(shim_arm), 99) - np.percentile(np.concatenate(real_arm), 99)),
-            "real_median_ns": float(np.median(np.concatenate(real_arm))),
-            "per_trial_median_ns": [float(np.median(s) - np.median(r)) for s, r in zip(shim_arm, real_arm)]}
+        blocks = [(np.arange(len(run)) // AB_BLOCK) % 2 for run in runs[mode]]
+        shim_arm = [run[block == 0] for run, block in zip(runs[mode], blocks)]
+        real_arm = [run[block == 1] for run, block in zip(runs[mode], blocks)]
+        result[mode[3:]] = {**added_ns(shim_arm, real_arm), "real_median_ns": float(np.median(np.concatenate(real_arm)))}
     return result
 
 
@@ -203,12 +209,10 @@ def main(out_dir):
         for trial in range(LAUNCH_TRIALS):  # interleaved: plain, shim, plain, shim, ... per stream kind
             for mode, (binary_mode, extra_env) in CASES.items():
                 for name, env in (("plain", dict(os.environ)), ("shim", {**groups_env, **extra_env})):
-                    raw = os.path.join(work, f"{mode}_{name}{trial}.bin")
-                    proc = subprocess.run([binary, str(LAUNCHES), raw, binary_mode], env=env, check=True, capture_output=True,
-                                          text=True, preexec_fn=pinned_to(LAUNCH_CPUS))
-                    launch.setdefault(f"{mode}_{name}", []).append(np.fromfile(raw, dtype=np.uint32))
+                    times, stdout = run_launches(binary, binary_mode, env, os.path.join(work, f"{mode}_{name}{trial}.bin"))
+                    launch.setdefault(f"{mode}_{name}", []).append(times)
                     if name == "shim":
-                        launch_paths.setdefault(mode, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                        launch_paths.setdefault(mode, []).append(last_json(stdout))
         in_process = in_process_ab(binary, groups_env, work)
         try:
             e2e_ab, e2e_ab_raw = e2e_in_process(whole_gpu_env)
@@ -229,13 +233,7 @@ def main(out_dir):
     finally:
         table.close()
     stats = {name: [percentiles(a) for a in arrays] for name, arrays in launch.items()}
-    added = {}
-    for mode in MODES:
-        plain_all, shim_all = np.concatenate(launch[f"{mode}_plain"]), np.concatenate(launch[f"{mode}_shim"])
-        added[mode] = {"median_ns": float(np.median(shim_all) - np.median(plain_all)),
-                       "p99_ns": float(np.percentile(shim_all, 99) - np.percentile(plain_all, 99)),
-                       "per_trial_median_ns": [float(np.median(s) - np.median(p)) for p, s in
-                                               zip(launch[f"{mode}_plain"], launch[f"{mode}_shim"])]}
+    added = {mode: added_ns(launch[f"{mode}_shim"], launch[f"{mode}_plain"]) for mode in MODES}
     e2e_summary = e2e_summarize(e2e)
     payload = {**metadata("python benchmarks/native/overhead.py " + out_dir),
                "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
