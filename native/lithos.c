@@ -322,7 +322,7 @@ static __thread struct {
         uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
     } queues[TLS_QUEUES];
     unsigned queue_next;
-    CUcontext app_timing_ctx; /* of graph_timing: this thread's graph replays (made at the first sampled one) */
+    CUcontext app_timing_ctx; /* of app_timing: launches on app streams (made at the first sampled one) */
     timing_set app_timing;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
     uint64_t lending[LITHOS_LEND_COUNTS];   /* this thread's lending outcomes, for tools */
