@@ -626,8 +626,10 @@ typedef struct {
     char name[LITHOS_KERNEL_NAME_BYTES];
 } func_info;
 static func_info func_cache[FUNC_CACHE_SIZE];
+static uint64_t func_queries; /* atomic; driver queries of a kernel's name and cluster (cache fills and misses) */
 
 static void query_func(CUfunction f, func_info *out) {
+    __atomic_fetch_add(&func_queries, 1, __ATOMIC_RELAXED);
     int dims[3] = {0, 0, 0};
     const CUfunction_attribute attrs[3] = {CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
                                            CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH};
@@ -1946,6 +1948,9 @@ EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes)
 
 /* For tests and tools: this thread's lending outcomes (the LEND_* counts, in order). Returns the
  * number filled. */
+/* How often a launch asked the driver for a kernel's name and cluster (once per kernel when cached). */
+EXPORT uint64_t lithos_client_func_queries(void) { return __atomic_load_n(&func_queries, __ATOMIC_RELAXED); }
+
 EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {
     return copy_counts(counts, max_counts, tls.lending, LITHOS_LEND_COUNTS);
 }

@@ -8,7 +8,10 @@ plain runs use PyTorch's default stream (the legacy stream 0, which the shim mus
 
 LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 3x as many, in alternating blocks
 of AB_BLOCK steps with the shim's work on and bypassed (lithos_client_set_bypass); prints
-{"resnet50_train_ms": {"shim": [...], "bypass": [...]}, "bert_base_infer_ms": {...}}.
+{"resnet50_train_ms": {"shim": [...], "bypass": [...], "host_shim": [...], "host_bypass": [...],
+"launches_per_step": N, "func_queries_per_step": N, "distinct_kernels": N}, "bert_base_infer_ms": {...}}:
+host_* = time until the step returned, before the GPU finished; launches and driver queries of kernel
+names per shim step (the ring's head; lithos_client_func_queries), kernels in the run's last records.
 
 LITHOS_E2E_GREEN=1 (without the shim): the two steps on a stream of a green context holding every
 co-scheduled 8-SM group (120 of 132 SMs on an H100), made here with cuda-python: the SMs a lithos
@@ -25,20 +28,31 @@ import torch
 AB = os.environ.get("LITHOS_E2E_AB") == "1"
 GREEN = os.environ.get("LITHOS_E2E_GREEN") == "1"
 AB_BLOCK = 5
-_set_bypass = ctypes.CDLL(None).lithos_client_set_bypass if AB else None
+_shim = ctypes.CDLL(None) if AB else None
+if AB:
+    _shim.lithos_client_func_queries.restype = ctypes.c_uint64
+
+
+def ring():
+    from lithos_ray import native
+    return native.LaunchRing(native.ring_path(os.environ[native.ENV_TABLE], int(os.environ[native.ENV_SLOT])))
 
 
 def timed(fn, warmup, steps):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = {"shim": [], "bypass": []} if AB else []
+    times = {"shim": [], "bypass": [], "host_shim": [], "host_bypass": []} if AB else []
+    if AB:
+        head, queries = ring().head(), _shim.lithos_client_func_queries()
     for i in range(3 * steps if AB else steps):
         bypass = AB and (i // AB_BLOCK) % 2 == 1
         if AB:
-            _set_bypass(int(bypass))
+            _shim.lithos_client_set_bypass(int(bypass))
         start = time.perf_counter()
         fn()
+        if AB:
+            times["host_bypass" if bypass else "host_shim"].append((time.perf_counter() - start) * 1e3)
         torch.cuda.synchronize()
         if GREEN:   # a green context's stream: a device sync of the primary context may not wait for it
             torch.cuda.current_stream().synchronize()
@@ -48,7 +62,12 @@ def timed(fn, warmup, steps):
         else:
             times.append(elapsed_ms)
     if AB:
-        _set_bypass(0)
+        _shim.lithos_client_set_bypass(0)
+        shim_steps = len(times["shim"])
+        records, _ = ring().read(max(0, ring().head() - 4096), 4096)
+        times.update(launches_per_step=(ring().head() - head) / shim_steps,
+                     func_queries_per_step=(_shim.lithos_client_func_queries() - queries) / shim_steps,
+                     distinct_kernels=len(set(records["function"].tolist())))
     return times
 
 

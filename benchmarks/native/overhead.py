@@ -117,7 +117,10 @@ def e2e_in_process(shim_env) -> tuple[dict, dict]:
     steps = run_e2e_worker({**shim_env, "LITHOS_E2E_AB": "1"})
     return {workload: {"shim_median_ms": float(np.median(arms["shim"])), "bypass_median_ms": float(np.median(arms["bypass"])),
                        "shim_vs_bypass_percent": 100.0 * (np.median(arms["shim"]) / np.median(arms["bypass"]) - 1.0),
-                       "steps_per_arm": len(arms["shim"])}
+                       "host_shim_median_ms": float(np.median(arms["host_shim"])),
+                       "host_bypass_median_ms": float(np.median(arms["host_bypass"])),
+                       "steps_per_arm": len(arms["shim"]),
+                       **{key: arms[key] for key in ("launches_per_step", "func_queries_per_step", "distinct_kernels")}}
             for workload, arms in steps.items()}, steps
 
 

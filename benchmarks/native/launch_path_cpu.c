@@ -1,0 +1,89 @@
+/* launch_path_cpu.c - the shim's own host work per launch, on the CPU, against native/fake_libcuda.c.
+ *
+ * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream   (under liblithos.so, with the
+ * fake driver built with -DFAKE_CUDA_QUIET as libcuda.so.1 on LD_LIBRARY_PATH)
+ * Launches KERNELS distinct fake kernels in turn (a model's mix: a real program's launches do not
+ * hit one function's cache entry in a loop), in alternating blocks of 256 with the shim's work on
+ * and bypassed (lithos_client_set_bypass). With THRASH_BYTES > 0 it reads that much memory and
+ * calls through a spread of code before each launch, as a framework does between launches, so the
+ * shim's data and code come cold from the caches. Prints one JSON line:
+ * {"shim_ns": [...], "bypass_ns": [...]} (per-launch nanoseconds, one entry per launch).
+ */
+#include <cuda.h>
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef CUresult (*launch_fn)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
+                              void **, void **);
+typedef CUresult (*stream_create_fn)(CUstream *, unsigned);
+typedef void (*bypass_fn)(int);
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static volatile uint64_t sink;
+
+/* Reads every cache line of junk: the framework's work between two launches. */
+static void thrash(const uint8_t *junk, size_t bytes) {
+    uint64_t sum = 0;
+    for (size_t i = 0; i < bytes; i += 64) sum += junk[i];
+    sink += sum;
+}
+
+static int compare_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s KERNELS LAUNCHES THRASH_BYTES legacy|stream\n", argv[0]);
+        return 2;
+    }
+    unsigned kernels = (unsigned)atoi(argv[1]);
+    long launches = atol(argv[2]);
+    size_t thrash_bytes = (size_t)atol(argv[3]);
+    int legacy = strcmp(argv[4], "legacy") == 0;
+    launch_fn launch = (launch_fn)dlsym(RTLD_DEFAULT, "cuLaunchKernel");
+    bypass_fn set_bypass = (bypass_fn)dlsym(RTLD_DEFAULT, "lithos_client_set_bypass");
+    stream_create_fn stream_create = (stream_create_fn)dlsym(RTLD_DEFAULT, "cuStreamCreate");
+    if (!launch || !set_bypass || !stream_create || kernels == 0 || launches <= 0) {
+        fprintf(stderr, "needs liblithos.so preloaded and KERNELS, LAUNCHES > 0\n");
+        return 3;
+    }
+    CUstream stream = NULL;
+    if (!legacy && stream_create(&stream, CU_STREAM_NON_BLOCKING) != CUDA_SUCCESS) return 4;
+    uint8_t *junk = thrash_bytes ? calloc(1, thrash_bytes) : NULL;
+    uint32_t *shim = calloc((size_t)launches, sizeof(uint32_t)), *bypass = calloc((size_t)launches, sizeof(uint32_t));
+    long n_shim = 0, n_bypass = 0;
+    for (long i = 0; i < launches + 2048; i++) { /* the first 2048: every kernel seen, caches filled */
+        int bypassed = (i / 256) % 2;
+        if (i % 256 == 0) set_bypass(bypassed);
+        if (junk) thrash(junk, thrash_bytes);
+        CUfunction f = (CUfunction)(uintptr_t)(0x100000 + (i % kernels) * 0x40);
+        unsigned grid = 1 + (unsigned)(i % 7) * 64;
+        uint64_t t0 = now_ns();
+        CUresult r = launch(f, grid, 1, 1, 128, 1, 1, 0, stream, NULL, NULL);
+        uint32_t ns = (uint32_t)(now_ns() - t0);
+        if (r != CUDA_SUCCESS) {
+            fprintf(stderr, "launch %ld failed: %d\n", i, (int)r);
+            return 1;
+        }
+        if (i < 2048) continue;
+        if (bypassed) bypass[n_bypass++] = ns;
+        else shim[n_shim++] = ns;
+    }
+    set_bypass(0);
+    qsort(shim, (size_t)n_shim, sizeof(uint32_t), compare_u32);
+    qsort(bypass, (size_t)n_bypass, sizeof(uint32_t), compare_u32);
+    printf("{\"shim_median_ns\": %u, \"bypass_median_ns\": %u, \"shim_p99_ns\": %u, \"bypass_p99_ns\": %u, \"launches\": %ld}\n",
+           shim[n_shim / 2], bypass[n_bypass / 2], shim[n_shim * 99 / 100], bypass[n_bypass * 99 / 100], n_shim + n_bypass);
+    return 0;
+}

@@ -1,0 +1,115 @@
+"""The shim's own host work per launch, on the CPU (no GPU: native/fake_libcuda.c stands in for the driver).
+
+usage: python benchmarks/native/launch_path_cpu.py [OUT_DIR] [--launches N] [--repeat R]
+
+What it isolates: the instructions and memory traffic the shim adds to a launch (reading the
+allowance, the kernel's cache entry, the predictor, the ring record, the activity word), without the
+driver's own cost, which the fake driver does not have. Each case runs launch_path_cpu.c under
+liblithos.so with the shim's work on and bypassed in alternating blocks of 256 launches, over 300
+distinct kernels, warm (launches back to back) and cold (8 MiB read between launches, as a
+framework's work between two launches evicts the shim's data). Allowances: every TPC (whole GPU:
+the program's own streams) and every co-scheduled group (green streams; the default stream pairs).
+
+These are CPU figures, a regression guard for the launch path; the GPU figures are overhead.py's.
+Writes OUT_DIR/launch_path_cpu.json when OUT_DIR is given; prints a table.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.native.common import metadata, write_json  # noqa: E402
+from lithos_ray import native  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+FAKE_GPU_UUID = "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"  # what native/fake_libcuda.c reports
+KERNELS = 300
+COLD_BYTES = 8 << 20
+ALLOWANCES = {"whole_gpu": list(range(66)), "groups": list(range(60))}
+STREAMS = ("legacy", "stream")
+
+
+def cuda_include() -> str:
+    proc = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "native"), "print-cuda-include"], capture_output=True,
+                          text=True, check=True)
+    return proc.stdout.strip()
+
+
+def build(work: str) -> str:
+    include = cuda_include()
+    common = ["gcc", "-O2", "-std=gnu11", "-I", include]
+    subprocess.run(common + ["-fPIC", "-shared", "-fvisibility=hidden", "-DFAKE_CUDA_QUIET", "-o",
+                             os.path.join(work, "libcuda.so.1"), os.path.join(ROOT, "native", "fake_libcuda.c")], check=True)
+    binary = os.path.join(work, "launch_path_cpu")
+    subprocess.run(common + ["-o", binary, os.path.join(HERE, "launch_path_cpu.c"), "-ldl"], check=True)
+    return binary
+
+
+def run_case(binary: str, env: dict, stream: str, cold: bool, launches: int) -> dict:
+    proc = subprocess.run([binary, str(KERNELS), str(launches), str(COLD_BYTES if cold else 0), stream], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"launch_path_cpu {stream} cold={cold} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", nargs="?")
+    parser.add_argument("--launches", type=int, default=20000, help="timed launches per run (half through the shim)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per case; the median of their medians is reported")
+    args = parser.parse_args(argv)
+    if args.launches < 512 or args.repeat < 1:
+        parser.error("--launches must be >= 512 and --repeat >= 1")
+    if native.library_path() is None:
+        print(f"liblithos.so is not built: {native.build_status()}", file=sys.stderr)
+        return 1
+    work = tempfile.mkdtemp(prefix="lithos-launch-cpu-")
+    binary = build(work)
+    table = native.AllowanceTable.create(FAKE_GPU_UUID, work, max_slots=4)
+    table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    cases = {}
+    try:
+        for slot, (allowance, tpcs) in enumerate(ALLOWANCES.items()):
+            table.set_allowance(slot, tpcs)
+            table.set_lending(slot, [], low_priority=False)
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("LITHOS_")},
+                   **native.client_env(table.path, slot), "LD_LIBRARY_PATH": work}
+            for stream in STREAMS:
+                for cold in (False, True):
+                    runs = [run_case(binary, env, stream, cold, args.launches) for _ in range(args.repeat)]
+                    name = f"{allowance}/{stream}/{'cold' if cold else 'warm'}"
+                    added = [r["shim_median_ns"] - r["bypass_median_ns"] for r in runs]
+                    cases[name] = {"added_median_ns": float(np.median(added)), "added_per_run_ns": added,
+                                   "bypass_median_ns": float(np.median([r["bypass_median_ns"] for r in runs])),
+                                   "shim_p99_ns": float(np.median([r["shim_p99_ns"] for r in runs]))}
+                    print(f"{name:28s} shim adds {cases[name]['added_median_ns']:6.0f} ns per launch "
+                          f"(runs {min(added)}..{max(added)}; bypassed launch {cases[name]['bypass_median_ns']:.0f} ns)",
+                          flush=True)
+    finally:
+        table.close()
+    if args.out_dir:
+        write_json(os.path.join(args.out_dir, "launch_path_cpu.json"), {
+            **metadata("python benchmarks/native/launch_path_cpu.py " + " ".join(argv or sys.argv[1:])),
+            "what": "CPU only, fake driver: the shim's own host work per launch (not a GPU figure)",
+            "cpu": cpu_name(), "kernels": KERNELS, "cold_bytes_between_launches": COLD_BYTES,
+            "launches_per_run": args.launches, "runs_per_case": args.repeat, "cases": cases})
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
