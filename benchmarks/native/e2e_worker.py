@@ -6,7 +6,7 @@ The *_side_stream runs do the same work inside `with torch.cuda.stream(torch.cud
 stream the program creates, which liblithos.so makes a green stream (no events per launch); the
 plain runs use PyTorch's default stream (the legacy stream 0, which the shim must pair with events).
 
-LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 3x as many, in alternating blocks
+LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 6x as many, in alternating blocks
 of AB_BLOCK steps with the shim's work on and bypassed (lithos_client_set_bypass); prints
 {"resnet50_train_ms": {"shim": [...], "bypass": [...], "host_shim": [...], "host_bypass": [...],
 "launches_per_step": N, "func_queries_per_step": N, "distinct_kernels": N}, "bert_base_infer_ms": {...}}:
@@ -45,7 +45,7 @@ def timed(fn, warmup, steps):
     times = {"shim": [], "bypass": [], "host_shim": [], "host_bypass": []} if AB else []
     if AB:
         head, queries = ring().head(), _shim.lithos_client_func_queries()
-    for i in range(3 * steps if AB else steps):
+    for i in range(6 * steps if AB else steps):
         bypass = AB and (i // AB_BLOCK) % 2 == 1
         if AB:
             _shim.lithos_client_set_bypass(int(bypass))
@@ -106,7 +106,7 @@ def resnet50():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-    return timed(step, 5, 20)
+    return timed(step, 10, 20)
 
 
 def bert_base():
@@ -118,7 +118,7 @@ def bert_base():
     @torch.inference_mode()
     def step():
         model(input_ids=ids)
-    return timed(step, 10, 60)
+    return timed(step, 50, 60)   # BERT's steps settle after ~40 (H100)
 
 
 if AB:
