@@ -27,7 +27,7 @@ import torch
 
 AB = os.environ.get("LITHOS_E2E_AB") == "1"
 GREEN = os.environ.get("LITHOS_E2E_GREEN") == "1"
-AB_BLOCK = 5
+AB_BLOCK = 1   # steps alternate one by one: the machine's drift (seconds) cancels in each pair
 _shim = ctypes.CDLL(None) if AB else None
 if AB:
     _shim.lithos_client_func_queries.restype = ctypes.c_uint64

@@ -37,7 +37,7 @@ MODES = tuple(CASES)
 # noise of comparing separate processes.
 AB_MODES = ("ab-stream", "ab-legacy")
 AB_BLOCK = 256
-E2E_AB_BLOCK = 5   # e2e_worker.py's AB_BLOCK: steps per block
+E2E_AB_BLOCK = 1   # e2e_worker.py's AB_BLOCK: steps per block
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
 
 
@@ -77,18 +77,19 @@ def added_ns(shim_runs: list[np.ndarray], base_runs: list[np.ndarray]) -> dict:
             "per_trial_median_ns": [float(np.median(s) - np.median(b)) for s, b in zip(shim_runs, base_runs)]}
 
 
-def in_process_ab(binary, shim_env, work) -> dict:
-    """Per stream kind: the shim's added host time per launch from the ab-* modes (see AB_MODES)."""
-    runs = {mode: [] for mode in AB_MODES}
+def in_process_ab(binary, shim_envs: dict, work) -> dict:
+    """Per allowance (name -> shim env) and stream kind, "<allowance> <stream kind>": the shim's added
+    host time per launch from the ab-* modes (see AB_MODES)."""
+    runs = {(name, mode): [] for name in shim_envs for mode in AB_MODES}
     for trial in range(LAUNCH_TRIALS):
-        for mode in AB_MODES:
-            runs[mode].append(run_launches(binary, mode, shim_env, os.path.join(work, f"{mode}{trial}.bin"))[0])
+        for (name, mode), trial_runs in runs.items():
+            trial_runs.append(run_launches(binary, mode, shim_envs[name], os.path.join(work, f"{mode}{trial}.bin"))[0])
     result = {}
-    for mode in AB_MODES:
-        blocks = [(np.arange(len(run)) // AB_BLOCK) % 2 for run in runs[mode]]
-        shim_arm = [run[block == 0] for run, block in zip(runs[mode], blocks)]
-        real_arm = [run[block == 1] for run, block in zip(runs[mode], blocks)]
-        result[mode[3:]] = {**added_ns(shim_arm, real_arm), "real_median_ns": float(np.median(np.concatenate(real_arm)))}
+    for (name, mode), mode_runs in runs.items():
+        blocks = [(np.arange(len(run)) // AB_BLOCK) % 2 for run in mode_runs]
+        shim_arm = [run[block == 0] for run, block in zip(mode_runs, blocks)]
+        real_arm = [run[block == 1] for run, block in zip(mode_runs, blocks)]
+        result[f"{name} {mode[3:]}"] = {**added_ns(shim_arm, real_arm), "real_median_ns": float(np.median(np.concatenate(real_arm)))}
     return result
 
 
@@ -140,7 +141,8 @@ def main_in_process_only(out_dir):
     """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
     work, binary, table, whole_gpu_env, groups_env = setup()
     try:
-        result = in_process_ab(binary, groups_env, work)
+        result = in_process_ab(binary, {"groups": groups_env, "whole_gpu": whole_gpu_env,
+                                        "whole_gpu_unsampled": {**whole_gpu_env, "LITHOS_SAMPLE_EVERY": "0"}}, work)
         e2e, steps = e2e_in_process(whole_gpu_env)
     finally:
         table.close()
@@ -153,7 +155,7 @@ def main_in_process_only(out_dir):
                         "allowance = every co-scheduled group (60 TPCs), lending off. 'legacy': the real arm launches on "
                         "the legacy stream itself, the shim's on a green stream (a deferred run). end_to_end_in_process: "
                         "one shimmed process with the whole GPU allowed (e2e_worker.py, LITHOS_E2E_AB=1), default-stream "
-                        "steps in alternating blocks of 5 with the shim's work on and bypassed (lithos_client_set_bypass); "
+                        "steps alternating one by one with the shim's work on and bypassed (lithos_client_set_bypass); "
                         "both arms launch on the program's stream; shim_vs_bypass_percent = median over adjacent block "
                         "pairs of the ratio of block medians (a drift over the run cancels), with its interquartile range."}
     write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
@@ -174,7 +176,8 @@ def plot_in_process(payload, path):
         ax.hlines(entry["median_ns"], i - 0.25, i + 0.25, color="C3", label="all launches, median" if i == 0 else None)
         ax.text(i + 0.27, entry["median_ns"], f"{entry['median_ns']:.0f} ns", va="center", fontsize=8)
     ax.axhline(500, color="gray", ls="--", label="target 500 ns")
-    ax.set_xticks(range(len(result)), [{"stream": "created stream", "legacy": "default stream"}.get(k, k) for k in result])
+    ax.set_xticks(range(len(result)), [k.replace(" stream", "\ncreated stream").replace(" legacy", "\ndefault stream")
+                                       for k in result], fontsize=7)
     ax.set_ylim(0, max(700, max(max(e["per_trial_median_ns"]) for e in result.values()) * 1.2))
     ax.set_ylabel("shim's added host time per launch (ns)")
     ax.set_title(f"In-process A/B, {payload['trials']} x {payload['launches_per_run']} launches ({payload['gpu']}, "
@@ -229,7 +232,7 @@ def main(out_dir):
                     launch.setdefault(f"{mode}_{name}", []).append(times)
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(last_json(stdout))
-        in_process = in_process_ab(binary, groups_env, work)
+        in_process = in_process_ab(binary, {"groups": groups_env, "whole_gpu": whole_gpu_env}, work)
         try:
             e2e_ab, e2e_ab_raw = e2e_in_process(whole_gpu_env)
         except RuntimeError as exc:   # the other results still get written
@@ -272,7 +275,7 @@ def main(out_dir):
                         "(e2e_worker.py LITHOS_E2E_GREEN=1); shim_groups = those groups allowed, on the default stream "
                         "(paired, deferred joins) and inside torch.cuda.stream(torch.cuda.Stream()) (*_side_stream: a "
                         "green stream, direct); shim_groups_no_defer = LITHOS_DEFER_JOIN=0. end_to_end_in_process: one "
-                        "shimmed process with the whole GPU allowed, default-stream steps in alternating blocks of 5 with "
+                        "shimmed process with the whole GPU allowed, default-stream steps alternating one by one with "
                         "the shim's work on and bypassed (lithos_client_set_bypass); shim_vs_bypass_percent = median over "
                         "adjacent block pairs of the ratio of block medians, with its interquartile range."}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
