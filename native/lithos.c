@@ -22,6 +22,8 @@
  *   5. write the launch identity into this slot's ring; every sample_every-th launch also gets
  *      timing events and its GPU duration is filled in once it has finished (and fed to the
  *      latency predictor, lithos_predictor.c).
+ * An allowance of every TPC skips 2-4 and the timing: the launch goes on the program's own stream
+ * (nobody can lend to or borrow from such a client; launch_whole_gpu).
  * Lending (the rule of scheduler/lending.py; lithos_shm.h "Notes on lending"), between 2 and 3:
  *   read the clock once (CLOCK_MONOTONIC through the vDSO); if this slot's lender_mask is not
  *   empty and the predictor says the kernel ends within lend_atom_ns on the own TPCs, add the
@@ -310,6 +312,7 @@ static __thread struct {
     allowance_route *route;
     CUcontext ctx;
     int ctx_managed;
+    int whole_gpu; /* route is a whole-GPU one */
     stream_pair *pairs[TLS_PAIRS];
     struct {
         uint64_t tpc_mask[LITHOS_MASK_WORDS];
@@ -1402,6 +1405,15 @@ static const lithos_slot *slot_at_index(uint32_t slot) {
     return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
 }
 
+/* Leaving a whole-GPU allowance, whose launches were not predicted: this thread's queue estimates and
+ * the activity word say busy for lend_unknown_kernel_busy_ns from now, as after an unknown kernel. */
+static void assume_unknown_work_queued(void) {
+    uint64_t now_ns = monotonic_ns(), unknown_ns = __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED);
+    for (unsigned i = 0; i < TLS_QUEUES; i++)
+        if (tls.queues[i].end_ns < now_ns + unknown_ns) tls.queues[i].end_ns = now_ns + unknown_ns;
+    if (g.own_activity) lithos_activity_after_launch(g.own_activity, now_ns, 0, unknown_ns);
+}
+
 static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_out) {
     const lithos_slot *slot = slot_at_index(g.slot);
     uint64_t generation = __atomic_load_n(&slot->generation[0], __ATOMIC_ACQUIRE);
@@ -1425,6 +1437,9 @@ static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_o
         pthread_mutex_unlock(&g.lock);
     }
     memset(tls.pairs, 0, sizeof(tls.pairs));
+    int whole_gpu = route && route->whole_gpu;
+    if (tls.whole_gpu && !whole_gpu) assume_unknown_work_queued();
+    tls.whole_gpu = whole_gpu;
     tls.generation = generation + 1;
     tls.ctx = ctx;
     tls.ctx_managed = managed;
@@ -1606,7 +1621,7 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
     return r;
 }
 
-/* This thread's timing events for launches on app streams (graph replays, whole-GPU launches), in the
+/* This thread's timing events for graph replays on app streams, in the
  * context of `stream` (events and stream must share one), made once per thread and context (a
  * replaced context's are destroyed; a thread that exits leaves its 8 events). NULL when they cannot
  * be made. */
@@ -1624,25 +1639,6 @@ static timing_set *app_stream_timing(CUstream stream) {
     return &tls.app_timing;
 }
 
-/* A launch on the app stream itself (graph replays, whole-GPU allowances): publishes busy_ns, pays
- * owed joins, counts in the stream's queue estimate, times a sampled launch there, records it. */
-static CUresult launch_on_app_stream(launch_request *q, const func_info *info, const unsigned cluster[3], int view,
-                                     unsigned tpcs, uint64_t generation, const lend_choice *lend, uint64_t busy_ns,
-                                     CUcontext ctx, CUstream app_stream, uint64_t now_ns, int path) {
-    publish_activity(q, now_ns, busy_ns);
-    flush_if_pending();
-    if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, busy_ns); /* kernels behind it start after it */
-    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
-    int pair = timing ? timing_begin(timing, app_stream) : -1;
-    CUresult r = call_real(q, q->stream);
-    tls.launches[path]++;
-    if (r == CUDA_SUCCESS) {
-        uint64_t ticket = record_launch(q, info, cluster, view, tpcs, generation, lend, now_ns);
-        if (timing) timing_end(timing, pair, app_stream, ticket);
-    }
-    return r;
-}
-
 /* A graph replays on the app stream; its kernel nodes keep the green context they were captured in
  * (the allowance then). Sampled replays are timed by an event pair on the app stream and fed to the
  * predictor keyed (graph exec, 0, 0) on the current allowance's TPCs (after an allowance change
@@ -1655,8 +1651,33 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
     uint64_t longest_ns = 0;
     if (g.predictor)
         lend.predicted_ns = lithos_predictor_predict_longest_ns(g.predictor, (uint64_t)(uintptr_t)q->graph, 0, 0, tpcs, &longest_ns);
-    return launch_on_app_stream(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, longest_ns,
-                                ctx, app_stream, now_ns, PATH_UNCONFINED);
+    publish_activity(q, now_ns, longest_ns);
+    flush_if_pending();
+    if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, longest_ns); /* kernels behind it start after it */
+    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
+    int pair = timing ? timing_begin(timing, app_stream) : -1;
+    CUresult r = call_real(q, q->stream);
+    tls.launches[PATH_UNCONFINED]++;
+    if (r == CUDA_SUCCESS) {
+        uint64_t ticket = record_launch(q, NULL, (const unsigned[3]){1, 1, 1}, LITHOS_VIEW_GRAPH, tpcs, generation, &lend, now_ns);
+        if (timing) timing_end(timing, pair, app_stream, ticket);
+    }
+    return r;
+}
+
+/* Every TPC allowed: the launch goes on the app stream as without the shim. Nobody can lend to or
+ * borrow from this client, so nothing is predicted, queued or timed (current_route makes the
+ * estimates conservative when the allowance shrinks); the launch is recorded and the activity
+ * word's last launch stamped (the agent's busy TPCs and lending plan read it). */
+static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const unsigned cluster[3], int view, unsigned tpcs,
+                                 uint64_t generation, uint64_t now_ns) {
+    if (g.own_activity) lithos_activity_touch(g.own_activity, now_ns);
+    flush_if_pending();
+    CUresult r = call_real(q, q->stream);
+    tls.launches[PATH_DIRECT]++;
+    lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
+    if (r == CUDA_SUCCESS) record_launch(q, info, cluster, view, tpcs, generation, &lend, now_ns);
+    return r;
 }
 
 static CUresult route_launch(launch_request *q) {
@@ -1684,13 +1705,8 @@ static CUresult route_launch(launch_request *q) {
     lend_choice lend = {.route = route};
     if (route->whole_gpu) { /* as without the shim; a green stream of an earlier allowance goes to the unconfined pair */
         CUcontext stream_ctx = NULL;
-        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx)) {
-            unsigned tpcs = route->views[view].tpcs;
-            lend.own_tpcs = (uint16_t)tpcs;
-            lend.predicted_ns = predict_ns(&key, tpcs);
-            return launch_on_app_stream(q, info, cluster, view, tpcs, generation, &lend, lend.predicted_ns, ctx, app_stream,
-                                        now_ns, PATH_DIRECT);
-        }
+        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx))
+            return launch_whole_gpu(q, info, cluster, view, route->views[view].tpcs, generation, now_ns);
     }
     uint64_t *stream_end_ns = NULL;
     if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {

@@ -126,6 +126,10 @@ void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64
     while (!__atomic_compare_exchange_n(&word->busy_until_ns[0], &busy, (busy > now_ns ? busy : now_ns) + added_ns, 1,
                                         __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
     }
+    lithos_activity_touch(word, now_ns);
+}
+
+void lithos_activity_touch(lithos_activity *word, uint64_t now_ns) {
     uint64_t last = __atomic_load_n(&word->last_launch_ns[0], __ATOMIC_RELAXED);
     while (last < now_ns &&
            !__atomic_compare_exchange_n(&word->last_launch_ns[0], &last, now_ns, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {

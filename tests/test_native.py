@@ -1230,8 +1230,9 @@ def test_whole_cosched_groups_give_one_green_context_for_cluster_and_plain_kerne
 
 
 def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_shim(fake_driver, lend_table):
-    """Every TPC allowed: nothing to confine, so no green context, no helper stream, no events (but a
-    sampled launch's timing pair); launches are recorded in their view on all 66 TPCs."""
+    """Every TPC allowed: nothing to confine and nobody to lend to or borrow from, so no green context,
+    no helper stream, no events (not even sampled timing), no prediction; launches are recorded in
+    their view on all 66 TPCs and stamp the activity word's last launch only."""
     lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
     lend_table.set_lending(0, [], low_priority=False)
     lend_table.clear(1)
@@ -1253,8 +1254,29 @@ def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_sh
         records = lend_table.read_launches(0)[0][-4:]
         assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["tpc", "cosched"] * 2
         assert [int(r["tpcs"]) for r in records] == [66] * 4
-        events = [w for w in log_lines if w[0] == "cuEventRecord"]
-        assert (len(events) == 8) if sample_every == "1" else not events, log_lines
+        assert [int(r["predicted_own_ns"]) for r in records] == [0] * 4
+        assert not [w for w in log_lines if w[0].startswith("cuEvent")], log_lines
+        word = lend_table.activity(0)
+        assert word.last_launch_ns == int(records[-1]["host_ns"]) and word.busy_until_ns == 0
+
+
+def test_leaving_a_whole_gpu_allowance_counts_unknown_work_as_queued(fake_driver, lend_table):
+    """Whole-GPU launches are not predicted, so when the allowance shrinks the client's activity word
+    says busy for lend_unknown_kernel_busy_ns (lenders keep away from unknown queued work)."""
+    lend_table.set_lending(0, [], low_priority=False)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    lend_table.set_allowance(0, list(range(66)))
+    proc, _ = start_waiting_client(textwrap.dedent("""
+    launch_fn(0x77, None)
+    wait_for_parent()          # the parent allows 0-7 only
+    launch_fn(0x77, None)
+    """), lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))
+    assert lend_table.activity(0).busy_until_ns == 0
+    lend_table.set_allowance(0, list(range(8)))
+    finish_client(proc)
+    first, second = lend_table.read_launches(0)[0][-2:]
+    assert (int(first["tpcs"]), int(second["tpcs"])) == (66, 8)
+    assert lend_table.activity(0).busy_until_ns >= int(second["host_ns"]) + 2 * 10_000_000   # unknown busy, then the launch
 
 
 def test_after_the_whole_gpu_is_allowed_a_green_stream_of_an_earlier_allowance_is_left_for_an_ordinary_one(
