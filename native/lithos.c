@@ -1350,11 +1350,9 @@ static void timing_end(timing_set *t, int pair, CUstream stream, uint64_t ticket
     }
 }
 
-/* after_launch on this thread's queue estimate of a stream (an unknown duration counts
- * lend_unknown_kernel_busy_ns). */
+/* after_launch on this thread's queue estimate of a stream (lithos_busy_after). */
 static void queue_after_launch(uint64_t *end_ns, uint64_t now_ns, uint64_t predicted_ns) {
-    *end_ns = (*end_ns > now_ns ? *end_ns : now_ns) +
-              (predicted_ns ? predicted_ns : __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
+    *end_ns = lithos_busy_after(*end_ns, now_ns, predicted_ns, __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
 }
 
 /* ---------------------------------------------------------------- the launch path */

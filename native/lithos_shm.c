@@ -119,12 +119,16 @@ int lithos_lender_is_idle(uint64_t last_launch_ns, uint64_t busy_until_ns, uint6
     return !recent && now_ns >= busy_until_ns;
 }
 
+uint64_t lithos_busy_after(uint64_t busy_until_ns, uint64_t now_ns, uint64_t predicted_ns, uint64_t unknown_kernel_busy_ns) {
+    if (!predicted_ns) return busy_until_ns > now_ns + unknown_kernel_busy_ns ? busy_until_ns : now_ns + unknown_kernel_busy_ns;
+    return (busy_until_ns > now_ns ? busy_until_ns : now_ns) + predicted_ns;
+}
+
 void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64_t predicted_ns,
                                   uint64_t unknown_kernel_busy_ns) {
-    uint64_t added_ns = predicted_ns ? predicted_ns : unknown_kernel_busy_ns;
     uint64_t busy = __atomic_load_n(&word->busy_until_ns[0], __ATOMIC_RELAXED);
-    while (!__atomic_compare_exchange_n(&word->busy_until_ns[0], &busy, (busy > now_ns ? busy : now_ns) + added_ns, 1,
-                                        __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+    while (!__atomic_compare_exchange_n(&word->busy_until_ns[0], &busy, lithos_busy_after(busy, now_ns, predicted_ns, unknown_kernel_busy_ns),
+                                        1, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
     }
     lithos_activity_touch(word, now_ns);
 }

@@ -281,11 +281,14 @@ size_t lithos_activity_bytes(uint32_t max_slots);
  * The launch-path rule on one activity word (scheduler/lending.py lender_is_idle / after_launch).
  * lithos_lender_is_idle: 1 when the lender's last launch is at least idle_window_ns old (or it
  * never launched) and now_ns >= busy_until_ns. lithos_activity_after_launch: the launching
- * client's update (predicted_ns 0 = unknown -> unknown_kernel_busy_ns); safe from many threads.
+ * client's update, busy_until_ns = lithos_busy_after(...): known kernels queue behind each other
+ * (max(busy, now) + predicted_ns), an unknown one (predicted_ns 0) keeps the client busy until at
+ * least now + unknown_kernel_busy_ns (credits do not add up); safe from many threads.
  * lithos_activity_touch: the update of a client allowed every TPC (nobody lends to or borrows from
  * it, so nothing is predicted): last_launch_ns = now_ns, busy_until_ns unchanged.
  */
 int lithos_lender_is_idle(uint64_t last_launch_ns, uint64_t busy_until_ns, uint64_t now_ns, uint64_t idle_window_ns);
+uint64_t lithos_busy_after(uint64_t busy_until_ns, uint64_t now_ns, uint64_t predicted_ns, uint64_t unknown_kernel_busy_ns);
 void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64_t predicted_ns,
                                   uint64_t unknown_kernel_busy_ns);
 void lithos_activity_touch(lithos_activity *word, uint64_t now_ns);

@@ -33,8 +33,10 @@ The launch-path rule (client B launches kernel k at time now):
       and makes a low-priority borrower with idle lenders sleep until the estimate fits, one atom
       at a time, at most 40 atoms per launch.)
 Then B's own activity word is updated: last_launch_ns = now;
-    busy_until_ns = max(busy_until_ns, now) + (predicted ns of k on the TPCs it launched on,
-                                               or unknown_kernel_busy_ns when k is unknown).
+    busy_until_ns = max(busy_until_ns, now) + predicted ns of k on the TPCs it launched on, or,
+    when k is unknown, max(busy_until_ns, now + unknown_kernel_busy_ns): an unknown kernel may run
+    until then, but unknown kernels do not add up (each one adding the credit made an eager model's
+    busy_until run minutes ahead of the clock on the H100, so its TPCs were never lent).
 """
 from __future__ import annotations
 
@@ -250,6 +252,8 @@ def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityW
 
 
 def after_launch(word: ActivityWord, now_ns: int, predicted_ns: int | None, unknown_kernel_busy_ns: int) -> ActivityWord:
-    """The launching client's new activity word: kernels on one stream queue behind each other."""
-    added_ns = unknown_kernel_busy_ns if predicted_ns is None else predicted_ns
-    return ActivityWord(now_ns, max(word.busy_until_ns, now_ns) + added_ns)
+    """The launching client's new activity word: known kernels on one stream queue behind each other;
+    an unknown one keeps the client busy for unknown_kernel_busy_ns from now (credits do not add up)."""
+    if predicted_ns is None:
+        return ActivityWord(now_ns, max(word.busy_until_ns, now_ns + unknown_kernel_busy_ns))
+    return ActivityWord(now_ns, max(word.busy_until_ns, now_ns) + predicted_ns)

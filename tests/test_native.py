@@ -1037,7 +1037,7 @@ def test_an_active_lender_keeps_its_tpcs_and_lends_them_again_once_idle(fake_dri
 
 QUEUED_DEEP = """
 s = create(1)
-warm_then_borrow(s)      # launches 1-4 unknown: 70 ms each in the queue estimate; the stream never drains
+warm_then_borrow(s)      # launches 1-4 unknown: the queue estimate ends 180 ms after the latest; the stream never drains
 counts = lending()
 show("counts", counts["borrowed"], counts["too_deep"] > 0, counts["paced"])
 """
@@ -1045,7 +1045,7 @@ show("counts", counts["borrowed"], counts["too_deep"] > 0, counts["paced"])
 
 def test_a_borrower_queued_deeper_than_the_atom_keeps_to_its_own_tpcs(fake_driver, lend_table):
     """A kernel queued behind others would run on lent TPCs long after its launch: no borrowing."""
-    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=180_000)
     lines = run_lending_client(QUEUED_DEEP + "show_log()", lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
     assert lines[0] == ["counts", "0", "True", "0"]
     assert ["cuStreamQuery", launch_places(lines[1:])[0][1], "busy"] in lines   # asked the stream once
@@ -1053,17 +1053,17 @@ def test_a_borrower_queued_deeper_than_the_atom_keeps_to_its_own_tpcs(fake_drive
 
 
 def test_a_paced_low_priority_borrower_waits_for_its_queue_then_borrows(fake_driver, lend_table):
-    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=180_000)
     lend_table.set_lending(0, [1], low_priority=True)
     start = time.monotonic()
     lines = run_lending_client(QUEUED_DEEP + "show_log()", lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
-    assert lines[0] == ["counts", "1", "False", "1"]   # launch 5 slept ~180 ms, then found the union pending
-    assert time.monotonic() - start > 0.15
+    assert lines[0] == ["counts", "1", "False", "1"]   # launch 5 slept ~80 ms, then found the union pending
+    assert time.monotonic() - start > 0.07
     assert [groups for groups, _ in launch_places(lines)] == [8] * 5 + [16]
 
 
 def test_pacing_can_be_switched_off(fake_driver, lend_table):
-    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=70_000)
+    lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=180_000)
     lend_table.set_lending(0, [1], low_priority=True)
     lines = run_lending_client(QUEUED_DEEP, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE="0"))
     assert lines[0] == ["counts", "0", "True", "0"]
@@ -1262,21 +1262,25 @@ def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_sh
 
 def test_leaving_a_whole_gpu_allowance_counts_unknown_work_as_queued(fake_driver, lend_table):
     """Whole-GPU launches are not predicted, so when the allowance shrinks the client's activity word
-    says busy for lend_unknown_kernel_busy_ns (lenders keep away from unknown queued work)."""
+    says busy for lend_unknown_kernel_busy_ns (lenders keep away from unknown queued work): a known
+    kernel launched next queues behind that credit."""
     lend_table.set_lending(0, [], low_priority=False)
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=10_000)
-    lend_table.set_allowance(0, list(range(66)))
     proc, _ = start_waiting_client(textwrap.dedent("""
+    for _ in range(5): launch_fn(0x77, None)      # sampled on 0-7: known from the fourth on (1 us)
+    wait_for_parent()          # the parent allows every TPC
     launch_fn(0x77, None)
-    wait_for_parent()          # the parent allows 0-7 only
+    wait_for_parent()          # the parent allows 0-7 again
     launch_fn(0x77, None)
-    """), lend_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="0"))
-    assert lend_table.activity(0).busy_until_ns == 0
+    """), lend_env(fake_driver, lend_table))
+    lend_table.set_allowance(0, list(range(66)))
+    proc.stdin.write("go\n"); proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "ready"
     lend_table.set_allowance(0, list(range(8)))
     finish_client(proc)
-    first, second = lend_table.read_launches(0)[0][-2:]
-    assert (int(first["tpcs"]), int(second["tpcs"])) == (66, 8)
-    assert lend_table.activity(0).busy_until_ns >= int(second["host_ns"]) + 2 * 10_000_000   # unknown busy, then the launch
+    whole, confined = lend_table.read_launches(0)[0][-2:]
+    assert (int(whole["tpcs"]), int(confined["tpcs"]), int(confined["predicted_ns"])) == (66, 8, 1_000)
+    assert lend_table.activity(0).busy_until_ns >= int(confined["host_ns"]) + 10_000_000 + 1_000
 
 
 def test_after_the_whole_gpu_is_allowed_a_green_stream_of_an_earlier_allowance_is_left_for_an_ordinary_one(
