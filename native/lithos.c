@@ -19,8 +19,8 @@
  *      capture joins) therefore sees the moved kernel. With deferred joins (default) only the first
  *      launch of a run on one pair orders the green stream after the app stream; the join back is
  *      owed until anything else happens ("Deferred joins" below);
- *   5. write the launch identity into this slot's ring; every sample_every-th launch also gets
- *      timing events and its GPU duration is filled in once it has finished (and fed to the
+ *   5. write the launch identity into this slot's ring; one launch in sample_every (at random; one
+ *      in 4 of kernels not predicted yet) also gets timing events and its GPU duration is filled in once it has finished (and fed to the
  *      latency predictor, lithos_predictor.c).
  * An allowance of every TPC skips 2-4 and the timing: the launch goes on the program's own stream
  * (nobody can lend to or borrow from such a client; launch_whole_gpu).
@@ -248,7 +248,6 @@ static struct {
     lithos_activity *own_activity; /* this slot's page, mapped writable (NULL: cannot publish) */
     lithos_predictor *predictor;
     uint32_t sample_every;
-    uint64_t launch_count; /* atomic */
     int verbose;
     /* managed device (the GPU whose uuid the table names) */
     pthread_mutex_t lock; /* guards everything below; never held across a launch */
@@ -325,6 +324,7 @@ static __thread struct {
         uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
     } queues[TLS_QUEUES];
     unsigned queue_next;
+    uint64_t random; /* xorshift state of sample_due (0 = not seeded) */
     CUcontext app_timing_ctx; /* of app_timing: launches on app streams (made at the first sampled one) */
     timing_set app_timing;
     uint64_t launches[LITHOS_PATHS];        /* this thread's launches by path, for tools */
@@ -1325,10 +1325,20 @@ static void harvest_timings(timing_set *t) {
     drv_cuThreadExchangeStreamCaptureMode(&mode);
 }
 
-/* Whether this launch is the process's sample_every-th (to be timed). Counts every launch. */
-static int sample_due(void) {
-    uint64_t count = __atomic_add_fetch(&g.launch_count, 1, __ATOMIC_RELAXED);
-    return g.sample_every && g.ring && count % g.sample_every == 0;
+/* Whether this launch is timed: one in sample_every at random, and a kernel with no prediction yet
+ * (predicted_ns 0) one in UNKNOWN_SAMPLE_EVERY. Random (a per-thread xorshift), not every Nth: a
+ * fixed period aliases with programs that repeat a fixed number of launches (154 per BERT forward
+ * and every 64th launch time only even positions), and kernels never timed stay unknown. */
+#define UNKNOWN_SAMPLE_EVERY 4u
+static int sample_due(uint64_t predicted_ns) {
+    if (!g.sample_every || !g.ring) return 0;
+    uint64_t x = tls.random ? tls.random : ((uint64_t)(uintptr_t)&tls * 0x9e3779b97f4a7c15ull) | 1u;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    tls.random = x;
+    uint32_t every = predicted_ns || g.sample_every < UNKNOWN_SAMPLE_EVERY ? g.sample_every : UNKNOWN_SAMPLE_EVERY;
+    return x % every == 0;
 }
 
 /* A sampled launch about to go on `stream`: harvests finished pairs and records a start event.
@@ -1652,7 +1662,7 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
     publish_activity(q, now_ns, longest_ns);
     flush_if_pending();
     if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, longest_ns); /* kernels behind it start after it */
-    timing_set *timing = sample_due() ? app_stream_timing(app_stream) : NULL;
+    timing_set *timing = sample_due(longest_ns) ? app_stream_timing(app_stream) : NULL;
     int pair = timing ? timing_begin(timing, app_stream) : -1;
     CUresult r = call_real(q, q->stream);
     tls.launches[PATH_UNCONFINED]++;
@@ -1781,7 +1791,7 @@ static CUresult route_launch(launch_request *q) {
         owe_join(p, app_stream);
         join_leave();
     }
-    int pair = sample_due() ? timing_begin(&p->timing, p->green_stream) : -1;
+    int pair = sample_due(lend.predicted_ns) ? timing_begin(&p->timing, p->green_stream) : -1;
     CUresult r = call_real(q, p->green_stream);
     if (deferred) {
         join_enter();

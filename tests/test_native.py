@@ -287,6 +287,9 @@ def fake_table(built_library, tmp_path):
 
 
 def fake_env(fake_driver, table=None, slot=0, **extra):
+    """Env of a client on the fake driver; no launch is timed unless LITHOS_SAMPLE_EVERY is given
+    (timing is random, and these tests check exact driver call sequences)."""
+    extra = {"LITHOS_SAMPLE_EVERY": "0", **extra}
     env = {k: v for k, v in os.environ.items() if k not in (native.ENV_TABLE, native.ENV_SLOT)}
     env.update(native.client_env(table.path, slot) if table else {"LD_PRELOAD": str(native.library_path())})
     return {**env, "LD_LIBRARY_PATH": fake_driver, **extra}
@@ -1258,6 +1261,21 @@ def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_sh
         assert not [w for w in log_lines if w[0].startswith("cuEvent")], log_lines
         word = lend_table.activity(0)
         assert word.last_launch_ns == int(records[-1]["host_ns"]) and word.busy_until_ns == 0
+
+
+def test_a_program_repeating_a_fixed_launch_pattern_gets_every_kernel_timed(fake_driver, lend_table):
+    """Two kernels in turn, one launch in 64 timed: a fixed period would only ever time one of them
+    (every 64th launch is always the same kernel); random timing, and one in 4 of kernels not
+    predicted yet, teach the predictor both."""
+    lend_table.set_lending(0, [], low_priority=False)
+    run_lending_client("""
+    s = create(1)
+    for _ in range(200):
+        launch_fn(0x77, s); launch_fn(0x99, s)
+    """, fake_env(fake_driver, lend_table, LITHOS_SAMPLE_EVERY="64", FAKE_KERNEL_US="5"))
+    records = lend_table.read_launches(0)[0][-2:]
+    assert sorted(int(r["function"]) for r in records) == [0x77, 0x99]
+    assert all(abs(int(r["predicted_ns"]) - 5_000) <= 1 for r in records), records["predicted_ns"]   # 5 us (float ms)
 
 
 def test_leaving_a_whole_gpu_allowance_counts_unknown_work_as_queued(fake_driver, lend_table):
