@@ -38,6 +38,9 @@
  *   route, view, priority). Its first launch records app_done on the app stream and makes the green
  *   stream wait (unless the app stream is capturing a graph: then the launch is paired eagerly);
  *   later launches of the run go straight to the green stream, which keeps their order by itself.
+ *   A launch of the same thread on the same app stream through another pair, with that run the
+ *   only one owed, hands the run over: its green stream waits for the old green stream, and the
+ *   owed join moves to the new pair (nothing was enqueued on the app stream meanwhile).
  *   The join back (green_done on the green stream, the app stream waits) is OWED (the pair is in
  *   pending_pairs, lithos_pending_joins > 0) and paid by flush_joins() before:
  *    - any launch that does not continue the run (another pair, another thread, direct, unconfined
@@ -275,7 +278,7 @@ enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, PATH_CONTINUED = 3
 /* Deferred joins, counted per thread (lithos_client_join_counts): runs started (app_done + wait),
  * joins paid (green_done + wait, by this thread's flushes), per-thread-stream joins made to the
  * legacy stream for another thread. */
-enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, LITHOS_JOIN_COUNTS = 3 };
+enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, JOIN_HANDOFFS = 3, LITHOS_JOIN_COUNTS = 4 };
 /* Lending outcomes of launches that may borrow, counted per thread (lithos_client_lending_counts):
  * borrowed; idle lenders but their union still being built (own TPCs used); queue too deep; paced
  * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle; the
@@ -1751,17 +1754,32 @@ static CUresult route_launch(launch_request *q) {
      * Deferred (paired, LITHOS_DEFER_JOIN on): the first launch of a run orders the green stream
      * after the app stream; the join back is owed ("Deferred joins" at the top). join_lock is held
      * from the decision to the end of this launch; every other launch pays the owed joins first. */
-    int paired = !p->owned, deferred = 0, continued = 0;
+    int paired = !p->owned, deferred = 0, continued = 0, handed_off = 0;
     if (paired && defer_on()) {
         join_enter();
         continued = p->pending && p->pending_owner == (const void *)&tls;
         if (!continued) {
-            if (pending_count) flush_joins_locked();
+            /* The only owed run is this thread's on the same app stream (e.g. own TPCs, now lent
+             * ones): nothing was enqueued on the app stream since it started, so the new green
+             * stream waits for the old one's last kernel and takes over the owed join (2 event calls
+             * instead of a join and a run start, 4). */
+            stream_pair *previous = pending_count == 1 ? pending_pairs[0] : NULL;
+            int hand_off = previous && previous->app_stream == app_stream && previous->app_ctx == ctx &&
+                           previous->pending_owner == (const void *)&tls;
+            if (pending_count && !hand_off) flush_joins_locked();
             /* A capturing stream is paired eagerly: the graph must get both dependencies as nodes. */
             CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
             deferred = defer_on() && pending_count < PENDING_MAX &&
                        drv_cuStreamIsCapturing(app_stream, &capture) == CUDA_SUCCESS &&
                        capture == CU_STREAM_CAPTURE_STATUS_NONE;
+            if (hand_off && deferred && drv_cuEventRecord(previous->green_done, previous->green_stream) == CUDA_SUCCESS &&
+                drv_cuStreamWaitEvent(p->green_stream, previous->green_done, 0) == CUDA_SUCCESS) {
+                remove_pending_at(0);
+                handed_off = 1;
+                tls.joins[JOIN_HANDOFFS]++;
+            } else if (hand_off) {
+                flush_joins_locked();
+            }
         } else {
             deferred = 1;
         }
@@ -1771,7 +1789,7 @@ static CUresult route_launch(launch_request *q) {
     } else {
         flush_if_pending();
     }
-    if (paired && !continued &&
+    if (paired && !continued && !handed_off &&
         (drv_cuEventRecord(p->app_done, app_stream) != CUDA_SUCCESS ||
          drv_cuStreamWaitEvent(p->green_stream, p->app_done, 0) != CUDA_SUCCESS)) {
         if (deferred) {

@@ -1232,6 +1232,33 @@ def test_whole_cosched_groups_give_one_green_context_for_cluster_and_plain_kerne
             assert (direct, paired, unconfined) == (2, 4, 2)   # on the created stream via a helper pair
 
 
+def test_a_run_that_moves_to_another_green_stream_of_the_same_app_stream_hands_its_join_over(fake_driver, lend_table):
+    """TPCs 0-9 with groups 0, 1 (0-7) whole: plain kernels on the TPC view, cluster kernels on the
+    co-scheduled one (two green streams). Alternating on the default stream, each switch makes the
+    new green stream wait for the old one's last kernel (2 event calls) instead of joining back to the
+    app stream and starting a new run (4); the one join owed is paid at the next driver call."""
+    lend_table.set_lending(0, [], low_priority=False)
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    lend_table.set_allowance(0, list(range(10)))
+    lines = run_lending_client("""
+    full_log()
+    for function in (0x77, 0xc1, 0x77, 0xc1):
+        launch_fn(function, None)
+    lib.cuStreamSynchronize(None)
+    c = (ctypes.c_uint64 * 4)(); lib.lithos_client_join_counts(c, 4); show("joins", *c)
+    show_log()
+    """, fake_env(fake_driver, lend_table))
+    joins, calls = lines[0], [w for w in lines[1:] if w[0] in ("cuEventRecord", "cuStreamWaitEvent", "cuLaunchKernel",
+                                                                  "cuStreamSynchronize")]
+    places = launch_places(lines)
+    tpc_green, cosched_green = places[0][1], places[1][1]
+    assert [groups for groups, _ in places] == [10, 2, 10, 2] and tpc_green != cosched_green
+    assert joins == ["joins", "4", "1", "0", "3"]   # runs started, joins paid, legacy joins, handoffs
+    handoff = lambda old, new: [["cuEventRecord", old, "same-context"], ["cuStreamWaitEvent", new], ["cuLaunchKernel", new]]
+    assert calls == (run_start("0", tpc_green) + handoff(tpc_green, cosched_green) + handoff(cosched_green, tpc_green)
+                     + handoff(tpc_green, cosched_green) + join("0", cosched_green) + [["cuStreamSynchronize", "0"]])
+
+
 def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_shim(fake_driver, lend_table):
     """Every TPC allowed: nothing to confine and nobody to lend to or borrow from, so no green context,
     no helper stream, no events (not even sampled timing), no prediction; launches are recorded in
