@@ -61,8 +61,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "default: its static quota's share of the GPU's TPCs)")
     parser.add_argument("--atom-us", type=float, default=250.0, help="lithos atom budget in microseconds (default 250)")
     parser.add_argument("--sample-every", type=int, default=8,
-                        help="shim workers time every Nth launch (LITHOS_SAMPLE_EVERY; default 8: the predictor "
-                             "needs 3 samples per kernel shape before a kernel may borrow)")
+                        help="shim workers time one launch in N at random (LITHOS_SAMPLE_EVERY; default 8: the "
+                             "predictor needs 3 samples per kernel shape before a kernel may borrow)")
     parser.add_argument("--lend-pace", choices=("idle", "always"), default="idle",
                         help="when best-effort borrowers pace their queue (LITHOS_LEND_PACE): while a lender is idle "
                              "(default) or always, so the queue is shallow before a lender goes idle")

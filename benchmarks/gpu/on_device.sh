@@ -12,6 +12,7 @@
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
 #   colocate-pace-always  static vs lithos only, best-effort borrowers pacing always (about 5 minutes)
+#   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes): what lending changes
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
 #   serve-lending-ab  the same, eager, with the agent's lending off then on (LITHOS_LENDING=0/1)
@@ -60,6 +61,9 @@ for s in "$@"; do
     colocate-pace-always)
       timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --lend-pace always --trials 2 --budget-s 300 \
         --tag pace_always --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_pace_always_console.txt" | tail -30 || status=1 ;;
+    colocate-lending)
+      timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --trials 2 --budget-s 300 \
+        --tag lending --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_lending_console.txt" | tail -30 || status=1 ;;
     ray-tests)
       timeout 300 python3 -m pytest -v -s -rs tests/test_gpu_node.py tests/test_gpu_ray.py 2>&1 |
         tee "$OUT/ray_gpu_tests.txt" | tail -20 || status=1 ;;
