@@ -1416,13 +1416,12 @@ static const lithos_slot *slot_at_index(uint32_t slot) {
     return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
 }
 
-/* Leaving a whole-GPU allowance, whose launches were not predicted: this thread's queue estimates and
- * the activity word say busy for lend_unknown_kernel_busy_ns from now, as after an unknown kernel. */
+/* Leaving a whole-GPU allowance, whose launches were not queued in the estimates: this thread's
+ * queue estimates say busy for lend_unknown_kernel_busy_ns from now, as after an unknown kernel. */
 static void assume_unknown_work_queued(void) {
     uint64_t now_ns = monotonic_ns(), unknown_ns = __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED);
     for (unsigned i = 0; i < TLS_QUEUES; i++)
-        if (tls.queues[i].end_ns < now_ns + unknown_ns) tls.queues[i].end_ns = now_ns + unknown_ns;
-    if (g.own_activity) lithos_activity_after_launch(g.own_activity, now_ns, 0, unknown_ns);
+        tls.queues[i].end_ns = lithos_busy_after(tls.queues[i].end_ns, now_ns, 0, unknown_ns);
 }
 
 static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_out) {
@@ -1478,7 +1477,9 @@ static void publish_activity(launch_request *q, uint64_t now_ns, uint64_t predic
 }
 
 /* This thread's predicted end of its queued work on one stream. A stream seen for the first time
- * starts at the process's busy_until (its activity word): an over-estimate, never an under-one. */
+ * starts at the process's busy_until (its activity word). Unknown kernels count one credit, not one
+ * each (lithos_busy_after): several long unknown kernels queued over more than a credit ago are
+ * under-counted; known ones add up. */
 static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
     for (unsigned i = 0; i < TLS_QUEUES; i++)
         if (tls.queues[i].stream == stream && tls.queues[i].ctx == ctx) return &tls.queues[i].end_ns;
@@ -1677,12 +1678,13 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
 }
 
 /* Every TPC allowed: the launch goes on the app stream as without the shim. Nobody can lend to or
- * borrow from this client, so nothing is predicted, queued or timed (current_route makes the
- * estimates conservative when the allowance shrinks); the launch is recorded and the activity
- * word's last launch stamped (the agent's busy TPCs and lending plan read it). */
+ * borrow from this client, so nothing is predicted, queued or timed (current_route makes this
+ * thread's queue estimates conservative when the allowance shrinks); the launch is recorded and
+ * the activity word moved as for an unknown kernel (busy for lend_unknown_kernel_busy_ns), so the
+ * client does not look idle with work queued when its allowance shrinks. */
 static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const unsigned cluster[3], int view, unsigned tpcs,
                                  uint64_t generation, uint64_t now_ns) {
-    if (g.own_activity) lithos_activity_touch(g.own_activity, now_ns);
+    publish_activity(q, now_ns, 0);
     flush_if_pending();
     CUresult r = call_real(q, q->stream);
     tls.launches[PATH_DIRECT]++;
@@ -1774,7 +1776,11 @@ static CUresult route_launch(launch_request *q) {
                        capture == CU_STREAM_CAPTURE_STATUS_NONE;
             if (hand_off && deferred && drv_cuEventRecord(previous->green_done, previous->green_stream) == CUDA_SUCCESS &&
                 drv_cuStreamWaitEvent(p->green_stream, previous->green_done, 0) == CUDA_SUCCESS) {
-                remove_pending_at(0);
+                /* swapped in place: lithos_pending_joins never reads 0 while the old run is unjoined */
+                previous->pending = 0;
+                pending_pairs[0] = p;
+                p->pending = 1;
+                p->pending_owner = &tls;
                 handed_off = 1;
                 tls.joins[JOIN_HANDOFFS]++;
             } else if (hand_off) {
@@ -1800,7 +1806,7 @@ static CUresult route_launch(launch_request *q) {
     }
     tls.launches[paired ? PATH_PAIRED : PATH_DIRECT]++;
     if (continued) tls.launches[PATH_CONTINUED]++;
-    else if (deferred) tls.joins[JOIN_RUNS]++;
+    else if (deferred && !handed_off) tls.joins[JOIN_RUNS]++;
     if (deferred) {
         /* Owed from before the launch and join_lock released across it: a launch can block (full
          * queue, lazy loading) on work that another thread's driver call must first let go. A

@@ -120,8 +120,13 @@ int lithos_lender_is_idle(uint64_t last_launch_ns, uint64_t busy_until_ns, uint6
 }
 
 uint64_t lithos_busy_after(uint64_t busy_until_ns, uint64_t now_ns, uint64_t predicted_ns, uint64_t unknown_kernel_busy_ns) {
-    if (!predicted_ns) return busy_until_ns > now_ns + unknown_kernel_busy_ns ? busy_until_ns : now_ns + unknown_kernel_busy_ns;
-    return (busy_until_ns > now_ns ? busy_until_ns : now_ns) + predicted_ns;
+    uint64_t end;
+    if (!predicted_ns) {
+        if (__builtin_add_overflow(now_ns, unknown_kernel_busy_ns, &end)) end = UINT64_MAX;
+        return busy_until_ns > end ? busy_until_ns : end;
+    }
+    if (__builtin_add_overflow(busy_until_ns > now_ns ? busy_until_ns : now_ns, predicted_ns, &end)) end = UINT64_MAX;
+    return end;
 }
 
 void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64_t predicted_ns,
@@ -130,10 +135,6 @@ void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64
     while (!__atomic_compare_exchange_n(&word->busy_until_ns[0], &busy, lithos_busy_after(busy, now_ns, predicted_ns, unknown_kernel_busy_ns),
                                         1, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
     }
-    lithos_activity_touch(word, now_ns);
-}
-
-void lithos_activity_touch(lithos_activity *word, uint64_t now_ns) {
     uint64_t last = __atomic_load_n(&word->last_launch_ns[0], __ATOMIC_RELAXED);
     while (last < now_ns &&
            !__atomic_compare_exchange_n(&word->last_launch_ns[0], &last, now_ns, 1, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {

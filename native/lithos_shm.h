@@ -77,7 +77,8 @@
  *                       and now_ns >= busy_until_ns
  *             if idle(L): lenders |= 1 << L
  *     TPCs = own | the allowances of `lenders`   (green context cached per TPC set)
- *     B.busy_until_ns  = max(B.busy_until_ns, now_ns) + (predict(k, |TPCs|) or lend_unknown_kernel_busy_ns)
+ *     B.busy_until_ns  = max(B.busy_until_ns, now_ns) + predict(k, |TPCs|), or for an unknown k
+ *                        max(B.busy_until_ns, now_ns + lend_unknown_kernel_busy_ns) (lithos_busy_after)
  *     B.last_launch_ns = now_ns
  *
  * Worked example: slot 0 owns TPCs 0..7, slot 1 owns 8..15, the agent sets
@@ -284,14 +285,11 @@ size_t lithos_activity_bytes(uint32_t max_slots);
  * client's update, busy_until_ns = lithos_busy_after(...): known kernels queue behind each other
  * (max(busy, now) + predicted_ns), an unknown one (predicted_ns 0) keeps the client busy until at
  * least now + unknown_kernel_busy_ns (credits do not add up); safe from many threads.
- * lithos_activity_touch: the update of a client allowed every TPC (nobody lends to or borrows from
- * it, so nothing is predicted): last_launch_ns = now_ns, busy_until_ns unchanged.
  */
 int lithos_lender_is_idle(uint64_t last_launch_ns, uint64_t busy_until_ns, uint64_t now_ns, uint64_t idle_window_ns);
 uint64_t lithos_busy_after(uint64_t busy_until_ns, uint64_t now_ns, uint64_t predicted_ns, uint64_t unknown_kernel_busy_ns);
 void lithos_activity_after_launch(lithos_activity *word, uint64_t now_ns, uint64_t predicted_ns,
                                   uint64_t unknown_kernel_busy_ns);
-void lithos_activity_touch(lithos_activity *word, uint64_t now_ns);
 /* Agent side: store the co-scheduled group of each TPC (LITHOS_NO_GROUP for none). */
 int lithos_table_set_cosched_map(void *table, const uint8_t *group_of_tpc, uint32_t tpcs);
 /*

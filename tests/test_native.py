@@ -1253,7 +1253,7 @@ def test_a_run_that_moves_to_another_green_stream_of_the_same_app_stream_hands_i
     places = launch_places(lines)
     tpc_green, cosched_green = places[0][1], places[1][1]
     assert [groups for groups, _ in places] == [10, 2, 10, 2] and tpc_green != cosched_green
-    assert joins == ["joins", "4", "1", "0", "3"]   # runs started, joins paid, legacy joins, handoffs
+    assert joins == ["joins", "1", "1", "0", "3"]   # runs started, joins paid, legacy joins, handoffs
     handoff = lambda old, new: [["cuEventRecord", old, "same-context"], ["cuStreamWaitEvent", new], ["cuLaunchKernel", new]]
     assert calls == (run_start("0", tpc_green) + handoff(tpc_green, cosched_green) + handoff(cosched_green, tpc_green)
                      + handoff(tpc_green, cosched_green) + join("0", cosched_green) + [["cuStreamSynchronize", "0"]])
@@ -1262,7 +1262,7 @@ def test_a_run_that_moves_to_another_green_stream_of_the_same_app_stream_hands_i
 def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_shim(fake_driver, lend_table):
     """Every TPC allowed: nothing to confine and nobody to lend to or borrow from, so no green context,
     no helper stream, no events (not even sampled timing), no prediction; launches are recorded in
-    their view on all 66 TPCs and stamp the activity word's last launch only."""
+    their view on all 66 TPCs and move the activity word as an unknown kernel does."""
     lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
     lend_table.set_lending(0, [], low_priority=False)
     lend_table.clear(1)
@@ -1284,10 +1284,10 @@ def test_a_whole_gpu_allowance_launches_on_the_program_streams_as_without_the_sh
         records = lend_table.read_launches(0)[0][-4:]
         assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["tpc", "cosched"] * 2
         assert [int(r["tpcs"]) for r in records] == [66] * 4
-        assert [int(r["predicted_own_ns"]) for r in records] == [0] * 4
+        assert [int(r["predicted_ns"]) for r in records] == [0] * 4
         assert not [w for w in log_lines if w[0].startswith("cuEvent")], log_lines
-        word = lend_table.activity(0)
-        assert word.last_launch_ns == int(records[-1]["host_ns"]) and word.busy_until_ns == 0
+        word, unknown_ns = lend_table.activity(0), lend_table.lending_knobs()["unknown_kernel_busy_ns"]
+        assert word == ActivityWord(int(records[-1]["host_ns"]), int(records[-1]["host_ns"]) + unknown_ns)
 
 
 def test_a_program_repeating_a_fixed_launch_pattern_gets_every_kernel_timed(fake_driver, lend_table):
@@ -1306,27 +1306,29 @@ def test_a_program_repeating_a_fixed_launch_pattern_gets_every_kernel_timed(fake
 
 
 def test_leaving_a_whole_gpu_allowance_counts_unknown_work_as_queued(fake_driver, lend_table):
-    """Whole-GPU launches are not predicted, so when the allowance shrinks the client's activity word
-    says busy for lend_unknown_kernel_busy_ns (lenders keep away from unknown queued work): a known
-    kernel launched next queues behind that credit."""
+    """Whole-GPU launches are not counted in the queue estimates, so when the allowance shrinks this
+    thread's estimates say lend_unknown_kernel_busy_ns of work is queued: a short known kernel with an
+    idle lender then finds its queue too deep (the stream says busy) instead of borrowing."""
     lend_table.set_lending(0, [], low_priority=False)
     lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=10_000)
     proc, _ = start_waiting_client(textwrap.dedent("""
-    for _ in range(5): launch_fn(0x77, None)      # sampled on 0-7: known from the fourth on (1 us)
+    for _ in range(5): launch_fn(0x77, None)      # on 0-7, sampled: known from the fourth on (1 us)
+    __import__("time").sleep(0.03)                # the unknown launches' 10 ms credits are over
     wait_for_parent()          # the parent allows every TPC
     launch_fn(0x77, None)
-    wait_for_parent()          # the parent allows 0-7 again
+    wait_for_parent()          # the parent allows 0-7 again and lends slot 1's idle 8-15
     launch_fn(0x77, None)
-    """), lend_env(fake_driver, lend_table))
+    show_outcomes()
+    """), lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
     lend_table.set_allowance(0, list(range(66)))
     proc.stdin.write("go\n"); proc.stdin.flush()
     assert proc.stdout.readline().strip() == "ready"
     lend_table.set_allowance(0, list(range(8)))
-    finish_client(proc)
+    lend_table.set_lending(0, [1], low_priority=False)
+    counts = outcomes(finish_client(proc).split())
     whole, confined = lend_table.read_launches(0)[0][-2:]
     assert (int(whole["tpcs"]), int(confined["tpcs"]), int(confined["predicted_ns"])) == (66, 8, 1_000)
-    assert lend_table.activity(0).busy_until_ns >= int(confined["host_ns"]) + 10_000_000 + 1_000
-
+    assert counts["queue_too_deep"] == 1 and counts["union_pending"] == counts["borrowed"] == 0, counts
 
 def test_after_the_whole_gpu_is_allowed_a_green_stream_of_an_earlier_allowance_is_left_for_an_ordinary_one(
         fake_driver, lend_table):
