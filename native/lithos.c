@@ -305,6 +305,14 @@ static struct {
     pid_t pid; /* the process whose builder thread runs (a forked child starts its own) */
 } builder = {.wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
 
+/* A thread's view of one stream it launched on. */
+typedef struct {
+    CUcontext ctx;
+    CUstream stream;
+    uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
+    int borrowed;    /* the latest launch here borrowed */
+} stream_queue;
+
 /* Per-thread cache in front of the locked lists. */
 #define TLS_PAIRS 8
 #define TLS_UNIONS 4
@@ -321,11 +329,7 @@ static __thread struct {
         allowance_route *route;
     } unions[TLS_UNIONS];
     unsigned union_next;
-    struct {
-        CUcontext ctx;
-        CUstream stream;
-        uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
-    } queues[TLS_QUEUES];
+    stream_queue queues[TLS_QUEUES];
     unsigned queue_next;
     uint64_t random; /* xorshift state of sample_due (0 = not seeded) */
     CUcontext app_timing_ctx; /* of app_timing: launches on app streams (made at the first sampled one) */
@@ -1480,14 +1484,15 @@ static void publish_activity(launch_request *q, uint64_t now_ns, uint64_t predic
  * starts at the process's busy_until (its activity word). Unknown kernels count one credit, not one
  * each (lithos_busy_after): several long unknown kernels queued over more than a credit ago are
  * under-counted; known ones add up. */
-static uint64_t *queue_end(CUcontext ctx, CUstream stream) {
+static stream_queue *queue_of(CUcontext ctx, CUstream stream) {
     for (unsigned i = 0; i < TLS_QUEUES; i++)
-        if (tls.queues[i].stream == stream && tls.queues[i].ctx == ctx) return &tls.queues[i].end_ns;
-    unsigned i = tls.queue_next++ % TLS_QUEUES;
-    tls.queues[i].ctx = ctx;
-    tls.queues[i].stream = stream;
-    tls.queues[i].end_ns = g.own_activity ? __atomic_load_n(&g.own_activity->busy_until_ns[0], __ATOMIC_RELAXED) : 0;
-    return &tls.queues[i].end_ns;
+        if (tls.queues[i].stream == stream && tls.queues[i].ctx == ctx) return &tls.queues[i];
+    stream_queue *q = &tls.queues[tls.queue_next++ % TLS_QUEUES];
+    q->ctx = ctx;
+    q->stream = stream;
+    q->end_ns = g.own_activity ? __atomic_load_n(&g.own_activity->busy_until_ns[0], __ATOMIC_RELAXED) : 0;
+    q->borrowed = 0;
+    return q;
 }
 
 /* Whether everything queued on the stream has finished. The caller (choose_lending) has checked
@@ -1552,7 +1557,7 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
  * atom at a time (then the lenders and the stream are asked again) and PACE_MAX_ATOMS atoms per
  * launch: its queue drains to where its next kernel may borrow, while the GPU still has its work. */
 static void choose_lending(lend_choice *c, allowance_route *own, int view, uint64_t own_ns, uint64_t grid_blocks,
-                           uint64_t *now_ns, uint64_t *stream_end_ns, CUcontext ctx, CUstream app_stream) {
+                           uint64_t *now_ns, stream_queue *queue, CUcontext ctx, CUstream app_stream) {
     c->route = own;
     c->own_tpcs = own->views[view].tpcs;
     const lithos_slot *me = slot_at_index(g.slot);
@@ -1565,7 +1570,9 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
         tls.lending[c->predicted_own_ns ? LEND_TOO_LONG : LEND_UNKNOWN]++;
         return;
     }
-    if (grid_blocks <= SMS_PER_TPC * c->own_tpcs) { /* one block per own SM at most: it already runs in one wave */
+    /* One block per own SM at most: it already runs in one wave, so it stays on the own TPCs, unless the
+     * stream's latest launch borrowed (staying in the union spares a move between green contexts). */
+    if (grid_blocks <= SMS_PER_TPC * c->own_tpcs && !queue->borrowed) {
         tls.lending[LEND_FITS_OWN_SMS]++;
         return;
     }
@@ -1586,7 +1593,7 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
                 return;
             }
         }
-        uint64_t wait_ns = queue_wait_ns(stream_end_ns, *now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream);
+        uint64_t wait_ns = queue_wait_ns(&queue->end_ns, *now_ns, c->predicted_own_ns, atom_ns, ctx, app_stream);
         if (!wait_ns && !lenders) { /* PACE_ALWAYS: the queue is shallow, but nobody is idle now */
             tls.lending[LEND_NO_IDLE_LENDER]++;
             return;
@@ -1665,7 +1672,7 @@ static CUresult launch_graph(launch_request *q, const allowance_route *route, ui
         lend.predicted_ns = lithos_predictor_predict_longest_ns(g.predictor, (uint64_t)(uintptr_t)q->graph, 0, 0, tpcs, &longest_ns);
     publish_activity(q, now_ns, longest_ns);
     flush_if_pending();
-    if (ctx) queue_after_launch(queue_end(ctx, app_stream), now_ns, longest_ns); /* kernels behind it start after it */
+    if (ctx) queue_after_launch(&queue_of(ctx, app_stream)->end_ns, now_ns, longest_ns); /* kernels behind it start after it */
     timing_set *timing = sample_due(longest_ns) ? app_stream_timing(app_stream) : NULL;
     int pair = timing ? timing_begin(timing, app_stream) : -1;
     CUresult r = call_real(q, q->stream);
@@ -1721,7 +1728,7 @@ static CUresult route_launch(launch_request *q) {
         if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx))
             return launch_whole_gpu(q, info, cluster, view, route->views[view].tpcs, generation, now_ns);
     }
-    uint64_t *stream_end_ns = NULL;
+    stream_queue *queue = NULL;
     if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
         /* Unconfined: on the app stream when it is the context's own; a created stream may be a green
          * stream (of the TPC view), where e.g. a cluster kernel would fail and poison the context, so
@@ -1730,9 +1737,9 @@ static CUresult route_launch(launch_request *q) {
         view = LITHOS_VIEW_UNCONFINED;
         lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
     } else {
-        stream_end_ns = queue_end(ctx, app_stream);
+        queue = queue_of(ctx, app_stream);
         uint64_t before_ns = now_ns, own_ns = predict_ns(&key, route->views[view].tpcs);
-        choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, stream_end_ns, ctx, app_stream);
+        choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, queue, ctx, app_stream);
         if (now_ns != before_ns && allowance_changed(generation)) return route_launch(q); /* it slept: route again */
         lend.predicted_ns = lend.route == route ? own_ns : predict_ns(&key, lend.route->views[view].tpcs);
     }
@@ -1842,7 +1849,10 @@ static CUresult route_launch(launch_request *q) {
         if (deferred) drop_pending(p);
     }
     if (r == CUDA_SUCCESS) {
-        if (stream_end_ns) queue_after_launch(stream_end_ns, now_ns, lend.predicted_ns);
+        if (queue) {
+            queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
+            queue->borrowed = lend.lenders_used != 0;
+        }
         uint64_t ticket = record_launch(q, info, cluster, view, view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs,
                                         generation, &lend, now_ns);
         timing_end(&p->timing, pair, p->green_stream, ticket);

@@ -24,7 +24,9 @@ Rules of the plan:
 The launch-path rule (client B launches kernel k at time now):
     own TPCs, plus the TPCs of every lender L in B's lend list that is idle right now
       (idle: now - L.last_launch_ns >= idle_window_ns  and  now >= L.busy_until_ns),
-    but only if the predictor says k ENDS within the atom budget on B's own quota, counting the
+    but not when k's grid has no more blocks than B's own TPCs have SMs (it runs in one wave there)
+      unless B's previous launch on that stream borrowed (staying spares a move between green contexts),
+    and only if the predictor says k ENDS within the atom budget on B's own quota, counting the
       work B queued ahead of it on the same stream (queue_ahead_ns + predict_ns(k, own quota size)
       <= atom_ns, the prediction not None); otherwise own TPCs only. A launch call returns long
       before a kernel queued behind others runs, so without the queue term a borrower queueing far
@@ -236,17 +238,20 @@ SMS_PER_TPC = 2
 
 def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityWord], now_ns: int,
                       predicted_own_ns: int | None, atom_ns: int, idle_window_ns: int,
-                      queue_ahead_ns: int = 0, grid_blocks: int | None = None, own_tpcs: int = 0) -> tuple[int, ...]:
+                      queue_ahead_ns: int = 0, grid_blocks: int | None = None, own_tpcs: int = 0,
+                      continuing: bool = False) -> tuple[int, ...]:
     """The lenders whose TPCs this launch adds to the borrower's own quota (possibly none).
 
     predicted_own_ns: the predictor's duration of this kernel on the borrower's own quota (None: unknown).
     queue_ahead_ns: predicted time until the work queued before this kernel on its stream ends.
     grid_blocks, own_tpcs: a grid of no more blocks than the own quota has SMs already runs in one wave
-    there, so it borrows nothing (None: not known; the simulator passes 2 x a kernel's saturation TPCs).
+    there, so it borrows nothing (None: not known; the simulator passes 2 x a kernel's saturation TPCs),
+    unless continuing: the previous launch on its stream borrowed, and staying on the union spares
+    the stream a move between green contexts (two event calls and a cross-context wait on the GPU).
     """
     if predicted_own_ns is None or queue_ahead_ns + predicted_own_ns > atom_ns:
         return ()
-    if grid_blocks is not None and grid_blocks <= SMS_PER_TPC * own_tpcs:
+    if grid_blocks is not None and grid_blocks <= SMS_PER_TPC * own_tpcs and not continuing:
         return ()
     return tuple(slot for slot in lender_slots if lender_is_idle(words[slot], now_ns, idle_window_ns))
 

@@ -246,6 +246,7 @@ class _Run:
         self.next_kernel = [0] * count              # next kernel of the request/step to issue
         self.in_request = [False] * count
         self.queue_end_ns = [0] * count             # the shim's estimate: predicted end of the issued work
+        self.last_borrowed = [False] * count        # the client's previous issue borrowed (the shim's per stream)
         self.pace_until_ms = [math.inf] * count     # the CPU sleeps until then (pacing)
         self.pace_began_ns: list[int | None] = [None] * count
         self.stream_asked = [False] * count         # the stream was asked once for the kernel being issued
@@ -292,7 +293,8 @@ class _Run:
         # a kernel that saturates within the own TPCs stands for a grid within the own SMs
         blocks = None if saturation is None or math.isinf(saturation) else math.ceil(SMS_PER_TPC * saturation)
         lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns, policy.atom_ns,
-                                    policy.idle_window_ns, queue_ahead_ns=0, grid_blocks=blocks, own_tpcs=self.quota_tpcs[c])
+                                    policy.idle_window_ns, queue_ahead_ns=0, grid_blocks=blocks, own_tpcs=self.quota_tpcs[c],
+                                    continuing=self.last_borrowed[c])
         pace_always = self.gpu.pacing == "always" and self.low_priority[c] and predicted_own_ns is not None \
             and predicted_own_ns <= policy.atom_ns
         if not self.gpu.queue_term or (not lenders and not pace_always):
@@ -320,6 +322,7 @@ class _Run:
         key = self.kernels[c][self.next_kernel[c]][3]
         tpcs = self.quota_tpcs[c] + sum(self.quota_tpcs[lender] for lender in lenders)
         predicted_ns = self.predictors[c].predict_ns(key, tpcs)
+        self.last_borrowed[c] = bool(lenders)
         old_word = self.words[c]
         self.words[c] = after_launch(old_word, now_ns, predicted_ns, policy.unknown_kernel_busy_ns)
         self.queue_end_ns[c] = after_launch(ActivityWord(None, self.queue_end_ns[c]), now_ns, predicted_ns,

@@ -1114,20 +1114,24 @@ def test_an_owner_replaying_a_graph_publishes_its_longest_sample_not_the_median(
     assert word.busy_until_ns == word.last_launch_ns + 400_000          # the longest
 
 
-def test_a_grid_that_fits_the_own_sms_never_borrows(fake_driver, lend_table):
+def test_a_grid_that_fits_the_own_sms_borrows_only_to_stay_in_a_borrowing_run(fake_driver, lend_table):
     """Slot 0 owns 8 TPCs = 16 SMs: a known short kernel of 16 blocks already runs in one wave there
-    and stays on them (fits_own_sms); the same kernel with 17 blocks borrows the idle lender's."""
+    and stays on them (fits_own_sms); the same kernel with 64 blocks borrows the idle lender's; right
+    after that, the 16-block kernel borrows too (the stream stays in the union's green context)."""
     lines = run_lending_client("""
     s = create(1)
     for _ in range(6): launch(s, grid=16)
     show_outcomes()
     warm_then_borrow(s)
     show_outcomes()
+    launch(s, grid=16)
+    show_outcomes()
     """, lend_env(fake_driver, lend_table))
     assert outcomes(lines[0])["fits_own_sms"] == 2 and outcomes(lines[0])["unknown"] == 4   # launch 5 is the first predicted
     assert outcomes(lines[1])["borrowed"] == 1 and outcomes(lines[1])["fits_own_sms"] == 2
+    assert outcomes(lines[2])["borrowed"] == 2 and outcomes(lines[2])["fits_own_sms"] == 2
     records, _ = lend_table.read_launches(0)
-    assert [int(r["tpcs"]) for r in records[:6]] == [8] * 6 and int(records[-1]["tpcs"]) == 16
+    assert [int(r["tpcs"]) for r in records[:6]] == [8] * 6 and [int(r["tpcs"]) for r in records[-2:]] == [16, 16]
 
 
 def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):

@@ -198,6 +198,9 @@ def test_launch_rule():
     # a grid of no more blocks than the own 8 TPCs have SMs (16) runs in one wave there: it borrows nothing
     assert lenders_at_launch((1, 4), words, now, 200_000, atom_ns, idle_ns, grid_blocks=16, own_tpcs=8) == ()
     assert lenders_at_launch((1, 4), words, now, 200_000, atom_ns, idle_ns, grid_blocks=17, own_tpcs=8) == (1, 4)
+    # ... unless the stream's previous launch borrowed: it stays in the union (no move between contexts)
+    assert lenders_at_launch((1, 4), words, now, 200_000, atom_ns, idle_ns, grid_blocks=16, own_tpcs=8,
+                             continuing=True) == (1, 4)
 
 
 def test_activity_word_queues_kernels_of_one_stream():
