@@ -310,7 +310,6 @@ typedef struct {
     CUcontext ctx;
     CUstream stream;
     uint64_t end_ns; /* predicted end of the work this thread queued on the stream */
-    int borrowed;    /* the latest launch here borrowed */
 } stream_queue;
 
 /* Per-thread cache in front of the locked lists. */
@@ -1491,7 +1490,6 @@ static stream_queue *queue_of(CUcontext ctx, CUstream stream) {
     q->ctx = ctx;
     q->stream = stream;
     q->end_ns = g.own_activity ? __atomic_load_n(&g.own_activity->busy_until_ns[0], __ATOMIC_RELAXED) : 0;
-    q->borrowed = 0;
     return q;
 }
 
@@ -1556,6 +1554,20 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
  * too deep sleeps while it has idle lenders (PACE_ALWAYS: whether or not one is idle), at most one
  * atom at a time (then the lenders and the stream are asked again) and PACE_MAX_ATOMS atoms per
  * launch: its queue drains to where its next kernel may borrow, while the GPU still has its work. */
+/* Whether this thread owes the join of a deferred run on app_stream that is on a lending union (a
+ * route other than the own allowance's). Under join_lock: the pending pairs stay valid meanwhile. */
+static int in_borrowing_run(const allowance_route *own, CUstream app_stream) {
+    if (!__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE)) return 0;
+    int found = 0;
+    join_enter();
+    for (unsigned i = 0; i < pending_count && !found; i++) {
+        const stream_pair *p = pending_pairs[i];
+        found = p->pending_owner == (const void *)&tls && p->app_stream == app_stream && p->route != own;
+    }
+    join_leave();
+    return found;
+}
+
 static void choose_lending(lend_choice *c, allowance_route *own, int view, uint64_t own_ns, uint64_t grid_blocks,
                            uint64_t *now_ns, stream_queue *queue, CUcontext ctx, CUstream app_stream) {
     c->route = own;
@@ -1570,14 +1582,16 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
         tls.lending[c->predicted_own_ns ? LEND_TOO_LONG : LEND_UNKNOWN]++;
         return;
     }
-    /* One block per own SM at most: it already runs in one wave, so it stays on the own TPCs, unless the
-     * stream's latest launch borrowed (staying in the union spares a move between green contexts). */
-    if (grid_blocks <= SMS_PER_TPC * c->own_tpcs && !queue->borrowed) {
+    /* One block per own SM at most: it already runs in one wave, so it stays on the own TPCs, unless
+     * this thread's owed run on the stream is in a union (staying there spares a move between green
+     * contexts); then it borrows only as things are, never pacing for it. */
+    int fits_own_sms = grid_blocks <= SMS_PER_TPC * c->own_tpcs;
+    if (fits_own_sms && !in_borrowing_run(own, app_stream)) {
         tls.lending[LEND_FITS_OWN_SMS]++;
         return;
     }
     int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
-    int pace = low_priority ? g.pace : PACE_OFF, paced = 0;
+    int pace = low_priority && !fits_own_sms ? g.pace : PACE_OFF, paced = 0;
     uint64_t mask[LITHOS_MASK_WORDS], lenders, slept_ns = 0;
     for (;;) {
         memcpy(mask, own->tpc_mask, sizeof(mask));
@@ -1849,10 +1863,7 @@ static CUresult route_launch(launch_request *q) {
         if (deferred) drop_pending(p);
     }
     if (r == CUDA_SUCCESS) {
-        if (queue) {
-            queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
-            queue->borrowed = lend.lenders_used != 0;
-        }
+        if (queue) queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
         uint64_t ticket = record_launch(q, info, cluster, view, view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs,
                                         generation, &lend, now_ns);
         timing_end(&p->timing, pair, p->green_stream, ticket);

@@ -72,7 +72,7 @@
  *     ahead = B's predicted work queued before k on the same stream (per thread; see below)
  *     if lender_mask != 0 and predicted_own != 0 and ahead + predicted_own <= lend_atom_ns
  *        and (grid_blocks(k) > 2 * |own|    (a grid within the own SMs already runs in one wave)
- *             or B's latest launch on this stream borrowed):   (stay in the union's green context)
+ *             or B's owed deferred run on this stream is in a union):   (stay there; no pacing for it)
  *         for each slot L in lender_mask (L != B, L < max_slots):
  *             idle(L) = !(last_launch_ns != 0 and (int64)(now_ns - last_launch_ns) < lend_idle_window_ns)
  *                       and now_ns >= busy_until_ns

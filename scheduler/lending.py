@@ -25,7 +25,8 @@ The launch-path rule (client B launches kernel k at time now):
     own TPCs, plus the TPCs of every lender L in B's lend list that is idle right now
       (idle: now - L.last_launch_ns >= idle_window_ns  and  now >= L.busy_until_ns),
     but not when k's grid has no more blocks than B's own TPCs have SMs (it runs in one wave there)
-      unless B's previous launch on that stream borrowed (staying spares a move between green contexts),
+      unless B's deferred run on that stream is in the union (staying spares a move between green
+      contexts; it then never paces),
     and only if the predictor says k ENDS within the atom budget on B's own quota, counting the
       work B queued ahead of it on the same stream (queue_ahead_ns + predict_ns(k, own quota size)
       <= atom_ns, the prediction not None); otherwise own TPCs only. A launch call returns long
@@ -246,8 +247,10 @@ def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityW
     queue_ahead_ns: predicted time until the work queued before this kernel on its stream ends.
     grid_blocks, own_tpcs: a grid of no more blocks than the own quota has SMs already runs in one wave
     there, so it borrows nothing (None: not known; the simulator passes 2 x a kernel's saturation TPCs),
-    unless continuing: the previous launch on its stream borrowed, and staying on the union spares
-    the stream a move between green contexts (two event calls and a cross-context wait on the GPU).
+    unless continuing: the borrower's deferred run on this stream is in the union (its previous launch
+    there borrowed, and no driver call paid the join since), and staying spares the stream a move
+    between green contexts (two event calls and a cross-context wait on the GPU). Such a launch never
+    paces: it borrows only if the queue term holds as things are.
     """
     if predicted_own_ns is None or queue_ahead_ns + predicted_own_ns > atom_ns:
         return ()

@@ -292,11 +292,14 @@ class _Run:
         predicted_own_ns = self.predictors[c].predict_ns(key, self.quota_tpcs[c])
         # a kernel that saturates within the own TPCs stands for a grid within the own SMs
         blocks = None if saturation is None or math.isinf(saturation) else math.ceil(SMS_PER_TPC * saturation)
+        # the shim's owed run is in a union while the request/step goes on (its sync pays the join)
+        continuing = self.last_borrowed[c] and self.next_kernel[c] > 0
         lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns, policy.atom_ns,
                                     policy.idle_window_ns, queue_ahead_ns=0, grid_blocks=blocks, own_tpcs=self.quota_tpcs[c],
-                                    continuing=self.last_borrowed[c])
+                                    continuing=continuing)
+        fits_own_sms = blocks is not None and blocks <= SMS_PER_TPC * self.quota_tpcs[c]   # never paces for it
         pace_always = self.gpu.pacing == "always" and self.low_priority[c] and predicted_own_ns is not None \
-            and predicted_own_ns <= policy.atom_ns
+            and predicted_own_ns <= policy.atom_ns and not fits_own_sms
         if not self.gpu.queue_term or (not lenders and not pace_always):
             return lenders
         ahead_ns = max(0, self.queue_end_ns[c] - now_ns)
@@ -306,7 +309,7 @@ class _Run:
                 self.queue_end_ns[c] = now_ns
                 ahead_ns = 0
         nap_ns = ahead_ns + predicted_own_ns - policy.atom_ns
-        if nap_ns > 0 and self.gpu.pacing and self.low_priority[c]:
+        if nap_ns > 0 and self.gpu.pacing and self.low_priority[c] and not fits_own_sms:
             began_ns = now_ns if self.pace_began_ns[c] is None else self.pace_began_ns[c]
             left_ns = PACE_MAX_ATOMS * policy.atom_ns - (now_ns - began_ns)
             if left_ns > 0:                 # one atom at a time, then lenders and stream again

@@ -1117,7 +1117,8 @@ def test_an_owner_replaying_a_graph_publishes_its_longest_sample_not_the_median(
 def test_a_grid_that_fits_the_own_sms_borrows_only_to_stay_in_a_borrowing_run(fake_driver, lend_table):
     """Slot 0 owns 8 TPCs = 16 SMs: a known short kernel of 16 blocks already runs in one wave there
     and stays on them (fits_own_sms); the same kernel with 64 blocks borrows the idle lender's; right
-    after that, the 16-block kernel borrows too (the stream stays in the union's green context)."""
+    after that, while the borrowing run's join is still owed, the 16-block kernel borrows too (the
+    stream stays in the union's green context); after a sync paid the join it stays home again."""
     lines = run_lending_client("""
     s = create(1)
     for _ in range(6): launch(s, grid=16)
@@ -1126,12 +1127,32 @@ def test_a_grid_that_fits_the_own_sms_borrows_only_to_stay_in_a_borrowing_run(fa
     show_outcomes()
     launch(s, grid=16)
     show_outcomes()
+    lib.cuStreamSynchronize(ctypes.c_void_p(s))
+    launch(s, grid=16)
+    show_outcomes()
     """, lend_env(fake_driver, lend_table))
     assert outcomes(lines[0])["fits_own_sms"] == 2 and outcomes(lines[0])["unknown"] == 4   # launch 5 is the first predicted
     assert outcomes(lines[1])["borrowed"] == 1 and outcomes(lines[1])["fits_own_sms"] == 2
     assert outcomes(lines[2])["borrowed"] == 2 and outcomes(lines[2])["fits_own_sms"] == 2
+    assert outcomes(lines[3])["borrowed"] == 2 and outcomes(lines[3])["fits_own_sms"] == 3
     records, _ = lend_table.read_launches(0)
-    assert [int(r["tpcs"]) for r in records[:6]] == [8] * 6 and [int(r["tpcs"]) for r in records[-2:]] == [16, 16]
+    assert [int(r["tpcs"]) for r in records[:6]] == [8] * 6 and [int(r["tpcs"]) for r in records[-3:]] == [16, 16, 8]
+
+
+def test_a_small_grid_in_a_borrowing_run_never_paces(fake_driver, lend_table):
+    """A low-priority borrower whose queue is deeper than the atom paces for a kernel that gains from
+    lent TPCs, but a grid within its own SMs in a borrowing run does not sleep to stay there."""
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=1_000, idle_window_us=500, unknown_kernel_busy_us=1)
+    lines = run_lending_client("""
+    s = create(1)
+    for _ in range(6): launch(s, grid=16)
+    warm_then_borrow(s)                       # paces (900 us kernels queue deeper than the atom), then borrows
+    before = lending()["paced"], lending()["borrowed"]
+    for _ in range(20): launch(s, grid=16)    # in the borrowing run, queued ever deeper
+    show("paced", lending()["paced"] - before[0], "borrowed", lending()["borrowed"] - before[1])
+    """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", FAKE_KERNEL_US="900"))
+    assert lines[0][:2] == ["paced", "0"], lines
 
 
 def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
