@@ -839,6 +839,11 @@ def test_c_launch_rule_equals_the_python_rule(built_library):
         if now >= last:
             assert (int(word["last_launch_ns"][0]), int(word["busy_until_ns"][0])) == (expected.last_launch_ns,
                                                                                         expected.busy_until_ns)
+    # busy_until saturates instead of wrapping past 2^64 (a huge knob or prediction)
+    for predicted, unknown in ((0, 2**63), (2**63, 1)):
+        word["last_launch_ns"], word["busy_until_ns"] = 0, 2**63
+        lib.lithos_activity_after_launch(word.ctypes.data, 2**63 + 5, predicted, unknown)
+        assert int(word["busy_until_ns"][0]) == 2**64 - 1
 
 
 def test_c_predictor_runs_the_golden_sequence(built_library, monkeypatch):
