@@ -241,6 +241,7 @@ typedef struct stream_pair {
 static struct {
     pthread_once_t once;
     int mode;
+    int initialized; /* atomic; 1 once init_once has finished */
     void *libcuda;
     void *(*real_dlsym)(void *, const char *);
     const lithos_table_header *table;
@@ -549,10 +550,14 @@ static void init_once(void) {
     if (defer && pthread_key_create(&g.exit_key, on_thread_exit) != 0) defer = 0;
     if (defer) pthread_atfork(NULL, NULL, forget_joins_in_child);
     __atomic_store_n(&g.defer, defer, __ATOMIC_RELEASE);
+    __atomic_store_n(&g.initialized, 1, __ATOMIC_RELEASE);
     tls.in_init = 0;
 }
 
-static inline void ensure_init(void) { pthread_once(&g.once, init_once); }
+/* One load once initialised: pthread_once is a call into libc, whose code is cold at every launch. */
+static inline void ensure_init(void) {
+    if (__builtin_expect(!__atomic_load_n(&g.initialized, __ATOMIC_ACQUIRE), 0)) pthread_once(&g.once, init_once);
+}
 
 static void *stub_for(const char *name, void *fn, int only_libcuda);
 

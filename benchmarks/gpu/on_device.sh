@@ -9,6 +9,7 @@
 #   native     GPU tests of the shim (tests/test_native_gpu.py) and the whole overhead benchmark (~5 min)
 #   correctness  benchmarks/native/correctness.py (bitwise results with and without the shim)
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
+#   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
 #   colocate-pace-always  static vs lithos only, best-effort borrowers pacing always (about 5 minutes)
@@ -51,6 +52,8 @@ for s in "$@"; do
       timeout 390 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     overhead-ab)
       timeout 200 python3 benchmarks/native/overhead.py "$OUT" --in-process-only 2>&1 | tail -30 || status=1 ;;
+    launch-cpu)
+      timeout 200 python3 benchmarks/native/launch_path_cpu.py "$OUT" --repeat 3 2>&1 | tail -14 || status=1 ;;
     interference)
       timeout 240 python3 benchmarks/native/interference.py "$OUT" 2>&1 | cut -c1-400 | tail -12 || status=1 ;;
     correctness)

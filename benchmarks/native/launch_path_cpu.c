@@ -1,12 +1,13 @@
 /* launch_path_cpu.c - the shim's own host work per launch, on the CPU, against native/fake_libcuda.c.
  *
- * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream   (under liblithos.so, with the
+ * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream [CODE_BYTES]   (under liblithos.so, with the
  * fake driver built with -DFAKE_CUDA_QUIET as libcuda.so.1 on LD_LIBRARY_PATH)
  * Launches KERNELS distinct fake kernels in turn (a model's mix: a real program's launches do not
  * hit one function's cache entry in a loop), in alternating blocks of 256 with the shim's work on
  * and bypassed (lithos_client_set_bypass). With THRASH_BYTES > 0 it reads that much memory and
- * calls through a spread of code before each launch, as a framework does between launches, so the
- * shim's data and code come cold from the caches. Prints one JSON line:
+ * with CODE_BYTES > 0 it also runs through that much code (a chain of jumps, one per cache line)
+ * before each launch, as a framework does between launches, so the shim's data and code come cold
+ * from the caches. Prints one JSON line:
  * {"shim_ns": [...], "bypass_ns": [...]} (per-launch nanoseconds, one entry per launch).
  */
 #include <cuda.h>
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 typedef CUresult (*launch_fn)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream,
@@ -37,16 +39,33 @@ static void thrash(const uint8_t *junk, size_t bytes) {
     sink += sum;
 }
 
+/* CODE_BYTES of code: a jump to the next cache line in every line, then a return. */
+typedef void (*code_fn)(void);
+static code_fn make_code(size_t bytes) {
+    uint8_t *code = mmap(NULL, bytes + 64, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (code == MAP_FAILED) return NULL;
+    for (size_t at = 0; at < bytes; at += 64) {
+        int32_t rel = 64 - 5; /* jmp rel32 is 5 bytes */
+        code[at] = 0xe9;
+        memcpy(code + at + 1, &rel, 4);
+    }
+    code[bytes] = 0xc3; /* ret */
+    return (code_fn)(uintptr_t)code;
+}
+
 static int compare_u32(const void *a, const void *b) {
     uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
     return (x > y) - (x < y);
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s KERNELS LAUNCHES THRASH_BYTES legacy|stream\n", argv[0]);
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: %s KERNELS LAUNCHES THRASH_BYTES legacy|stream [CODE_BYTES]\n", argv[0]);
         return 2;
     }
+    size_t code_bytes = argc == 6 ? (size_t)atol(argv[5]) & ~(size_t)63 : 0;
+    code_fn code = code_bytes ? make_code(code_bytes) : NULL;
+    if (code_bytes && !code) return 5;
     unsigned kernels = (unsigned)atoi(argv[1]);
     long launches = atol(argv[2]);
     size_t thrash_bytes = (size_t)atol(argv[3]);
@@ -67,6 +86,7 @@ int main(int argc, char **argv) {
         int bypassed = (i / 256) % 2;
         if (i % 256 == 0) set_bypass(bypassed);
         if (junk) thrash(junk, thrash_bytes);
+        if (code) code();
         CUfunction f = (CUfunction)(uintptr_t)(0x100000 + (i % kernels) * 0x40);
         unsigned grid = 1 + (unsigned)(i % 7) * 64;
         uint64_t t0 = now_ns();

@@ -6,9 +6,11 @@ What it isolates: the instructions and memory traffic the shim adds to a launch 
 allowance, the kernel's cache entry, the predictor, the ring record, the activity word), without the
 driver's own cost, which the fake driver does not have. Each case runs launch_path_cpu.c under
 liblithos.so with the shim's work on and bypassed in alternating blocks of 256 launches, over 300
-distinct kernels, warm (launches back to back) and cold (8 MiB read between launches, as a
-framework's work between two launches evicts the shim's data). Allowances: every TPC (whole GPU:
-the program's own streams) and every co-scheduled group (green streams; the default stream pairs).
+distinct kernels: warm (launches back to back), cold (8 MiB read between launches, as a framework's
+work between two launches evicts the shim's data) and cold code (also 4 MiB of code run between
+launches, a jump per cache line, evicting the shim's instructions as a framework's code does).
+Allowances: every TPC (whole GPU: the program's own streams) and every co-scheduled group (green
+streams; the default stream pairs).
 
 These are CPU figures, a regression guard for the launch path; the GPU figures are overhead.py's.
 Writes OUT_DIR/launch_path_cpu.json when OUT_DIR is given; prints a table.
@@ -31,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 FAKE_GPU_UUID = "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"  # what native/fake_libcuda.c reports
 KERNELS = 300
 COLD_BYTES = 8 << 20
+CODE_BYTES = 4 << 20
+CACHES = ("warm", "cold", "cold_code")
 ALLOWANCES = {"whole_gpu": list(range(66)), "groups": list(range(60))}
 STREAMS = ("legacy", "stream")
 
@@ -51,11 +55,12 @@ def build(work: str) -> str:
     return binary
 
 
-def run_case(binary: str, env: dict, stream: str, cold: bool, launches: int) -> dict:
-    proc = subprocess.run([binary, str(KERNELS), str(launches), str(COLD_BYTES if cold else 0), stream], env=env,
-                          capture_output=True, text=True, timeout=600)
+def run_case(binary: str, env: dict, stream: str, caches: str, launches: int) -> dict:
+    command = [binary, str(KERNELS), str(launches), str(0 if caches == "warm" else COLD_BYTES), stream,
+               str(CODE_BYTES if caches == "cold_code" else 0)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        raise RuntimeError(f"launch_path_cpu {stream} cold={cold} failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise RuntimeError(f"launch_path_cpu {stream} {caches} failed ({proc.returncode}): {proc.stderr.strip()}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -82,9 +87,10 @@ def main(argv=None) -> int:
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("LITHOS_")},
                    **native.client_env(table.path, slot), "LD_LIBRARY_PATH": work}
             for stream in STREAMS:
-                for cold in (False, True):
-                    runs = [run_case(binary, env, stream, cold, args.launches) for _ in range(args.repeat)]
-                    name = f"{allowance}/{stream}/{'cold' if cold else 'warm'}"
+                for caches in CACHES:
+                    launches = args.launches if caches == "warm" else max(512, args.launches // 4)
+                    runs = [run_case(binary, env, stream, caches, launches) for _ in range(args.repeat)]
+                    name = f"{allowance}/{stream}/{caches}"
                     added = [r["shim_median_ns"] - r["bypass_median_ns"] for r in runs]
                     cases[name] = {"added_median_ns": float(np.median(added)), "added_per_run_ns": added,
                                    "bypass_median_ns": float(np.median([r["bypass_median_ns"] for r in runs])),
@@ -99,7 +105,9 @@ def main(argv=None) -> int:
             **metadata("python benchmarks/native/launch_path_cpu.py " + " ".join(argv or sys.argv[1:])),
             "what": "CPU only, fake driver: the shim's own host work per launch (not a GPU figure)",
             "cpu": cpu_name(), "kernels": KERNELS, "cold_bytes_between_launches": COLD_BYTES,
-            "launches_per_run": args.launches, "runs_per_case": args.repeat, "cases": cases})
+            "cold_code_bytes_between_launches": CODE_BYTES,
+            "launches_per_run": {"warm": args.launches, "cold": max(512, args.launches // 4)},
+            "runs_per_case": args.repeat, "cases": cases})
     return 0
 
 
