@@ -18,12 +18,14 @@
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
 #   serve-lending-ab  the same, eager, with the agent's lending off then on (LITHOS_LENDING=0/1)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
-# Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s):
-#   1. carry [.whl, .raywhl/part_aa, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
-#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part1 native
-#   2. carry [.raywhl/part_ab, .servewhl]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray ray-tests serve
-#   3. carry [.whl, proto stubs]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup colocate
-#      (the whole comparison, about 8 minutes; or: setup interference colocate-pace-always)
+# Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s; the
+# working tree plus what is carried must stay under 64 MiB, so .whl and .raywhl/part_aa go separately):
+#   1. carry [.whl, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
+#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup native            (~6.5 min)
+#   2. carry [proto stubs]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh overhead-ab launch-cpu colocate-lending
+#   3. carry [.raywhl/part_aa, proto stubs]  ... setup ray-part1 colocate         (the whole comparison, ~8 min)
+#   4. carry [.raywhl/part_ab, .servewhl, proto stubs]  ... setup ray ray-tests serve
+#   (LITHOS_COMMIT=... must prefix the script, so every step records it)
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
