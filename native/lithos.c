@@ -20,8 +20,8 @@
  *      launch of a run on one pair orders the green stream after the app stream; the join back is
  *      owed until anything else happens ("Deferred joins" below);
  *   5. write the launch identity into this slot's ring; one launch in sample_every (at random; one
- *      in 4 of kernels not predicted yet) also gets timing events and its GPU duration is filled in once it has finished (and fed to the
- *      latency predictor, lithos_predictor.c).
+ *      in 4 of kernels not predicted yet) also gets timing events, and its GPU duration is filled in
+ *      once it has finished (and fed to the latency predictor, lithos_predictor.c).
  * An allowance of every TPC skips 2-4 and the timing: the launch goes on the program's own stream
  * (nobody can lend to or borrow from such a client; launch_whole_gpu).
  * Lending (the rule of scheduler/lending.py; lithos_shm.h "Notes on lending"), between 2 and 3:
@@ -322,7 +322,6 @@ static __thread struct {
     allowance_route *route;
     CUcontext ctx;
     int ctx_managed;
-    int whole_gpu; /* route is a whole-GPU one */
     stream_pair *pairs[TLS_PAIRS];
     struct {
         uint64_t tpc_mask[LITHOS_MASK_WORDS];
@@ -1135,6 +1134,15 @@ static void owe_join(stream_pair *p, CUstream app_stream) {
     }
 }
 
+/* Called with join_lock held: this thread's owed run on (ctx, app_stream), or NULL. */
+static stream_pair *owed_run(CUcontext ctx, CUstream app_stream) {
+    for (unsigned i = 0; i < pending_count; i++) {
+        stream_pair *p = pending_pairs[i];
+        if (p->pending_owner == (const void *)&tls && p->app_stream == app_stream && p->app_ctx == ctx) return p;
+    }
+    return NULL;
+}
+
 /* Called with join_lock held: p's join was made (or is not owed any more). */
 static void drop_pending(stream_pair *p) {
     for (unsigned i = 0; i < pending_count; i++)
@@ -1419,7 +1427,6 @@ static void cluster_of(const launch_request *q, const func_info *info, unsigned 
             }
 }
 
-/* Refresh this thread's route if the allowance changed. Returns the route or NULL (pass through). */
 static const lithos_slot *slot_at_index(uint32_t slot) {
     return (const lithos_slot *)((const char *)g.table + g.table->header_bytes[0] + (size_t)slot * g.table->slot_bytes[0]);
 }
@@ -1432,6 +1439,7 @@ static void assume_unknown_work_queued(void) {
         tls.queues[i].end_ns = lithos_busy_after(tls.queues[i].end_ns, now_ns, 0, unknown_ns);
 }
 
+/* Refresh this thread's route if the allowance changed. Returns the route or NULL (pass through). */
 static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_out) {
     const lithos_slot *slot = slot_at_index(g.slot);
     uint64_t generation = __atomic_load_n(&slot->generation[0], __ATOMIC_ACQUIRE);
@@ -1455,9 +1463,7 @@ static allowance_route *current_route(uint64_t *generation_out, CUcontext *ctx_o
         pthread_mutex_unlock(&g.lock);
     }
     memset(tls.pairs, 0, sizeof(tls.pairs));
-    int whole_gpu = route && route->whole_gpu;
-    if (tls.whole_gpu && !whole_gpu) assume_unknown_work_queued();
-    tls.whole_gpu = whole_gpu;
+    if (tls.route && tls.route->whole_gpu && !(route && route->whole_gpu)) assume_unknown_work_queued();
     tls.generation = generation + 1;
     tls.ctx = ctx;
     tls.ctx_managed = managed;
@@ -1553,26 +1559,23 @@ static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mas
     return lenders;
 }
 
+/* Whether this thread owes the join of a deferred run on app_stream that is on a lending union (a
+ * route other than the own allowance's). */
+static int in_borrowing_run(const allowance_route *own, CUcontext ctx, CUstream app_stream) {
+    if (!__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE)) return 0;
+    join_enter();
+    const stream_pair *p = owed_run(ctx, app_stream);
+    int found = p && p->route != own;
+    join_leave();
+    return found;
+}
+
 /* lenders_at_launch of scheduler/lending.py: sets c->route to the union of the own TPCs and every
  * idle lender's when the kernel, queued behind this thread's earlier work on the stream, is
  * predicted to end within the atom on the own TPCs. A paced borrower (low priority) whose queue is
  * too deep sleeps while it has idle lenders (PACE_ALWAYS: whether or not one is idle), at most one
  * atom at a time (then the lenders and the stream are asked again) and PACE_MAX_ATOMS atoms per
  * launch: its queue drains to where its next kernel may borrow, while the GPU still has its work. */
-/* Whether this thread owes the join of a deferred run on app_stream that is on a lending union (a
- * route other than the own allowance's). Under join_lock: the pending pairs stay valid meanwhile. */
-static int in_borrowing_run(const allowance_route *own, CUstream app_stream) {
-    if (!__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE)) return 0;
-    int found = 0;
-    join_enter();
-    for (unsigned i = 0; i < pending_count && !found; i++) {
-        const stream_pair *p = pending_pairs[i];
-        found = p->pending_owner == (const void *)&tls && p->app_stream == app_stream && p->route != own;
-    }
-    join_leave();
-    return found;
-}
-
 static void choose_lending(lend_choice *c, allowance_route *own, int view, uint64_t own_ns, uint64_t grid_blocks,
                            uint64_t *now_ns, stream_queue *queue, CUcontext ctx, CUstream app_stream) {
     c->route = own;
@@ -1591,7 +1594,7 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
      * this thread's owed run on the stream is in a union (staying there spares a move between green
      * contexts); then it borrows only as things are, never pacing for it. */
     int fits_own_sms = grid_blocks <= SMS_PER_TPC * c->own_tpcs;
-    if (fits_own_sms && !in_borrowing_run(own, app_stream)) {
+    if (fits_own_sms && !in_borrowing_run(own, ctx, app_stream)) {
         tls.lending[LEND_FITS_OWN_SMS]++;
         return;
     }
@@ -1791,16 +1794,14 @@ static CUresult route_launch(launch_request *q) {
              * ones): nothing was enqueued on the app stream since it started, so the new green
              * stream waits for the old one's last kernel and takes over the owed join (2 event calls
              * instead of a join and a run start, 4). */
-            stream_pair *previous = pending_count == 1 ? pending_pairs[0] : NULL;
-            int hand_off = previous && previous->app_stream == app_stream && previous->app_ctx == ctx &&
-                           previous->pending_owner == (const void *)&tls;
-            if (pending_count && !hand_off) flush_joins_locked();
+            stream_pair *previous = pending_count == 1 ? owed_run(ctx, app_stream) : NULL;
+            if (pending_count && !previous) flush_joins_locked();
             /* A capturing stream is paired eagerly: the graph must get both dependencies as nodes. */
             CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
             deferred = defer_on() && pending_count < PENDING_MAX &&
                        drv_cuStreamIsCapturing(app_stream, &capture) == CUDA_SUCCESS &&
                        capture == CU_STREAM_CAPTURE_STATUS_NONE;
-            if (hand_off && deferred && drv_cuEventRecord(previous->green_done, previous->green_stream) == CUDA_SUCCESS &&
+            if (previous && deferred && drv_cuEventRecord(previous->green_done, previous->green_stream) == CUDA_SUCCESS &&
                 drv_cuStreamWaitEvent(p->green_stream, previous->green_done, 0) == CUDA_SUCCESS) {
                 /* swapped in place: lithos_pending_joins never reads 0 while the old run is unjoined */
                 previous->pending = 0;
@@ -1809,7 +1810,7 @@ static CUresult route_launch(launch_request *q) {
                 p->pending_owner = &tls;
                 handed_off = 1;
                 tls.joins[JOIN_HANDOFFS]++;
-            } else if (hand_off) {
+            } else if (previous) {
                 flush_joins_locked();
             }
         } else {
