@@ -254,9 +254,15 @@ def lenders_at_launch(lender_slots: Sequence[int], words: Mapping[int, ActivityW
     """
     if predicted_own_ns is None or queue_ahead_ns + predicted_own_ns > atom_ns:
         return ()
-    if grid_blocks is not None and grid_blocks <= SMS_PER_TPC * own_tpcs and not continuing:
+    if fits_own_sms(grid_blocks, own_tpcs) and not continuing:
         return ()
     return tuple(slot for slot in lender_slots if lender_is_idle(words[slot], now_ns, idle_window_ns))
+
+
+def fits_own_sms(grid_blocks, own_tpcs: int):
+    """Whether a grid of grid_blocks (None: not known; a numpy array: per launch) has no more blocks than
+    own_tpcs TPCs have SMs: it already runs in one wave there, so more TPCs cannot make it faster."""
+    return grid_blocks is not None and grid_blocks <= SMS_PER_TPC * own_tpcs
 
 
 def after_launch(word: ActivityWord, now_ns: int, predicted_ns: int | None, unknown_kernel_busy_ns: int) -> ActivityWord:

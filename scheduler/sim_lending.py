@@ -42,7 +42,7 @@ import numpy as np
 
 from .gpu_models import GpuModel
 from .lending import (SMS_PER_TPC, ActivityWord, ClientState, LendingPolicy, after_launch, check_priority,
-                      lenders_at_launch, plan_lending)
+                      fits_own_sms, lenders_at_launch, plan_lending)
 from .predictor import KernelKey, LatencyPredictor, PredictorAccuracy, prediction_accuracy
 from .simulated import (_FINISHED_FRACTION, MAX_EVENTS_PER_CLIENT, ClosedLoop, KernelModel, KernelSequence, Workload,
                         _validate_tpc_ids, check_new_client, check_run_arguments, client_arrivals_ms)
@@ -297,9 +297,9 @@ class _Run:
         lenders = lenders_at_launch(self.lenders[c], self.words, now_ns, predicted_own_ns, policy.atom_ns,
                                     policy.idle_window_ns, queue_ahead_ns=0, grid_blocks=blocks, own_tpcs=self.quota_tpcs[c],
                                     continuing=continuing)
-        fits_own_sms = blocks is not None and blocks <= SMS_PER_TPC * self.quota_tpcs[c]   # never paces for it
+        fits = fits_own_sms(blocks, self.quota_tpcs[c])   # never paces for it
         pace_always = self.gpu.pacing == "always" and self.low_priority[c] and predicted_own_ns is not None \
-            and predicted_own_ns <= policy.atom_ns and not fits_own_sms
+            and predicted_own_ns <= policy.atom_ns and not fits
         if not self.gpu.queue_term or (not lenders and not pace_always):
             return lenders
         ahead_ns = max(0, self.queue_end_ns[c] - now_ns)
@@ -309,14 +309,16 @@ class _Run:
                 self.queue_end_ns[c] = now_ns
                 ahead_ns = 0
         nap_ns = ahead_ns + predicted_own_ns - policy.atom_ns
-        if nap_ns > 0 and self.gpu.pacing and self.low_priority[c] and not fits_own_sms:
+        if nap_ns > 0 and self.gpu.pacing and self.low_priority[c] and not fits:
             began_ns = now_ns if self.pace_began_ns[c] is None else self.pace_began_ns[c]
             left_ns = PACE_MAX_ATOMS * policy.atom_ns - (now_ns - began_ns)
             if left_ns > 0:                 # one atom at a time, then lenders and stream again
                 self.pace_began_ns[c] = began_ns
                 self.pace_until_ms[c] = (now_ns + min(nap_ns, policy.atom_ns, left_ns)) / 1e6
                 return None
-        return lenders if ahead_ns + predicted_own_ns <= policy.atom_ns else ()   # the queue term on the idle lenders
+        return lenders_at_launch(lenders, self.words, now_ns, predicted_own_ns, policy.atom_ns, policy.idle_window_ns,
+                                 queue_ahead_ns=ahead_ns, grid_blocks=blocks, own_tpcs=self.quota_tpcs[c],
+                                 continuing=continuing)   # the queue term on the idle lenders
 
     def issue(self, c: int, now_ms: float, lenders: tuple[int, ...]) -> None:
         """Client c's CPU issues its next kernel on its own TPCs plus `lenders`' (after_launch as the shim)."""

@@ -211,7 +211,7 @@ def borrowed_work(recs: np.ndarray, borrowing: np.ndarray, duration_ns: np.ndarr
     total_ns = float(duration_ns.sum())
     return {"borrowed_gpu_time_share": float(duration_ns[borrowing].sum() / total_ns) if total_ns else None,
             "borrowed_grid_blocks_p50": float(np.median(blocks)),
-            "borrowed_grid_within_own_sms_share": float(np.mean(blocks <= 2 * own_tpcs))}
+            "borrowed_grid_within_own_sms_share": float(np.mean(lending.fits_own_sms(blocks, own_tpcs)))}
 
 
 def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple[int, ...]],
