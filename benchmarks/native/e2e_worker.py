@@ -6,9 +6,9 @@ The *_side_stream runs do the same work inside `with torch.cuda.stream(torch.cud
 stream the program creates, which liblithos.so makes a green stream (no events per launch); the
 plain runs use PyTorch's default stream (the legacy stream 0, which the shim must pair with events).
 
-LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 6x as many, in pairs of blocks of
-AB_BLOCK steps, one with the shim's work on and one bypassed (lithos_client_set_bypass), the shim's
-first in even pairs and second in odd ones; prints
+LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 6x as many, in pairs of steps,
+one with the shim's work on and one bypassed (lithos_client_set_bypass), the shim's first in even
+pairs and second in odd ones; prints
 {"resnet50_train_ms": {"shim": [...], "bypass": [...], "host_shim": [...], "host_bypass": [...],
 "launches_per_step": N, "func_queries_per_step": N, "distinct_kernels": N}, "bert_base_infer_ms": {...}}:
 host_* = time until the step returned, before the GPU finished; launches and driver queries of kernel
@@ -28,7 +28,6 @@ import torch
 
 AB = os.environ.get("LITHOS_E2E_AB") == "1"
 GREEN = os.environ.get("LITHOS_E2E_GREEN") == "1"
-AB_BLOCK = 1   # steps alternate one by one: the machine's drift (seconds) cancels in each pair
 _shim = ctypes.CDLL(None) if AB else None
 if AB:
     _shim.lithos_client_func_queries.restype = ctypes.c_uint64
@@ -45,11 +44,12 @@ def timed(fn, warmup, steps):
     torch.cuda.synchronize()
     times = {"shim": [], "bypass": [], "host_shim": [], "host_bypass": []} if AB else []
     if AB:
-        head, queries = ring().head(), _shim.lithos_client_func_queries()
+        launch_ring = ring()
+        head, queries = launch_ring.head(), _shim.lithos_client_func_queries()
     for i in range(6 * steps if AB else steps):
-        # pair k = blocks 2k and 2k+1; the shim's block goes first in even pairs, second in odd ones,
+        # pair k = steps 2k and 2k+1; the shim's step goes first in even pairs, second in odd ones,
         # so an effect of the order within a pair cancels
-        bypass = AB and ((i // AB_BLOCK) % 2 == 1) != ((i // (2 * AB_BLOCK)) % 2 == 1)
+        bypass = AB and (i % 2 == 1) != ((i // 2) % 2 == 1)
         if AB:
             _shim.lithos_client_set_bypass(int(bypass))
         start = time.perf_counter()
@@ -67,8 +67,9 @@ def timed(fn, warmup, steps):
     if AB:
         _shim.lithos_client_set_bypass(0)
         shim_steps = len(times["shim"])
-        records, _ = ring().read(max(0, ring().head() - 4096), 4096)
-        times.update(launches_per_step=(ring().head() - head) / shim_steps,
+        end = launch_ring.head()
+        records, _ = launch_ring.read(max(0, end - 4096), 4096)
+        times.update(launches_per_step=(end - head) / shim_steps,
                      func_queries_per_step=(_shim.lithos_client_func_queries() - queries) / shim_steps,
                      distinct_kernels=len(set(records["function"].tolist())))
     return times

@@ -37,7 +37,6 @@ MODES = tuple(CASES)
 # noise of comparing separate processes.
 AB_MODES = ("ab-stream", "ab-legacy")
 AB_BLOCK = 256
-E2E_AB_BLOCK = 1   # e2e_worker.py's AB_BLOCK: steps per block
 WORKLOADS = ("resnet50_train_ms", "bert_base_infer_ms", "resnet50_train_side_stream_ms", "bert_base_infer_side_stream_ms")
 
 
@@ -113,12 +112,36 @@ def setup():
             {**os.environ, **native.client_env(table.path, 1)})
 
 
+IN_PROCESS_NOTES = (
+    "added_per_launch_in_process: one shimmed process per run, cuLaunchKernel of an empty kernel through the "
+    "shim's hook (even blocks of 256) and through the real driver function behind it (lithos_client_real_hook, "
+    "odd blocks), same stream, lending off; keys '<allowance> <stream>': groups = every co-scheduled group "
+    "(60 TPCs), whole_gpu = all 66 TPCs (the program's own streams), whole_gpu_unsampled = the same with "
+    "LITHOS_SAMPLE_EVERY=0; 'stream' = a stream the program created, 'legacy' = the default stream. "
+    "end_to_end_in_process: one shimmed process with the whole GPU allowed (e2e_worker.py, LITHOS_E2E_AB=1), "
+    "default-stream steps in pairs, one with the shim's work on and one bypassed (lithos_client_set_bypass), the "
+    "shim's first in every other pair; shim_vs_bypass_percent = median over pairs of the pair's ratio (a drift "
+    "over the run cancels), with its interquartile range and a bootstrap 90% interval.")
+
+
+def in_process(binary, work, whole_gpu_env, groups_env) -> tuple[dict, dict, dict]:
+    """The in-process A/Bs: (added ns per launch by allowance and stream, end-to-end summary, raw steps);
+    an end-to-end failure is reported in the summary and the launch results are kept."""
+    launches = in_process_ab(binary, {"groups": groups_env, "whole_gpu": whole_gpu_env,
+                                      "whole_gpu_unsampled": {**whole_gpu_env, "LITHOS_SAMPLE_EVERY": "0"}}, work)
+    try:
+        e2e, steps = e2e_in_process(whole_gpu_env)
+    except RuntimeError as exc:
+        e2e, steps = {"error": str(exc)[-1500:]}, {}
+    return launches, e2e, steps
+
+
 def e2e_in_process(shim_env) -> tuple[dict, dict]:
-    """Default-stream steps in one shimmed process, the shim's work on and bypassed in alternating
-    blocks (e2e_worker.py, LITHOS_E2E_AB=1): (summary per workload, raw step times)."""
+    """Default-stream steps in one shimmed process, the shim's work on and bypassed in pairs
+    (e2e_worker.py, LITHOS_E2E_AB=1): (summary per workload, raw step times)."""
     steps = run_e2e_worker({**shim_env, "LITHOS_E2E_AB": "1"})
     return {workload: {"shim_median_ms": float(np.median(arms["shim"])), "bypass_median_ms": float(np.median(arms["bypass"])),
-                       **paired_blocks_percent(arms["shim"], arms["bypass"]),
+                       **paired_percent(arms["shim"], arms["bypass"]),
                        "host_shim_median_ms": float(np.median(arms["host_shim"])),
                        "host_bypass_median_ms": float(np.median(arms["host_bypass"])),
                        "steps_per_arm": len(arms["shim"]),
@@ -126,14 +149,12 @@ def e2e_in_process(shim_env) -> tuple[dict, dict]:
             for workload, arms in steps.items()}, steps
 
 
-def paired_blocks_percent(shim: list[float], bypass: list[float], block: int = E2E_AB_BLOCK) -> dict:
-    """The shim's added step time from pairs of blocks: each shim block against the bypassed block of
-    its pair (ratio of block medians; the two are adjacent, so a drift of the machine over the run
-    cancels), median over pairs, with the pairs' interquartile range and a bootstrap 90% interval of
-    the median (pairs resampled, seeded)."""
-    pairs = min(len(shim), len(bypass)) // block
-    ratios = np.array([np.median(shim[k * block:(k + 1) * block]) / np.median(bypass[k * block:(k + 1) * block])
-                       for k in range(pairs)])
+def paired_percent(shim: list[float], bypass: list[float]) -> dict:
+    """The shim's added step time: the k-th shim step against the k-th bypassed one (adjacent steps of
+    one pair, so a drift of the machine over the run cancels), median of the ratios over pairs, with
+    their interquartile range and a bootstrap 90% interval of the median (pairs resampled, seeded)."""
+    pairs = min(len(shim), len(bypass))
+    ratios = np.asarray(shim[:pairs]) / np.asarray(bypass[:pairs])
     q25, q50, q75 = (100.0 * (np.percentile(ratios, q) - 1.0) for q in (25, 50, 75))
     medians = np.median(np.random.default_rng(0).choice(ratios, (2000, pairs)), axis=1)
     return {"shim_vs_bypass_percent": float(q50), "shim_vs_bypass_percent_iqr": [float(q25), float(q75)],
@@ -145,23 +166,14 @@ def main_in_process_only(out_dir):
     """Only the in-process A/Bs, launches and end to end (about two minutes): OUT_DIR/native_overhead_in_process.json."""
     work, binary, table, whole_gpu_env, groups_env = setup()
     try:
-        result = in_process_ab(binary, {"groups": groups_env, "whole_gpu": whole_gpu_env,
-                                        "whole_gpu_unsampled": {**whole_gpu_env, "LITHOS_SAMPLE_EVERY": "0"}}, work)
-        e2e, steps = e2e_in_process(whole_gpu_env)
+        result, e2e, steps = in_process(binary, work, whole_gpu_env, groups_env)
     finally:
         table.close()
     payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --in-process-only"),
                "launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "block": AB_BLOCK,
                "cpus": sorted(LAUNCH_CPUS) if usable(LAUNCH_CPUS) else "any",
                "added_per_launch_in_process": result, "end_to_end_in_process": e2e, "end_to_end_raw_ms": steps,
-               "notes": "one shimmed process per run: cuLaunchKernel of an empty kernel through the shim's hook (even "
-                        "blocks of 256) and through the real driver function behind it (odd blocks), same stream; "
-                        "allowance = every co-scheduled group (60 TPCs), lending off. 'legacy': the real arm launches on "
-                        "the legacy stream itself, the shim's on a green stream (a deferred run). end_to_end_in_process: "
-                        "one shimmed process with the whole GPU allowed (e2e_worker.py, LITHOS_E2E_AB=1), default-stream "
-                        "steps alternating one by one with the shim's work on and bypassed (lithos_client_set_bypass); "
-                        "both arms launch on the program's stream; shim_vs_bypass_percent = median over adjacent block "
-                        "pairs of the ratio of block medians (a drift over the run cancels), with its interquartile range."}
+               "notes": IN_PROCESS_NOTES}
     write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
     print(json.dumps({"added_per_launch_in_process": result, "end_to_end_in_process": e2e}, indent=1))
     plot_in_process(payload, os.path.join(out_dir, "native_overhead_in_process.png"))
@@ -236,11 +248,7 @@ def main(out_dir):
                     launch.setdefault(f"{mode}_{name}", []).append(times)
                     if name == "shim":
                         launch_paths.setdefault(mode, []).append(last_json(stdout))
-        in_process = in_process_ab(binary, {"groups": groups_env, "whole_gpu": whole_gpu_env}, work)
-        try:
-            e2e_ab, e2e_ab_raw = e2e_in_process(whole_gpu_env)
-        except RuntimeError as exc:   # the other results still get written
-            e2e_ab, e2e_ab_raw = {"error": str(exc)[-1500:]}, {}
+        in_process_launches, e2e_ab, e2e_ab_raw = in_process(binary, work, whole_gpu_env, groups_env)
         e2e, e2e_errors = {arm: [] for arm in E2E_ARMS}, {}
         for trial in range(E2E_TRIALS):  # interleaved: every arm once, then again
             for arm, (shim, extra_env) in E2E_ARMS.items():
@@ -262,7 +270,7 @@ def main(out_dir):
                "launch": {"launches_per_run": LAUNCHES, "trials": LAUNCH_TRIALS, "per_run": stats,
                           "cpus": sorted(LAUNCH_CPUS) if usable(LAUNCH_CPUS) else "any",
                           "added_per_launch": added, "shim_launch_paths": launch_paths,
-                          "added_per_launch_in_process": in_process},
+                          "added_per_launch_in_process": in_process_launches},
                "end_to_end_in_process": e2e_ab, "end_to_end_in_process_raw_ms": e2e_ab_raw,
                "end_to_end": e2e_summary, "end_to_end_raw_ms": e2e, "end_to_end_errors": e2e_errors,
                "shim_launch_views_sample": views,
@@ -271,19 +279,14 @@ def main(out_dir):
                         "program creates (a green stream under the shim: direct path), 'legacy' = the default stream 0 "
                         "(paired path with deferred joins: events only at the start of a run and at the join, here every "
                         "256 launches at cudaStreamSynchronize), 'legacy_no_defer' = the same with LITHOS_DEFER_JOIN=0 "
-                        "(4 event calls per launch). added_per_launch_in_process: one shimmed process, cuLaunchKernel "
-                        "through the shim's hook vs the real driver function behind it (lithos_client_real_hook), "
-                        "alternating blocks of 256 on the same stream. End to end (arms interleaved, E2E_ARMS): plain = "
+                        "(4 event calls per launch). End to end (arms interleaved, E2E_ARMS): plain = "
                         "no shim, whole GPU; shim_whole_gpu = all 66 TPCs allowed (launches on the program's streams); "
                         "plain_120_sms = no shim, the steps on a green context of every co-scheduled group "
                         "(e2e_worker.py LITHOS_E2E_GREEN=1); shim_groups = those groups allowed, on the default stream "
                         "(paired, deferred joins) and inside torch.cuda.stream(torch.cuda.Stream()) (*_side_stream: a "
-                        "green stream, direct); shim_groups_no_defer = LITHOS_DEFER_JOIN=0. end_to_end_in_process: one "
-                        "shimmed process with the whole GPU allowed, default-stream steps alternating one by one with "
-                        "the shim's work on and bypassed (lithos_client_set_bypass); shim_vs_bypass_percent = median over "
-                        "adjacent block pairs of the ratio of block medians, with its interquartile range."}
+                        "green stream, direct); shim_groups_no_defer = LITHOS_DEFER_JOIN=0. " + IN_PROCESS_NOTES}
     write_json(os.path.join(out_dir, "native_overhead.json"), payload)
-    print(json.dumps({"added_per_launch": added, "added_per_launch_in_process": in_process,
+    print(json.dumps({"added_per_launch": added, "added_per_launch_in_process": in_process_launches,
                       "end_to_end_in_process": e2e_ab, "shim_launch_paths": launch_paths,
                       "end_to_end": {k: {"median_ms": v["median_ms"],
                                          **{r: None if v[r] is None else round(v[r], 1)
