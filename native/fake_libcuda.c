@@ -15,8 +15,8 @@
  * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
  * context report an active graph capture. Thread-safe (the shim builds green contexts
  * on a thread of its own); the current context is per thread, as in the real driver.
- * Built by tests/test_native.py as <tmp>/libcuda.so.1 and found through LD_LIBRARY_PATH (with
- * -DFAKE_CUDA_QUIET it logs nothing: benchmarks/native/launch_path_cpu.py).
+ * Built by `make -C native fake-driver` as build/fake/libcuda.so.1 and found through LD_LIBRARY_PATH
+ * (with FAKE_CUDA_QUIET=1 it logs nothing: benchmarks/native/launch_path_cpu.py).
  */
 #include <cuda.h>
 #include <pthread.h>
@@ -42,9 +42,9 @@ static int owner_value[MAX_HANDLES];
 static int owners;
 
 static void logf_(const char *fmt, ...) {
-#ifdef FAKE_CUDA_QUIET /* benchmarks/native/launch_path_cpu.py: no log, only the shim's own work is timed */
-    return;
-#endif
+    static int quiet = -1; /* FAKE_CUDA_QUIET=1: no log, so that only the shim's own work is timed */
+    if (quiet < 0) quiet = getenv("FAKE_CUDA_QUIET") && strcmp(getenv("FAKE_CUDA_QUIET"), "1") == 0;
+    if (quiet) return;
     pthread_mutex_lock(&lock);
     va_list ap;
     va_start(ap, fmt);

@@ -262,13 +262,10 @@ def wait_for_parent():
 
 
 @pytest.fixture(scope="module")
-def fake_driver(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("fake_cuda")
-    proc = subprocess.run(["gcc", "-O1", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-I",
-                           native_cuda_include(), "-o", str(directory / "libcuda.so.1"),
-                           str(ROOT / "native" / "fake_libcuda.c")], capture_output=True, text=True)
+def fake_driver():
+    proc = subprocess.run(["make", "-s", "-C", str(ROOT / "native"), "fake-driver"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    return str(directory)
+    return str(ROOT / "native" / "build" / "fake")
 
 
 def native_cuda_include() -> str:

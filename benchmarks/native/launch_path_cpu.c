@@ -1,14 +1,13 @@
 /* launch_path_cpu.c - the shim's own host work per launch, on the CPU, against native/fake_libcuda.c.
  *
- * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream [CODE_BYTES]   (under liblithos.so, with the
- * fake driver built with -DFAKE_CUDA_QUIET as libcuda.so.1 on LD_LIBRARY_PATH)
+ * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream [CODE_BYTES]   (under liblithos.so, with
+ * native/build/fake (make -C native fake-driver) on LD_LIBRARY_PATH and FAKE_CUDA_QUIET=1)
  * Launches KERNELS distinct fake kernels in turn (a model's mix: a real program's launches do not
  * hit one function's cache entry in a loop), in alternating blocks of 256 with the shim's work on
  * and bypassed (lithos_client_set_bypass). With THRASH_BYTES > 0 it reads that much memory and
  * with CODE_BYTES > 0 it also runs through that much code (a chain of jumps, one per cache line)
  * before each launch, as a framework does between launches, so the shim's data and code come cold
- * from the caches. Prints one JSON line:
- * {"shim_ns": [...], "bypass_ns": [...]} (per-launch nanoseconds, one entry per launch).
+ * from the caches. Prints one JSON line: the median and p99 nanoseconds per launch of each arm.
  */
 #include <cuda.h>
 #include <dlfcn.h>

@@ -16,7 +16,6 @@ These are CPU figures, a regression guard for the launch path; the GPU figures a
 Writes OUT_DIR/launch_path_cpu.json when OUT_DIR is given; prints a table.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,33 +24,29 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks.native.common import metadata, write_json  # noqa: E402
+from benchmarks.native.common import last_json, metadata, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 FAKE_GPU_UUID = "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"  # what native/fake_libcuda.c reports
+FAKE_DRIVER_DIR = os.path.join(ROOT, "native", "build", "fake")
 KERNELS = 300
 COLD_BYTES = 8 << 20
 CODE_BYTES = 4 << 20
 CACHES = ("warm", "cold", "cold_code")
-ALLOWANCES = {"whole_gpu": list(range(66)), "groups": list(range(60))}
+COSCHED_MAP = [t // 4 for t in range(60)] + [255] * 6   # 15 co-scheduled groups of 4 TPCs, as on an H100
 STREAMS = ("legacy", "stream")
 
 
-def cuda_include() -> str:
-    proc = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "native"), "print-cuda-include"], capture_output=True,
-                          text=True, check=True)
-    return proc.stdout.strip()
-
-
 def build(work: str) -> str:
-    include = cuda_include()
-    common = ["gcc", "-O2", "-std=gnu11", "-I", include]
-    subprocess.run(common + ["-fPIC", "-shared", "-fvisibility=hidden", "-DFAKE_CUDA_QUIET", "-o",
-                             os.path.join(work, "libcuda.so.1"), os.path.join(ROOT, "native", "fake_libcuda.c")], check=True)
+    """The fake driver (make fake-driver) and the launch loop; returns the loop's path."""
+    subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "native"), "fake-driver"], check=True)
+    include = subprocess.run(["make", "-s", "-C", os.path.join(ROOT, "native"), "print-cuda-include"],
+                             capture_output=True, text=True, check=True).stdout.strip()
     binary = os.path.join(work, "launch_path_cpu")
-    subprocess.run(common + ["-o", binary, os.path.join(HERE, "launch_path_cpu.c"), "-ldl"], check=True)
+    subprocess.run(["gcc", "-O2", "-std=gnu11", "-I", include, "-o", binary, os.path.join(HERE, "launch_path_cpu.c"), "-ldl"],
+                   check=True)
     return binary
 
 
@@ -61,7 +56,7 @@ def run_case(binary: str, env: dict, stream: str, caches: str, launches: int) ->
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"launch_path_cpu {stream} {caches} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(proc.stdout)
 
 
 def main(argv=None) -> int:
@@ -78,14 +73,16 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="lithos-launch-cpu-")
     binary = build(work)
     table = native.AllowanceTable.create(FAKE_GPU_UUID, work, max_slots=4)
-    table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    table.set_cosched_map(COSCHED_MAP)
+    allowances = {"whole_gpu": list(range(len(COSCHED_MAP))),
+                  "groups": sorted(t for tpcs in table.cosched_groups().values() for t in tpcs)}
     cases = {}
     try:
-        for slot, (allowance, tpcs) in enumerate(ALLOWANCES.items()):
+        for slot, (allowance, tpcs) in enumerate(allowances.items()):
             table.set_allowance(slot, tpcs)
             table.set_lending(slot, [], low_priority=False)
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("LITHOS_")},
-                   **native.client_env(table.path, slot), "LD_LIBRARY_PATH": work}
+                   **native.client_env(table.path, slot), "LD_LIBRARY_PATH": FAKE_DRIVER_DIR, "FAKE_CUDA_QUIET": "1"}
             for stream in STREAMS:
                 for caches in CACHES:
                     launches = args.launches if caches == "warm" else max(512, args.launches // 4)
