@@ -12,8 +12,8 @@
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
-#   colocate-pace-always  static vs lithos only, best-effort borrowers pacing always (about 5 minutes)
 #   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes): what lending changes
+#   colocate-pace-always  the same with best-effort borrowers pacing always
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
 #   serve-lending-ab  the same, eager, with the agent's lending off then on (LITHOS_LENDING=0/1)
@@ -36,6 +36,12 @@ export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled PATH=/tmp/site-ray/bin:$PATH \
   PYTHONPATH=/tmp/site-whl:/tmp/site-servewhl:/tmp/site-ray:$PWD
 status=0
 step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
+# solo, static and lithos on both mixes, short: colocate_short TAG [extra args of benchmarks.colocate]
+colocate_short() {
+  local tag=$1; shift
+  timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --trials 2 --budget-s 300 "$@" \
+    --tag "$tag" --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_${tag}_console.txt" | tail -30
+}
 for s in "$@"; do
   step "$s"
   case $s in
@@ -63,12 +69,8 @@ for s in "$@"; do
     colocate)
       timeout 470 python3 -m benchmarks.colocate --trials 2 --budget-s 420 --out-dir "$OUT" 2>&1 |
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;
-    colocate-pace-always)
-      timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --lend-pace always --trials 2 --budget-s 300 \
-        --tag pace_always --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_pace_always_console.txt" | tail -30 || status=1 ;;
-    colocate-lending)
-      timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --trials 2 --budget-s 300 \
-        --tag lending --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_lending_console.txt" | tail -30 || status=1 ;;
+    colocate-lending) colocate_short lending || status=1 ;;
+    colocate-pace-always) colocate_short pace_always --lend-pace always || status=1 ;;
     ray-tests)
       timeout 300 python3 -m pytest -v -s -rs tests/test_gpu_node.py tests/test_gpu_ray.py 2>&1 |
         tee "$OUT/ray_gpu_tests.txt" | tail -20 || status=1 ;;
