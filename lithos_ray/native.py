@@ -586,6 +586,14 @@ def green_stream(device, resources: list):
     return green, cuda_check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
 
 
+def cosched_sm_groups(device) -> list:
+    """The device's co-scheduled 8-SM groups (CUdevResource each), as the shim splits them."""
+    from cuda.bindings import driver as cu  # lazy: GPU machines only
+    all_sms = cuda_check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
+    groups, count, _ = cuda_check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, 8))
+    return list(groups[:count])
+
+
 def probe_cosched_map(device_index: int = 0) -> list[int]:
     """Which co-scheduled 8-SM group holds each TPC group, found from %smid (needs a GPU, no MPS).
 
@@ -625,9 +633,7 @@ def probe_cosched_map(device_index: int = 0) -> list[int]:
     sm_type = cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
     tpc_groups, tpc_count, _ = check(cu.cuDevSmResourceSplitByCount(
         H100_TPCS, check(cu.cuDeviceGetDevResource(device, sm_type)), 1, 2))
-    cosched_groups, cosched_count, _ = check(cu.cuDevSmResourceSplitByCount(
-        32, check(cu.cuDeviceGetDevResource(device, sm_type)), 0, 8))
-    cosched_sms = [sms_of(group) for group in cosched_groups[:cosched_count]]
+    cosched_sms = [sms_of(group) for group in cosched_sm_groups(device)]
     group_of_tpc = []
     for group in tpc_groups[:tpc_count]:
         sms = sms_of(group)

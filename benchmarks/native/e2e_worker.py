@@ -79,14 +79,13 @@ def cosched_green_stream():
     """(a torch stream of a green context of all co-scheduled 8-SM groups, its SM count)."""
     from cuda.bindings import driver as cu
 
-    from lithos_ray.native import cuda_check, green_stream
+    from lithos_ray.native import cosched_sm_groups, cuda_check, green_stream
 
     torch.zeros(1, device="cuda")   # the primary context, current on this thread
     device = cuda_check(cu.cuDeviceGet(torch.cuda.current_device()))
-    all_sms = cuda_check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    groups, count, _ = cuda_check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, 8))
-    _, stream = green_stream(device, groups[:count])
-    return torch.cuda.ExternalStream(int(stream)), sum(int(g.sm.smCount) for g in groups[:count])
+    groups = cosched_sm_groups(device)
+    _, stream = green_stream(device, groups)
+    return torch.cuda.ExternalStream(int(stream)), sum(int(g.sm.smCount) for g in groups)
 
 
 def on_side_stream(make):
