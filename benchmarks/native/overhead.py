@@ -259,7 +259,7 @@ def main(out_dir):
         views = {}
         for slot in (0, 1):
             records, _ = table.read_launches(slot, max_records=4096)
-            summary = native.summarize_launches(records, len(records))
+            summary = native.summarize_launches(records, len(records), table.tpcs_on_gpu)
             views["whole_gpu" if slot == 0 else "groups"] = {v: summary[v] for v in native.VIEW_NAMES.values() if summary[v]}
     finally:
         table.close()
