@@ -91,6 +91,27 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
+/* LITHOS_PROFILE (make -C native profile: build/liblithos_profile.so, benchmarks only): TSC cycles
+ * spent in each section of the launch path, summed over all threads; lithos_client_profile reads
+ * them. In the normal build the marks compile to nothing. */
+enum { PROF_CLOCK, PROF_ROUTE, PROF_LOOKUP, PROF_PUBLISH, PROF_REAL, PROF_RECORD, PROF_BYPASS_REAL, PROF_SECTIONS };
+#ifdef LITHOS_PROFILE
+#include <x86intrin.h>
+static uint64_t prof_cycles[PROF_SECTIONS], prof_counts[PROF_SECTIONS];
+static __thread uint64_t prof_last;
+#define PROF_BEGIN() (prof_last = __rdtsc())
+#define PROF_MARK(section)                                                                                             \
+    do {                                                                                                               \
+        uint64_t prof_now = __rdtsc();                                                                                 \
+        __atomic_fetch_add(&prof_cycles[section], prof_now - prof_last, __ATOMIC_RELAXED);                             \
+        __atomic_fetch_add(&prof_counts[section], 1, __ATOMIC_RELAXED);                                                \
+        prof_last = prof_now;                                                                                          \
+    } while (0)
+#else
+#define PROF_BEGIN() ((void)0)
+#define PROF_MARK(section) ((void)0)
+#endif
+
 /* ---------------------------------------------------------------- hook list (the one list) */
 
 /* X(exported name, name the runtime asks cuGetProcAddress for, 1 for a per-thread-stream (_ptsz) form) */
@@ -1715,26 +1736,34 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
                                  uint64_t generation, uint64_t now_ns) {
     publish_activity(q, now_ns, 0);
     flush_if_pending();
+    PROF_MARK(PROF_PUBLISH);
     CUresult r = call_real(q, q->stream);
+    PROF_MARK(PROF_REAL);
     tls.launches[PATH_DIRECT]++;
     lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
     if (r == CUDA_SUCCESS) record_launch(q, info, cluster, view, tpcs, generation, &lend, now_ns);
+    PROF_MARK(PROF_RECORD);
     return r;
 }
 
 static CUresult route_launch(launch_request *q) {
+    PROF_BEGIN();
     ensure_init();
     if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
     if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED)) { /* benchmarks: created streams stay green (README) */
         flush_if_pending();
-        return call_real(q, q->stream);
+        CUresult r = call_real(q, q->stream);
+        PROF_MARK(PROF_BYPASS_REAL);
+        return r;
     }
     CUstream app_stream = q->stream;
     if (q->per_thread && (app_stream == NULL)) app_stream = CU_STREAM_PER_THREAD;
     uint64_t now_ns = monotonic_ns(); /* CLOCK_MONOTONIC through the vDSO: no syscall */
+    PROF_MARK(PROF_CLOCK);
     uint64_t generation = 0;
     CUcontext ctx = NULL;
     allowance_route *route = current_route(&generation, &ctx);
+    PROF_MARK(PROF_ROUTE);
     if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, ctx, app_stream, now_ns);
     func_info scratch;
     const func_info *info = lookup_func(q->function, &scratch);
@@ -1747,8 +1776,10 @@ static CUresult route_launch(launch_request *q) {
     lend_choice lend = {.route = route};
     if (route->whole_gpu) { /* as without the shim; a green stream of an earlier allowance goes to the unconfined pair */
         CUcontext stream_ctx = NULL;
-        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx))
+        if (special_stream(app_stream) || (drv_cuStreamGetCtx(app_stream, &stream_ctx) == CUDA_SUCCESS && stream_ctx == ctx)) {
+            PROF_MARK(PROF_LOOKUP);
             return launch_whole_gpu(q, info, cluster, view, route->views[view].tpcs, generation, now_ns);
+        }
     }
     stream_queue *queue = NULL;
     if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
@@ -2024,6 +2055,24 @@ EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes)
 /* For tests and tools: this thread's lending outcomes (the LEND_* counts, in order). Returns the
  * number filled. */
 /* How often a launch asked the driver for a kernel's name and cluster (once per kernel when cached). */
+/* Cycles and passes per launch-path section (PROF_* order) of a LITHOS_PROFILE build; -1 in a normal one. */
+EXPORT int lithos_client_profile(uint64_t *cycles, uint64_t *counts, int max_sections) {
+#ifdef LITHOS_PROFILE
+    int n = max_sections < PROF_SECTIONS ? max_sections : PROF_SECTIONS;
+    for (int i = 0; i < n; i++) {
+        cycles[i] = __atomic_load_n(&prof_cycles[i], __ATOMIC_RELAXED);
+        counts[i] = __atomic_load_n(&prof_counts[i], __ATOMIC_RELAXED);
+    }
+    return n;
+#else
+    return -1;
+#endif
+}
+
+#ifdef LITHOS_PROFILE
+EXPORT uint64_t lithos_client_tsc(void) { return __rdtsc(); } /* to convert the profile's cycles to ns */
+#endif
+
 EXPORT uint64_t lithos_client_func_queries(void) { return __atomic_load_n(&func_queries, __ATOMIC_RELAXED); }
 
 EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {

@@ -7,6 +7,8 @@
 #   ray-part1  keeps .raywhl/part_aa in /tmp for the next call (the machine stays warm 30 s)
 #   ray        joins part_aa (kept) + part_ab (carried) and installs ray 2.60.0
 #   native     GPU tests of the shim (tests/test_native_gpu.py) and the whole overhead benchmark (~5 min)
+#   gpu-tests  the GPU tests of the shim alone (~2 min)
+#   profile    benchmarks/native/overhead.py --profile (the end-to-end A/B with per-section launch timers, ~1.5 min)
 #   correctness  benchmarks/native/correctness.py (bitwise results with and without the shim)
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
@@ -58,6 +60,10 @@ for s in "$@"; do
     native)
       timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
       timeout 390 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
+    gpu-tests)
+      timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1 ;;
+    profile)
+      timeout 240 python3 benchmarks/native/overhead.py "$OUT" --profile 2>&1 | tail -60 || status=1 ;;
     overhead-ab)
       timeout 200 python3 benchmarks/native/overhead.py "$OUT" --in-process-only 2>&1 | tail -30 || status=1 ;;
     launch-cpu)

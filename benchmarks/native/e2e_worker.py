@@ -10,7 +10,7 @@ LITHOS_E2E_AB=1 (under liblithos.so): the default-stream steps only, 6x as many,
 one with the shim's work on and one bypassed (lithos_client_set_bypass), the shim's first in even
 pairs and second in odd ones; prints
 {"resnet50_train_ms": {"shim": [...], "bypass": [...], "host_shim": [...], "host_bypass": [...],
-"launches_per_step": N, "func_queries_per_step": N, "distinct_kernels": N}, "bert_base_infer_ms": {...}}:
+"launches_per_step": N, "func_queries_per_step": N, "distinct_kernels": N[, "profile": {...}]}, "bert_base_infer_ms": {...}}:
 host_* = time until the step returned, before the GPU finished; launches and driver queries of kernel
 names per shim step (the ring's head; lithos_client_func_queries), kernels in the run's last records.
 
@@ -24,6 +24,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 
 AB = os.environ.get("LITHOS_E2E_AB") == "1"
@@ -31,6 +32,23 @@ GREEN = os.environ.get("LITHOS_E2E_GREEN") == "1"
 _shim = ctypes.CDLL(None) if AB else None
 if AB:
     _shim.lithos_client_func_queries.restype = ctypes.c_uint64
+# a LITHOS_PROFILE build of the shim (overhead.py --profile): cycles per launch-path section
+PROFILE_SECTIONS = ("clock", "route", "lookup", "publish", "real_launch", "record", "bypass_real_launch")
+_cycles, _passes = (ctypes.c_uint64 * len(PROFILE_SECTIONS))(), (ctypes.c_uint64 * len(PROFILE_SECTIONS))()
+PROFILED = AB and _shim.lithos_client_profile(_cycles, _passes, len(PROFILE_SECTIONS)) == len(PROFILE_SECTIONS)
+
+
+def profile_counters() -> np.ndarray:
+    _shim.lithos_client_profile(_cycles, _passes, len(PROFILE_SECTIONS))
+    return np.array([list(_cycles), list(_passes)], dtype=np.float64)
+
+
+def tsc_ghz() -> float:
+    """TSC ticks per ns, against perf_counter over 0.2 s (the profile's cycles are TSC ticks)."""
+    _shim.lithos_client_tsc.restype = ctypes.c_uint64
+    t0, c0 = time.perf_counter_ns(), _shim.lithos_client_tsc()
+    time.sleep(0.2)
+    return (_shim.lithos_client_tsc() - c0) / (time.perf_counter_ns() - t0)
 
 
 def ring():
@@ -44,6 +62,7 @@ def timed(fn, warmup, steps):
     torch.cuda.synchronize()
     times = {"shim": [], "bypass": [], "host_shim": [], "host_bypass": []} if AB else []
     if AB:
+        profiled = {"shim": np.zeros((2, len(PROFILE_SECTIONS))), "bypass": np.zeros((2, len(PROFILE_SECTIONS)))}
         launch_ring = ring()
         head, queries = launch_ring.head(), _shim.lithos_client_func_queries()
     for i in range(6 * steps if AB else steps):
@@ -52,10 +71,13 @@ def timed(fn, warmup, steps):
         bypass = AB and (i % 2 == 1) != ((i // 2) % 2 == 1)
         if AB:
             _shim.lithos_client_set_bypass(int(bypass))
+            before = profile_counters() if PROFILED else None
         start = time.perf_counter()
         fn()
         if AB:
             times["host_bypass" if bypass else "host_shim"].append((time.perf_counter() - start) * 1e3)
+            if PROFILED:
+                profiled["bypass" if bypass else "shim"] += profile_counters() - before
         torch.cuda.synchronize()
         if GREEN:   # a green context's stream: a device sync of the primary context may not wait for it
             torch.cuda.current_stream().synchronize()
@@ -72,6 +94,12 @@ def timed(fn, warmup, steps):
         times.update(launches_per_step=(end - head) / shim_steps,
                      func_queries_per_step=(_shim.lithos_client_func_queries() - queries) / shim_steps,
                      distinct_kernels=len(set(records["function"].tolist())))
+        if PROFILED:   # ns per pass of each section, and passes per step, by arm
+            ticks_per_ns = tsc_ghz()
+            times["profile"] = {arm: {name: {"ns_per_pass": float(c / p / ticks_per_ns) if p else None,
+                                             "passes_per_step": float(p / shim_steps)}
+                                      for name, c, p in zip(PROFILE_SECTIONS, *counters)}
+                                for arm, counters in profiled.items()}
     return times
 
 

@@ -4,9 +4,11 @@ program's streams, only the shim's bookkeeping shows) and every co-scheduled 8-S
 120 SMs, as Ray grants whole groups: the confined paths, green streams and deferred joins), compared
 with the same program on a 120-SM green context without the shim (e2e_worker.py LITHOS_E2E_GREEN=1).
 
-usage: python benchmarks/native/overhead.py OUT_DIR [--in-process-only]
+usage: python benchmarks/native/overhead.py OUT_DIR [--in-process-only | --profile]
 Writes OUT_DIR/native_overhead.json and .png (--in-process-only: OUT_DIR/native_overhead_in_process.json,
-the in-process A/Bs alone, launches and end-to-end steps, about two minutes).
+the in-process A/Bs alone, launches and end-to-end steps, about two minutes; --profile:
+OUT_DIR/native_overhead_profile.json, the end-to-end A/B under liblithos_profile.so, with the time
+of each launch-path section per launch, in the program, about a minute).
 """
 import json
 import os
@@ -104,12 +106,18 @@ def setup():
     (work dir, binary, table, shim env of slot 0, shim env of slot 1)."""
     work = tempfile.mkdtemp(prefix="lithos-overhead-")
     binary = build_binary(work)
-    table = native.AllowanceTable.create(native._default_gpu_uuid())
-    native.probe_layout_into(table)
-    table.set_allowance(0, list(range(66)))
+    table = whole_gpu_table()
     table.set_allowance(1, sorted(t for tpcs in table.cosched_groups().values() for t in tpcs))
     return (work, binary, table, {**os.environ, **native.client_env(table.path, 0)},
             {**os.environ, **native.client_env(table.path, 1)})
+
+
+def whole_gpu_table():
+    """An allowance table of this GPU, its layout probed, slot 0 = every TPC."""
+    table = native.AllowanceTable.create(native._default_gpu_uuid())
+    native.probe_layout_into(table)
+    table.set_allowance(0, list(range(table.tpcs_on_gpu)))
+    return table
 
 
 IN_PROCESS_NOTES = (
@@ -145,7 +153,8 @@ def e2e_in_process(shim_env) -> tuple[dict, dict]:
                        "host_shim_median_ms": float(np.median(arms["host_shim"])),
                        "host_bypass_median_ms": float(np.median(arms["host_bypass"])),
                        "steps_per_arm": len(arms["shim"]),
-                       **{key: arms[key] for key in ("launches_per_step", "func_queries_per_step", "distinct_kernels")}}
+                       **{key: arms[key] for key in ("launches_per_step", "func_queries_per_step", "distinct_kernels",
+                                                     "profile") if key in arms}}
             for workload, arms in steps.items()}, steps
 
 
@@ -177,6 +186,30 @@ def main_in_process_only(out_dir):
     write_json(os.path.join(out_dir, "native_overhead_in_process.json"), payload)
     print(json.dumps({"added_per_launch_in_process": result, "end_to_end_in_process": e2e}, indent=1))
     plot_in_process(payload, os.path.join(out_dir, "native_overhead_in_process.png"))
+
+
+def main_profile(out_dir):
+    """The end-to-end A/B under the LITHOS_PROFILE build: where a launch's added time goes inside a
+    real program (OUT_DIR/native_overhead_profile.json; no plot)."""
+    subprocess.run(["make", "-s", "-C", os.path.join(HERE, "..", "..", "native"), "profile"], check=True)
+    profile_lib = os.path.join(HERE, "..", "..", "native", "build", "liblithos_profile.so")
+    table = whole_gpu_table()
+    try:
+        env = {**os.environ, **native.client_env(table.path, 0)}
+        env["LD_PRELOAD"] = ":".join([os.path.abspath(profile_lib)] + env["LD_PRELOAD"].split(":")[1:])
+        e2e, steps = e2e_in_process(env)
+    finally:
+        table.close()
+    payload = {**metadata(f"python benchmarks/native/overhead.py {out_dir} --profile"), "end_to_end_in_process": e2e,
+               "end_to_end_raw_ms": steps,
+               "notes": "as end_to_end_in_process of native_overhead_in_process.json, under liblithos_profile.so (TSC "
+                        "timers per launch-path section, summed over threads; the timers themselves add ~20-40 ns per "
+                        "section); profile[arm][section] = ns per pass and passes per step. Sections of the whole-GPU "
+                        "path: clock (entry to the clock read), route (allowance and context), lookup (kernel "
+                        "identity), publish (activity word), real_launch (the driver's cuLaunchKernel), record (ring "
+                        "record); bypass_real_launch = the bypassed arm's whole hook."}
+    write_json(os.path.join(out_dir, "native_overhead_profile.json"), payload)
+    print(json.dumps(e2e, indent=1))
 
 
 def plot_in_process(payload, path):
@@ -337,6 +370,8 @@ def plot(launch, e2e_summary, path):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[2] == "--in-process-only":
         main_in_process_only(sys.argv[1])
+    elif len(sys.argv) == 3 and sys.argv[2] == "--profile":
+        main_profile(sys.argv[1])
     elif len(sys.argv) == 3 and sys.argv[1] == "--plot-in-process":   # redraw a JSON's plot beside it
         replot_beside(sys.argv[2], plot_in_process)
     elif len(sys.argv) == 2:
