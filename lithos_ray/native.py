@@ -523,7 +523,8 @@ class NativeLatencyPredictor:
 
 LAUNCH_PATH_NAMES = ("direct", "paired", "unconfined", "continued")   # lithos_client_launch_counts, in order
 LENDING_OUTCOME_NAMES = ("borrowed", "union_pending", "queue_too_deep", "paced", "unknown", "too_long",
-                         "no_idle_lender", "capturing", "fits_own_sms", "no_gain")   # lithos_client_lending_counts, in order
+                         "no_idle_lender", "capturing", "fits_own_sms", "no_gain",
+                         "paced_us")   # lithos_client_lending_counts, in order (paced_us: microseconds slept pacing)
 
 
 def _thread_counts(function: str, names: tuple[str, ...]) -> dict[str, int] | None:

@@ -306,10 +306,11 @@ enum { JOIN_RUNS = 0, JOIN_PAID = 1, JOIN_LEGACY_FOR_OTHER = 2, JOIN_HANDOFFS = 
  * (slept, then decided); no prediction yet; predicted longer than the atom; no lender idle; the
  * stream was capturing a graph (a captured kernel would keep the lenders' TPCs in every replay);
  * the grid fits the own SMs (no more blocks than SMs: more TPCs cannot make it faster); the union
- * adds no TPC in the kernel's view (e.g. no whole co-scheduled group for a cluster kernel). */
+ * adds no TPC in the kernel's view (e.g. no whole co-scheduled group for a cluster kernel). The last
+ * is not a count: microseconds slept pacing, in all. */
 enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_PACED = 3, LEND_UNKNOWN = 4,
        LEND_TOO_LONG = 5, LEND_NO_IDLE_LENDER = 6, LEND_CAPTURING = 7, LEND_FITS_OWN_SMS = 8, LEND_NO_GAIN = 9,
-       LITHOS_LEND_COUNTS = 10 };
+       LEND_PACED_US = 10, LITHOS_LEND_COUNTS = 11 };
 /* SMs per TPC (Hopper). */
 #define SMS_PER_TPC 2u
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
@@ -1652,6 +1653,7 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
         nanosleep(&ts, NULL);
         uint64_t after = monotonic_ns();
         slept_ns += after - *now_ns;
+        tls.lending[LEND_PACED_US] += (after - *now_ns) / 1000u;
         *now_ns = after;
         if (!paced++) tls.lending[LEND_PACED]++;
     }

@@ -874,11 +874,11 @@ def test_c_predictor_equals_the_python_predictor_on_random_sequences(built_libra
 LEND_PRELUDE = """
 lib.lithos_client_wait_union_builds.argtypes = [ctypes.c_int]
 def lending():
-    c = (ctypes.c_uint64 * 4)()
-    lib.lithos_client_lending_counts(c, 4)
-    return {"borrowed": c[0], "pending": c[1], "too_deep": c[2], "paced": c[3]}
+    c = (ctypes.c_uint64 * 11)()
+    lib.lithos_client_lending_counts(c, 11)
+    return {"borrowed": c[0], "pending": c[1], "too_deep": c[2], "paced": c[3], "paced_us": c[10]}
 def show_outcomes():   # every lending outcome, as native.LENDING_OUTCOME_NAMES names them
-    c = (ctypes.c_uint64 * 10)(); lib.lithos_client_lending_counts(c, 10); show(*c)
+    c = (ctypes.c_uint64 * 11)(); lib.lithos_client_lending_counts(c, 11); show(*c)
 def full_log():
     lines = cuda.fake_log().decode().splitlines()
     cuda.fake_log_clear()
@@ -1045,6 +1045,7 @@ s = create(1)
 warm_then_borrow(s)      # launches 1-4 unknown: the queue estimate ends 180 ms after the latest; the stream never drains
 counts = lending()
 show("counts", counts["borrowed"], counts["too_deep"] > 0, counts["paced"])
+show("slept_us", counts["paced_us"])
 """
 
 
@@ -1064,6 +1065,7 @@ def test_a_paced_low_priority_borrower_waits_for_its_queue_then_borrows(fake_dri
     lines = run_lending_client(QUEUED_DEEP + "show_log()", lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
     assert lines[0] == ["counts", "1", "False", "1"]   # launch 5 slept ~80 ms, then found the union pending
     assert time.monotonic() - start > 0.07
+    assert 70_000 < int(lines[1][1]) < (time.monotonic() - start) * 1e6   # the sleep, in microseconds
     assert [groups for groups, _ in launch_places(lines)] == [8] * 5 + [16]
 
 
@@ -1168,7 +1170,7 @@ def test_an_unknown_kernel_never_borrows(fake_driver, lend_table):
     assert lines[0] == ["counts", "0", "0"]
     assert outcomes(lines[1]) == {
         "borrowed": 0, "union_pending": 0, "queue_too_deep": 0, "paced": 0, "unknown": 20, "too_long": 0, "no_idle_lender": 0,
-        "capturing": 0, "fits_own_sms": 0, "no_gain": 0}
+        "capturing": 0, "fits_own_sms": 0, "no_gain": 0, "paced_us": 0}
     lines = lines[1:]
     assert {groups for groups, _ in launch_places(lines)} == {8}
     records, _ = lend_table.read_launches(0)

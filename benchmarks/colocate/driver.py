@@ -28,6 +28,7 @@ READY_TIMEOUT_S = 240.0
 REPLY_MARGIN_S = 60.0
 RING_POLL_S = 0.02
 ACTIVITY_POLL_S = 0.001
+LEND_PACE_ENV = {"idle": "1", "always": "always", "off": "0"}   # --lend-pace -> LITHOS_LEND_PACE
 OVERRUN_FACTOR = 1.15   # phases still due after budget_s x this are skipped (the device call must end)
 
 
@@ -457,7 +458,7 @@ class Run:
                 group.workers, lambda name: {**self.base_env(), **self.mps_env,
                                              **native.client_env(table_path, shim["slots"][name]),
                                              "LITHOS_SAMPLE_EVERY": str(self.args.sample_every),
-                                             "LITHOS_LEND_PACE": "always" if self.args.lend_pace == "always" else "1"},
+                                             "LITHOS_LEND_PACE": LEND_PACE_ENV[self.args.lend_pace]},
                 f"shim-{group.mix}")
         else:
             self.ensure_mps()

@@ -16,6 +16,8 @@
 #   colocate   lithos-ray bench colocate (about 7 minutes)
 #   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes): what lending changes
 #   colocate-pace-always  the same with best-effort borrowers pacing always
+#   colocate-pace-off     the same with pacing off (a borrower whose queue is too deep keeps its own TPCs)
+#   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
 #   serve-lending-ab  the same, eager, with the agent's lending off then on (LITHOS_LENDING=0/1)
@@ -77,6 +79,9 @@ for s in "$@"; do
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;
     colocate-lending) colocate_short lending || status=1 ;;
     colocate-pace-always) colocate_short pace_always --lend-pace always || status=1 ;;
+    colocate-pace-off) colocate_short pace_off --lend-pace off || status=1 ;;
+    node-tests)
+      timeout 200 python3 -m pytest -v -rs tests/test_gpu_node.py 2>&1 | tee "$OUT/node_gpu_tests.txt" | tail -8 || status=1 ;;
     ray-tests)
       timeout 300 python3 -m pytest -v -s -rs tests/test_gpu_node.py tests/test_gpu_ray.py 2>&1 |
         tee "$OUT/ray_gpu_tests.txt" | tail -20 || status=1 ;;
