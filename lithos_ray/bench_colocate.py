@@ -63,10 +63,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-every", type=int, default=8,
                         help="shim workers time one launch in N at random (LITHOS_SAMPLE_EVERY; default 8: the "
                              "predictor needs 3 samples per kernel shape before a kernel may borrow)")
-    parser.add_argument("--lend-pace", choices=("idle", "always", "off"), default="idle",
-                        help="when best-effort borrowers pace their queue (LITHOS_LEND_PACE): while a lender is idle "
-                             "(default), always (so the queue is shallow before a lender goes idle), or off (a "
-                             "borrower whose queue is too deep keeps its own TPCs)")
+    parser.add_argument("--lend-pace", choices=("off", "idle", "always"), default="off",
+                        help="when best-effort borrowers pace their queue (LITHOS_LEND_PACE): off (default, as the "
+                             "shim: a borrower whose queue is too deep keeps its own TPCs), while a lender is idle, or "
+                             "always (so the queue is shallow before a lender goes idle)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival schedules (default 0)")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help=f"where results go (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--tag", default=None, help="file names colocate_<tag>.json/.png (default: the mixes)")

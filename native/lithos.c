@@ -315,8 +315,9 @@ enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_
 #define SMS_PER_TPC 2u
 /* A paced borrower sleeps at most this many atoms per launch for its queue to drain. */
 #define PACE_MAX_ATOMS 40u
-/* LITHOS_LEND_PACE: 0 off; 1 (default) while a lender is idle; "always": whenever the borrower may
- * borrow, so that its queue is already shallow when a lender goes idle. */
+/* LITHOS_LEND_PACE: 0 (default) off; 1 while a lender is idle; "always": whenever the borrower may
+ * borrow, so that its queue is already shallow when a lender goes idle. Off by default: on the H100
+ * pacing cost best-effort jobs more throughput than borrowing gave (docs/SCHEDULER.md, "Pacing"). */
 enum { PACE_OFF = 0, PACE_WHILE_IDLE = 1, PACE_ALWAYS = 2 };
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
@@ -508,7 +509,7 @@ static void init_body(void) {
     const char *green_text = getenv("LITHOS_GREEN_STREAMS");
     g.green_streams = !(green_text && strcmp(green_text, "0") == 0);
     const char *pace_text = getenv("LITHOS_LEND_PACE");
-    g.pace = pace_text && strcmp(pace_text, "0") == 0 ? PACE_OFF : pace_text && strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
+    g.pace = !pace_text || strcmp(pace_text, "0") == 0 ? PACE_OFF : strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
     g.mode = MODE_PASS_THROUGH;
     if (!table_path || !slot_text || !*table_path || !*slot_text) {
         notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");

@@ -1062,17 +1062,23 @@ def test_a_paced_low_priority_borrower_waits_for_its_queue_then_borrows(fake_dri
     lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=180_000)
     lend_table.set_lending(0, [1], low_priority=True)
     start = time.monotonic()
-    lines = run_lending_client(QUEUED_DEEP + "show_log()", lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
+    lines = run_lending_client(QUEUED_DEEP + "show_log()",
+                               lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE="1"))
     assert lines[0] == ["counts", "1", "False", "1"]   # launch 5 slept ~80 ms, then found the union pending
     assert time.monotonic() - start > 0.07
     assert 70_000 < int(lines[1][1]) < (time.monotonic() - start) * 1e6   # the sleep, in microseconds
     assert [groups for groups, _ in launch_places(lines)] == [8] * 5 + [16]
 
 
-def test_pacing_can_be_switched_off(fake_driver, lend_table):
+@pytest.mark.parametrize("pace", ["0", None])
+def test_pacing_is_off_unless_asked_for(fake_driver, lend_table, pace):
     lend_table.set_lending_knobs(atom_us=100_000, idle_window_us=500, unknown_kernel_busy_us=180_000)
     lend_table.set_lending(0, [1], low_priority=True)
-    lines = run_lending_client(QUEUED_DEEP, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1", LITHOS_LEND_PACE="0"))
+    env = {key: value for key, value in lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1").items()
+           if key != "LITHOS_LEND_PACE"}
+    if pace is not None:
+        env["LITHOS_LEND_PACE"] = pace
+    lines = run_lending_client(QUEUED_DEEP, env)
     assert lines[0] == ["counts", "0", "True", "0"]
 
 
