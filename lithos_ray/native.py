@@ -549,9 +549,22 @@ def thread_lending_counts() -> dict[str, int] | None:
     return _thread_counts("lithos_client_lending_counts", LENDING_OUTCOME_NAMES)
 
 
+DISPATCH_COUNT_NAMES = ("held", "sent", "gated", "gate_us", "drain_paced", "drain_at_once", "fifo_full",
+                        "failed")   # lithos_client_dispatch_counts, in order (LITHOS_DISPATCH; process-wide)
+
+
+def process_dispatch_counts() -> dict[str, int] | None:
+    """This process's held launches (LITHOS_DISPATCH): held, sent by the dispatcher thread, held at its
+    depth gate, microseconds the gate waited, drains that kept its pace / sent at once, waits for FIFO
+    room, failures at dispatch; None without the shim."""
+    return _thread_counts("lithos_client_dispatch_counts", DISPATCH_COUNT_NAMES)
+
+
 def thread_shim_counts() -> dict[str, dict[str, int] | None]:
-    """This thread's {"launch_paths": ..., "lending": ...} (each None without the shim)."""
-    return {"launch_paths": thread_launch_counts(), "lending": thread_lending_counts()}
+    """This thread's {"launch_paths": ..., "lending": ..., "dispatch": ...} (each None without the shim).
+    Launch paths and lending include the dispatcher thread's (launches it sent for this process)."""
+    return {"launch_paths": thread_launch_counts(), "lending": thread_lending_counts(),
+            "dispatch": process_dispatch_counts()}
 
 
 def preload_with_shim(existing: str = "") -> str:

@@ -9,7 +9,8 @@
  * For the lending tests: cuGreenCtxCreate logs how many TPC groups the green context holds,
  * streams keep the priority they were created with, and cuEventElapsedTime reports FAKE_KERNEL_US
  * microseconds (default 1) as every kernel's duration, and cuStreamQuery says drained unless
- * FAKE_STREAM_BUSY=1. For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
+ * FAKE_STREAM_BUSY=1 (or while the file FAKE_STREAM_BUSY_FILE exists). For the held-launch tests,
+ * cuFuncGetParamInfo and cuCtxSetCurrent (below). For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
  * points of its table below; cuMemcpyDtoH_v2, cuMemsetD8_v2, cuCtxSynchronize, cuStreamSynchronize
  * and cuFakeManyArgs (not a driver function: 9 integer and 9 double arguments, so some on the
  * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
@@ -25,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
 #define MAX_HANDLES 4096
@@ -202,7 +204,9 @@ EXPORT CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *stat
 EXPORT CUresult cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode) { return CUDA_SUCCESS; }
 /* Kernels run nowhere, so streams are drained, unless FAKE_STREAM_BUSY=1 (a borrower queued deep). */
 EXPORT CUresult cuStreamQuery(CUstream stream) {
-    int busy = getenv("FAKE_STREAM_BUSY") && strcmp(getenv("FAKE_STREAM_BUSY"), "1") == 0;
+    const char *busy_file = getenv("FAKE_STREAM_BUSY_FILE");
+    int busy = (getenv("FAKE_STREAM_BUSY") && strcmp(getenv("FAKE_STREAM_BUSY"), "1") == 0) ||
+               (busy_file && access(busy_file, F_OK) == 0);
     logf_("cuStreamQuery %#lx %s", (unsigned long)(uintptr_t)stream, busy ? "busy" : "drained");
     return busy ? CUDA_ERROR_NOT_READY : CUDA_SUCCESS;
 }
@@ -236,11 +240,23 @@ EXPORT CUresult cuFuncGetAttribute(int *value, CUfunction_attribute attr, CUfunc
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuFuncGetName(const char **name, CUfunction f) { *name = "fake_kernel"; return CUDA_SUCCESS; }
+/* Function handle 0x88 stands for a kernel with parameters (uint64_t a, uint32_t b): offsets 0 and 8;
+ * every other kernel has none. Its launches log both values (held launches copy them). */
+EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size) {
+    if ((uintptr_t)f != 0x88 || index > 1) return CUDA_ERROR_INVALID_VALUE;
+    *offset = index * 8, *size = index ? 4 : 8;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) { current_ctx = ctx; return CUDA_SUCCESS; }
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, CUstream stream, void **params, void **extra) {
     /* grid x 912 stands for a kernel green contexts refuse (CUDA_ERROR_INVALID_CLUSTER_SIZE = 912) */
     int refused = gx == 912 && ctx_of((uintptr_t)stream) != (CUcontext)0x10;
-    logf_("cuLaunchKernel %#lx%s", (unsigned long)(uintptr_t)stream, refused ? " refused" : "");
+    if ((uintptr_t)f == 0x88 && params)
+        logf_("cuLaunchKernel %#lx args=%llu,%u", (unsigned long)(uintptr_t)stream, (unsigned long long)*(uint64_t *)params[0],
+              *(uint32_t *)params[1]);
+    else
+        logf_("cuLaunchKernel %#lx%s", (unsigned long)(uintptr_t)stream, refused ? " refused" : "");
     return refused ? CUDA_ERROR_INVALID_CLUSTER_SIZE : CUDA_SUCCESS;
 }
 

@@ -80,6 +80,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -192,7 +193,9 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuStreamQuery, "cuStreamQuery")                                       \
     X(cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode") \
     X(cuFuncGetAttribute, "cuFuncGetAttribute")                             \
-    X(cuFuncGetName, "cuFuncGetName")
+    X(cuFuncGetName, "cuFuncGetName")                                       \
+    X(cuFuncGetParamInfo, "cuFuncGetParamInfo")                             \
+    X(cuCtxSetCurrent, "cuCtxSetCurrent")
 
 #define DECLARE_DRIVER(name, symbol) static __typeof__(&name) drv_##name;
 LITHOS_DRIVER_CALLS(DECLARE_DRIVER)
@@ -288,6 +291,8 @@ static struct {
     int green_streams; /* create application streams as green streams (LITHOS_GREEN_STREAMS, self-tested once) */
     int green_streams_tested;
     int pace; /* PACE_*: when low-priority borrowers wait for their queue to drain (LITHOS_LEND_PACE) */
+    int dispatch;              /* DISPATCH_*: whose kernel launches are held for the dispatcher (LITHOS_DISPATCH) */
+    uint64_t dispatch_depth_ns; /* LITHOS_DISPATCH_DEPTH_US; 0 = half the atom */
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
     pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
@@ -319,6 +324,9 @@ enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_
  * borrow, so that its queue is already shallow when a lender goes idle. Off by default: on the H100
  * pacing cost best-effort jobs more throughput than borrowing gave (docs/SCHEDULER.md, "Pacing"). */
 enum { PACE_OFF = 0, PACE_WHILE_IDLE = 1, PACE_ALWAYS = 2 };
+/* LITHOS_DISPATCH: 0 (default) off; 1 low-priority borrowers hold their launches for the dispatcher
+ * thread; "all": every borrower does ("Held launches" below). */
+enum { DISPATCH_OFF = 0, DISPATCH_LOW_PRIORITY = 1, DISPATCH_ALL = 2 };
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
 #define BUILD_QUEUE 8
@@ -362,6 +370,7 @@ static __thread struct {
     int in_join;      /* inside join_lock (a stub entered from the driver meanwhile must not flush) */
     int in_init;      /* running init_once (dlsym hands out no stubs, stubs resolve without it) */
     int exit_key_set; /* the exit_key destructor is armed for this thread */
+    int is_dispatcher; /* the dispatcher thread: its launches are never held */
 } tls;
 
 /* Deferred joins (see the top of the file): pairs whose join is owed, at most PENDING_MAX (a launch
@@ -387,7 +396,7 @@ static void notice_once(int which, const char *fmt, ...) {
     va_end(ap);
 }
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
-       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS };
+       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -499,6 +508,10 @@ static void open_activity(const char *table_path) {
 }
 
 static void on_thread_exit(void *unused);
+static void forget_held_in_child(void);
+static void drain_held_launches(int paced);
+static int waits_for_gpu(lithos_stub_slot *slot);
+LITHOS_HIDDEN int lithos_held_launches;
 
 static void init_body(void) {
     resolve_driver();
@@ -510,6 +523,11 @@ static void init_body(void) {
     g.green_streams = !(green_text && strcmp(green_text, "0") == 0);
     const char *pace_text = getenv("LITHOS_LEND_PACE");
     g.pace = !pace_text || strcmp(pace_text, "0") == 0 ? PACE_OFF : strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
+    const char *dispatch_text = getenv("LITHOS_DISPATCH"), *depth_text = getenv("LITHOS_DISPATCH_DEPTH_US");
+    g.dispatch = !dispatch_text || !*dispatch_text || strcmp(dispatch_text, "0") == 0 ? DISPATCH_OFF
+                 : strcmp(dispatch_text, "all") == 0                                ? DISPATCH_ALL
+                                                                                    : DISPATCH_LOW_PRIORITY;
+    g.dispatch_depth_ns = depth_text ? (uint64_t)(strtod(depth_text, NULL) * 1000.0) : 0;
     g.mode = MODE_PASS_THROUGH;
     if (!table_path || !slot_text || !*table_path || !*slot_text) {
         notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");
@@ -559,6 +577,7 @@ static void forget_joins_in_child(void) {
     pending_count = 0;
     __atomic_store_n(&lithos_pending_joins, 0, __ATOMIC_RELEASE);
     tls.in_join = 0;
+    forget_held_in_child();
 }
 
 static void init_once(void) {
@@ -659,13 +678,43 @@ typedef struct {
     uint32_t ready;     /* atomic; 1 once the fields below are filled */
     uint32_t whole_gpu; /* atomic; 1 once a launch of it failed in a green context: it runs unconfined */
     uint32_t cluster[3];
+    int32_t param_count;    /* kernel parameters (cuFuncGetParamInfo), with LITHOS_DISPATCH only; -1 unknown */
+    uint32_t param_bytes;   /* end of the last parameter */
+    uint16_t *param_layout; /* offset and size of each parameter */
     char name[LITHOS_KERNEL_NAME_BYTES];
 } func_info;
 static func_info func_cache[FUNC_CACHE_SIZE];
 static uint64_t func_queries; /* atomic; driver queries of a kernel's name and cluster (cache fills and misses) */
 
-static void query_func(CUfunction f, func_info *out) {
+#define HELD_MAX_PARAMS 256
+/* The parameter layout a held launch copies its arguments by (-1: none known, never held). Index 0
+ * refused with CUDA_ERROR_INVALID_VALUE means no parameters; any other refusal, no layout. */
+static void query_params(CUfunction f, func_info *out) {
+    uint16_t layout[2 * HELD_MAX_PARAMS];
+    size_t offset, size, bytes = 0;
+    int n = 0;
+    out->param_count = -1;
+    for (;; n++) {
+        CUresult r = drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size);
+        if (r != CUDA_SUCCESS) {
+            if (r != CUDA_ERROR_INVALID_VALUE) return;
+            break;
+        }
+        if (n == HELD_MAX_PARAMS || offset > 0xffff || size > 0xffff) return;
+        layout[2 * n] = (uint16_t)offset, layout[2 * n + 1] = (uint16_t)size;
+        if (offset + size > bytes) bytes = offset + size;
+    }
+    out->param_layout = n ? malloc(sizeof(uint16_t) * 2 * (size_t)n) : NULL;
+    if (n && !out->param_layout) return;
+    if (n) memcpy(out->param_layout, layout, sizeof(uint16_t) * 2 * (size_t)n);
+    out->param_bytes = (uint32_t)bytes;
+    out->param_count = n;
+}
+
+static void query_func(CUfunction f, func_info *out, int cached) {
     __atomic_fetch_add(&func_queries, 1, __ATOMIC_RELAXED);
+    out->param_count = -1;
+    if (cached && g.dispatch && drv_cuFuncGetParamInfo) query_params(f, out);
     int dims[3] = {0, 0, 0};
     const CUfunction_attribute attrs[3] = {CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
                                            CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH};
@@ -692,14 +741,14 @@ static const func_info *lookup_func(CUfunction f, func_info *scratch) {
         if (current == 0) {
             uintptr_t expected = 0;
             if (__atomic_compare_exchange_n(&e->function, &expected, key, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-                query_func(f, e);
+                query_func(f, e, 1);
                 __atomic_store_n(&e->ready, 1u, __ATOMIC_RELEASE);
                 return e;
             }
             if (expected == key) break;
         }
     }
-    query_func(f, scratch);
+    query_func(f, scratch, 0);
     return scratch;
 }
 
@@ -1271,6 +1320,7 @@ LITHOS_HIDDEN void *lithos_stub_slow(lithos_stub_slot *slot) {
         real = handle && rd ? rd(handle, slot->name) : NULL;
         if (real) __atomic_store_n(&slot->real, real, __ATOMIC_RELEASE);
     }
+    if (__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.in_init) drain_held_launches(waits_for_gpu(slot));
     if (__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE) && !tls.in_init && flush_joins())
         __atomic_add_fetch(&slot->flushes, 1, __ATOMIC_RELAXED);
     return real;
@@ -1749,11 +1799,294 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
     return r;
 }
 
+/* ---------------------------------------------------------------- held launches (LITHOS_DISPATCH) */
+
+/*
+ * A kernel's TPCs are fixed when it is handed to the driver, and one queued behind others runs long
+ * after that: the queue rule above keeps it off lent TPCs (their owner would wait for it), so a
+ * best-effort job that queues deep rarely borrows. With LITHOS_DISPATCH its kernel launches are
+ * HELD instead: the launching thread copies the launch (arguments by the kernel's parameter layout,
+ * cuFuncGetParamInfo; a packed buffer as is; launch attributes) into a FIFO and returns
+ * CUDA_SUCCESS; the process's dispatcher thread hands the FIFO's head to route_launch once the
+ * predicted work queued ahead of it on its stream is at most dispatch_depth_ns, or the stream has
+ * drained. The lending rule then decides with a shallow queue, just before the kernel runs.
+ * Held: cuLaunchKernel / cuLaunchKernelEx of a client with a lend list (low priority only, unless
+ * LITHOS_DISPATCH=all), confined to a green view, known parameter layout, legacy or created
+ * stream, not capturing, deferred joins on. Everything else is sent as before, after a DRAIN:
+ * every other launch, cuStreamDestroy and every driver call outside lithos_nojoin.h (through the
+ * stubs) first waits until the FIFO is empty. Calls that wait for the GPU anyway (names with
+ * "Synchronize", synchronous copies) let the dispatcher keep its pace; any other makes it send
+ * everything at once. A launch that fails at dispatch is counted (lithos_client_dispatch_counts)
+ * and noticed once: the program was told it succeeded. Locking: held.lock guards the FIFO's tail
+ * and the waits; only the dispatcher moves the head.
+ */
+#define HELD_MAX 1024
+#define HELD_INLINE_ARGS 512
+#define HELD_ATTRS 8
+#define DISPATCH_NAP_MAX_NS 20000u
+
+typedef struct {
+    CUcontext ctx;
+    CUstream stream;
+    CUfunction function;
+    const func_info *info;
+    int api, packed; /* packed: the arguments came as one buffer (CU_LAUNCH_PARAM_BUFFER_POINTER) */
+    unsigned grid[3], block[3], shared_bytes;
+    int has_config;
+    CUlaunchConfig config; /* attrs and hStream are set at dispatch */
+    CUlaunchAttribute attrs[HELD_ATTRS];
+    size_t arg_bytes;
+    unsigned char *args; /* inline_args, or malloc'd when larger */
+    unsigned char inline_args[HELD_INLINE_ARGS];
+} held_launch;
+
+/* lithos_client_dispatch_counts: launches held; sent by the dispatcher; held at the depth gate (at
+ * least once); microseconds the gate waited; drains that let the dispatcher keep its pace; drains
+ * that made it send at once; launches that waited for room in the FIFO; launches failed at dispatch. */
+enum { DISPATCH_HELD = 0, DISPATCH_SENT, DISPATCH_GATED, DISPATCH_GATE_US, DISPATCH_DRAIN_PACED, DISPATCH_DRAIN_AT_ONCE,
+       DISPATCH_FULL, DISPATCH_FAILED, LITHOS_DISPATCH_COUNTS };
+
+LITHOS_HIDDEN int lithos_held_launches; /* 1 while the FIFO holds a launch; read by every stub */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, moved; /* wake: for the dispatcher; moved: the FIFO's head moved */
+    held_launch ring[HELD_MAX];
+    uint64_t pushed;  /* atomic; moved under lock */
+    uint64_t sent;    /* atomic; moved by the dispatcher */
+    int hurry;        /* atomic; drains waiting that asked for everything at once (under lock) */
+    int sleeping;     /* the dispatcher waits on wake (under lock) */
+    int waiters;      /* atomic; threads waiting on moved (under lock) */
+    pid_t pid;        /* the process whose dispatcher runs */
+    uint64_t counts[LITHOS_DISPATCH_COUNTS]; /* atomic */
+    const uint64_t *launches, *lending, *joins; /* the dispatcher thread's counters */
+} held = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .moved = PTHREAD_COND_INITIALIZER};
+
+static void count_dispatch(int which, uint64_t n) { __atomic_fetch_add(&held.counts[which], n, __ATOMIC_RELAXED); }
+
+/* A forked child has no dispatcher and none of its parent's held launches. */
+static void forget_held_in_child(void) {
+    pthread_mutex_init(&held.lock, NULL);
+    pthread_cond_init(&held.wake, NULL);
+    pthread_cond_init(&held.moved, NULL);
+    held.pushed = held.sent = 0;
+    held.hurry = held.sleeping = held.waiters = 0;
+    held.pid = 0;
+    held.launches = held.lending = held.joins = NULL;
+    __atomic_store_n(&lithos_held_launches, 0, __ATOMIC_RELEASE);
+}
+
+/* Wait until every held launch has been sent (not run). paced: the caller is about to wait for the
+ * GPU anyway, so the dispatcher keeps its depth gate; else it sends everything at once. */
+static void drain_held_launches(int paced) {
+    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || tls.in_init || tls.in_join) return;
+    pthread_mutex_lock(&held.lock);
+    if (__atomic_load_n(&held.pushed, __ATOMIC_RELAXED) != __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST)) {
+        count_dispatch(paced ? DISPATCH_DRAIN_PACED : DISPATCH_DRAIN_AT_ONCE, 1);
+        if (!paced) __atomic_add_fetch(&held.hurry, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+        while (held.pushed != __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST)) pthread_cond_wait(&held.moved, &held.lock);
+        __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+        if (!paced) __atomic_sub_fetch(&held.hurry, 1, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&held.lock);
+}
+
+/* Does the driver call through this stub wait for the GPU anyway (a paced drain will do)? */
+static int waits_for_gpu(lithos_stub_slot *slot) {
+    uint64_t known = __atomic_load_n(&slot->reserved, __ATOMIC_RELAXED); /* 0 not yet asked, 1 yes, 2 no */
+    if (!known) {
+        const char *name = slot->name ? slot->name : "";
+        int waits = strstr(name, "Synchronize") || (strncmp(name, "cuMemcpy", 8) == 0 && !strstr(name, "Async"));
+        known = waits ? 1 : 2;
+        __atomic_store_n(&slot->reserved, known, __ATOMIC_RELAXED);
+    }
+    return known == 1;
+}
+
+/* Called on the dispatcher thread: whether the head may be sent now (else it napped a little). */
+static int dispatch_gate_open(const held_launch *h) {
+    stream_queue *queue = queue_of(h->ctx, h->stream);
+    uint64_t now_ns = monotonic_ns(), depth_ns = g.dispatch_depth_ns;
+    if (!depth_ns) depth_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED) / 2;
+    uint64_t ahead_ns = queue->end_ns > now_ns ? queue->end_ns - now_ns : 0;
+    if (ahead_ns <= depth_ns) return 1;
+    if (stream_drained(h->ctx, h->stream)) {
+        queue->end_ns = now_ns;
+        return 1;
+    }
+    uint64_t nap = ahead_ns - depth_ns < DISPATCH_NAP_MAX_NS ? ahead_ns - depth_ns : DISPATCH_NAP_MAX_NS;
+    struct timespec ts = {0, (long)nap};
+    nanosleep(&ts, NULL);
+    count_dispatch(DISPATCH_GATE_US, (monotonic_ns() - now_ns) / 1000u);
+    return 0;
+}
+
+static CUresult route_launch(launch_request *q);
+
+/* Called on the dispatcher thread: the held launch, rebuilt, through the launch path. */
+static void dispatch_held(held_launch *h) {
+    void *params[HELD_MAX_PARAMS];
+    size_t packed_bytes = h->arg_bytes;
+    void *extra[5] = {CU_LAUNCH_PARAM_BUFFER_POINTER, h->args, CU_LAUNCH_PARAM_BUFFER_SIZE, &packed_bytes, CU_LAUNCH_PARAM_END};
+    launch_request q = {h->api, 0, h->function, {h->grid[0], h->grid[1], h->grid[2]}, {h->block[0], h->block[1], h->block[2]},
+                        h->shared_bytes, h->stream, NULL, NULL, NULL, NULL, 0, 0};
+    if (h->packed) {
+        q.extra = extra;
+    } else {
+        for (int i = 0; i < h->info->param_count; i++) params[i] = h->args + h->info->param_layout[2 * i];
+        q.params = params;
+    }
+    if (h->has_config) {
+        h->config.attrs = h->attrs;
+        h->config.hStream = h->stream;
+        q.config = &h->config;
+    }
+    CUresult r = route_launch(&q);
+    count_dispatch(DISPATCH_SENT, 1);
+    if (r != CUDA_SUCCESS) {
+        count_dispatch(DISPATCH_FAILED, 1);
+        notice_once(WARN_DISPATCH, "a held launch of %s failed when it was sent (CUresult %d); the program was told it succeeded",
+                    h->info->name, (int)r);
+    }
+}
+
+static void *dispatcher_main(void *unused) {
+    tls.is_dispatcher = 1;
+    prctl(PR_SET_TIMERSLACK, 1000ul); /* naps of microseconds, not the default 50 us slack */
+    pthread_mutex_lock(&held.lock);
+    held.launches = tls.launches, held.lending = tls.lending, held.joins = tls.joins;
+    pthread_mutex_unlock(&held.lock);
+    CUcontext current = NULL;
+    uint64_t gated_at = UINT64_MAX; /* the FIFO index last counted as gated */
+    for (;;) {
+        uint64_t sent = __atomic_load_n(&held.sent, __ATOMIC_RELAXED);
+        if (__atomic_load_n(&held.pushed, __ATOMIC_ACQUIRE) == sent) {
+            pthread_mutex_lock(&held.lock);
+            if (held.pushed == sent) {
+                __atomic_store_n(&lithos_held_launches, 0, __ATOMIC_RELEASE);
+                pthread_cond_broadcast(&held.moved);
+                held.sleeping = 1;
+                while (held.pushed == sent) pthread_cond_wait(&held.wake, &held.lock);
+                held.sleeping = 0;
+            }
+            pthread_mutex_unlock(&held.lock);
+            continue;
+        }
+        held_launch *h = &held.ring[sent % HELD_MAX];
+        if (h->ctx != current && drv_cuCtxSetCurrent(h->ctx) == CUDA_SUCCESS) current = h->ctx;
+        if (!__atomic_load_n(&held.hurry, __ATOMIC_SEQ_CST) && !dispatch_gate_open(h)) {
+            if (gated_at != sent) count_dispatch(DISPATCH_GATED, 1);
+            gated_at = sent;
+            continue;
+        }
+        dispatch_held(h);
+        if (h->args != h->inline_args) free(h->args);
+        __atomic_store_n(&held.sent, sent + 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&held.waiters, __ATOMIC_SEQ_CST)) {
+            pthread_mutex_lock(&held.lock);
+            pthread_cond_broadcast(&held.moved);
+            pthread_mutex_unlock(&held.lock);
+        }
+    }
+    return NULL;
+}
+
+static void drain_at_exit(void) { drain_held_launches(0); }
+
+/* Called with held.lock held: the dispatcher of this process runs (started once). */
+static int dispatcher_running(void) {
+    if (held.pid == getpid()) return 1;
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int ok = pthread_create(&thread, &attr, dispatcher_main, NULL) == 0;
+    pthread_attr_destroy(&attr);
+    if (!ok) {
+        notice_once(WARN_DISPATCH, "cannot start the dispatcher thread: launches are not held");
+        return 0;
+    }
+    if (!held.pid) atexit(drain_at_exit);
+    held.pid = getpid();
+    return 1;
+}
+
+/* Hold the launch for the dispatcher when it qualifies (see above). Returns 1 when held. */
+static int hold_launch(const launch_request *q, const allowance_route *route, const func_info *info, const func_info *scratch,
+                       int view, CUcontext ctx, CUstream app_stream) {
+    if (!g.dispatch || tls.is_dispatcher || q->whole_gpu || q->per_thread || app_stream == CU_STREAM_PER_THREAD ||
+        (q->api != LITHOS_API_LAUNCH_KERNEL && q->api != LITHOS_API_LAUNCH_KERNEL_EX) || !info || info == scratch ||
+        info->param_count < 0 || __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) || route->whole_gpu ||
+        !route->views[view].green || !g.activity || !defer_on())
+        return 0;
+    const lithos_slot *me = slot_at_index(g.slot);
+    uint64_t lenders = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
+    if (g.slot < LITHOS_LEND_SLOTS) lenders &= ~(1ull << g.slot);
+    if (!lenders || (g.dispatch == DISPATCH_LOW_PRIORITY &&
+                     !(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY)))
+        return 0;
+    if (q->api == LITHOS_API_LAUNCH_KERNEL_EX && (!q->config || q->config->numAttrs > HELD_ATTRS)) return 0;
+    const void *packed = NULL;
+    size_t bytes = info->param_bytes;
+    if (!q->params && q->extra) { /* only the packed-buffer form */
+        bytes = 0;
+        for (void **e = q->extra; *e != CU_LAUNCH_PARAM_END; e += 2) {
+            if (*e == CU_LAUNCH_PARAM_BUFFER_POINTER) packed = e[1];
+            else if (*e == CU_LAUNCH_PARAM_BUFFER_SIZE) bytes = *(const size_t *)e[1];
+            else return 0;
+        }
+        if (!packed) return 0;
+    } else if (!q->params && info->param_count > 0) {
+        return 0;
+    }
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if (drv_cuStreamIsCapturing(app_stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return 0;
+    pthread_mutex_lock(&held.lock);
+    if (!dispatcher_running()) {
+        pthread_mutex_unlock(&held.lock);
+        return 0;
+    }
+    if (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) {
+        count_dispatch(DISPATCH_FULL, 1);
+        __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+        while (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) pthread_cond_wait(&held.moved, &held.lock);
+        __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+    }
+    held_launch *h = &held.ring[held.pushed % HELD_MAX];
+    h->args = bytes <= HELD_INLINE_ARGS ? h->inline_args : malloc(bytes);
+    if (!h->args) {
+        pthread_mutex_unlock(&held.lock);
+        return 0;
+    }
+    h->ctx = ctx, h->stream = app_stream, h->function = q->function, h->info = info, h->api = q->api;
+    h->packed = packed != NULL, h->arg_bytes = bytes, h->shared_bytes = q->shared_bytes;
+    memcpy(h->grid, q->grid, sizeof(h->grid));
+    memcpy(h->block, q->block, sizeof(h->block));
+    if (packed) {
+        memcpy(h->args, packed, bytes);
+    } else {
+        for (int i = 0; i < info->param_count; i++)
+            memcpy(h->args + info->param_layout[2 * i], q->params[i], info->param_layout[2 * i + 1]);
+    }
+    h->has_config = q->api == LITHOS_API_LAUNCH_KERNEL_EX;
+    if (h->has_config) {
+        h->config = *q->config;
+        memcpy(h->attrs, q->config->attrs, sizeof(CUlaunchAttribute) * q->config->numAttrs);
+    }
+    __atomic_store_n(&held.pushed, held.pushed + 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&lithos_held_launches, 1, __ATOMIC_RELEASE);
+    if (held.sleeping) pthread_cond_signal(&held.wake);
+    pthread_mutex_unlock(&held.lock);
+    count_dispatch(DISPATCH_HELD, 1);
+    return 1;
+}
+
 static CUresult route_launch(launch_request *q) {
     PROF_BEGIN();
     ensure_init();
     if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
     if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED)) { /* benchmarks: created streams stay green (README) */
+        drain_held_launches(0);
         flush_if_pending();
         CUresult r = call_real(q, q->stream);
         PROF_MARK(PROF_BYPASS_REAL);
@@ -1767,15 +2100,20 @@ static CUresult route_launch(launch_request *q) {
     CUcontext ctx = NULL;
     allowance_route *route = current_route(&generation, &ctx);
     PROF_MARK(PROF_ROUTE);
-    if (q->api == LITHOS_API_GRAPH_LAUNCH) return launch_graph(q, route, generation, ctx, app_stream, now_ns);
+    if (q->api == LITHOS_API_GRAPH_LAUNCH) {
+        drain_held_launches(0);
+        return launch_graph(q, route, generation, ctx, app_stream, now_ns);
+    }
     func_info scratch;
     const func_info *info = lookup_func(q->function, &scratch);
     unsigned cluster[3];
     cluster_of(q, info, cluster);
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
-    if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream)) return CUDA_SUCCESS;
+    drain_held_launches(0);
+    if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     lend_choice lend = {.route = route};
     if (route->whole_gpu) { /* as without the shim; a green stream of an earlier allowance goes to the unconfined pair */
         CUcontext stream_ctx = NULL;
@@ -1991,6 +2329,7 @@ EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags,
 EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
     ensure_init();
     if (!real_cuStreamDestroy_v2) return CUDA_ERROR_NOT_FOUND;
+    drain_held_launches(0);
     flush_if_pending(); /* the stream's own owed join, and the order of anything it syncs with */
     if (g.mode == MODE_CONFINED && !special_stream(stream)) {
         pthread_mutex_lock(&g.lock);
@@ -2005,6 +2344,7 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
 EXPORT void lithos_client_set_bypass(int on) {
     ensure_init();
     __atomic_store_n(&launch_bypass, on ? 1 : 0, __ATOMIC_RELEASE);
+    if (on) drain_held_launches(0);
     if (on) flush_joins(); /* after the flag: a launch that raced past it owes its join to a bypassed one */
 }
 
@@ -2016,24 +2356,33 @@ EXPORT void *lithos_client_real_hook(const char *name) {
     return e ? *e->real : NULL;
 }
 
-/* The first min(max_counts, n) of one of this thread's counters into out; returns how many. */
-static int copy_counts(uint64_t *out, int max_counts, const uint64_t *counts, int n) {
+/* The first min(max_counts, n) of one of this thread's counters into out, plus the dispatcher
+ * thread's (the launches it sent for this process); returns how many. */
+static int copy_counts(uint64_t *out, int max_counts, const uint64_t *counts, const uint64_t *dispatcher, int n) {
     if (max_counts < n) n = max_counts;
-    for (int i = 0; i < n; i++) out[i] = counts[i];
+    for (int i = 0; i < n; i++) out[i] = counts[i] + (dispatcher && dispatcher != counts ? __atomic_load_n(&dispatcher[i], __ATOMIC_RELAXED) : 0);
     return n;
+}
+
+/* For tests and tools: held launches of this process (LITHOS_DISPATCH; DISPATCH_* order: held, sent,
+ * gated, gate microseconds, paced drains, drains at once, waits for room, failed). Returns the number filled. */
+EXPORT int lithos_client_dispatch_counts(uint64_t *counts, int max_counts) {
+    uint64_t now[LITHOS_DISPATCH_COUNTS];
+    for (int i = 0; i < LITHOS_DISPATCH_COUNTS; i++) now[i] = __atomic_load_n(&held.counts[i], __ATOMIC_RELAXED);
+    return copy_counts(counts, max_counts, now, NULL, LITHOS_DISPATCH_COUNTS);
 }
 
 /* For tests and tools: this thread's launches by path (direct on an owned green stream or, for a
  * whole-GPU allowance, on the app stream; paired with events; unconfined; continued runs).
  * Returns the number of paths filled. */
 EXPORT int lithos_client_launch_counts(uint64_t *counts, int max_counts) {
-    return copy_counts(counts, max_counts, tls.launches, LITHOS_PATHS);
+    return copy_counts(counts, max_counts, tls.launches, held.launches, LITHOS_PATHS);
 }
 
 /* For tests and tools: this thread's deferred-join events (runs started, joins paid, joins made to
  * the legacy stream for another thread's per-thread stream). Returns the number filled. */
 EXPORT int lithos_client_join_counts(uint64_t *counts, int max_counts) {
-    return copy_counts(counts, max_counts, tls.joins, LITHOS_JOIN_COUNTS);
+    return copy_counts(counts, max_counts, tls.joins, held.joins, LITHOS_JOIN_COUNTS);
 }
 
 /* For tests and tools: the driver-call stubs, pool first (in hand-out order), then the exported
@@ -2079,7 +2428,7 @@ EXPORT uint64_t lithos_client_tsc(void) { return __rdtsc(); } /* to convert the 
 EXPORT uint64_t lithos_client_func_queries(void) { return __atomic_load_n(&func_queries, __ATOMIC_RELAXED); }
 
 EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {
-    return copy_counts(counts, max_counts, tls.lending, LITHOS_LEND_COUNTS);
+    return copy_counts(counts, max_counts, tls.lending, held.lending, LITHOS_LEND_COUNTS);
 }
 
 /* For tests and tools: wait until the builder thread has built every queued union. Returns 0, or

@@ -18,6 +18,7 @@
     .type lithos_stub_common, @function
 lithos_stub_common:
     movl lithos_pending_joins(%rip), %r10d
+    orl lithos_held_launches(%rip), %r10d
     testl %r10d, %r10d
     jnz 1f
     movq (%r11), %r10

@@ -3,7 +3,7 @@
  *
  * A stub is 16 bytes of code: `endbr64; lea slot(%rip), %r11; jmp lithos_stub_common`. The common
  * part (lithos_stubs.S) jumps straight to slot->real when no join is owed
- * (lithos_pending_joins == 0) and the real pointer is known; otherwise it saves the argument
+ * (lithos_pending_joins == 0), no launch is held (lithos_held_launches == 0) and the real pointer is known; otherwise it saves the argument
  * registers, calls lithos_stub_slow(slot) (pays owed joins, resolves a lazy pointer), restores them
  * and jumps to what that returned (CUDA_ERROR_NOT_FOUND when NULL). Stack arguments are never
  * touched. Slots are 32 bytes: real pointer, name, flush count, spare.
@@ -32,6 +32,7 @@ extern LITHOS_HIDDEN char lithos_stub_pool[];            /* stub i at lithos_stu
 extern LITHOS_HIDDEN lithos_stub_slot lithos_export_slots[];
 extern LITHOS_HIDDEN const int lithos_export_count;
 extern LITHOS_HIDDEN int lithos_pending_joins;            /* owed joins (pairs); read by every stub */
+extern LITHOS_HIDDEN int lithos_held_launches;            /* 1 while launches wait for the dispatcher; read by every stub */
 LITHOS_HIDDEN void *lithos_stub_slow(lithos_stub_slot *slot);
 #endif
 

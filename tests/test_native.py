@@ -1559,3 +1559,123 @@ def test_a_released_slot_starts_its_next_client_on_a_fresh_launch_ring(built_lib
         assert not os.path.exists(ring) and device.launch_summary(1) is None
     finally:
         device.close()
+
+
+# ---- held launches (LITHOS_DISPATCH): a best-effort borrower's kernels wait in the process and are
+# ---- sent by the dispatcher thread when the queue ahead of them is shallow
+
+DISPATCH_PRELUDE = """
+import os, time
+def dispatch():
+    c = (ctypes.c_uint64 * 8)()
+    lib.lithos_client_dispatch_counts(c, 8)
+    return dict(zip(["held", "sent", "gated", "gate_us", "drain_paced", "drain_at_once", "full", "failed"], c))
+a, b = ctypes.c_uint64(), ctypes.c_uint32()
+args = (ctypes.c_void_p * 2)(ctypes.addressof(a), ctypes.addressof(b))
+def launch_args(stream, i, grid=64):   # kernel 0x88 (uint64_t a, uint32_t b); the values change right after
+    a.value, b.value = i, 2 * i
+    assert lib.cuLaunchKernel(ctypes.c_void_p(0x88), grid, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), args, None) == 0
+    a.value, b.value = 999, 999
+def wait_for(condition, timeout=30):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, dispatch()
+        time.sleep(0.001)
+def launch_lines():
+    return [l for l in full_log() if l.startswith(("cuLaunchKernel", "cuStreamSynchronize", "cuMemsetD8", "cuGraphLaunch"))]
+"""
+
+
+def run_dispatch_client(code: str, env: dict) -> list[list[str]]:
+    lines, _ = run_fake(DEFER_PRELUDE + LEND_PRELUDE + DISPATCH_PRELUDE + textwrap.dedent(code), env)
+    return lines
+
+
+def dispatch_env(fake_driver, table, **extra):
+    return lend_env(fake_driver, table, **{"LITHOS_DISPATCH": "1", **extra})
+
+
+def test_held_launches_are_sent_in_order_with_their_arguments_copied_and_borrow(fake_driver, lend_table):
+    lend_table.set_lending(0, [1], low_priority=True)
+    lines = run_dispatch_client("""
+    s = create(1)
+    sync = proc("cuStreamSynchronize")
+    full_log()
+    for i in range(10): launch_args(s, i)
+    assert call(sync, ctypes.c_void_p)(s) == 0     # waits until every held launch was sent, then syncs
+    assert lib.lithos_client_wait_union_builds(20000) == 0
+    for i in range(10, 20): launch_args(s, i)
+    assert call(sync, ctypes.c_void_p)(s) == 0
+    for line in launch_lines(): show(line)
+    show("counts", *dispatch().values())
+    show("borrowed", lending()["borrowed"])
+    """, dispatch_env(fake_driver, lend_table))
+    launches = [w for w in lines if w[0] == "cuLaunchKernel"]
+    assert [w[2] for w in launches] == [f"args={i},{2 * i}" for i in range(20)]
+    assert [w[0] for w in lines[:22]] == (["cuLaunchKernel"] * 10 + ["cuStreamSynchronize"]) * 2
+    counts = dict(zip(["held", "sent", "gated", "gate_us", "drain_paced", "drain_at_once", "full", "failed"],
+                      map(int, lines[22][1:])))
+    assert (counts["held"], counts["sent"], counts["failed"], counts["drain_at_once"], counts["drain_paced"]) == (20, 20, 0, 0, 2)
+    assert int(lines[23][1]) > 0   # the dispatcher's launches borrowed the idle lender's TPCs (counted for the process)
+    records, _ = lend_table.read_launches(0)
+    assert len(records) == 20 and any(native.lenders_of(r) == [1] for r in records)
+
+
+def test_a_held_launch_waits_at_the_depth_gate_until_its_stream_drains(fake_driver, lend_table, tmp_path):
+    busy = tmp_path / "busy"
+    busy.write_text("")
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    lines = run_dispatch_client(f"""
+    s = create(1)
+    for i in range(3): launch_args(s, i)      # unknown kernels: the first makes the queue look 180 ms deep
+    wait_for(lambda: dispatch()["gated"] >= 1)
+    show("while busy", dispatch()["sent"])
+    os.remove({str(busy)!r})                  # the stream drains
+    wait_for(lambda: dispatch()["sent"] == 3)
+    show("after", dispatch()["sent"], dispatch()["gate_us"] > 0)
+    """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
+    assert lines == [["while", "busy", "1"], ["after", "3", "True"]]
+
+
+def test_a_call_that_does_not_wait_for_the_gpu_sends_held_launches_at_once(fake_driver, lend_table):
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    lines = run_dispatch_client("""
+    s = create(1)
+    memset = proc("cuMemsetD8")
+    full_log()
+    for i in range(3): launch_args(s, i)
+    wait_for(lambda: dispatch()["gated"] >= 1)
+    memset_d8(memset)                          # not a wait: the dispatcher sends the rest at once
+    lib.cuGraphLaunch(ctypes.c_void_p(0x99), ctypes.c_void_p(s))
+    for line in launch_lines(): show(line)
+    show("counts", dispatch()["sent"], dispatch()["drain_at_once"])
+    """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY="1"))
+    assert [w[0] for w in lines[:5]] == ["cuLaunchKernel"] * 3 + ["cuMemsetD8", "cuGraphLaunch"]
+    assert [w[2] for w in lines[:3]] == ["args=0,0", "args=1,2", "args=2,4"]
+    assert lines[5] == ["counts", "3", "1"]
+
+
+@pytest.mark.parametrize("dispatch, low_priority, held", [(None, True, False), ("0", True, False), ("1", False, False),
+                                                          ("1", True, True), ("all", False, True)])
+def test_launches_are_held_only_when_asked_for_and_only_for_borrowers(fake_driver, lend_table, dispatch, low_priority, held):
+    lend_table.set_lending(0, [1], low_priority=low_priority)
+    env = lend_env(fake_driver, lend_table, **({"LITHOS_DISPATCH": dispatch} if dispatch is not None else {}))
+    lines = run_dispatch_client("""
+    s = create(1)
+    for i in range(3): launch_args(s, i)
+    launch(s)                                  # kernel 0x77: no parameters
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    show(dispatch()["held"], dispatch()["sent"])
+    """, env)
+    assert lines == ([["4", "4"]] if held else [["0", "0"]])
+
+
+def test_a_lender_without_a_lend_list_never_holds(fake_driver, lend_table):
+    lines = run_dispatch_client("""
+    s = create(1)
+    launch_args(s, 1)
+    show(dispatch()["held"])
+    """, dispatch_env(fake_driver, lend_table, LITHOS_DISPATCH="all") | {"LITHOS_SLOT": "1"})
+    assert lines == [["0"]]

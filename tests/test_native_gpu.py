@@ -262,8 +262,12 @@ if hasattr(lib, "lithos_client_launch_counts"):
             break
         if n.value:
             flushes[name.decode()] = n.value
+    d = (ctypes.c_uint64 * 8)()
+    lib.lithos_client_dispatch_counts(d, 8)
+    b = (ctypes.c_uint64 * 1)()
+    lib.lithos_client_lending_counts(b, 1)
     counts = {"direct": c[0], "paired": c[1], "unconfined": c[2], "continued": c[3], "runs": j[0], "joins_paid": j[1],
-              "flushes_by_stub": flushes}
+              "flushes_by_stub": flushes, "held": d[0], "sent": d[1], "dispatch_failed": d[7], "borrowed": b[0]}
 print(json.dumps({"results": results, "counts": counts}))
 """
 
@@ -290,6 +294,47 @@ def test_deferred_joins_give_bitwise_the_results_of_the_program_without_the_shim
     assert counts["paired"] > 5000, counts
     assert counts["continued"] > 0.9 * counts["paired"], counts   # flushes_by_stub says what ended the runs
     assert eager["counts"]["continued"] == 0 and eager["counts"]["runs"] == 0
+
+
+def test_held_launches_give_bitwise_the_results_of_the_program_without_the_shim(table):
+    """LITHOS_DISPATCH=1 on a low-priority borrower with an idle lender: the same program's launches
+    are held, sent by the dispatcher thread (many on the lender's TPCs) and give the same bytes."""
+    table.set_allowance(5, list(range(0, 32)))
+    table.set_allowance(6, list(range(32, table.tpcs_on_gpu)))
+    table.set_lending(5, [6], low_priority=True)
+    try:
+        env = {**os.environ, **native.client_env(table.path, 5), "LITHOS_DISPATCH": "1", "LITHOS_SAMPLE_EVERY": "4"}
+        plain = _run_deferred_join_program(dict(os.environ))
+        held = _run_deferred_join_program(env)
+    finally:
+        table.set_lending(5, [], low_priority=False)
+        table.clear(6)
+    counts = held["counts"]
+    assert held["results"] == plain["results"], counts
+    assert counts["held"] > 3000 and counts["sent"] == counts["held"] and counts["dispatch_failed"] == 0, counts
+    assert counts["borrowed"] > 100, counts
+
+
+def test_a_held_spin_loop_borrows_without_pacing_and_runs_faster(table):
+    """The spin loop that queues far ahead (test above) borrows with held launches instead of pacing."""
+    table.set_allowance(3, list(range(11)))
+    table.set_allowance(4, list(range(11, 22)))
+    table.set_lending_knobs(atom_us=1000, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    env = {**native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1", "LITHOS_DISPATCH": "1"}
+    try:
+        table.set_lending(3, [], low_priority=False)
+        (own_only,) = _spin_pair(table, env)
+        start = native.LaunchRing(native.ring_path(table.path, 3)).head()
+        table.set_lending(3, [4], low_priority=True)
+        (lending,) = _spin_pair(table, env)
+    finally:
+        table.set_lending(3, [], low_priority=False)
+        table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    records, _ = table.read_launches(3, since_index=start)
+    spins = [r for r in records if r["kernel_name"] == b"spin"]
+    borrowed = [r for r in spins if native.lenders_of(r) == [4]]
+    assert len(borrowed) > 0.9 * len(spins), (len(borrowed), len(spins))
+    assert lending["ms_per_launch"] < 0.65 * own_only["ms_per_launch"], (lending, own_only)
 
 
 GRAPH_REPLAY_PROGRAM = r"""

@@ -29,6 +29,7 @@ REPLY_MARGIN_S = 60.0
 RING_POLL_S = 0.02
 ACTIVITY_POLL_S = 0.001
 LEND_PACE_ENV = {"idle": "1", "always": "always", "off": "0"}   # --lend-pace -> LITHOS_LEND_PACE
+DISPATCH_ENV = {"off": "0", "on": "1"}   # --dispatch -> LITHOS_DISPATCH
 OVERRUN_FACTOR = 1.15   # phases still due after budget_s x this are skipped (the device call must end)
 
 
@@ -458,7 +459,8 @@ class Run:
                 group.workers, lambda name: {**self.base_env(), **self.mps_env,
                                              **native.client_env(table_path, shim["slots"][name]),
                                              "LITHOS_SAMPLE_EVERY": str(self.args.sample_every),
-                                             "LITHOS_LEND_PACE": LEND_PACE_ENV[self.args.lend_pace]},
+                                             "LITHOS_LEND_PACE": LEND_PACE_ENV[self.args.lend_pace],
+                                             "LITHOS_DISPATCH": DISPATCH_ENV[self.args.dispatch]},
                 f"shim-{group.mix}")
         else:
             self.ensure_mps()

@@ -215,15 +215,18 @@ def table(analysis: dict) -> str:
 
 def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
     """Per workload, the shim's lending outcomes (lithos_client_lending_counts of its launching
-    thread) summed over a cell's trials; only workloads that had any."""
+    thread and the dispatcher's) and, with --dispatch on, its held-launch counts (as dispatch_<name>),
+    summed over a cell's trials; only workloads that had any."""
     totals: dict[str, dict[str, int]] = {}
     for phase in phases:
         for name, reply in phase.get("workloads", {}).items():
-            lending = (reply.get("shim_counts") or {}).get("lending") or {}
-            if any(lending.values()):
-                for key, value in lending.items():
-                    totals.setdefault(name, {}).setdefault(key, 0)
-                    totals[name][key] += value
+            counts = reply.get("shim_counts") or {}
+            for group, prefix in (("lending", ""), ("dispatch", "dispatch_")):
+                values = counts.get(group) or {}
+                if any(values.values()):
+                    for key, value in values.items():
+                        totals.setdefault(name, {}).setdefault(prefix + key, 0)
+                        totals[name][prefix + key] += value
     return totals
 
 

@@ -1,8 +1,11 @@
 """Correctness evidence: the same deterministic workloads with and without liblithos.so.
 
-usage: python benchmarks/native/correctness.py OUT_DIR [TPCS]
+usage: python benchmarks/native/correctness.py OUT_DIR [TPCS] [--dispatch]
 The shimmed run gets TPCs TPCS (default 0-31) and the probed co-scheduled map (no MPS needed).
 Writes OUT_DIR/native_correctness.json and .png.
+--dispatch: the shimmed run is a low-priority borrower with LITHOS_DISPATCH=1 and every other TPC
+lent to it by an idle slot, so its launches are held, sent by the dispatcher thread and borrow;
+writes native_correctness_dispatch.json and .png.
 """
 import json
 import os
@@ -33,14 +36,23 @@ def run(env):
     return last_json(proc.stdout), proc.stderr
 
 
-def main(out_dir, tpcs_text="0-31"):
+def main(out_dir, *rest):
+    dispatch = "--dispatch" in rest
+    positional = [a for a in rest if a != "--dispatch"]
+    tpcs_text = positional[0] if positional else "0-31"
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native.probe_layout_into(table)
-    table.set_allowance(0, native.parse_tpcs(tpcs_text))
+    own = native.parse_tpcs(tpcs_text)
+    table.set_allowance(0, own)
+    extra_env = {}
+    if dispatch:
+        table.set_allowance(1, [t for t in range(table.tpcs_on_gpu) if t not in set(own)])
+        table.set_lending(0, [1], low_priority=True)
+        extra_env = {"LITHOS_DISPATCH": "1"}
     cosched_groups = table.cosched_groups()
     try:
         plain, plain_err = run(dict(os.environ))
-        env = {**os.environ, **native.client_env(table.path, 0)}
+        env = {**os.environ, **native.client_env(table.path, 0), **extra_env}
         shimmed, shim_err = run(env)
         records, _ = table.read_launches(0, max_records=4096)
     finally:
@@ -50,16 +62,19 @@ def main(out_dir, tpcs_text="0-31"):
     views = {}
     for r in records:
         views[native.VIEW_NAMES[int(r["view"])]] = views.get(native.VIEW_NAMES[int(r["view"])], 0) + 1
-    payload = {**metadata(f"python benchmarks/native/correctness.py {out_dir} {tpcs_text}"),
-               "allowance_tpcs": tpcs_text, "cosched_groups": cosched_groups,
+    name = "native_correctness_dispatch" if dispatch else "native_correctness"
+    payload = {**metadata(f"python benchmarks/native/correctness.py {out_dir} {tpcs_text}" + (" --dispatch" if dispatch else "")),
+               "allowance_tpcs": tpcs_text, "cosched_groups": cosched_groups, "dispatch": dispatch,
+               "shim_counts": shimmed.get("shim_counts"),
                "all_identical": all(v["identical"] for v in comparison.values()) and not plain["errors"] and not shimmed["errors"],
                "errors_plain": plain["errors"], "errors_shim": shimmed["errors"], "comparison": comparison,
                "launch_views_last_4096_records": views,
                "shim_stderr_tail": shim_err[-800:]}
-    write_json(os.path.join(out_dir, "native_correctness.json"), payload)
+    write_json(os.path.join(out_dir, name + ".json"), payload)
     print(json.dumps({k: v["identical"] for k, v in comparison.items()}, indent=0))
     print("errors plain:", plain["errors"], "\nerrors shim:", shimmed["errors"], "\nviews:", views)
-    plot(comparison, os.path.join(out_dir, "native_correctness.png"))
+    print("shim counts:", shimmed.get("shim_counts"))
+    plot(comparison, os.path.join(out_dir, name + ".png"))
 
 
 def plot(comparison, path):

@@ -170,7 +170,12 @@ def main():
             except Exception as sync_exc:
                 errors[name + "_sync"] = str(sync_exc).splitlines()[0][:200]
                 break
-    print(json.dumps({"results": results, "errors": errors}), flush=True)
+    try:
+        from lithos_ray.native import thread_shim_counts
+        counts = thread_shim_counts()
+    except ImportError:
+        counts = None
+    print(json.dumps({"results": results, "errors": errors, "shim_counts": counts}), flush=True)
 
 
 if __name__ == "__main__":
