@@ -195,6 +195,7 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuFuncGetAttribute, "cuFuncGetAttribute")                             \
     X(cuFuncGetName, "cuFuncGetName")                                       \
     X(cuFuncGetParamInfo, "cuFuncGetParamInfo")                             \
+    X(cuKernelGetFunction, "cuKernelGetFunction")                           \
     X(cuCtxSetCurrent, "cuCtxSetCurrent")
 
 #define DECLARE_DRIVER(name, symbol) static __typeof__(&name) drv_##name;
@@ -687,26 +688,28 @@ static func_info func_cache[FUNC_CACHE_SIZE];
 static uint64_t func_queries; /* atomic; driver queries of a kernel's name and cluster (cache fills and misses) */
 
 #define HELD_MAX_PARAMS 256
-/* The parameter layout a held launch copies its arguments by (-1: none known, never held). Index 0
- * refused with CUDA_ERROR_INVALID_VALUE means no parameters; any other refusal, no layout. */
+/* The parameter layout a held launch copies its arguments by (-1: none known, never held). The
+ * runtime launches library kernels by CUkernel handle: those are asked through their CUfunction in
+ * the current context. A kernel with no parameter found is never held (nothing tells "none" apart
+ * from "not known" safely). */
 static void query_params(CUfunction f, func_info *out) {
     uint16_t layout[2 * HELD_MAX_PARAMS];
     size_t offset, size, bytes = 0;
     int n = 0;
     out->param_count = -1;
+    CUfunction from_kernel = NULL;
+    if (drv_cuFuncGetParamInfo(f, 0, &offset, &size) != CUDA_SUCCESS &&
+        (!drv_cuKernelGetFunction || drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) != CUDA_SUCCESS || !from_kernel))
+        return;
+    if (from_kernel) f = from_kernel;
     for (;; n++) {
-        CUresult r = drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size);
-        if (r != CUDA_SUCCESS) {
-            if (r != CUDA_ERROR_INVALID_VALUE) return;
-            break;
-        }
+        if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
         if (n == HELD_MAX_PARAMS || offset > 0xffff || size > 0xffff) return;
         layout[2 * n] = (uint16_t)offset, layout[2 * n + 1] = (uint16_t)size;
         if (offset + size > bytes) bytes = offset + size;
     }
-    out->param_layout = n ? malloc(sizeof(uint16_t) * 2 * (size_t)n) : NULL;
-    if (n && !out->param_layout) return;
-    if (n) memcpy(out->param_layout, layout, sizeof(uint16_t) * 2 * (size_t)n);
+    if (!n || !(out->param_layout = malloc(sizeof(uint16_t) * 2 * (size_t)n))) return;
+    memcpy(out->param_layout, layout, sizeof(uint16_t) * 2 * (size_t)n);
     out->param_bytes = (uint32_t)bytes;
     out->param_count = n;
 }
@@ -1842,9 +1845,10 @@ typedef struct {
 
 /* lithos_client_dispatch_counts: launches held; sent by the dispatcher; held at the depth gate (at
  * least once); microseconds the gate waited; drains that let the dispatcher keep its pace; drains
- * that made it send at once; launches that waited for room in the FIFO; launches failed at dispatch. */
+ * that made it send at once; launches that waited for room in the FIFO; launches failed at dispatch;
+ * launches sent directly because the kernel's parameter layout is not known (or it has none). */
 enum { DISPATCH_HELD = 0, DISPATCH_SENT, DISPATCH_GATED, DISPATCH_GATE_US, DISPATCH_DRAIN_PACED, DISPATCH_DRAIN_AT_ONCE,
-       DISPATCH_FULL, DISPATCH_FAILED, LITHOS_DISPATCH_COUNTS };
+       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, LITHOS_DISPATCH_COUNTS };
 
 LITHOS_HIDDEN int lithos_held_launches; /* 1 while the FIFO holds a launch; read by every stub */
 static struct {
@@ -2016,8 +2020,8 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
                        int view, CUcontext ctx, CUstream app_stream) {
     if (!g.dispatch || tls.is_dispatcher || q->whole_gpu || q->per_thread || app_stream == CU_STREAM_PER_THREAD ||
         (q->api != LITHOS_API_LAUNCH_KERNEL && q->api != LITHOS_API_LAUNCH_KERNEL_EX) || !info || info == scratch ||
-        info->param_count < 0 || __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) || route->whole_gpu ||
-        !route->views[view].green || !g.activity || !defer_on())
+        __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) || route->whole_gpu || !route->views[view].green ||
+        !g.activity || !defer_on())
         return 0;
     const lithos_slot *me = slot_at_index(g.slot);
     uint64_t lenders = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
@@ -2025,6 +2029,10 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     if (!lenders || (g.dispatch == DISPATCH_LOW_PRIORITY &&
                      !(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY)))
         return 0;
+    if (info->param_count <= 0) {
+        count_dispatch(DISPATCH_NO_LAYOUT, 1);
+        return 0;
+    }
     if (q->api == LITHOS_API_LAUNCH_KERNEL_EX && (!q->config || q->config->numAttrs > HELD_ATTRS)) return 0;
     const void *packed = NULL;
     size_t bytes = info->param_bytes;
@@ -2036,7 +2044,7 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
             else return 0;
         }
         if (!packed) return 0;
-    } else if (!q->params && info->param_count > 0) {
+    } else if (!q->params) {
         return 0;
     }
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
@@ -2365,7 +2373,7 @@ static int copy_counts(uint64_t *out, int max_counts, const uint64_t *counts, co
 }
 
 /* For tests and tools: held launches of this process (LITHOS_DISPATCH; DISPATCH_* order: held, sent,
- * gated, gate microseconds, paced drains, drains at once, waits for room, failed). Returns the number filled. */
+ * gated, gate microseconds, paced drains, drains at once, waits for room, failed, no layout). Returns the number filled. */
 EXPORT int lithos_client_dispatch_counts(uint64_t *counts, int max_counts) {
     uint64_t now[LITHOS_DISPATCH_COUNTS];
     for (int i = 0; i < LITHOS_DISPATCH_COUNTS; i++) now[i] = __atomic_load_n(&held.counts[i], __ATOMIC_RELAXED);

@@ -262,12 +262,13 @@ if hasattr(lib, "lithos_client_launch_counts"):
             break
         if n.value:
             flushes[name.decode()] = n.value
-    d = (ctypes.c_uint64 * 8)()
-    lib.lithos_client_dispatch_counts(d, 8)
+    d = (ctypes.c_uint64 * 9)()
+    lib.lithos_client_dispatch_counts(d, 9)
     b = (ctypes.c_uint64 * 1)()
     lib.lithos_client_lending_counts(b, 1)
     counts = {"direct": c[0], "paired": c[1], "unconfined": c[2], "continued": c[3], "runs": j[0], "joins_paid": j[1],
-              "flushes_by_stub": flushes, "held": d[0], "sent": d[1], "dispatch_failed": d[7], "borrowed": b[0]}
+              "flushes_by_stub": flushes, "held": d[0], "sent": d[1], "dispatch_failed": d[7], "no_layout": d[8],
+              "borrowed": b[0]}
 print(json.dumps({"results": results, "counts": counts}))
 """
 
