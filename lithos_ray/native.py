@@ -550,21 +550,40 @@ def thread_lending_counts() -> dict[str, int] | None:
 
 
 DISPATCH_COUNT_NAMES = ("held", "sent", "gated", "gate_us", "drain_paced", "drain_at_once", "fifo_full",
-                        "failed", "no_layout")   # lithos_client_dispatch_counts, in order (LITHOS_DISPATCH; process-wide)
+                        "failed", "no_layout", "drain_by_launch")   # lithos_client_dispatch_counts, in order (LITHOS_DISPATCH; process-wide)
 
 
 def process_dispatch_counts() -> dict[str, int] | None:
     """This process's held launches (LITHOS_DISPATCH): held, sent by the dispatcher thread, held at its
     depth gate, microseconds the gate waited, drains that kept its pace / sent at once, waits for FIFO
-    room, failures at dispatch, launches not held for want of a parameter layout; None without the shim."""
+    room, failures at dispatch, launches not held for want of a parameter layout, drains at once made by
+    launches not held (the others: process_stub_flushes); None without the shim."""
     return _thread_counts("lithos_client_dispatch_counts", DISPATCH_COUNT_NAMES)
+
+
+def process_stub_flushes() -> dict[str, int] | None:
+    """Driver entry points (by the name they were asked for) whose calls paid owed joins or waited for
+    held launches, with how many did; None without the shim."""
+    try:
+        lib = ctypes.CDLL(None)
+        stub_fn = lib.lithos_client_stub
+    except AttributeError:
+        return None
+    stub_fn.restype = ctypes.c_char_p
+    stub_fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64)]
+    out, index = {}, 0
+    while (name := stub_fn(index, None, ctypes.byref(flushes := ctypes.c_uint64()))) is not None:
+        if flushes.value:
+            out[name.decode()] = out.get(name.decode(), 0) + int(flushes.value)
+        index += 1
+    return out
 
 
 def thread_shim_counts() -> dict[str, dict[str, int] | None]:
     """This thread's {"launch_paths": ..., "lending": ..., "dispatch": ...} (each None without the shim).
     Launch paths and lending include the dispatcher thread's (launches it sent for this process)."""
     return {"launch_paths": thread_launch_counts(), "lending": thread_lending_counts(),
-            "dispatch": process_dispatch_counts()}
+            "dispatch": process_dispatch_counts(), "stub_flushes": process_stub_flushes()}
 
 
 def preload_with_shim(existing: str = "") -> str:

@@ -510,7 +510,7 @@ static void open_activity(const char *table_path) {
 
 static void on_thread_exit(void *unused);
 static void forget_held_in_child(void);
-static void drain_held_launches(int paced);
+static int drain_held_launches(int paced);
 static int waits_for_gpu(lithos_stub_slot *slot);
 LITHOS_HIDDEN int lithos_held_launches;
 
@@ -1323,9 +1323,10 @@ LITHOS_HIDDEN void *lithos_stub_slow(lithos_stub_slot *slot) {
         real = handle && rd ? rd(handle, slot->name) : NULL;
         if (real) __atomic_store_n(&slot->real, real, __ATOMIC_RELEASE);
     }
-    if (__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.in_init) drain_held_launches(waits_for_gpu(slot));
-    if (__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE) && !tls.in_init && flush_joins())
-        __atomic_add_fetch(&slot->flushes, 1, __ATOMIC_RELAXED);
+    int flushed = __atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.in_init &&
+                  drain_held_launches(waits_for_gpu(slot));
+    if (__atomic_load_n(&lithos_pending_joins, __ATOMIC_ACQUIRE) && !tls.in_init && flush_joins()) flushed = 1;
+    if (flushed) __atomic_add_fetch(&slot->flushes, 1, __ATOMIC_RELAXED);
     return real;
 }
 
@@ -1846,9 +1847,11 @@ typedef struct {
 /* lithos_client_dispatch_counts: launches held; sent by the dispatcher; held at the depth gate (at
  * least once); microseconds the gate waited; drains that let the dispatcher keep its pace; drains
  * that made it send at once; launches that waited for room in the FIFO; launches failed at dispatch;
- * launches sent directly because the kernel's parameter layout is not known (or it has none). */
+ * launches sent directly because the kernel's parameter layout is not known (or it has none);
+ * drains at once made by a launch that was not held (the rest came through the stubs: their
+ * flush counts, lithos_client_stub). */
 enum { DISPATCH_HELD = 0, DISPATCH_SENT, DISPATCH_GATED, DISPATCH_GATE_US, DISPATCH_DRAIN_PACED, DISPATCH_DRAIN_AT_ONCE,
-       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, LITHOS_DISPATCH_COUNTS };
+       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, DISPATCH_DRAIN_BY_LAUNCH, LITHOS_DISPATCH_COUNTS };
 
 LITHOS_HIDDEN int lithos_held_launches; /* 1 while the FIFO holds a launch; read by every stub */
 static struct {
@@ -1880,11 +1883,14 @@ static void forget_held_in_child(void) {
 }
 
 /* Wait until every held launch has been sent (not run). paced: the caller is about to wait for the
- * GPU anyway, so the dispatcher keeps its depth gate; else it sends everything at once. */
-static void drain_held_launches(int paced) {
-    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || tls.in_init || tls.in_join) return;
+ * GPU anyway, so the dispatcher keeps its depth gate; else it sends everything at once. Returns 1
+ * when it waited for any. */
+static int drain_held_launches(int paced) {
+    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || tls.in_init || tls.in_join) return 0;
+    int waited = 0;
     pthread_mutex_lock(&held.lock);
     if (__atomic_load_n(&held.pushed, __ATOMIC_RELAXED) != __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST)) {
+        waited = 1;
         count_dispatch(paced ? DISPATCH_DRAIN_PACED : DISPATCH_DRAIN_AT_ONCE, 1);
         if (!paced) __atomic_add_fetch(&held.hurry, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
@@ -1893,6 +1899,7 @@ static void drain_held_launches(int paced) {
         if (!paced) __atomic_sub_fetch(&held.hurry, 1, __ATOMIC_SEQ_CST);
     }
     pthread_mutex_unlock(&held.lock);
+    return waited;
 }
 
 /* Does the driver call through this stub wait for the GPU anyway (a paced drain will do)? */
@@ -2120,7 +2127,7 @@ static CUresult route_launch(launch_request *q) {
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream)) return CUDA_SUCCESS;
-    drain_held_launches(0);
+    if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_LAUNCH, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     lend_choice lend = {.route = route};
     if (route->whole_gpu) { /* as without the shim; a green stream of an earlier allowance goes to the unconfined pair */
@@ -2373,7 +2380,8 @@ static int copy_counts(uint64_t *out, int max_counts, const uint64_t *counts, co
 }
 
 /* For tests and tools: held launches of this process (LITHOS_DISPATCH; DISPATCH_* order: held, sent,
- * gated, gate microseconds, paced drains, drains at once, waits for room, failed, no layout). Returns the number filled. */
+ * gated, gate microseconds, paced drains, drains at once, waits for room, failed, no layout, drains by
+ * launches). Returns the number filled. */
 EXPORT int lithos_client_dispatch_counts(uint64_t *counts, int max_counts) {
     uint64_t now[LITHOS_DISPATCH_COUNTS];
     for (int i = 0; i < LITHOS_DISPATCH_COUNTS; i++) now[i] = __atomic_load_n(&held.counts[i], __ATOMIC_RELAXED);
@@ -2395,7 +2403,7 @@ EXPORT int lithos_client_join_counts(uint64_t *counts, int max_counts) {
 
 /* For tests and tools: the driver-call stubs, pool first (in hand-out order), then the exported
  * ones. Returns the name (NULL past the end); *stub gets a pool stub's address (NULL for exported
- * ones: dlsym their name), *flushes how many calls through it paid owed joins. */
+ * ones: dlsym their name), *flushes how many calls through it paid owed joins or waited for held launches. */
 EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes) {
     pthread_mutex_lock(&stub_lock);
     unsigned used = stubs_used;

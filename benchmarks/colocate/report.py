@@ -221,7 +221,7 @@ def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
     for phase in phases:
         for name, reply in phase.get("workloads", {}).items():
             counts = reply.get("shim_counts") or {}
-            for group, prefix in (("lending", ""), ("dispatch", "dispatch_")):
+            for group, prefix in (("lending", ""), ("dispatch", "dispatch_"), ("stub_flushes", "flushes_by_")):
                 values = counts.get(group) or {}
                 if any(values.values()):
                     for key, value in values.items():
