@@ -275,6 +275,10 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count
     logf_("cuMemsetD8 %#lx %u %zu", (unsigned long)dst, value, count);
     return CUDA_SUCCESS;
 }
+EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream) {
+    logf_("cuMemsetD8Async %#lx %u %zu", (unsigned long)(uintptr_t)stream, value, count);
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuCtxSynchronize(void) {
     logf_("cuCtxSynchronize");
     return CUDA_SUCCESS;

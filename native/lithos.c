@@ -130,7 +130,13 @@ static __thread uint64_t prof_last;
     X(cuGraphLaunch_ptsz, "cuGraphLaunch", 1)                          \
     X(cuStreamCreate, "cuStreamCreate", 0)                             \
     X(cuStreamCreateWithPriority, "cuStreamCreateWithPriority", 0)     \
-    X(cuStreamDestroy_v2, "cuStreamDestroy", 0)
+    X(cuStreamDestroy_v2, "cuStreamDestroy", 0)                        \
+    X(cuMemsetD8Async, "cuMemsetD8Async", 0)                           \
+    X(cuMemsetD8Async_ptsz, "cuMemsetD8Async", 1)                      \
+    X(cuMemsetD16Async, "cuMemsetD16Async", 0)                         \
+    X(cuMemsetD16Async_ptsz, "cuMemsetD16Async", 1)                    \
+    X(cuMemsetD32Async, "cuMemsetD32Async", 0)                         \
+    X(cuMemsetD32Async_ptsz, "cuMemsetD32Async", 1)
 
 /* Signatures of the hooks (the _ptsz forms share their base form's signature). */
 typedef CUresult (*fn_cuGetProcAddress)(const char *, void **, int, cuuint64_t);
@@ -149,8 +155,14 @@ typedef fn_cuGraphLaunch fn_cuGraphLaunch_ptsz;
 typedef CUresult (*fn_cuStreamCreate)(CUstream *, unsigned int);
 typedef CUresult (*fn_cuStreamCreateWithPriority)(CUstream *, unsigned int, int);
 typedef CUresult (*fn_cuStreamDestroy_v2)(CUstream);
+typedef CUresult (*fn_cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
+typedef CUresult (*fn_cuMemsetD16Async)(CUdeviceptr, unsigned short, size_t, CUstream);
+typedef CUresult (*fn_cuMemsetD32Async)(CUdeviceptr, unsigned int, size_t, CUstream);
+typedef fn_cuMemsetD8Async fn_cuMemsetD8Async_ptsz;
+typedef fn_cuMemsetD16Async fn_cuMemsetD16Async_ptsz;
+typedef fn_cuMemsetD32Async fn_cuMemsetD32Async_ptsz;
 
-#define DECLARE_HOOK(name, query, per_thread) EXPORT CUresult name(); static fn_##name real_##name;
+#define DECLARE_HOOK(name, query, per_thread) EXPORT __typeof__(*(fn_##name)0) name; static fn_##name real_##name;
 LITHOS_HOOKS(DECLARE_HOOK)
 #undef DECLARE_HOOK
 
@@ -1814,6 +1826,7 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
  * CUDA_SUCCESS; the process's dispatcher thread hands the FIFO's head to route_launch once the
  * predicted work queued ahead of it on its stream is at most dispatch_depth_ns, or the stream has
  * drained. The lending rule then decides with a shallow queue, just before the kernel runs.
+ * Memsets (cuMemsetD8/16/32Async) behind held launches are held too, in stream order.
  * Held: cuLaunchKernel / cuLaunchKernelEx of a client with a lend list (low priority only, unless
  * LITHOS_DISPATCH=all), confined to a green view, known parameter layout, legacy or created
  * stream, not capturing, deferred joins on. Everything else is sent as before, after a DRAIN:
@@ -1829,7 +1842,12 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
 #define HELD_ATTRS 8
 #define DISPATCH_NAP_MAX_NS 20000u
 
+enum { HELD_KERNEL = 0, HELD_MEMSET = 1 };
 typedef struct {
+    int op; /* HELD_KERNEL, or HELD_MEMSET (sent at once when it reaches the head: no TPCs to choose) */
+    CUdeviceptr memset_dst;
+    unsigned memset_value, memset_width; /* width in bytes: 1, 2 or 4 */
+    size_t memset_count;
     CUcontext ctx;
     CUstream stream;
     CUfunction function;
@@ -1849,9 +1867,10 @@ typedef struct {
  * that made it send at once; launches that waited for room in the FIFO; launches failed at dispatch;
  * launches sent directly because the kernel's parameter layout is not known (or it has none);
  * drains at once made by a launch that was not held (the rest came through the stubs: their
- * flush counts, lithos_client_stub). */
+ * flush counts, lithos_client_stub); memsets held behind held launches. */
 enum { DISPATCH_HELD = 0, DISPATCH_SENT, DISPATCH_GATED, DISPATCH_GATE_US, DISPATCH_DRAIN_PACED, DISPATCH_DRAIN_AT_ONCE,
-       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, DISPATCH_DRAIN_BY_LAUNCH, LITHOS_DISPATCH_COUNTS };
+       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, DISPATCH_DRAIN_BY_LAUNCH, DISPATCH_HELD_MEMSETS,
+       LITHOS_DISPATCH_COUNTS };
 
 LITHOS_HIDDEN int lithos_held_launches; /* 1 while the FIFO holds a launch; read by every stub */
 static struct {
@@ -1961,6 +1980,19 @@ static void dispatch_held(held_launch *h) {
     }
 }
 
+/* Called on the dispatcher thread: a held memset, on its app stream once the joins owed to it are paid. */
+static void dispatch_memset(const held_launch *h) {
+    flush_joins();
+    CUresult r = h->memset_width == 1   ? real_cuMemsetD8Async(h->memset_dst, (unsigned char)h->memset_value, h->memset_count, h->stream)
+                 : h->memset_width == 2 ? real_cuMemsetD16Async(h->memset_dst, (unsigned short)h->memset_value, h->memset_count, h->stream)
+                                        : real_cuMemsetD32Async(h->memset_dst, h->memset_value, h->memset_count, h->stream);
+    count_dispatch(DISPATCH_SENT, 1);
+    if (r != CUDA_SUCCESS) {
+        count_dispatch(DISPATCH_FAILED, 1);
+        notice_once(WARN_DISPATCH, "a held memset failed when it was sent (CUresult %d); the program was told it succeeded", (int)r);
+    }
+}
+
 static void *dispatcher_main(void *unused) {
     tls.is_dispatcher = 1;
     prctl(PR_SET_TIMERSLACK, 1000ul); /* naps of microseconds, not the default 50 us slack */
@@ -1985,13 +2017,17 @@ static void *dispatcher_main(void *unused) {
         }
         held_launch *h = &held.ring[sent % HELD_MAX];
         if (h->ctx != current && drv_cuCtxSetCurrent(h->ctx) == CUDA_SUCCESS) current = h->ctx;
-        if (!__atomic_load_n(&held.hurry, __ATOMIC_SEQ_CST) && !dispatch_gate_open(h)) {
+        if (h->op == HELD_KERNEL && !__atomic_load_n(&held.hurry, __ATOMIC_SEQ_CST) && !dispatch_gate_open(h)) {
             if (gated_at != sent) count_dispatch(DISPATCH_GATED, 1);
             gated_at = sent;
             continue;
         }
-        dispatch_held(h);
-        if (h->args != h->inline_args) free(h->args);
+        if (h->op == HELD_MEMSET) {
+            dispatch_memset(h);
+        } else {
+            dispatch_held(h);
+            if (h->args != h->inline_args) free(h->args);
+        }
         __atomic_store_n(&held.sent, sent + 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&held.waiters, __ATOMIC_SEQ_CST)) {
             pthread_mutex_lock(&held.lock);
@@ -2073,6 +2109,7 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
         pthread_mutex_unlock(&held.lock);
         return 0;
     }
+    h->op = HELD_KERNEL;
     h->ctx = ctx, h->stream = app_stream, h->function = q->function, h->info = info, h->api = q->api;
     h->packed = packed != NULL, h->arg_bytes = bytes, h->shared_bytes = q->shared_bytes;
     memcpy(h->grid, q->grid, sizeof(h->grid));
@@ -2093,6 +2130,39 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     if (held.sleeping) pthread_cond_signal(&held.wake);
     pthread_mutex_unlock(&held.lock);
     count_dispatch(DISPATCH_HELD, 1);
+    return 1;
+}
+
+/* A memset behind held launches is held too (its stream's order), instead of draining the FIFO:
+ * libraries issue them between kernels (cuBLAS split-K, cuDNN workspaces). Returns 1 when held. */
+static int hold_memset(CUdeviceptr dst, unsigned value, unsigned width, size_t count, CUstream stream) {
+    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || stream == CU_STREAM_PER_THREAD)
+        return 0;
+    CUcontext ctx = NULL;
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if (drv_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx || drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS ||
+        capture != CU_STREAM_CAPTURE_STATUS_NONE)
+        return 0;
+    pthread_mutex_lock(&held.lock);
+    if (held.pid != getpid()) {
+        pthread_mutex_unlock(&held.lock);
+        return 0;
+    }
+    if (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) {
+        count_dispatch(DISPATCH_FULL, 1);
+        __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+        while (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) pthread_cond_wait(&held.moved, &held.lock);
+        __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+    }
+    held_launch *h = &held.ring[held.pushed % HELD_MAX];
+    h->op = HELD_MEMSET;
+    h->ctx = ctx, h->stream = stream;
+    h->memset_dst = dst, h->memset_value = value, h->memset_width = width, h->memset_count = count;
+    __atomic_store_n(&held.pushed, held.pushed + 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&lithos_held_launches, 1, __ATOMIC_RELEASE);
+    if (held.sleeping) pthread_cond_signal(&held.wake);
+    pthread_mutex_unlock(&held.lock);
+    count_dispatch(DISPATCH_HELD_MEMSETS, 1);
     return 1;
 }
 
@@ -2311,6 +2381,23 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
     }
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch_ptsz, 1)
+
+/* Memsets: held behind held launches (hold_memset), else as the stubs do: owed joins paid first. */
+#define MEMSET_HOOK(name, width, value_type, per_thread_stream)                                                        \
+    EXPORT CUresult name(CUdeviceptr dst, value_type value, size_t count, CUstream stream) {                          \
+        ensure_init();                                                                                                 \
+        if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
+        if (!(per_thread_stream) && hold_memset(dst, value, width, count, stream)) return CUDA_SUCCESS;               \
+        drain_held_launches(0);                                                                                        \
+        flush_if_pending();                                                                                            \
+        return real_##name(dst, value, count, stream);                                                                 \
+    }
+MEMSET_HOOK(cuMemsetD8Async, 1, unsigned char, 0)
+MEMSET_HOOK(cuMemsetD8Async_ptsz, 1, unsigned char, 1)
+MEMSET_HOOK(cuMemsetD16Async, 2, unsigned short, 0)
+MEMSET_HOOK(cuMemsetD16Async_ptsz, 2, unsigned short, 1)
+MEMSET_HOOK(cuMemsetD32Async, 4, unsigned int, 0)
+MEMSET_HOOK(cuMemsetD32Async_ptsz, 4, unsigned int, 1)
 
 /* ---------------------------------------------------------------- streams */
 

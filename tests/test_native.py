@@ -1583,6 +1583,10 @@ def wait_for(condition, timeout=30):
         time.sleep(0.001)
 def launch_lines():
     return [l for l in full_log() if l.startswith(("cuLaunchKernel", "cuStreamSynchronize", "cuMemsetD8", "cuGraphLaunch"))]
+def counts9():
+    c = (ctypes.c_uint64 * 11)()
+    lib.lithos_client_dispatch_counts(c, 11)
+    return list(c)
 """
 
 
@@ -1681,3 +1685,37 @@ def test_a_lender_without_a_lend_list_never_holds(fake_driver, lend_table):
     show(dispatch()["held"])
     """, dispatch_env(fake_driver, lend_table, LITHOS_DISPATCH="all") | {"LITHOS_SLOT": "1"})
     assert lines == [["0"]]
+
+
+def test_a_memset_behind_held_launches_is_held_in_stream_order(fake_driver, lend_table, tmp_path):
+    busy = tmp_path / "busy"
+    busy.write_text("")
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    lines = run_dispatch_client(f"""
+    s = create(1)
+    full_log()
+    launch_args(s, 0); launch_args(s, 1)       # the second waits at the depth gate (the stream is busy)
+    assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, ctypes.c_void_p(s)) == 0
+    launch_args(s, 2)
+    c = counts9()
+    show("held", c[0], "memsets", c[10], "at_once", c[5])
+    os.remove({str(busy)!r})
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    for line in launch_lines(): show(line)
+    """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
+    assert lines[0] == ["held", "3", "memsets", "1", "at_once", "0"]
+    ops = [(w[0], w[2] if w[0] == "cuLaunchKernel" else "") for w in lines[1:]]
+    assert ops == [("cuLaunchKernel", "args=0,0"), ("cuLaunchKernel", "args=1,2"), ("cuMemsetD8Async", ""),
+                   ("cuLaunchKernel", "args=2,4"), ("cuStreamSynchronize", "")]
+
+
+def test_a_memset_with_nothing_held_goes_straight_to_the_driver(fake_driver, lend_table):
+    lines = run_dispatch_client("""
+    s = create(1)
+    full_log()
+    assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, ctypes.c_void_p(s)) == 0
+    show(counts9()[10])
+    for line in launch_lines(): show(line)
+    """, dispatch_env(fake_driver, lend_table))
+    assert lines[0] == ["0"] and lines[1][0] == "cuMemsetD8Async"
