@@ -550,15 +550,17 @@ def thread_lending_counts() -> dict[str, int] | None:
 
 
 DISPATCH_COUNT_NAMES = ("held", "sent", "gated", "gate_us", "drain_paced", "drain_at_once", "fifo_full",
-                        "failed", "no_layout", "drain_by_launch", "held_memsets")   # lithos_client_dispatch_counts, in order (LITHOS_DISPATCH; process-wide)
+                        "failed", "no_layout", "drain_by_hook", "held_memsets", "held_copies",
+                        "same_attribute", "gated_to_borrow")   # lithos_client_dispatch_counts, in order (LITHOS_DISPATCH; process-wide)
 
 
 def process_dispatch_counts() -> dict[str, int] | None:
     """This process's held launches (LITHOS_DISPATCH): held, sent by the dispatcher thread, held at its
     depth gate, microseconds the gate waited, drains that kept its pace / sent at once, waits for FIFO
     room, failures at dispatch, launches not held for want of a parameter layout, drains at once made by
-    launches not held (the others: process_stub_flushes), memsets held behind held launches; None without
-    the shim."""
+    hooks (launches not held, changed kernel attributes; the others: process_stub_flushes), memsets and
+    device-to-device copies held behind held launches, kernel attribute sets that changed nothing (so
+    drained nothing), launches the gate held until their queue let them borrow; None without the shim."""
     return _thread_counts("lithos_client_dispatch_counts", DISPATCH_COUNT_NAMES)
 
 

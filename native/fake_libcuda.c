@@ -10,7 +10,7 @@
  * streams keep the priority they were created with, and cuEventElapsedTime reports FAKE_KERNEL_US
  * microseconds (default 1) as every kernel's duration, and cuStreamQuery says drained unless
  * FAKE_STREAM_BUSY=1 (or while the file FAKE_STREAM_BUSY_FILE exists). For the held-launch tests,
- * cuFuncGetParamInfo and cuCtxSetCurrent (below). For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
+ * cuFuncGetParamInfo, cuCtxSetCurrent, cuMemcpyDtoDAsync_v2 and cuKernelGet/SetAttribute (below). For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
  * points of its table below; cuMemcpyDtoH_v2, cuMemsetD8_v2, cuCtxSynchronize, cuStreamSynchronize
  * and cuFakeManyArgs (not a driver function: 9 integer and 9 double arguments, so some on the
  * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
@@ -277,6 +277,23 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count
 }
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream) {
     logf_("cuMemsetD8Async %#lx %u %zu", (unsigned long)(uintptr_t)stream, value, count);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream) {
+    logf_("cuMemcpyDtoDAsync %#lx %zu", (unsigned long)(uintptr_t)stream, bytes);
+    return CUDA_SUCCESS;
+}
+/* Kernel attributes: one stored value per attribute, shared by every kernel; sets are logged. */
+static int kernel_attributes[64];
+EXPORT CUresult cuKernelGetAttribute(int *value, CUfunction_attribute attr, CUkernel kernel, CUdevice dev) {
+    if ((unsigned)attr >= 64) return CUDA_ERROR_INVALID_VALUE;
+    *value = __atomic_load_n(&kernel_attributes[attr], __ATOMIC_RELAXED);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuKernelSetAttribute(CUfunction_attribute attr, int value, CUkernel kernel, CUdevice dev) {
+    if ((unsigned)attr >= 64) return CUDA_ERROR_INVALID_VALUE;
+    __atomic_store_n(&kernel_attributes[attr], value, __ATOMIC_RELAXED);
+    logf_("cuKernelSetAttribute %d %d", (int)attr, value);
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuCtxSynchronize(void) {

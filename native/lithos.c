@@ -136,7 +136,11 @@ static __thread uint64_t prof_last;
     X(cuMemsetD16Async, "cuMemsetD16Async", 0)                         \
     X(cuMemsetD16Async_ptsz, "cuMemsetD16Async", 1)                    \
     X(cuMemsetD32Async, "cuMemsetD32Async", 0)                         \
-    X(cuMemsetD32Async_ptsz, "cuMemsetD32Async", 1)
+    X(cuMemsetD32Async_ptsz, "cuMemsetD32Async", 1)                    \
+    X(cuMemcpyDtoDAsync_v2, "cuMemcpyDtoDAsync", 0)                    \
+    X(cuMemcpyDtoDAsync_v2_ptsz, "cuMemcpyDtoDAsync", 1)               \
+    X(cuKernelSetAttribute, "cuKernelSetAttribute", 0)                 \
+    X(cuFuncSetAttribute, "cuFuncSetAttribute", 0)
 
 /* Signatures of the hooks (the _ptsz forms share their base form's signature). */
 typedef CUresult (*fn_cuGetProcAddress)(const char *, void **, int, cuuint64_t);
@@ -161,6 +165,10 @@ typedef CUresult (*fn_cuMemsetD32Async)(CUdeviceptr, unsigned int, size_t, CUstr
 typedef fn_cuMemsetD8Async fn_cuMemsetD8Async_ptsz;
 typedef fn_cuMemsetD16Async fn_cuMemsetD16Async_ptsz;
 typedef fn_cuMemsetD32Async fn_cuMemsetD32Async_ptsz;
+typedef CUresult (*fn_cuMemcpyDtoDAsync_v2)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
+typedef fn_cuMemcpyDtoDAsync_v2 fn_cuMemcpyDtoDAsync_v2_ptsz;
+typedef CUresult (*fn_cuKernelSetAttribute)(CUfunction_attribute, int, CUkernel, CUdevice);
+typedef CUresult (*fn_cuFuncSetAttribute)(CUfunction, CUfunction_attribute, int);
 
 #define DECLARE_HOOK(name, query, per_thread) EXPORT __typeof__(*(fn_##name)0) name; static fn_##name real_##name;
 LITHOS_HOOKS(DECLARE_HOOK)
@@ -208,6 +216,7 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuFuncGetName, "cuFuncGetName")                                       \
     X(cuFuncGetParamInfo, "cuFuncGetParamInfo")                             \
     X(cuKernelGetFunction, "cuKernelGetFunction")                           \
+    X(cuKernelGetAttribute, "cuKernelGetAttribute")                         \
     X(cuCtxSetCurrent, "cuCtxSetCurrent")
 
 #define DECLARE_DRIVER(name, symbol) static __typeof__(&name) drv_##name;
@@ -1842,12 +1851,16 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
 #define HELD_ATTRS 8
 #define DISPATCH_NAP_MAX_NS 20000u
 
-enum { HELD_KERNEL = 0, HELD_MEMSET = 1 };
+enum { HELD_KERNEL = 0, HELD_MEMSET = 1, HELD_COPY = 2 };
+enum { GATED_TO_BORROW = 1 };
 typedef struct {
-    int op; /* HELD_KERNEL, or HELD_MEMSET (sent at once when it reaches the head: no TPCs to choose) */
-    CUdeviceptr memset_dst;
-    unsigned memset_value, memset_width; /* width in bytes: 1, 2 or 4 */
-    size_t memset_count;
+    int op; /* HELD_KERNEL; HELD_MEMSET or HELD_COPY are sent at once when they reach the head */
+    int gated;              /* GATED_TO_BORROW once the gate waited for the queue to let it borrow */
+    unsigned borrow_tpcs;   /* kernels: the own TPCs of its view when it could borrow, else 0 */
+    lithos_kernel_key key;  /* kernels: what its time is predicted by */
+    CUdeviceptr mem_dst, mem_src; /* memsets and device-to-device copies */
+    unsigned mem_value, mem_width; /* memsets: the value; its width in bytes (1, 2 or 4) */
+    size_t mem_count;              /* memsets: elements; copies: bytes */
     CUcontext ctx;
     CUstream stream;
     CUfunction function;
@@ -1866,11 +1879,13 @@ typedef struct {
  * least once); microseconds the gate waited; drains that let the dispatcher keep its pace; drains
  * that made it send at once; launches that waited for room in the FIFO; launches failed at dispatch;
  * launches sent directly because the kernel's parameter layout is not known (or it has none);
- * drains at once made by a launch that was not held (the rest came through the stubs: their
- * flush counts, lithos_client_stub); memsets held behind held launches. */
+ * drains at once made by a hook (a launch that was not held, a changed kernel attribute; the rest
+ * came through the stubs: their flush counts, lithos_client_stub); memsets held behind held launches; device-to-device copies
+ * held likewise; kernel attribute sets that changed nothing, so drained nothing; gates held
+ * tighter so that the head could borrow (an idle lender, a kernel short enough). */
 enum { DISPATCH_HELD = 0, DISPATCH_SENT, DISPATCH_GATED, DISPATCH_GATE_US, DISPATCH_DRAIN_PACED, DISPATCH_DRAIN_AT_ONCE,
-       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, DISPATCH_DRAIN_BY_LAUNCH, DISPATCH_HELD_MEMSETS,
-       LITHOS_DISPATCH_COUNTS };
+       DISPATCH_FULL, DISPATCH_FAILED, DISPATCH_NO_LAYOUT, DISPATCH_DRAIN_BY_HOOK, DISPATCH_HELD_MEMSETS,
+       DISPATCH_HELD_COPIES, DISPATCH_SAME_ATTRIBUTE, DISPATCH_GATED_TO_BORROW, LITHOS_DISPATCH_COUNTS };
 
 LITHOS_HIDDEN int lithos_held_launches; /* 1 while the FIFO holds a launch; read by every stub */
 static struct {
@@ -1933,12 +1948,27 @@ static int waits_for_gpu(lithos_stub_slot *slot) {
     return known == 1;
 }
 
-/* Called on the dispatcher thread: whether the head may be sent now (else it napped a little). */
-static int dispatch_gate_open(const held_launch *h) {
+/* Called on the dispatcher thread: whether the head may be sent now (else it napped a little). The
+ * queue ahead may be dispatch_depth_ns deep; when the head could borrow (more blocks than own SMs, a
+ * prediction within the atom) and a lender is idle, only as deep as lets it borrow (the lending rule's
+ * ahead + predicted <= atom). */
+static int dispatch_gate_open(held_launch *h) {
     stream_queue *queue = queue_of(h->ctx, h->stream);
     uint64_t now_ns = monotonic_ns(), depth_ns = g.dispatch_depth_ns;
-    if (!depth_ns) depth_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED) / 2;
+    uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
+    if (!depth_ns) depth_ns = atom_ns / 2;
     uint64_t ahead_ns = queue->end_ns > now_ns ? queue->end_ns - now_ns : 0;
+    uint64_t own_ns = h->borrow_tpcs ? predict_ns(&h->key, h->borrow_tpcs) : 0; /* as choose_lending will */
+    if (own_ns && own_ns <= atom_ns && atom_ns - own_ns < depth_ns && ahead_ns > atom_ns - own_ns) {
+        const lithos_slot *me = slot_at_index(g.slot);
+        uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE), mask[LITHOS_MASK_WORDS] = {0};
+        if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
+        if (lender_mask && idle_lenders(lender_mask, now_ns, mask)) {
+            if (ahead_ns <= depth_ns && h->gated != GATED_TO_BORROW) count_dispatch(DISPATCH_GATED_TO_BORROW, 1);
+            h->gated = GATED_TO_BORROW;
+            depth_ns = atom_ns - own_ns;
+        }
+    }
     if (ahead_ns <= depth_ns) return 1;
     if (stream_drained(h->ctx, h->stream)) {
         queue->end_ns = now_ns;
@@ -1980,16 +2010,18 @@ static void dispatch_held(held_launch *h) {
     }
 }
 
-/* Called on the dispatcher thread: a held memset, on its app stream once the joins owed to it are paid. */
-static void dispatch_memset(const held_launch *h) {
+/* Called on the dispatcher thread: a held memset or copy, on its app stream once the joins owed to it are paid. */
+static void dispatch_memory_op(const held_launch *h) {
     flush_joins();
-    CUresult r = h->memset_width == 1   ? real_cuMemsetD8Async(h->memset_dst, (unsigned char)h->memset_value, h->memset_count, h->stream)
-                 : h->memset_width == 2 ? real_cuMemsetD16Async(h->memset_dst, (unsigned short)h->memset_value, h->memset_count, h->stream)
-                                        : real_cuMemsetD32Async(h->memset_dst, h->memset_value, h->memset_count, h->stream);
+    CUresult r = h->op == HELD_COPY  ? real_cuMemcpyDtoDAsync_v2(h->mem_dst, h->mem_src, h->mem_count, h->stream)
+                 : h->mem_width == 1 ? real_cuMemsetD8Async(h->mem_dst, (unsigned char)h->mem_value, h->mem_count, h->stream)
+                 : h->mem_width == 2 ? real_cuMemsetD16Async(h->mem_dst, (unsigned short)h->mem_value, h->mem_count, h->stream)
+                                     : real_cuMemsetD32Async(h->mem_dst, h->mem_value, h->mem_count, h->stream);
     count_dispatch(DISPATCH_SENT, 1);
     if (r != CUDA_SUCCESS) {
         count_dispatch(DISPATCH_FAILED, 1);
-        notice_once(WARN_DISPATCH, "a held memset failed when it was sent (CUresult %d); the program was told it succeeded", (int)r);
+        notice_once(WARN_DISPATCH, "a held %s failed when it was sent (CUresult %d); the program was told it succeeded",
+                    h->op == HELD_COPY ? "copy" : "memset", (int)r);
     }
 }
 
@@ -2022,8 +2054,8 @@ static void *dispatcher_main(void *unused) {
             gated_at = sent;
             continue;
         }
-        if (h->op == HELD_MEMSET) {
-            dispatch_memset(h);
+        if (h->op != HELD_KERNEL) {
+            dispatch_memory_op(h);
         } else {
             dispatch_held(h);
             if (h->args != h->inline_args) free(h->args);
@@ -2058,20 +2090,24 @@ static int dispatcher_running(void) {
     return 1;
 }
 
-/* Hold the launch for the dispatcher when it qualifies (see above). Returns 1 when held. */
+/* Hold the launch for the dispatcher when it qualifies (see above), or, with a known layout, when
+ * launches are held already (kept in order instead of draining the FIFO). Returns 1 when held. */
 static int hold_launch(const launch_request *q, const allowance_route *route, const func_info *info, const func_info *scratch,
-                       int view, CUcontext ctx, CUstream app_stream) {
+                       int view, CUcontext ctx, CUstream app_stream, const lithos_kernel_key *key) {
     if (!g.dispatch || tls.is_dispatcher || q->whole_gpu || q->per_thread || app_stream == CU_STREAM_PER_THREAD ||
         (q->api != LITHOS_API_LAUNCH_KERNEL && q->api != LITHOS_API_LAUNCH_KERNEL_EX) || !info || info == scratch ||
-        __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) || route->whole_gpu || !route->views[view].green ||
         !g.activity || !defer_on())
         return 0;
-    const lithos_slot *me = slot_at_index(g.slot);
-    uint64_t lenders = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
-    if (g.slot < LITHOS_LEND_SLOTS) lenders &= ~(1ull << g.slot);
-    if (!lenders || (g.dispatch == DISPATCH_LOW_PRIORITY &&
-                     !(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY)))
-        return 0;
+    int confined = !__atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) && !route->whole_gpu && route->views[view].green;
+    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE)) {
+        const lithos_slot *me = slot_at_index(g.slot);
+        uint64_t lenders = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
+        if (g.slot < LITHOS_LEND_SLOTS) lenders &= ~(1ull << g.slot);
+        if (!confined || !lenders ||
+            (g.dispatch == DISPATCH_LOW_PRIORITY &&
+             !(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY)))
+            return 0;
+    }
     if (info->param_count <= 0) {
         count_dispatch(DISPATCH_NO_LAYOUT, 1);
         return 0;
@@ -2110,6 +2146,9 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
         return 0;
     }
     h->op = HELD_KERNEL;
+    h->gated = 0;
+    h->key = *key;
+    h->borrow_tpcs = confined && key->grid_blocks > SMS_PER_TPC * route->views[view].tpcs ? route->views[view].tpcs : 0;
     h->ctx = ctx, h->stream = app_stream, h->function = q->function, h->info = info, h->api = q->api;
     h->packed = packed != NULL, h->arg_bytes = bytes, h->shared_bytes = q->shared_bytes;
     memcpy(h->grid, q->grid, sizeof(h->grid));
@@ -2133,9 +2172,10 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     return 1;
 }
 
-/* A memset behind held launches is held too (its stream's order), instead of draining the FIFO:
- * libraries issue them between kernels (cuBLAS split-K, cuDNN workspaces). Returns 1 when held. */
-static int hold_memset(CUdeviceptr dst, unsigned value, unsigned width, size_t count, CUstream stream) {
+/* A memset or device-to-device copy behind held launches is held too (its stream's order), instead
+ * of draining the FIFO: libraries issue them between kernels (cuBLAS split-K, cuDNN workspaces,
+ * optimizer steps). Returns 1 when held. */
+static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned value, unsigned width, size_t count, CUstream stream) {
     if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || stream == CU_STREAM_PER_THREAD)
         return 0;
     CUcontext ctx = NULL;
@@ -2155,14 +2195,14 @@ static int hold_memset(CUdeviceptr dst, unsigned value, unsigned width, size_t c
         __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
     }
     held_launch *h = &held.ring[held.pushed % HELD_MAX];
-    h->op = HELD_MEMSET;
+    h->op = op;
     h->ctx = ctx, h->stream = stream;
-    h->memset_dst = dst, h->memset_value = value, h->memset_width = width, h->memset_count = count;
+    h->mem_dst = dst, h->mem_src = src, h->mem_value = value, h->mem_width = width, h->mem_count = count;
     __atomic_store_n(&held.pushed, held.pushed + 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&lithos_held_launches, 1, __ATOMIC_RELEASE);
     if (held.sleeping) pthread_cond_signal(&held.wake);
     pthread_mutex_unlock(&held.lock);
-    count_dispatch(DISPATCH_HELD_MEMSETS, 1);
+    count_dispatch(op == HELD_COPY ? DISPATCH_HELD_COPIES : DISPATCH_HELD_MEMSETS, 1);
     return 1;
 }
 
@@ -2196,8 +2236,8 @@ static CUresult route_launch(launch_request *q) {
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
     int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream)) return CUDA_SUCCESS;
-    if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_LAUNCH, 1);
+    if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream, &key)) return CUDA_SUCCESS;
+    if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     lend_choice lend = {.route = route};
     if (route->whole_gpu) { /* as without the shim; a green stream of an earlier allowance goes to the unconfined pair */
@@ -2382,12 +2422,13 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch_ptsz, 1)
 
-/* Memsets: held behind held launches (hold_memset), else as the stubs do: owed joins paid first. */
+/* Memsets and device-to-device copies: held behind held launches (hold_memory_op), else as the
+ * stubs do: owed joins paid first. */
 #define MEMSET_HOOK(name, width, value_type, per_thread_stream)                                                        \
     EXPORT CUresult name(CUdeviceptr dst, value_type value, size_t count, CUstream stream) {                          \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
-        if (!(per_thread_stream) && hold_memset(dst, value, width, count, stream)) return CUDA_SUCCESS;               \
+        if (!(per_thread_stream) && hold_memory_op(HELD_MEMSET, dst, 0, value, width, count, stream)) return CUDA_SUCCESS; \
         drain_held_launches(0);                                                                                        \
         flush_if_pending();                                                                                            \
         return real_##name(dst, value, count, stream);                                                                 \
@@ -2398,6 +2439,56 @@ MEMSET_HOOK(cuMemsetD16Async, 2, unsigned short, 0)
 MEMSET_HOOK(cuMemsetD16Async_ptsz, 2, unsigned short, 1)
 MEMSET_HOOK(cuMemsetD32Async, 4, unsigned int, 0)
 MEMSET_HOOK(cuMemsetD32Async_ptsz, 4, unsigned int, 1)
+
+#define COPY_HOOK(name, per_thread_stream)                                                                             \
+    EXPORT CUresult name(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream) {                           \
+        ensure_init();                                                                                                 \
+        if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
+        if (!(per_thread_stream) && hold_memory_op(HELD_COPY, dst, src, 0, 0, bytes, stream)) return CUDA_SUCCESS;     \
+        drain_held_launches(0);                                                                                        \
+        flush_if_pending();                                                                                            \
+        return real_##name(dst, src, bytes, stream);                                                                   \
+    }
+COPY_HOOK(cuMemcpyDtoDAsync_v2, 0)
+COPY_HOOK(cuMemcpyDtoDAsync_v2_ptsz, 1)
+
+/* Kernel attributes apply to later launches, held ones included: a set that changes a value first
+ * sends every held launch; one that sets the value already in force changes nothing and holds
+ * nothing up (PyTorch's attention kernels set their shared memory size before every launch). Only
+ * attributes whose get returns what set stored are compared. Owed joins need no flush. */
+static int attribute_compared(CUfunction_attribute attrib) {
+    return attrib == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES || attrib == CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+}
+
+EXPORT CUresult cuKernelSetAttribute(CUfunction_attribute attrib, int value, CUkernel kernel, CUdevice dev) {
+    ensure_init();
+    if (!real_cuKernelSetAttribute) return CUDA_ERROR_NOT_FOUND;
+    if (__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.is_dispatcher) {
+        int current = 0;
+        if (attribute_compared(attrib) && drv_cuKernelGetAttribute &&
+            drv_cuKernelGetAttribute(&current, attrib, kernel, dev) == CUDA_SUCCESS && current == value) {
+            count_dispatch(DISPATCH_SAME_ATTRIBUTE, 1);
+            return CUDA_SUCCESS;
+        }
+        if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
+    }
+    return real_cuKernelSetAttribute(attrib, value, kernel, dev);
+}
+
+EXPORT CUresult cuFuncSetAttribute(CUfunction function, CUfunction_attribute attrib, int value) {
+    ensure_init();
+    if (!real_cuFuncSetAttribute) return CUDA_ERROR_NOT_FOUND;
+    if (__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.is_dispatcher) {
+        int current = 0;
+        if (attribute_compared(attrib) && drv_cuFuncGetAttribute &&
+            drv_cuFuncGetAttribute(&current, attrib, function) == CUDA_SUCCESS && current == value) {
+            count_dispatch(DISPATCH_SAME_ATTRIBUTE, 1);
+            return CUDA_SUCCESS;
+        }
+        if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
+    }
+    return real_cuFuncSetAttribute(function, attrib, value);
+}
 
 /* ---------------------------------------------------------------- streams */
 

@@ -1582,10 +1582,11 @@ def wait_for(condition, timeout=30):
         assert time.monotonic() < end, dispatch()
         time.sleep(0.001)
 def launch_lines():
-    return [l for l in full_log() if l.startswith(("cuLaunchKernel", "cuStreamSynchronize", "cuMemsetD8", "cuGraphLaunch"))]
+    return [l for l in full_log() if l.startswith(("cuLaunchKernel", "cuStreamSynchronize", "cuMemsetD8", "cuGraphLaunch",
+                                                   "cuMemcpyDtoDAsync", "cuKernelSetAttribute"))]
 def counts9():
-    c = (ctypes.c_uint64 * 11)()
-    lib.lithos_client_dispatch_counts(c, 11)
+    c = (ctypes.c_uint64 * 14)()
+    lib.lithos_client_dispatch_counts(c, 14)
     return list(c)
 """
 
@@ -1719,3 +1720,59 @@ def test_a_memset_with_nothing_held_goes_straight_to_the_driver(fake_driver, len
     for line in launch_lines(): show(line)
     """, dispatch_env(fake_driver, lend_table))
     assert lines[0] == ["0"] and lines[1][0] == "cuMemsetD8Async"
+
+
+def test_a_copy_and_an_unchanged_kernel_attribute_keep_held_launches_held(fake_driver, lend_table, tmp_path):
+    """A device-to-device copy behind held launches is held in stream order; setting a kernel attribute
+    to the value in force changes nothing, so it sends nothing; changing one first sends every held launch
+    (they were launched under the old value)."""
+    busy = tmp_path / "busy"
+    busy.write_text("")
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    lines = run_dispatch_client(f"""
+    s = create(1)
+    full_log()
+    launch_args(s, 0); launch_args(s, 1)       # the second waits at the depth gate (the stream is busy)
+    assert lib.cuMemcpyDtoDAsync_v2(ctypes.c_uint64(0xd0), ctypes.c_uint64(0xe0), 64, ctypes.c_void_p(s)) == 0
+    max_dynamic_shared = 8                     # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    assert lib.cuKernelSetAttribute(max_dynamic_shared, 0, ctypes.c_void_p(0x5), 0) == 0   # already 0
+    launch_args(s, 2)
+    c = counts9()
+    show("held", c[0], "copies", c[11], "same", c[12], "by_hook", c[9], "at_once", c[5])
+    assert lib.cuKernelSetAttribute(max_dynamic_shared, 4096, ctypes.c_void_p(0x5), 0) == 0  # a change
+    c = counts9()
+    show("sent", c[1], "by_hook", c[9])
+    os.remove({str(busy)!r})
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    for line in launch_lines(): show(line)
+    """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
+    assert lines[0] == ["held", "3", "copies", "1", "same", "1", "by_hook", "0", "at_once", "0"]
+    assert lines[1] == ["sent", "4", "by_hook", "1"]
+    ops = [(w[0], w[2] if w[0] == "cuLaunchKernel" else "") for w in lines[2:]]
+    assert ops == [("cuLaunchKernel", "args=0,0"), ("cuLaunchKernel", "args=1,2"), ("cuMemcpyDtoDAsync", ""),
+                   ("cuLaunchKernel", "args=2,4"), ("cuKernelSetAttribute", ""), ("cuStreamSynchronize", "")]
+
+
+def test_a_held_launch_that_could_borrow_waits_until_its_queue_lets_it(fake_driver, lend_table, tmp_path):
+    """With a lender idle, the gate holds a kernel predicted within the atom until the queue ahead plus
+    the kernel fit the atom (the lending rule), however deep LITHOS_DISPATCH_DEPTH_US allows: every
+    launch borrows and none finds its queue too deep."""
+    busy = tmp_path / "busy"
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=100)
+    lines = run_dispatch_client(f"""
+    s = create(1)
+    for i in range(6): launch_args(s, i)       # predictions (200 us on the own TPCs) and the union
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    assert lib.lithos_client_wait_union_builds(20000) == 0
+    before = lending()
+    open({str(busy)!r}, "w").close()           # from now on the stream never looks drained
+    for i in range(6): launch_args(s, i)
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    after = lending()
+    show("borrowed", after["borrowed"] - before["borrowed"], "too_deep", after["too_deep"] - before["too_deep"])
+    show("gated_to_borrow", counts9()[13] > 0)
+    """, dispatch_env(fake_driver, lend_table, FAKE_KERNEL_US="120", LITHOS_DISPATCH_DEPTH_US="100000",
+                      FAKE_STREAM_BUSY_FILE=str(busy)))
+    assert lines == [["borrowed", "6", "too_deep", "0"], ["gated_to_borrow", "True"]]

@@ -240,6 +240,10 @@ a = torch.randn(256, 256, device="cuda", requires_grad=True)
 loss = ((a @ a).tanh() * w[: 256 * 256].view(256, 256)).sum()
 loss.backward()                                  # kernels from the autograd engine's device thread
 keep("grad", a.grad)
+q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.float16)
+for _ in range(20):                              # attention kernels set their shared memory size per launch
+    attention = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+keep("attention", attention)
 torch.cuda.synchronize()                         # cudaDeviceSynchronize
 keep("w", w)
 host = torch.empty(w.shape, pin_memory=True)
@@ -262,12 +266,13 @@ if hasattr(lib, "lithos_client_launch_counts"):
             break
         if n.value:
             flushes[name.decode()] = n.value
-    d = (ctypes.c_uint64 * 9)()
-    lib.lithos_client_dispatch_counts(d, 9)
+    d = (ctypes.c_uint64 * 14)()
+    lib.lithos_client_dispatch_counts(d, 14)
     b = (ctypes.c_uint64 * 1)()
     lib.lithos_client_lending_counts(b, 1)
     counts = {"direct": c[0], "paired": c[1], "unconfined": c[2], "continued": c[3], "runs": j[0], "joins_paid": j[1],
               "flushes_by_stub": flushes, "held": d[0], "sent": d[1], "dispatch_failed": d[7], "no_layout": d[8],
+              "drain_at_once": d[5], "held_memsets": d[10], "held_copies": d[11], "same_attribute": d[12],
               "borrowed": b[0]}
 print(json.dumps({"results": results, "counts": counts}))
 """
@@ -314,6 +319,42 @@ def test_held_launches_give_bitwise_the_results_of_the_program_without_the_shim(
     assert held["results"] == plain["results"], counts
     assert counts["held"] > 3000 and counts["sent"] == counts["held"] and counts["dispatch_failed"] == 0, counts
     assert counts["borrowed"] > 100, counts
+
+
+ATTRIBUTE_PROGRAM = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from gpu_spin import _check
+from cuda.bindings import driver as cu, nvrtc
+_check(cu.cuInit(0))
+device = _check(cu.cuDeviceGet(0))
+_check(cu.cuCtxPushCurrent(_check(cu.cuDevicePrimaryCtxRetain(device))))
+program = _check(nvrtc.nvrtcCreateProgram(b'extern "C" __global__ void k(int *x){ extern __shared__ int s[]; s[0] = 1; x[0] = s[0]; }',
+                                          b"k.cu", 0, [], []))
+_check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
+cubin = b" " * _check(nvrtc.nvrtcGetCUBINSize(program))
+_check(nvrtc.nvrtcGetCUBIN(program, cubin))
+kernel = _check(cu.cuLibraryGetKernel(_check(cu.cuLibraryLoadData(cubin, None, None, 0, None, None, 0)), b"k"))
+function = _check(cu.cuModuleGetFunction(_check(cu.cuModuleLoadData(cubin)), b"k"))
+A = cu.CUfunction_attribute
+seen = {}
+for name, value in (("CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 100_000), ("CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT", 50)):
+    attribute = getattr(A, name)
+    _check(cu.cuKernelSetAttribute(attribute, value, kernel, device))
+    _check(cu.cuFuncSetAttribute(function, attribute, value))
+    seen[name] = [value, _check(cu.cuKernelGetAttribute(attribute, kernel, device)), _check(cu.cuFuncGetAttribute(attribute, function))]
+print(json.dumps(seen))
+"""
+
+
+def test_the_kernel_attributes_the_shim_compares_read_back_as_set():
+    """The shim skips a kernel attribute set whose value is already in force (held launches are not
+    drained for it); that relies on get returning what set stored, for both attributes it compares."""
+    proc = subprocess.run([sys.executable, "-c", ATTRIBUTE_PROGRAM, str(ROOT / "tests")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(v[0] == v[1] == v[2] for v in seen.values()), seen
 
 
 def test_a_held_spin_loop_borrows_without_pacing_and_runs_faster(table):

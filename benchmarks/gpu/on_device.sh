@@ -19,6 +19,7 @@
 #   colocate-pace-off     the same with pacing off (a borrower whose queue is too deep keeps its own TPCs)
 #   dispatch   held launches (LITHOS_DISPATCH): their GPU tests and correctness.py --dispatch (~3 min)
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on)
+#   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, ~3 min)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
@@ -86,6 +87,8 @@ for s in "$@"; do
       timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
+    borrow-training)
+      timeout 400 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
     node-tests)
       timeout 200 python3 -m pytest -v -rs tests/test_gpu_node.py 2>&1 | tee "$OUT/node_gpu_tests.txt" | tail -8 || status=1 ;;
     ray-tests)

@@ -1,0 +1,143 @@
+"""A best-effort training job on a few TPCs next to an idle lender: how much of the lender's TPCs it uses.
+
+usage: python benchmarks/native/borrow_training.py OUT_DIR [--trials N] [--steps N]
+ResNet-50 training steps (batch 32, bf16 autocast, random weights) in a client of OWN TPCs, four ways,
+each in its own process, in rounds (one of each per trial, so drift hits all alike):
+  own_only      its own TPCs, no lend list
+  lending       an idle slot lends it every other TPC; launches decide at once (LITHOS_DISPATCH=0)
+  held          the same with held launches (LITHOS_DISPATCH=1: the dispatcher thread sends each)
+  whole_gpu     every TPC as its own allowance: what borrowing everything could reach
+Writes OUT_DIR/native_borrow_training.json and .png: median ms per step of each (spread = min..max over
+trials), the share of the own_only -> whole_gpu gain each lending mode captured, and the shim's counts
+over each mode's timed steps in the last trial (where launches went, what drained held launches).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+from common import last_json, metadata, write_json  # noqa: E402
+from lithos_ray import native  # noqa: E402
+
+OWN_TPCS = 22
+MODES = ("own_only", "lending", "held", "whole_gpu")
+
+STEP_PROGRAM = r"""
+import json, sys, time, torch, torchvision
+from lithos_ray.native import thread_shim_counts
+steps = int(sys.argv[1])
+torch.manual_seed(0)
+model = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = torch.randn(32, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+y = torch.randint(0, 1000, (32,), device="cuda")
+stream = torch.cuda.Stream()
+def step():
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+with torch.cuda.stream(stream):
+    for _ in range(8):
+        step()
+    stream.synchronize()
+    before = thread_shim_counts()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        stream.synchronize()
+        times.append(time.perf_counter() - t)
+print(json.dumps({"ms_per_step": 1e3 * sorted(times)[len(times) // 2], "before": before, "after": thread_shim_counts()}))
+"""
+
+
+def run_mode(table, mode, steps):
+    own = list(range(table.tpcs_on_gpu)) if mode == "whole_gpu" else list(range(OWN_TPCS))
+    table.set_allowance(0, own)
+    if mode in ("lending", "held"):
+        table.set_allowance(1, list(range(OWN_TPCS, table.tpcs_on_gpu)))
+        table.set_lending(0, [1], low_priority=True)
+    env = {**os.environ, **native.client_env(table.path, 0), "LITHOS_DISPATCH": "1" if mode == "held" else "0",
+           "LITHOS_SAMPLE_EVERY": "8"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", STEP_PROGRAM, str(steps)], env=env, capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        table.set_lending(0, [], low_priority=False)
+        table.clear(1)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+    return last_json(proc.stdout)
+
+
+def counts_delta(result):
+    """The shim's counts over the timed steps (after minus before; zeros left out)."""
+    before, after = result.get("before") or {}, result.get("after") or {}
+    return {group: {k: v - (before.get(group) or {}).get(k, 0) for k, v in (after.get(group) or {}).items()
+                    if v - (before.get(group) or {}).get(k, 0)}
+            for group in after}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    table = native.AllowanceTable.create(native._default_gpu_uuid())
+    native.probe_layout_into(table)
+    per_mode = {m: [] for m in MODES}
+    last = {}
+    try:
+        for trial in range(args.trials):
+            for mode in MODES:
+                result = run_mode(table, mode, args.steps)
+                per_mode[mode].append(result["ms_per_step"])
+                last[mode] = counts_delta(result)
+                print(f"trial {trial} {mode}: {result['ms_per_step']:.2f} ms/step", flush=True)
+        tpcs_on_gpu = table.tpcs_on_gpu
+    finally:
+        table.close()
+    median = {m: statistics.median(v) for m, v in per_mode.items()}
+    gain = median["own_only"] - median["whole_gpu"]
+    payload = {**metadata(f"python benchmarks/native/borrow_training.py {args.out_dir} --trials {args.trials} "
+                          f"--steps {args.steps}"),
+               "workload": "ResNet-50 training step, batch 32, bf16 autocast, channels_last, SGD momentum",
+               "own_tpcs": OWN_TPCS, "lender_tpcs": tpcs_on_gpu - OWN_TPCS, "trials": args.trials, "steps": args.steps,
+               "ms_per_step_median": median,
+               "ms_per_step_spread": {m: [min(v), max(v)] for m, v in per_mode.items()},
+               "ms_per_step_trials": per_mode,
+               "gain_captured": {m: (median["own_only"] - median[m]) / gain if gain > 0 else None
+                                 for m in ("lending", "held")},
+               "shim_counts_last_trial": last}
+    write_json(os.path.join(args.out_dir, "native_borrow_training.json"), payload)
+    print(json.dumps({"median": median, "gain_captured": payload["gain_captured"]}, indent=1))
+    plot(payload, os.path.join(args.out_dir, "native_borrow_training.png"))
+
+
+def plot(payload, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    median, spread = payload["ms_per_step_median"], payload["ms_per_step_spread"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.bar(range(len(MODES)), [median[m] for m in MODES], color=["C7", "C0", "C2", "C1"],
+           yerr=[[median[m] - spread[m][0] for m in MODES], [spread[m][1] - median[m] for m in MODES]], capsize=4)
+    labels = {"own_only": f"own {payload['own_tpcs']} TPCs", "lending": "+ idle lender\n(decide at launch)",
+              "held": "+ idle lender\n(held launches)", "whole_gpu": "whole GPU"}
+    ax.set_xticks(range(len(MODES)), [labels[m] for m in MODES], fontsize=8)
+    ax.set_ylabel("ms per training step (median)")
+    ax.set_title(f"ResNet-50 training next to an idle lender ({payload['gpu']}, {payload['git_commit']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
