@@ -549,7 +549,15 @@ static void init_body(void) {
     g.dispatch = !dispatch_text || !*dispatch_text || strcmp(dispatch_text, "0") == 0 ? DISPATCH_OFF
                  : strcmp(dispatch_text, "all") == 0                                ? DISPATCH_ALL
                                                                                     : DISPATCH_LOW_PRIORITY;
-    g.dispatch_depth_ns = depth_text ? (uint64_t)(strtod(depth_text, NULL) * 1000.0) : 0;
+    g.dispatch_depth_ns = 0;
+    if (depth_text && *depth_text) {
+        char *depth_end = NULL;
+        double depth_us = strtod(depth_text, &depth_end);
+        if (depth_end == depth_text || *depth_end || !(depth_us >= 0 && depth_us <= 1e7))
+            notice_once(WARN_DISPATCH, "LITHOS_DISPATCH_DEPTH_US=%s is not a number of microseconds in 0..1e7: half the atom is used", depth_text);
+        else
+            g.dispatch_depth_ns = (uint64_t)(depth_us * 1000.0);
+    }
     g.mode = MODE_PASS_THROUGH;
     if (!table_path || !slot_text || !*table_path || !*slot_text) {
         notice_once(WARN_PASS, "LITHOS_SHM/LITHOS_SLOT not set: passing CUDA launches through unchanged (no TPC allowance)");
@@ -1834,15 +1842,18 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
  * cuFuncGetParamInfo; a packed buffer as is; launch attributes) into a FIFO and returns
  * CUDA_SUCCESS; the process's dispatcher thread hands the FIFO's head to route_launch once the
  * predicted work queued ahead of it on its stream is at most dispatch_depth_ns, or the stream has
- * drained. The lending rule then decides with a shallow queue, just before the kernel runs.
- * Memsets (cuMemsetD8/16/32Async) behind held launches are held too, in stream order.
+ * drained; when the head could borrow and a lender is idle, until the queue ahead lets it
+ * (dispatch_gate_open). The lending rule then decides with a shallow queue, just before the kernel runs.
  * Held: cuLaunchKernel / cuLaunchKernelEx of a client with a lend list (low priority only, unless
  * LITHOS_DISPATCH=all), confined to a green view, known parameter layout, legacy or created
- * stream, not capturing, deferred joins on. Everything else is sent as before, after a DRAIN:
- * every other launch, cuStreamDestroy and every driver call outside lithos_nojoin.h (through the
- * stubs) first waits until the FIFO is empty. Calls that wait for the GPU anyway (names with
- * "Synchronize", synchronous copies) let the dispatcher keep its pace; any other makes it send
- * everything at once. A launch that fails at dispatch is counted (lithos_client_dispatch_counts)
+ * stream, not capturing, deferred joins on; behind held launches, any such launch with a known
+ * layout (green view or not), memsets (cuMemsetD8/16/32Async) and device-to-device copies
+ * (cuMemcpyDtoDAsync), in stream order. A kernel attribute set (cuKernelSetAttribute,
+ * cuFuncSetAttribute) to the value in force is a no-op. Everything else is sent as before, after a
+ * DRAIN: every other launch, a changed kernel attribute, cuStreamDestroy and every driver call
+ * outside lithos_nojoin.h (through the stubs) first waits until the FIFO is empty. Calls that wait
+ * for the GPU anyway (names with "Synchronize", synchronous copies) let the dispatcher keep its
+ * pace; any other makes it send everything at once. A launch that fails at dispatch is counted (lithos_client_dispatch_counts)
  * and noticed once: the program was told it succeeded. Locking: held.lock guards the FIFO's tail
  * and the waits; only the dispatcher moves the head.
  */

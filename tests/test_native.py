@@ -1776,3 +1776,16 @@ def test_a_held_launch_that_could_borrow_waits_until_its_queue_lets_it(fake_driv
     """, dispatch_env(fake_driver, lend_table, FAKE_KERNEL_US="120", LITHOS_DISPATCH_DEPTH_US="100000",
                       FAKE_STREAM_BUSY_FILE=str(busy)))
     assert lines == [["borrowed", "6", "too_deep", "0"], ["gated_to_borrow", "True"]]
+
+
+@pytest.mark.parametrize("depth", ["-5", "abc", "1e9"])
+def test_a_bad_dispatch_depth_is_named_and_half_the_atom_is_used(fake_driver, lend_table, depth):
+    lend_table.set_lending(0, [1], low_priority=True)
+    lines, stderr = run_fake(DEFER_PRELUDE + LEND_PRELUDE + DISPATCH_PRELUDE + textwrap.dedent("""
+    s = create(1)
+    launch_args(s, 1)
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    show(dispatch()["held"], dispatch()["sent"])
+    """), dispatch_env(fake_driver, lend_table, LITHOS_DISPATCH_DEPTH_US=depth))
+    assert lines == [["1", "1"]]
+    assert f"LITHOS_DISPATCH_DEPTH_US={depth} is not a number of microseconds" in stderr
