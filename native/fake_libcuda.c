@@ -10,7 +10,8 @@
  * streams keep the priority they were created with, and cuEventElapsedTime reports FAKE_KERNEL_US
  * microseconds (default 1) as every kernel's duration, and cuStreamQuery says drained unless
  * FAKE_STREAM_BUSY=1 (or while the file FAKE_STREAM_BUSY_FILE exists). For the held-launch tests,
- * cuFuncGetParamInfo, cuCtxSetCurrent, cuMemcpyDtoDAsync_v2 and cuKernelGet/SetAttribute (below). For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
+ * cuFuncGetParamInfo, cuCtxSetCurrent, cuMemcpyDtoDAsync_v2, cuPointerGetAttribute, cuFuncSetAttribute
+ * and cuKernelGet/SetAttribute (below). For the deferred-join tests: cuGetProcAddress(_v2) hands out the few entry
  * points of its table below; cuMemcpyDtoH_v2, cuMemsetD8_v2, cuCtxSynchronize, cuStreamSynchronize
  * and cuFakeManyArgs (not a driver function: 9 integer and 9 double arguments, so some on the
  * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
@@ -281,6 +282,16 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t cou
 }
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream) {
     logf_("cuMemcpyDtoDAsync %#lx %zu", (unsigned long)(uintptr_t)stream, bytes);
+    return CUDA_SUCCESS;
+}
+/* Device memory: every address but 0x4057 (host memory, for the held-copy tests). */
+EXPORT CUresult cuPointerGetAttribute(void *data, CUpointer_attribute attr, CUdeviceptr ptr) {
+    if (attr != CU_POINTER_ATTRIBUTE_MEMORY_TYPE) return CUDA_ERROR_NOT_SUPPORTED;
+    *(unsigned *)data = ptr == 0x4057 ? CU_MEMORYTYPE_HOST : CU_MEMORYTYPE_DEVICE;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute attr, int value) {
+    logf_("cuFuncSetAttribute %d %d", (int)attr, value);
     return CUDA_SUCCESS;
 }
 /* Kernel attributes: one stored value per attribute, shared by every kernel; sets are logged. */

@@ -217,6 +217,7 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuFuncGetParamInfo, "cuFuncGetParamInfo")                             \
     X(cuKernelGetFunction, "cuKernelGetFunction")                           \
     X(cuKernelGetAttribute, "cuKernelGetAttribute")                         \
+    X(cuPointerGetAttribute, "cuPointerGetAttribute")                       \
     X(cuCtxSetCurrent, "cuCtxSetCurrent")
 
 #define DECLARE_DRIVER(name, symbol) static __typeof__(&name) drv_##name;
@@ -418,7 +419,7 @@ static void notice_once(int which, const char *fmt, ...) {
     va_end(ap);
 }
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
-       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH };
+       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -554,7 +555,7 @@ static void init_body(void) {
         char *depth_end = NULL;
         double depth_us = strtod(depth_text, &depth_end);
         if (depth_end == depth_text || *depth_end || !(depth_us >= 0 && depth_us <= 1e7))
-            notice_once(WARN_DISPATCH, "LITHOS_DISPATCH_DEPTH_US=%s is not a number of microseconds in 0..1e7: half the atom is used", depth_text);
+            notice_once(WARN_DISPATCH_CONFIG, "LITHOS_DISPATCH_DEPTH_US=%s is not a number of microseconds in 0..1e7: half the atom is used", depth_text);
         else
             g.dispatch_depth_ns = (uint64_t)(depth_us * 1000.0);
     }
@@ -1868,6 +1869,7 @@ typedef struct {
     int op; /* HELD_KERNEL; HELD_MEMSET or HELD_COPY are sent at once when they reach the head */
     int gated;              /* GATED_TO_BORROW once the gate waited for the queue to let it borrow */
     unsigned borrow_tpcs;   /* kernels: the own TPCs of its view when it could borrow, else 0 */
+    const allowance_route *route; /* kernels: the allowance it was held under (routes are never freed) */
     lithos_kernel_key key;  /* kernels: what its time is predicted by */
     CUdeviceptr mem_dst, mem_src; /* memsets and device-to-device copies */
     unsigned mem_value, mem_width; /* memsets: the value; its width in bytes (1, 2 or 4) */
@@ -1972,9 +1974,10 @@ static int dispatch_gate_open(held_launch *h) {
     uint64_t own_ns = h->borrow_tpcs ? predict_ns(&h->key, h->borrow_tpcs) : 0; /* as choose_lending will */
     if (own_ns && own_ns <= atom_ns && atom_ns - own_ns < depth_ns && ahead_ns > atom_ns - own_ns) {
         const lithos_slot *me = slot_at_index(g.slot);
-        uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE), mask[LITHOS_MASK_WORDS] = {0};
+        uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE), mask[LITHOS_MASK_WORDS];
         if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
-        if (lender_mask && idle_lenders(lender_mask, now_ns, mask)) {
+        memcpy(mask, h->route->tpc_mask, sizeof(mask));
+        if (lender_mask && idle_lenders(lender_mask, now_ns, mask) && memcmp(mask, h->route->tpc_mask, sizeof(mask)) != 0) {
             if (ahead_ns <= depth_ns && h->gated != GATED_TO_BORROW) count_dispatch(DISPATCH_GATED_TO_BORROW, 1);
             h->gated = GATED_TO_BORROW;
             depth_ns = atom_ns - own_ns;
@@ -2123,7 +2126,13 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
         count_dispatch(DISPATCH_NO_LAYOUT, 1);
         return 0;
     }
-    if (q->api == LITHOS_API_LAUNCH_KERNEL_EX && (!q->config || q->config->numAttrs > HELD_ATTRS)) return 0;
+    if (q->api == LITHOS_API_LAUNCH_KERNEL_EX) {
+        if (!q->config || q->config->numAttrs > HELD_ATTRS) return 0;
+        for (unsigned i = 0; i < q->config->numAttrs; i++) /* events the launch records: queried without a drain */
+            if (q->config->attrs[i].id == CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_EVENT ||
+                q->config->attrs[i].id == CU_LAUNCH_ATTRIBUTE_LAUNCH_COMPLETION_EVENT)
+                return 0;
+    }
     const void *packed = NULL;
     size_t bytes = info->param_bytes;
     if (!q->params && q->extra) { /* only the packed-buffer form */
@@ -2159,6 +2168,7 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     h->op = HELD_KERNEL;
     h->gated = 0;
     h->key = *key;
+    h->route = route;
     h->borrow_tpcs = confined && key->grid_blocks > SMS_PER_TPC * route->views[view].tpcs ? route->views[view].tpcs : 0;
     h->ctx = ctx, h->stream = app_stream, h->function = q->function, h->info = info, h->api = q->api;
     h->packed = packed != NULL, h->arg_bytes = bytes, h->shared_bytes = q->shared_bytes;
@@ -2183,12 +2193,21 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     return 1;
 }
 
+/* Whether ptr is device memory (not host memory reached through unified addressing: a copy to or
+ * from pageable memory may complete before it returns, and an invalid pointer must fail at once). */
+static int is_device_memory(CUdeviceptr ptr) {
+    unsigned type = 0;
+    return drv_cuPointerGetAttribute &&
+           drv_cuPointerGetAttribute(&type, CU_POINTER_ATTRIBUTE_MEMORY_TYPE, ptr) == CUDA_SUCCESS && type == CU_MEMORYTYPE_DEVICE;
+}
+
 /* A memset or device-to-device copy behind held launches is held too (its stream's order), instead
  * of draining the FIFO: libraries issue them between kernels (cuBLAS split-K, cuDNN workspaces,
  * optimizer steps). Returns 1 when held. */
 static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned value, unsigned width, size_t count, CUstream stream) {
     if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || stream == CU_STREAM_PER_THREAD)
         return 0;
+    if (!is_device_memory(dst) || (op == HELD_COPY && !is_device_memory(src))) return 0; /* host memory: the driver's rules */
     CUcontext ctx = NULL;
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
     if (drv_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx || drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS ||

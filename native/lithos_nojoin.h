@@ -33,7 +33,6 @@
     X("cuGetErrorString", 0)                                                                        \
     /* functions, kernels, libraries, modules: metadata of loaded code                          */  \
     X("cuFuncGetAttribute", 0)                                                                      \
-    X("cuFuncSetAttribute", 0)     /* applies to later launches only                           */  \
     X("cuFuncGetName", 0)                                                                           \
     X("cuFuncGetParamInfo", 0)                                                                      \
     X("cuKernelGet", 1)            /* cuKernelGetFunction/Attribute/Name/ParamInfo/Library      */  \

@@ -1737,6 +1737,7 @@ def test_a_copy_and_an_unchanged_kernel_attribute_keep_held_launches_held(fake_d
     assert lib.cuMemcpyDtoDAsync_v2(ctypes.c_uint64(0xd0), ctypes.c_uint64(0xe0), 64, ctypes.c_void_p(s)) == 0
     max_dynamic_shared = 8                     # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     assert lib.cuKernelSetAttribute(max_dynamic_shared, 0, ctypes.c_void_p(0x5), 0) == 0   # already 0
+    assert lib.cuFuncSetAttribute(ctypes.c_void_p(0x88), max_dynamic_shared, 0) == 0       # the same
     launch_args(s, 2)
     c = counts9()
     show("held", c[0], "copies", c[11], "same", c[12], "by_hook", c[9], "at_once", c[5])
@@ -1747,7 +1748,7 @@ def test_a_copy_and_an_unchanged_kernel_attribute_keep_held_launches_held(fake_d
     assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
     for line in launch_lines(): show(line)
     """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
-    assert lines[0] == ["held", "3", "copies", "1", "same", "1", "by_hook", "0", "at_once", "0"]
+    assert lines[0] == ["held", "3", "copies", "1", "same", "2", "by_hook", "0", "at_once", "0"]
     assert lines[1] == ["sent", "4", "by_hook", "1"]
     ops = [(w[0], w[2] if w[0] == "cuLaunchKernel" else "") for w in lines[2:]]
     assert ops == [("cuLaunchKernel", "args=0,0"), ("cuLaunchKernel", "args=1,2"), ("cuMemcpyDtoDAsync", ""),
@@ -1789,3 +1790,22 @@ def test_a_bad_dispatch_depth_is_named_and_half_the_atom_is_used(fake_driver, le
     """), dispatch_env(fake_driver, lend_table, LITHOS_DISPATCH_DEPTH_US=depth))
     assert lines == [["1", "1"]]
     assert f"LITHOS_DISPATCH_DEPTH_US={depth} is not a number of microseconds" in stderr
+
+
+def test_a_copy_from_host_memory_is_not_held(fake_driver, lend_table, tmp_path):
+    """Unified addressing lets cuMemcpyDtoDAsync reach host memory, where the driver may finish the copy
+    before returning: such a copy sends the held launches first and goes to the driver itself."""
+    busy = tmp_path / "busy"
+    busy.write_text("")
+    lend_table.set_lending(0, [1], low_priority=True)
+    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    lines = run_dispatch_client(f"""
+    s = create(1)
+    full_log()
+    launch_args(s, 0); launch_args(s, 1)
+    assert lib.cuMemcpyDtoDAsync_v2(ctypes.c_uint64(0x4057), ctypes.c_uint64(0xe0), 64, ctypes.c_void_p(s)) == 0
+    c = counts9()
+    show("copies", c[11], "sent", c[1])
+    os.remove({str(busy)!r})
+    """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
+    assert lines == [["copies", "0", "sent", "2"]]
