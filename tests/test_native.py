@@ -1600,6 +1600,16 @@ def dispatch_env(fake_driver, table, **extra):
     return lend_env(fake_driver, table, **{"LITHOS_DISPATCH": "1", **extra})
 
 
+def busy_borrower(table, tmp_path):
+    """Slot 0 borrows from slot 1 (low priority); unknown kernels look 180 ms long. Returns the file whose
+    existence keeps the fake's streams busy (FAKE_STREAM_BUSY_FILE), created."""
+    busy = tmp_path / "busy"
+    busy.write_text("")
+    table.set_lending(0, [1], low_priority=True)
+    table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    return busy
+
+
 def test_held_launches_are_sent_in_order_with_their_arguments_copied_and_borrow(fake_driver, lend_table):
     lend_table.set_lending(0, [1], low_priority=True)
     lines = run_dispatch_client("""
@@ -1627,10 +1637,7 @@ def test_held_launches_are_sent_in_order_with_their_arguments_copied_and_borrow(
 
 
 def test_a_held_launch_waits_at_the_depth_gate_until_its_stream_drains(fake_driver, lend_table, tmp_path):
-    busy = tmp_path / "busy"
-    busy.write_text("")
-    lend_table.set_lending(0, [1], low_priority=True)
-    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    busy = busy_borrower(lend_table, tmp_path)
     lines = run_dispatch_client(f"""
     s = create(1)
     for i in range(3): launch_args(s, i)      # unknown kernels: the first makes the queue look 180 ms deep
@@ -1689,10 +1696,7 @@ def test_a_lender_without_a_lend_list_never_holds(fake_driver, lend_table):
 
 
 def test_a_memset_behind_held_launches_is_held_in_stream_order(fake_driver, lend_table, tmp_path):
-    busy = tmp_path / "busy"
-    busy.write_text("")
-    lend_table.set_lending(0, [1], low_priority=True)
-    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    busy = busy_borrower(lend_table, tmp_path)
     lines = run_dispatch_client(f"""
     s = create(1)
     full_log()
@@ -1726,10 +1730,7 @@ def test_a_copy_and_an_unchanged_kernel_attribute_keep_held_launches_held(fake_d
     """A device-to-device copy behind held launches is held in stream order; setting a kernel attribute
     to the value in force changes nothing, so it sends nothing; changing one first sends every held launch
     (they were launched under the old value)."""
-    busy = tmp_path / "busy"
-    busy.write_text("")
-    lend_table.set_lending(0, [1], low_priority=True)
-    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    busy = busy_borrower(lend_table, tmp_path)
     lines = run_dispatch_client(f"""
     s = create(1)
     full_log()
@@ -1795,10 +1796,7 @@ def test_a_bad_dispatch_depth_is_named_and_half_the_atom_is_used(fake_driver, le
 def test_a_copy_from_host_memory_is_not_held(fake_driver, lend_table, tmp_path):
     """Unified addressing lets cuMemcpyDtoDAsync reach host memory, where the driver may finish the copy
     before returning: such a copy sends the held launches first and goes to the driver itself."""
-    busy = tmp_path / "busy"
-    busy.write_text("")
-    lend_table.set_lending(0, [1], low_priority=True)
-    lend_table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=180_000)
+    busy = busy_borrower(lend_table, tmp_path)
     lines = run_dispatch_client(f"""
     s = create(1)
     full_log()
