@@ -317,7 +317,8 @@ def test_held_launches_give_bitwise_the_results_of_the_program_without_the_shim(
         table.clear(6)
     counts = held["counts"]
     assert held["results"] == plain["results"], counts
-    assert counts["held"] > 3000 and counts["sent"] == counts["held"] and counts["dispatch_failed"] == 0, counts
+    sent_ops = counts["held"] + counts["held_memsets"] + counts["held_copies"]   # sent counts memsets and copies too
+    assert counts["held"] > 3000 and counts["sent"] == sent_ops and counts["dispatch_failed"] == 0, counts
     assert counts["borrowed"] > 100, counts
 
 
