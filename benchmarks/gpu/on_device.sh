@@ -84,7 +84,7 @@ for s in "$@"; do
     colocate-pace-always) colocate_short pace_always --lend-pace always || status=1 ;;
     colocate-pace-off) colocate_short pace_off --lend-pace off || status=1 ;;
     dispatch)
-      timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
+      timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held or attribute" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
     borrow-training)
