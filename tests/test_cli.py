@@ -1,13 +1,13 @@
 """The `lithos-ray` CLI as a user runs it: start/status/stop on this machine, and its error messages."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 CLI = [sys.executable, "-m", "lithos_ray.cli"]
 
@@ -22,12 +22,6 @@ def env(tmp_path_factory):
              LITHOS_DASHBOARD_PORT="0")
     e.pop("RAY_ADDRESS", None)
     return e
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_input_is_refused_at_the_boundary(env):

@@ -5,7 +5,6 @@ One Ray cluster (and one Serve instance) for the whole module; every actor uses 
 """
 import logging
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -14,6 +13,7 @@ import pytest
 import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
+from conftest import free_port
 from test_cluster import wait_for
 
 import lithos_ray.serve as lithos_serve
@@ -22,12 +22,6 @@ from lithos_ray.node import node_gpus, ray_node_options, start_agents, stop_agen
 from lithos_ray.status import cluster_status
 
 NO_CPU = {"num_cpus": 0}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_simulated_ray(simulate: str, run_dir) -> int:
