@@ -33,6 +33,8 @@
 #   3. carry [.raywhl/part_aa, proto stubs]  ... setup ray-part1 colocate         (the whole comparison, ~8 min)
 #   4. carry [.raywhl/part_ab, .servewhl, proto stubs]  ... setup ray ray-tests serve
 #   (LITHOS_COMMIT=... must prefix the script, so every step records it)
+#   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
+#   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
