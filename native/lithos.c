@@ -1647,6 +1647,12 @@ static uint64_t queue_wait_ns(uint64_t *end_ns, uint64_t now_ns, uint64_t predic
     return ahead + predicted_ns - atom_ns;
 }
 
+/* The slots this client may borrow from (its lend list, itself left out). */
+static uint64_t my_lender_mask(const lithos_slot *me) {
+    uint64_t mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
+    return g.slot < LITHOS_LEND_SLOTS ? mask & ~(1ull << g.slot) : mask;
+}
+
 /* Idle lenders of this slot at now_ns, and the union of their TPCs with `own_mask`. */
 static uint64_t idle_lenders(uint64_t lender_mask, uint64_t now_ns, uint64_t mask[LITHOS_MASK_WORDS]) {
     uint64_t idle_window_ns = __atomic_load_n(&g.table->lend_idle_window_ns[0], __ATOMIC_RELAXED), lenders = 0;
@@ -1688,8 +1694,7 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
     c->route = own;
     c->own_tpcs = own->views[view].tpcs;
     const lithos_slot *me = slot_at_index(g.slot);
-    uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
-    if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
+    uint64_t lender_mask = my_lender_mask(me);
     if (!lender_mask || !g.activity) return;
     c->predicted_own_ns = own_ns; /* recorded only when the launch may borrow */
     uint64_t atom_ns = __atomic_load_n(&g.table->lend_atom_ns[0], __ATOMIC_RELAXED);
@@ -1864,10 +1869,9 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
 #define DISPATCH_NAP_MAX_NS 20000u
 
 enum { HELD_KERNEL = 0, HELD_MEMSET = 1, HELD_COPY = 2 };
-enum { GATED_TO_BORROW = 1 };
 typedef struct {
     int op; /* HELD_KERNEL; HELD_MEMSET or HELD_COPY are sent at once when they reach the head */
-    int gated;              /* GATED_TO_BORROW once the gate waited for the queue to let it borrow */
+    int gated_to_borrow;    /* the gate waited for the queue to let it borrow (counted once) */
     unsigned borrow_tpcs;   /* kernels: the own TPCs of its view when it could borrow, else 0 */
     const allowance_route *route; /* kernels: the allowance it was held under (routes are never freed) */
     lithos_kernel_key key;  /* kernels: what its time is predicted by */
@@ -1973,13 +1977,11 @@ static int dispatch_gate_open(held_launch *h) {
     uint64_t ahead_ns = queue->end_ns > now_ns ? queue->end_ns - now_ns : 0;
     uint64_t own_ns = h->borrow_tpcs ? predict_ns(&h->key, h->borrow_tpcs) : 0; /* as choose_lending will */
     if (own_ns && own_ns <= atom_ns && atom_ns - own_ns < depth_ns && ahead_ns > atom_ns - own_ns) {
-        const lithos_slot *me = slot_at_index(g.slot);
-        uint64_t lender_mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE), mask[LITHOS_MASK_WORDS];
-        if (g.slot < LITHOS_LEND_SLOTS) lender_mask &= ~(1ull << g.slot);
+        uint64_t lender_mask = my_lender_mask(slot_at_index(g.slot)), mask[LITHOS_MASK_WORDS];
         memcpy(mask, h->route->tpc_mask, sizeof(mask));
         if (lender_mask && idle_lenders(lender_mask, now_ns, mask) && memcmp(mask, h->route->tpc_mask, sizeof(mask)) != 0) {
-            if (ahead_ns <= depth_ns && h->gated != GATED_TO_BORROW) count_dispatch(DISPATCH_GATED_TO_BORROW, 1);
-            h->gated = GATED_TO_BORROW;
+            if (ahead_ns <= depth_ns && !h->gated_to_borrow) count_dispatch(DISPATCH_GATED_TO_BORROW, 1);
+            h->gated_to_borrow = 1;
             depth_ns = atom_ns - own_ns;
         }
     }
@@ -2104,6 +2106,17 @@ static int dispatcher_running(void) {
     return 1;
 }
 
+/* Called with held.lock held: the FIFO's next free entry, once there is room. */
+static held_launch *fifo_tail_locked(void) {
+    if (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) {
+        count_dispatch(DISPATCH_FULL, 1);
+        __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+        while (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) pthread_cond_wait(&held.moved, &held.lock);
+        __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
+    }
+    return &held.ring[held.pushed % HELD_MAX];
+}
+
 /* Hold the launch for the dispatcher when it qualifies (see above), or, with a known layout, when
  * launches are held already (kept in order instead of draining the FIFO). Returns 1 when held. */
 static int hold_launch(const launch_request *q, const allowance_route *route, const func_info *info, const func_info *scratch,
@@ -2115,9 +2128,7 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     int confined = !__atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) && !route->whole_gpu && route->views[view].green;
     if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE)) {
         const lithos_slot *me = slot_at_index(g.slot);
-        uint64_t lenders = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
-        if (g.slot < LITHOS_LEND_SLOTS) lenders &= ~(1ull << g.slot);
-        if (!confined || !lenders ||
+        if (!confined || !my_lender_mask(me) ||
             (g.dispatch == DISPATCH_LOW_PRIORITY &&
              !(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY)))
             return 0;
@@ -2153,20 +2164,14 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
         pthread_mutex_unlock(&held.lock);
         return 0;
     }
-    if (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) {
-        count_dispatch(DISPATCH_FULL, 1);
-        __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
-        while (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) pthread_cond_wait(&held.moved, &held.lock);
-        __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
-    }
-    held_launch *h = &held.ring[held.pushed % HELD_MAX];
+    held_launch *h = fifo_tail_locked();
     h->args = bytes <= HELD_INLINE_ARGS ? h->inline_args : malloc(bytes);
     if (!h->args) {
         pthread_mutex_unlock(&held.lock);
         return 0;
     }
     h->op = HELD_KERNEL;
-    h->gated = 0;
+    h->gated_to_borrow = 0;
     h->key = *key;
     h->route = route;
     h->borrow_tpcs = confined && key->grid_blocks > SMS_PER_TPC * route->views[view].tpcs ? route->views[view].tpcs : 0;
@@ -2218,13 +2223,7 @@ static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned val
         pthread_mutex_unlock(&held.lock);
         return 0;
     }
-    if (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) {
-        count_dispatch(DISPATCH_FULL, 1);
-        __atomic_add_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
-        while (held.pushed - __atomic_load_n(&held.sent, __ATOMIC_SEQ_CST) >= HELD_MAX) pthread_cond_wait(&held.moved, &held.lock);
-        __atomic_sub_fetch(&held.waiters, 1, __ATOMIC_SEQ_CST);
-    }
-    held_launch *h = &held.ring[held.pushed % HELD_MAX];
+    held_launch *h = fifo_tail_locked();
     h->op = op;
     h->ctx = ctx, h->stream = stream;
     h->mem_dst = dst, h->mem_src = src, h->mem_value = value, h->mem_width = width, h->mem_count = count;
@@ -2485,38 +2484,34 @@ COPY_HOOK(cuMemcpyDtoDAsync_v2_ptsz, 1)
 /* Kernel attributes apply to later launches, held ones included: a set that changes a value first
  * sends every held launch; one that sets the value already in force changes nothing and holds
  * nothing up (PyTorch's attention kernels set their shared memory size before every launch). Only
- * attributes whose get returns what set stored are compared. Owed joins need no flush. */
-static int attribute_compared(CUfunction_attribute attrib) {
-    return attrib == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES || attrib == CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+ * attributes whose get returns what set stored are compared. Owed joins need no flush.
+ * Called before a set (of `function`, else of `kernel` on `dev`): 1 when it may be skipped. */
+static int attribute_set_changes_nothing(CUfunction_attribute attrib, int value, CUfunction function, CUkernel kernel, CUdevice dev) {
+    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher) return 0;
+    int current = 0;
+    if (attrib == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES || attrib == CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT) {
+        CUresult r = function ? (drv_cuFuncGetAttribute ? drv_cuFuncGetAttribute(&current, attrib, function) : CUDA_ERROR_NOT_FOUND)
+                              : (drv_cuKernelGetAttribute ? drv_cuKernelGetAttribute(&current, attrib, kernel, dev) : CUDA_ERROR_NOT_FOUND);
+        if (r == CUDA_SUCCESS && current == value) {
+            count_dispatch(DISPATCH_SAME_ATTRIBUTE, 1);
+            return 1;
+        }
+    }
+    if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
+    return 0;
 }
 
 EXPORT CUresult cuKernelSetAttribute(CUfunction_attribute attrib, int value, CUkernel kernel, CUdevice dev) {
     ensure_init();
     if (!real_cuKernelSetAttribute) return CUDA_ERROR_NOT_FOUND;
-    if (__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.is_dispatcher) {
-        int current = 0;
-        if (attribute_compared(attrib) && drv_cuKernelGetAttribute &&
-            drv_cuKernelGetAttribute(&current, attrib, kernel, dev) == CUDA_SUCCESS && current == value) {
-            count_dispatch(DISPATCH_SAME_ATTRIBUTE, 1);
-            return CUDA_SUCCESS;
-        }
-        if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
-    }
+    if (attribute_set_changes_nothing(attrib, value, NULL, kernel, dev)) return CUDA_SUCCESS;
     return real_cuKernelSetAttribute(attrib, value, kernel, dev);
 }
 
 EXPORT CUresult cuFuncSetAttribute(CUfunction function, CUfunction_attribute attrib, int value) {
     ensure_init();
     if (!real_cuFuncSetAttribute) return CUDA_ERROR_NOT_FOUND;
-    if (__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) && !tls.is_dispatcher) {
-        int current = 0;
-        if (attribute_compared(attrib) && drv_cuFuncGetAttribute &&
-            drv_cuFuncGetAttribute(&current, attrib, function) == CUDA_SUCCESS && current == value) {
-            count_dispatch(DISPATCH_SAME_ATTRIBUTE, 1);
-            return CUDA_SUCCESS;
-        }
-        if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
-    }
+    if (attribute_set_changes_nothing(attrib, value, function, NULL, 0)) return CUDA_SUCCESS;
     return real_cuFuncSetAttribute(function, attrib, value);
 }
 
