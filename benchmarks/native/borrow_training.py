@@ -28,22 +28,14 @@ OWN_TPCS = 22
 MODES = ("own_only", "lending", "held", "whole_gpu")
 
 STEP_PROGRAM = r"""
-import json, sys, time, torch, torchvision
+import json, sys, time, torch
+sys.path.insert(0, sys.argv[2])
+from e2e_worker import resnet50_training_step
 from lithos_ray.native import thread_shim_counts
 steps = int(sys.argv[1])
-torch.manual_seed(0)
-model = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-x = torch.randn(32, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-y = torch.randint(0, 1000, (32,), device="cuda")
 stream = torch.cuda.Stream()
-def step():
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    optimizer.step()
 with torch.cuda.stream(stream):
+    step = resnet50_training_step(32)
     for _ in range(8):
         step()
     stream.synchronize()
@@ -67,7 +59,7 @@ def run_mode(table, mode, steps):
     env = {**os.environ, **native.client_env(table.path, 0), "LITHOS_DISPATCH": "1" if mode == "held" else "0",
            "LITHOS_SAMPLE_EVERY": "8"}
     try:
-        proc = subprocess.run([sys.executable, "-c", STEP_PROGRAM, str(steps)], env=env, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", STEP_PROGRAM, str(steps), HERE], env=env, capture_output=True, text=True,
                               timeout=240)
     finally:
         table.set_lending(0, [], low_priority=False)

@@ -123,13 +123,14 @@ def on_side_stream(make):
         return make()
 
 
-def resnet50():
+def resnet50_training_step(batch: int):
+    """One ResNet-50 training step (random weights and data, bf16 autocast, channels_last, SGD momentum)."""
     import torchvision
     torch.manual_seed(0)
     model = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(64, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (64,), device="cuda")
+    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device="cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -137,7 +138,11 @@ def resnet50():
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-    return timed(step, 10, 40)
+    return step
+
+
+def resnet50():
+    return timed(resnet50_training_step(64), 10, 40)
 
 
 def bert_base():
