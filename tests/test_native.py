@@ -1584,7 +1584,7 @@ def wait_for(condition, timeout=30):
 def launch_lines():
     return [l for l in full_log() if l.startswith(("cuLaunchKernel", "cuStreamSynchronize", "cuMemsetD8", "cuGraphLaunch",
                                                    "cuMemcpyDtoDAsync", "cuKernelSetAttribute"))]
-def counts9():
+def all_dispatch_counts():
     c = (ctypes.c_uint64 * 14)()
     lib.lithos_client_dispatch_counts(c, 14)
     return list(c)
@@ -1704,7 +1704,7 @@ def test_a_memset_behind_held_launches_is_held_in_stream_order(fake_driver, lend
     launch_args(s, 0); launch_args(s, 1)       # the second waits at the depth gate (the stream is busy)
     assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, ctypes.c_void_p(s)) == 0
     launch_args(s, 2)
-    c = counts9()
+    c = all_dispatch_counts()
     show("held", c[0], "memsets", c[10], "at_once", c[5])
     os.remove({str(busy)!r})
     assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
@@ -1721,7 +1721,7 @@ def test_a_memset_with_nothing_held_goes_straight_to_the_driver(fake_driver, len
     s = create(1)
     full_log()
     assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, ctypes.c_void_p(s)) == 0
-    show(counts9()[10])
+    show(all_dispatch_counts()[10])
     for line in launch_lines(): show(line)
     """, dispatch_env(fake_driver, lend_table))
     assert lines[0] == ["0"] and lines[1][0] == "cuMemsetD8Async"
@@ -1741,10 +1741,10 @@ def test_a_copy_and_an_unchanged_kernel_attribute_keep_held_launches_held(fake_d
     assert lib.cuKernelSetAttribute(max_dynamic_shared, 0, ctypes.c_void_p(0x5), 0) == 0   # already 0
     assert lib.cuFuncSetAttribute(ctypes.c_void_p(0x88), max_dynamic_shared, 0) == 0       # the same
     launch_args(s, 2)
-    c = counts9()
+    c = all_dispatch_counts()
     show("held", c[0], "copies", c[11], "same", c[12], "by_hook", c[9], "at_once", c[5])
     assert lib.cuKernelSetAttribute(max_dynamic_shared, 4096, ctypes.c_void_p(0x5), 0) == 0  # a change
-    c = counts9()
+    c = all_dispatch_counts()
     show("sent", c[1], "by_hook", c[9])
     os.remove({str(busy)!r})
     assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
@@ -1775,7 +1775,7 @@ def test_a_held_launch_that_could_borrow_waits_until_its_queue_lets_it(fake_driv
     assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
     after = lending()
     show("borrowed", after["borrowed"] - before["borrowed"], "too_deep", after["too_deep"] - before["too_deep"])
-    show("gated_to_borrow", counts9()[13] > 0)
+    show("gated_to_borrow", all_dispatch_counts()[13] > 0)
     """, dispatch_env(fake_driver, lend_table, FAKE_KERNEL_US="120", LITHOS_DISPATCH_DEPTH_US="100000",
                       FAKE_STREAM_BUSY_FILE=str(busy)))
     assert lines == [["borrowed", "6", "too_deep", "0"], ["gated_to_borrow", "True"]]
@@ -1803,7 +1803,7 @@ def test_a_copy_from_host_memory_is_not_held(fake_driver, lend_table, tmp_path):
     full_log()
     launch_args(s, 0); launch_args(s, 1)
     assert lib.cuMemcpyDtoDAsync_v2(ctypes.c_uint64(0x4057), ctypes.c_uint64(0xe0), 64, ctypes.c_void_p(s)) == 0
-    c = counts9()
+    c = all_dispatch_counts()
     show("copies", c[11], "sent", c[1])
     os.remove({str(busy)!r})
     """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
