@@ -59,6 +59,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mps-be-percent", type=int, default=None,
                         help="CUDA_MPS_ACTIVE_THREAD_PERCENTAGE of the best-effort job in mps_pct (1..100; "
                              "default: its static quota's share of the GPU's TPCs)")
+    parser.add_argument("--lc-groups", action="append", default=[], metavar="MIX=N[,N...]",
+                        help="the services' quotas in co-scheduled 4-TPC groups for static/lithos, one count per "
+                             "service, e.g. hybrid=14 or inference=7,7 (repeatable; the best-effort job gets the rest; "
+                             "defaults: " + ", ".join(f"{m.name}={','.join(map(str, m.lc_quota_groups))}"
+                                                      for m in plan.MIXES.values()) + ")")
     parser.add_argument("--atom-us", type=float, default=250.0, help="lithos atom budget in microseconds (default 250)")
     parser.add_argument("--sample-every", type=int, default=8,
                         help="shim workers time one launch in N at random (LITHOS_SAMPLE_EVERY; default 8: the "
@@ -82,7 +87,7 @@ def _checked(args):
     try:
         plan = plan_module.build_plan(mixes=args.mixes, systems=args.systems, variants=args.variants, trials=args.trials,
                                       budget_s=args.budget_s, phase_s=args.phase_s, warmup_s=args.warmup_s,
-                                      load=args.load, resnet_batch=args.resnet_batch)
+                                      load=args.load, resnet_batch=args.resnet_batch, lc_groups=args.lc_groups)
     except ValueError as exc:
         raise LithosRequestError(str(exc)) from None
     if args.mps_be_percent is not None and not (isinstance(args.mps_be_percent, int) and 1 <= args.mps_be_percent <= 100):
@@ -155,7 +160,7 @@ def run(args) -> int:
                             "workloads": {n: vars(w) for n, w in plan.workloads.items()},
                             "mix_definitions": {m: {"services": list(plan_module.MIXES[m].services),
                                                     "best_effort": plan_module.MIXES[m].best_effort,
-                                                    "lc_quota_groups": list(plan_module.MIXES[m].lc_quota_groups)}
+                                                    "lc_quota_groups": list(plan.lc_quota_groups[m])}
                                                 for m in plan.mixes},
                             "atom_us": args.atom_us, "seed": args.seed},
                    "elapsed_s": round(state.timeline[-1]["t_s"], 1) if state.timeline else 0.0,

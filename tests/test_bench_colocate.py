@@ -175,10 +175,23 @@ def test_budget_planner_refuses_what_does_not_fit_and_honours_phase_s():
     ({"budget_s": 10}, r"--budget-s must be a number in \[60, 3600\]"),
     ({"phase_s": 0.5}, r"--phase-s must be a number in \[2, 120\]"),
     ({"resnet_batch": 16}, r"--resnet-batch must be an integer in \[1, 8\]"),
+    ({"lc_groups": ["offline=3"]}, "MIX one of inference, hybrid"),
+    ({"lc_groups": ["inference=7"]}, r"inference has 2 service\(s\) \(resnet50, bert_base\); give one group count each"),
+    ({"lc_groups": ["hybrid=x"]}, "hybrid has 1 service"),
+    ({"lc_groups": ["hybrid=0"]}, "every service needs at least one 4-TPC group"),
+    ({"lc_groups": ["hybrid=15"]}, "the best-effort job needs at least one"),
 ])
 def test_bad_choices_are_refused_with_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan.build_plan(**kwargs)
+
+
+def test_lc_groups_replace_one_mix_s_quotas_and_keep_the_others():
+    built = plan.build_plan(mixes="inference,hybrid", lc_groups=["hybrid=14"])
+    assert built.lc_quota_groups == {"inference": (6, 6), "hybrid": (14,)}
+    assert "hybrid=14" in plan.describe(built) and "inference=6,6" in plan.describe(built)
+    assert plan.build_plan(lc_groups=["inference=7,7", "hybrid=2"]).lc_quota_groups == {"inference": (7, 7),
+                                                                                       "hybrid": (2,)}
 
 
 def test_quotas_are_whole_groups_for_services_and_the_rest_for_best_effort():
@@ -271,6 +284,7 @@ def test_cli_dry_run_prints_the_plan(capsys):
     (("--tag", "a/b"), "--tag 'a/b'"),
     (("--seed", "-1"), "--seed must be a non-negative integer"),
     (("--sample-every", "0"), "--sample-every must be an integer in 1..1000000"),
+    (("--lc-groups", "hybrid=1,2"), "hybrid has 1 service"),
 ])
 def test_cli_refuses_bad_input_before_touching_a_gpu(argv, message):
     with pytest.raises(LithosRequestError, match=message):

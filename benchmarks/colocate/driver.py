@@ -20,8 +20,9 @@ import numpy as np
 from lithos_ray.scheduler import allocator, lending
 
 from . import metrics
-from .plan import (BEST_EFFORT, CALIBRATE_S, ESTIMATE_GROUP_START_S, LATENCY_CRITICAL, MIXES, PHASE_DRAIN_S,
-                   PHASE_LEAD_S, Group, Phase, Plan, assign_quotas, mps_be_percent)
+from .plan import (BEST_EFFORT, CALIBRATE_S, ESTIMATE_GROUP_START_S, LATENCY_CRITICAL, MIXES,
+                   NOMINAL_H100_SLICES, PHASE_DRAIN_S, PHASE_LEAD_S, Group, Phase, Plan, assign_quotas,
+                   mps_be_percent)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READY_TIMEOUT_S = 240.0
@@ -343,7 +344,7 @@ class Run:
         table = self.ensure_table()
         mix = MIXES[mix_name]
         slices = allocator.slices_from_cosched_groups(table.cosched_groups(), table.tpcs_on_gpu)
-        quota_list = assign_quotas(slices, mix.lc_quota_groups)
+        quota_list = assign_quotas(slices, self.plan.lc_quota_groups[mix_name])
         names = (*mix.services, mix.best_effort)
         setup = {"slots": {name: slot for slot, name in enumerate(names)},
                  "quota_tpcs": {name: list(q) for name, q in zip(names, quota_list)},
@@ -360,8 +361,8 @@ class Run:
         if "quota_tpcs" in setup:
             return mps_be_percent(len(setup["quota_tpcs"][MIXES[mix_name].best_effort]), setup["total_tpcs"])
         # nominal H100 layout (no shim group ran): 15 co-scheduled groups of 4 TPCs + 6 loose TPCs
-        nominal = [tuple(range(4 * i, 4 * i + 4)) for i in range(15)] + [(t,) for t in range(60, 66)]
-        return mps_be_percent(len(assign_quotas(nominal, MIXES[mix_name].lc_quota_groups)[-1]), 66)
+        quotas = assign_quotas(NOMINAL_H100_SLICES, self.plan.lc_quota_groups[mix_name])
+        return mps_be_percent(len(quotas[-1]), sum(map(len, NOMINAL_H100_SLICES)))
 
     # --- phases ------------------------------------------------------------------------------------
     def seed_of(self, phase: Phase, name: str) -> int:

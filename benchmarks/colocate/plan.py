@@ -119,6 +119,7 @@ class Plan:
     load: float
     phase_s: float
     workloads: dict[str, Workload]
+    lc_quota_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per mix, after --lc-groups
     groups: list[Group] = field(default_factory=list)
     estimate: dict = field(default_factory=dict)
 
@@ -150,7 +151,7 @@ def _check_range(value, what: str, low: float, high: float, integer: bool = Fals
 
 def build_plan(mixes="inference,hybrid", systems=",".join(SYSTEMS), variants="eager,graph", trials: int = 3,
                budget_s: float = 480.0, phase_s: float | None = None, warmup_s: float = 0.5, load: float = 0.3,
-               resnet_batch: int = 8) -> Plan:
+               resnet_batch: int = 8, lc_groups=()) -> Plan:
     """Validate the choices and lay out groups and phases; raise ValueError saying what is allowed."""
     mix_names = _split_choices(mixes, tuple(MIXES), "--mixes")
     system_names = _split_choices(systems, SYSTEMS, "--systems")
@@ -169,7 +170,7 @@ def build_plan(mixes="inference,hybrid", systems=",".join(SYSTEMS), variants="ea
 
     table = workloads(resnet_batch)
     plan = Plan(mix_names, system_names, variant_names, trials, float(budget_s), float(warmup_s), float(load),
-                0.0, table)
+                0.0, table, parse_lc_groups(lc_groups))
     used = sorted({w for m in mix_names for w in (*MIXES[m].services, MIXES[m].best_effort)},
                   key=list(table).index)
     services = [w for w in used if table[w].role == LATENCY_CRITICAL]
@@ -253,7 +254,9 @@ def describe(plan: Plan) -> str:
              f"{e['worker_groups']} worker group starts {e['worker_group_starts_s']:.0f} s, probe {e['probe_layout_s']:.0f} s, "
              f"MPS {e['mps_start_stop_s']:.0f} s, calibration {e['calibration_s']:.1f} s, "
              f"{e['phases']} phases x ({e['phase_s']:.2f} s measured + {e['per_phase_overhead_s']:.2f} s warm-up/lead/drain) "
-             f"= {e['phases_s']:.0f} s"]
+             f"= {e['phases_s']:.0f} s",
+             "service quotas (static/lithos, 4-TPC groups; the best-effort job gets the rest): "
+             + ", ".join(f"{m}={','.join(map(str, plan.lc_quota_groups[m]))}" for m in plan.mixes)]
     for g in plan.groups:
         per_system: dict[str, int] = {}
         for p in g.phases:
@@ -262,6 +265,31 @@ def describe(plan: Plan) -> str:
                      + (f" (restart {', '.join(g.restart_only)})" if g.restart_only else "")
                      + "; phases " + ", ".join(f"{s} x{n}" for s, n in per_system.items()))
     return "\n".join(lines)
+
+
+NOMINAL_H100_SLICES = [tuple(range(4 * i, 4 * i + 4)) for i in range(15)] + [(t,) for t in range(60, 66)]
+
+
+def parse_lc_groups(items) -> dict[str, tuple[int, ...]]:
+    """Every mix's service quotas in 4-TPC groups: MIXES' defaults, replaced by items "MIX=N[,N...]"
+    (one N per service, in the mix's service order); ValueError saying what is allowed."""
+    groups = {name: mix.lc_quota_groups for name, mix in MIXES.items()}
+    for item in items or ():
+        name, _, counts = str(item).partition("=")
+        mix = MIXES.get(name.strip())
+        if mix is None:
+            raise ValueError(f"--lc-groups {item!r}: give MIX=N[,N...] with MIX one of {', '.join(MIXES)}")
+        try:
+            numbers = tuple(int(n) for n in counts.split(","))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != len(mix.services):
+            raise ValueError(f"--lc-groups {item!r}: {name} has {len(mix.services)} service(s) "
+                             f"({', '.join(mix.services)}); give one group count each, e.g. "
+                             f"{name}={','.join(map(str, mix.lc_quota_groups))}")
+        assign_quotas(NOMINAL_H100_SLICES, numbers)  # same checks as on the GPU: >= 1 each, BE keeps a group
+        groups[mix.name] = numbers
+    return groups
 
 
 def assign_quotas(slices: list[tuple[int, ...]], lc_quota_groups: tuple[int, ...]) -> list[tuple[int, ...]]:

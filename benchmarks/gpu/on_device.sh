@@ -19,6 +19,8 @@
 #   colocate-pace-off     the same with pacing off (a borrower whose queue is too deep keeps its own TPCs)
 #   dispatch   held launches (LITHOS_DISPATCH): their GPU tests and correctness.py --dispatch (~3 min)
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on)
+#   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
+#                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, ~3 min)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
@@ -89,6 +91,7 @@ for s in "$@"; do
       timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held or attribute" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
+    colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
     borrow-training)
       timeout 400 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
     node-tests)
