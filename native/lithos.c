@@ -347,8 +347,9 @@ enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_
  * borrow, so that its queue is already shallow when a lender goes idle. Off by default: on the H100
  * pacing cost best-effort jobs more throughput than borrowing gave (docs/SCHEDULER.md, "Pacing"). */
 enum { PACE_OFF = 0, PACE_WHILE_IDLE = 1, PACE_ALWAYS = 2 };
-/* LITHOS_DISPATCH: 0 (default) off; 1 low-priority borrowers hold their launches for the dispatcher
- * thread; "all": every borrower does ("Held launches" below). */
+/* LITHOS_DISPATCH: 1 (default) low-priority borrowers hold their launches for the dispatcher thread;
+ * "all": every borrower does; 0 off ("Held launches" below). On by default since the H100 runs at
+ * 3ff5789 (docs/SCHEDULER.md, "Held launches"). */
 enum { DISPATCH_OFF = 0, DISPATCH_LOW_PRIORITY = 1, DISPATCH_ALL = 2 };
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
@@ -547,9 +548,9 @@ static void init_body(void) {
     const char *pace_text = getenv("LITHOS_LEND_PACE");
     g.pace = !pace_text || strcmp(pace_text, "0") == 0 ? PACE_OFF : strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
     const char *dispatch_text = getenv("LITHOS_DISPATCH"), *depth_text = getenv("LITHOS_DISPATCH_DEPTH_US");
-    g.dispatch = !dispatch_text || !*dispatch_text || strcmp(dispatch_text, "0") == 0 ? DISPATCH_OFF
-                 : strcmp(dispatch_text, "all") == 0                                ? DISPATCH_ALL
-                                                                                    : DISPATCH_LOW_PRIORITY;
+    g.dispatch = dispatch_text && strcmp(dispatch_text, "0") == 0 ? DISPATCH_OFF
+                 : dispatch_text && strcmp(dispatch_text, "all") == 0 ? DISPATCH_ALL
+                                                                      : DISPATCH_LOW_PRIORITY;
     g.dispatch_depth_ns = 0;
     if (depth_text && *depth_text) {
         char *depth_end = NULL;

@@ -1670,7 +1670,7 @@ def test_a_call_that_does_not_wait_for_the_gpu_sends_held_launches_at_once(fake_
     assert lines[5] == ["counts", "3", "1"]
 
 
-@pytest.mark.parametrize("dispatch, low_priority, held", [(None, True, False), ("0", True, False), ("1", False, False),
+@pytest.mark.parametrize("dispatch, low_priority, held", [(None, True, True), ("0", True, False), ("1", False, False),
                                                           ("1", True, True), ("all", False, True)])
 def test_launches_are_held_only_when_asked_for_and_only_for_borrowers(fake_driver, lend_table, dispatch, low_priority, held):
     lend_table.set_lending(0, [1], low_priority=low_priority)

@@ -153,7 +153,8 @@ def test_a_short_kernel_borrows_an_idle_lenders_tpcs_and_runs_faster(table):
     table.set_allowance(3, list(range(11)))
     table.set_allowance(4, list(range(11, 22)))
     table.set_lending_knobs(atom_us=1000, idle_window_us=500, unknown_kernel_busy_us=10_000)
-    env = {**native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1", "LITHOS_LEND_PACE": "1"}
+    env = {**native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1", "LITHOS_LEND_PACE": "1",
+           "LITHOS_DISPATCH": "0"}  # the launch-time rule with pacing; held launches have their own tests
     try:
         table.set_lending(3, [], low_priority=False)
         (own_only,) = _spin_pair(table, env)
@@ -179,7 +180,8 @@ def test_an_active_lender_runs_at_its_solo_speed_next_to_a_borrower(table, mps_e
     table.set_allowance(3, list(range(11)))
     table.set_allowance(4, list(range(11, 22)))
     table.set_lending_knobs(atom_us=1000, idle_window_us=500, unknown_kernel_busy_us=10_000)
-    borrower_env = {**mps_env, **native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1", "LITHOS_LEND_PACE": "1"}
+    borrower_env = {**mps_env, **native.client_env(table.path, 3), "LITHOS_SAMPLE_EVERY": "1", "LITHOS_LEND_PACE": "1",
+           "LITHOS_DISPATCH": "0"}  # the launch-time rule with pacing; held launches have their own tests
     lender_env = {**mps_env, **native.client_env(table.path, 4)}
     try:
         (lender_alone,) = _spin_pair(table, lender_env, blocks=16 * 2 * 11)

@@ -14,11 +14,12 @@
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   colocate   lithos-ray bench colocate (about 7 minutes)
-#   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes): what lending changes
+#   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes), lending decided at launch
+#                     time (--dispatch off, the default until 3ff5789)
 #   colocate-pace-always  the same with best-effort borrowers pacing always
 #   colocate-pace-off     the same with pacing off (a borrower whose queue is too deep keeps its own TPCs)
 #   dispatch   held launches (LITHOS_DISPATCH): their GPU tests and correctness.py --dispatch (~3 min)
-#   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on)
+#   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on, the default)
 #   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, ~3 min)
@@ -84,9 +85,9 @@ for s in "$@"; do
     colocate)
       timeout 470 python3 -m benchmarks.colocate --trials 2 --budget-s 420 --out-dir "$OUT" 2>&1 |
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;
-    colocate-lending) colocate_short lending || status=1 ;;
-    colocate-pace-always) colocate_short pace_always --lend-pace always || status=1 ;;
-    colocate-pace-off) colocate_short pace_off --lend-pace off || status=1 ;;
+    colocate-lending) colocate_short lending --dispatch off || status=1 ;;
+    colocate-pace-always) colocate_short pace_always --dispatch off --lend-pace always || status=1 ;;
+    colocate-pace-off) colocate_short pace_off --dispatch off --lend-pace off || status=1 ;;
     dispatch)
       timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held or attribute" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
