@@ -163,7 +163,8 @@ def run(args) -> int:
                                                     "best_effort": plan_module.MIXES[m].best_effort,
                                                     "lc_quota_groups": list(plan.lc_quota_groups[m])}
                                                 for m in plan.mixes},
-                            "atom_us": args.atom_us, "seed": args.seed},
+                            "atom_us": args.atom_us, "seed": args.seed, "dispatch": args.dispatch,
+                            "lend_pace": args.lend_pace, "sample_every": args.sample_every},
                    "elapsed_s": round(state.timeline[-1]["t_s"], 1) if state.timeline else 0.0,
                    "calibration": state.calibration, "mix_setup": state.mix_setup, "workers": state.workers_info,
                    **analysis, "errors": state.errors, "timeline": state.timeline, "phases_raw": state.phase_results}

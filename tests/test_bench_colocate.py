@@ -307,6 +307,7 @@ def test_short_gpu_run_writes_results(tmp_path):
     payload = json.loads((tmp_path / "colocate_test.json").read_text())
     assert payload["solo"]["bert_base"]["graph"]["p99_ms"]["median"] > 0
     assert payload["mixes"]["hybrid"]["static"]["graph"]["status"] == "ok"
+    assert payload["plan"]["dispatch"] == "on" and payload["plan"]["mix_definitions"]["hybrid"]["lc_quota_groups"] == [12]
 
 
 def test_plot_draws_the_analysis(tmp_path):
