@@ -22,8 +22,8 @@
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on, the default)
 #   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
-#   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 6 modes, ~6 min)
-#   borrow-ceiling        the same, 1 trial, without `lending`: held launches against their own ceiling (~2 min)
+#   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 5 modes, ~5 min)
+#   borrow-ceiling        the same, 1 trial, without `lending`: what the dispatcher thread alone changes (~2 min)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
@@ -98,7 +98,7 @@ for s in "$@"; do
       timeout 500 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
     borrow-ceiling)
       timeout 300 python3 benchmarks/native/borrow_training.py "$OUT" --trials 1 \
-        --modes own_only,own_held,held,whole_gpu,whole_gpu_held 2>&1 | tail -30 || status=1 ;;
+        --modes own_only,own_held,held,whole_gpu 2>&1 | tail -30 || status=1 ;;
     node-tests)
       timeout 200 python3 -m pytest -v -rs tests/test_gpu_node.py 2>&1 | tee "$OUT/node_gpu_tests.txt" | tail -8 || status=1 ;;
     ray-tests)
