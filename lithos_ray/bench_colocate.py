@@ -22,8 +22,7 @@ from .errors import LithosRequestError
 
 SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = SOURCE_ROOT / "benchmarks" / "results"
-SHIM_SYSTEMS = ("static", "lithos")
-MPS_SYSTEMS = ("mps", "mps_pct", "static", "lithos")
+MPS_SYSTEMS = ("mps", "mps_pct", "static", "static_held", "lithos")
 
 
 def _harness(name: str):
@@ -41,8 +40,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--mixes", default=",".join(plan.MIXES),
                         help="comma list of " + "; ".join(f"{m.name} ({m.description})" for m in plan.MIXES.values()))
-    parser.add_argument("--systems", default=",".join(plan.SYSTEMS),
-                        help="comma list (solo is required): " + "; ".join(f"{k}: {v}" for k, v in plan.SYSTEM_HELP.items()))
+    parser.add_argument("--systems", default=",".join(plan.DEFAULT_SYSTEMS),
+                        help="comma list (solo is required; default all but static_held): " + "; ".join(f"{k}: {v}" for k, v in plan.SYSTEM_HELP.items()))
     parser.add_argument("--variants", default=",".join(plan.VARIANTS),
                         help="how services run: eager PyTorch and/or a CUDA graph replay (default both)")
     parser.add_argument("--trials", type=int, default=3, help="repeats of every phase (1..20; default 3)")
@@ -99,6 +98,8 @@ def _checked(args):
         raise LithosRequestError(f"--sample-every must be an integer in 1..1000000, got {args.sample_every!r}")
     if not isinstance(args.seed, int) or args.seed < 0:
         raise LithosRequestError(f"--seed must be a non-negative integer, got {args.seed!r}")
+    if "static_held" in plan.systems and args.dispatch == "off":
+        raise LithosRequestError("--systems static_held holds the best-effort job's launches: it needs --dispatch on")
     tag = args.tag if args.tag is not None else "_".join(plan.mixes)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tag):
         raise LithosRequestError(f"--tag {tag!r}: use 1-64 letters, digits, '_', '.' or '-'")
@@ -115,7 +116,7 @@ def _check_machine(plan) -> None:
             missing.append(f"the Python package {module} (workers build models with it)")
     if any(s in plan.systems for s in MPS_SYSTEMS) and shutil.which("nvidia-cuda-mps-control") is None:
         missing.append("nvidia-cuda-mps-control (MPS) on PATH, for " + ", ".join(s for s in plan.systems if s in MPS_SYSTEMS))
-    if any(s in plan.systems for s in SHIM_SYSTEMS):
+    if any(s in plan.systems for s in _harness("plan").SHIM_SYSTEMS):
         from . import native
         if native.library_path() is None:
             missing.append(f"liblithos.so for static/lithos ({native.build_status()})")

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.colocate import metrics, plan, report  # noqa: E402
-from benchmarks.colocate.driver import ActivitySampler, lending_stats  # noqa: E402
+from benchmarks.colocate.driver import ActivitySampler, hold_without_borrowing, lending_stats  # noqa: E402
 from lithos_ray import bench_colocate  # noqa: E402
 from lithos_ray.errors import LithosRequestError  # noqa: E402
 
@@ -186,6 +186,25 @@ def test_bad_choices_are_refused_with_what_is_allowed(kwargs, message):
         plan.build_plan(**kwargs)
 
 
+def test_static_held_is_an_ablation_outside_the_default_run_in_the_shim_groups():
+    assert "static_held" not in plan.build_plan().systems
+    built = plan.build_plan(mixes="hybrid", systems="solo,static,static_held,lithos", trials=1)
+    shim = [g for g in built.groups if g.environment == "shim"]
+    assert len(shim) == 1 and {p.system for p in shim[0].phases} == {"static", "static_held", "lithos"}
+
+
+def test_static_held_gives_the_best_effort_slot_a_lender_holding_its_own_tpcs(tmp_path):
+    from lithos_ray import native
+    table = native.AllowanceTable.create("GPU-static-held-test", str(tmp_path))
+    try:
+        roles = [(0, plan.LATENCY_CRITICAL, tuple(range(48))), (1, plan.BEST_EFFORT, tuple(range(48, 66)))]
+        assert hold_without_borrowing(table, roles) == {"held_without_lenders": {1: 2}}
+        assert table.lending(1) == ([2], True) and table.allowance(2)[1] == list(range(48, 66))
+        assert table.lending(0) == ([], False)
+    finally:
+        table.close(unlink=True)
+
+
 def test_lc_groups_replace_one_mix_s_quotas_and_keep_the_others():
     built = plan.build_plan(mixes="inference,hybrid", lc_groups=["hybrid=14"])
     assert built.lc_quota_groups == {"inference": (6, 6), "hybrid": (14,)}
@@ -285,6 +304,7 @@ def test_cli_dry_run_prints_the_plan(capsys):
     (("--seed", "-1"), "--seed must be a non-negative integer"),
     (("--sample-every", "0"), "--sample-every must be an integer in 1..1000000"),
     (("--lc-groups", "hybrid=1,2"), "hybrid has 1 service"),
+    (("--systems", "solo,static_held", "--dispatch", "off"), "static_held holds the best-effort job's launches"),
 ])
 def test_cli_refuses_bad_input_before_touching_a_gpu(argv, message):
     with pytest.raises(LithosRequestError, match=message):

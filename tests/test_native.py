@@ -1637,6 +1637,23 @@ def test_held_launches_are_sent_in_order_with_their_arguments_copied_and_borrow(
     assert len(records) == 20 and any(native.lenders_of(r) == [1] for r in records)
 
 
+def test_a_lender_inside_the_own_tpcs_holds_launches_without_borrowing(fake_driver, lend_table):
+    """What the co-location benchmark's static_held relies on: the lend list names a slot whose TPCs are
+    the borrower's own, so launches are held and sent in order but never borrow."""
+    lend_table.set_allowance(1, list(range(8)))
+    lend_table.set_lending(0, [1], low_priority=True)
+    lines = run_dispatch_client("""
+    s = create(1)
+    for i in range(20): launch_args(s, i)
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    show("counts", dispatch()["held"], dispatch()["sent"], lending()["borrowed"])
+    """, dispatch_env(fake_driver, lend_table))
+    assert lines == [["counts", "20", "20", "0"]]
+    records, _ = lend_table.read_launches(0)
+    assert len(records) == 20 and not any(native.lenders_of(r) for r in records)
+    assert all(int(r["tpcs"]) == 8 for r in records)
+
+
 def test_a_held_launch_waits_at_the_depth_gate_until_its_stream_drains(fake_driver, lend_table, tmp_path):
     busy = busy_borrower(lend_table, tmp_path)
     lines = run_dispatch_client(f"""

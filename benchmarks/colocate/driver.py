@@ -193,6 +193,20 @@ def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...
                       "unknown_kernel_busy_us": policy.unknown_kernel_busy_us}}
 
 
+def hold_without_borrowing(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]]) -> dict:
+    """static_held: each best-effort slot gets a low-priority lend list naming one spare slot that holds
+    the borrower's own TPCs, so its launches are held (LITHOS_DISPATCH) but no lender adds a TPC."""
+    spare = max(slot for slot, _, _ in slots_roles_quotas) + 1
+    held = {}
+    for slot, role, quota in slots_roles_quotas:
+        if role == BEST_EFFORT:
+            table.set_allowance(spare, list(quota))
+            table.set_lending(slot, [spare], True)
+            held[slot] = spare
+            spare += 1
+    return {"held_without_lenders": held}
+
+
 def predictor_accuracy(recs: np.ndarray) -> dict | None:
     """The shim's predictions against the sampled GPU times of the same launches (the issue's figures:
     share off by more than 50 us, error p99); None when no launch was both predicted and timed."""
@@ -512,6 +526,8 @@ class Run:
                 roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
                 self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
                     self.table, roles, phase.system == "lithos", self.args.atom_us)
+                if phase.system == "static_held":
+                    self.mix_setup[group.mix]["lending_static_held"].update(hold_without_borrowing(self.table, roles))
             result = self.run_phase(phase, workers, shim)
             self.phase_results.append(result)
             self.mark(f"{phase.label}: {result['status']} " + _phase_summary(result))

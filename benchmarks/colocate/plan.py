@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 LATENCY_CRITICAL = "lc"
 BEST_EFFORT = "be"
 
-SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "lithos")
+SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "static_held", "lithos")
+DEFAULT_SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "lithos")
+SHIM_SYSTEMS = ("static", "static_held", "lithos")
 SYSTEM_HELP = {
     "solo": "each workload alone on the whole GPU (no MPS): the reference for SLOs and normalisation",
     "timeslice": "the mix's processes together without MPS (the driver time-slices them)",
     "mps": "the mix's processes as MPS clients, no limits",
     "mps_pct": "MPS with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE on the best-effort process",
     "static": "MPS + lithos shim, each process on its quota of TPCs (green contexts), lending off",
+    "static_held": "static, but the best-effort job's launches held as under lithos (a lender that adds no TPCs): "
+                   "what held launches change without borrowing (an ablation, not a baseline; not in the default)",
     "lithos": "MPS + lithos shim, same quotas, lending on (idle TPCs lent on the launch path)",
 }
 VARIANTS = ("eager", "graph")
@@ -149,7 +153,7 @@ def _check_range(value, what: str, low: float, high: float, integer: bool = Fals
     return value
 
 
-def build_plan(mixes="inference,hybrid", systems=",".join(SYSTEMS), variants="eager,graph", trials: int = 3,
+def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), variants="eager,graph", trials: int = 3,
                budget_s: float = 480.0, phase_s: float | None = None, warmup_s: float = 0.5, load: float = 0.3,
                resnet_batch: int = 8, lc_groups=()) -> Plan:
     """Validate the choices and lay out groups and phases; raise ValueError saying what is allowed."""
@@ -184,7 +188,7 @@ def build_plan(mixes="inference,hybrid", systems=",".join(SYSTEMS), variants="ea
             plain += [_mix_phase("timeslice", m, v, trial) for m in mix_names for v in variant_names]
     plan.groups.append(Group("plain", None, tuple(used), phases=tuple(plain)))
 
-    shim_systems = [s for s in ("static", "lithos") if s in system_names]
+    shim_systems = [s for s in SHIM_SYSTEMS if s in system_names]
     for m in mix_names if shim_systems else ():
         phases = tuple(_mix_phase(s, m, v, t) for t in range(trials) for v in variant_names for s in shim_systems)
         plan.groups.append(Group("shim", m, (*MIXES[m].services, MIXES[m].best_effort), phases=phases))

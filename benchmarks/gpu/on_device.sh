@@ -20,6 +20,7 @@
 #   colocate-pace-off     the same with pacing off (a borrower whose queue is too deep keeps its own TPCs)
 #   dispatch   held launches (LITHOS_DISPATCH): their GPU tests and correctness.py --dispatch (~3 min)
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on, the default)
+#   colocate-ablation     solo, static, static_held and lithos (held launches without and with borrowing)
 #   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 5 modes, ~5 min)
@@ -93,6 +94,8 @@ for s in "$@"; do
       timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held or attribute" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
+    colocate-ablation) timeout 420 python3 -m benchmarks.colocate --systems solo,static,static_held,lithos --trials 2 \
+      --budget-s 390 --tag ablation --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_ablation_console.txt" | tail -30 || status=1 ;;
     colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
     borrow-training)
       timeout 500 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
