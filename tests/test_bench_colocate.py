@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.colocate import metrics, plan, report  # noqa: E402
-from benchmarks.colocate.driver import ActivitySampler, hold_without_borrowing, lending_stats  # noqa: E402
+from benchmarks.colocate.driver import ActivitySampler, hold_without_borrowing, idle_capacity_used, lending_stats  # noqa: E402
 from lithos_ray import bench_colocate  # noqa: E402
 from lithos_ray.errors import LithosRequestError  # noqa: E402
 
@@ -360,6 +360,18 @@ def test_lending_summary_line_reports_borrowing_reclaim_and_predictor():
     assert lending_summary([trial, trial]) == ("borrowing launches 24/80; reclaim p99 (estimate) max 140 us; "
                                                "predictor: 25.0% off by > 50 us, error p99 <= 80 us (16 pairs)")
     assert lending_summary([{"per_slot": {}, "reclaim_estimate": {}}]) == "borrowing launches 0/0; no reclaim"
+    shares = [{**trial, "idle_capacity": {"share_borrowed": s}} for s in (0.4, 0.55)]
+    assert lending_summary(shares).startswith("borrowing launches 24/80; idle TPC-seconds borrowed 40%-55%; ")
+
+
+def test_idle_capacity_compares_borrowed_tpc_seconds_with_what_idle_lenders_offered():
+    stamps = np.zeros(2, dtype=[("host_ns", "u8")])
+    stamps["host_ns"] = [1_000_000_000, 3_000_000_000]          # a 2 s span
+    lending = {"per_slot": {0: {"borrowed_tpc_seconds_estimate": 0.0}, 1: {"borrowed_tpc_seconds_estimate": 12.0}},
+               "activity": {0: {"idle_share": 0.5}, 1: {"idle_share": 0.0}}}
+    out = idle_capacity_used(lending, {0: tuple(range(48)), 1: tuple(range(48, 66))}, {0: stamps, 1: None})
+    assert out["span_s"] == 2.0 and out["idle_tpc_seconds"] == 48.0 and out["share_borrowed"] == 0.25
+    assert idle_capacity_used(lending, {0: (0,)}, {0: None})["share_borrowed"] is None
 
 
 def test_shim_lending_outcomes_are_summed_per_workload_over_trials():

@@ -286,6 +286,19 @@ def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple
     return out
 
 
+def idle_capacity_used(lending: dict, quotas: dict[int, tuple[int, ...]], records: dict[int, np.ndarray | None]) -> dict:
+    """How much of what idle owners offered was borrowed: every slot's borrowed TPC-seconds against the
+    TPC-seconds its lenders were idle (activity idle share x quota TPCs x the span of the phase's launch
+    records). Both are estimates; the share is what the report prints."""
+    stamps = [recs["host_ns"] for recs in records.values() if recs is not None and len(recs)]
+    span_s = (max(int(s.max()) for s in stamps) - min(int(s.min()) for s in stamps)) / 1e9 if stamps else 0.0
+    offered = sum(lending["activity"].get(slot, {}).get("idle_share", 0.0) * len(quota) * span_s
+                  for slot, quota in quotas.items())
+    used = sum(stats.get("borrowed_tpc_seconds_estimate", 0.0) for stats in lending["per_slot"].values())
+    return {"span_s": span_s, "idle_tpc_seconds": offered, "borrowed_tpc_seconds": used,
+            "share_borrowed": used / offered if offered > 0 else None}
+
+
 class Run:
     """State of one run: plan, rates, raw phase results, errors, timeline."""
 
@@ -432,6 +445,7 @@ class Run:
             result["lending"] = lending_stats(records, quotas, owners, idle_window_us)
             result["lending"]["slot_names"] = {slot: name for name, slot in slots.items()}
             result["lending"]["activity"] = sampler.finish()
+            result["lending"]["idle_capacity"] = idle_capacity_used(result["lending"], quotas, records)
         result["status"] = "ok" if all(w.get("status") == "ok" for w in result["workloads"].values()) else "partial"
         return result
 

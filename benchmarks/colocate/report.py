@@ -233,6 +233,8 @@ def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
 def lending_summary(per_trial: list[dict]) -> str:
     """One line over a cell's trials: launches that borrowed, worst reclaim p99 estimate, predictor accuracy."""
     borrowing, launches, reclaim_p99, off, pairs, time_share, small_grids = 0, 0, [], [], 0, [], []
+    idle_used = [trial["idle_capacity"]["share_borrowed"] for trial in per_trial
+                 if (trial.get("idle_capacity") or {}).get("share_borrowed") is not None]
     for trial in per_trial:
         for stats in trial.get("per_slot", {}).values():
             if stats.get("borrowing_launches"):
@@ -246,6 +248,8 @@ def lending_summary(per_trial: list[dict]) -> str:
                 pairs += accuracy["pairs"]
         reclaim_p99 += [r["p99_us"] for r in trial.get("reclaim_estimate", {}).values() if r.get("p99_us") is not None]
     text = f"borrowing launches {borrowing}/{launches}"
+    if idle_used:
+        text += f"; idle TPC-seconds borrowed {min(idle_used):.0%}-{max(idle_used):.0%}"
     text += f"; reclaim p99 (estimate) max {max(reclaim_p99):.0f} us" if reclaim_p99 else "; no reclaim"
     if off:
         text += (f"; predictor: {max(o for o, _ in off):.1%} off by > 50 us, error p99 <= "
