@@ -25,6 +25,8 @@
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 5 modes, ~5 min)
 #   borrow-ceiling        the same, 1 trial, without `lending`: what the dispatcher thread alone changes (~2 min)
+#   graph-context  benchmarks/native/graph_context_probe.py (can a graph's kernels move to another green
+#              context without a new capture? ~30 s; no MPS)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
 #   ray-tests  tests/test_gpu_node.py tests/test_gpu_ray.py (needs ray)
 #   serve      examples/serve_three_models.py on the real GPU, eager then --cuda-graphs (needs ray and .servewhl)
@@ -102,6 +104,8 @@ for s in "$@"; do
     borrow-ceiling)
       timeout 300 python3 benchmarks/native/borrow_training.py "$OUT" --trials 1 \
         --modes own_only,own_held,held,whole_gpu 2>&1 | tail -30 || status=1 ;;
+    graph-context)
+      timeout 120 python3 benchmarks/native/graph_context_probe.py "$OUT" 2>&1 | tail -15 || status=1 ;;
     node-tests)
       timeout 200 python3 -m pytest -v -rs tests/test_gpu_node.py 2>&1 | tee "$OUT/node_gpu_tests.txt" | tail -8 || status=1 ;;
     ray-tests)
