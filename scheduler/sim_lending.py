@@ -160,8 +160,10 @@ class LendingGpu:
                  timeline_bin_ms: float = DEFAULT_TIMELINE_BIN_MS, queue_term: bool = True, pacing: bool | str = True):
         """queue_term=False: the old launch rule (queue_ahead_ns = 0 always, so a client that queues
         ahead borrows for kernels that run long after their issue). pacing=False: low-priority
-        borrowers never wait for their queue to drain (the shim's LITHOS_LEND_PACE=0); True: they
-        wait while a lender is idle (the default, 1); "always": whenever they may borrow (always)."""
+        borrowers never wait for their queue to drain (the shim with LITHOS_DISPATCH=0 and
+        LITHOS_LEND_PACE=0); True (default): they wait while a lender is idle (LITHOS_LEND_PACE=1, and,
+        with a CPU that issues in no time, the shim's default held launches); "always": whenever they
+        may borrow."""
         if not isinstance(model, GpuModel):
             raise ValueError(f"model must be a GpuModel (see gpu_models.lookup_model), got {type(model).__name__}")
         if not isinstance(policy, LendingPolicy):
