@@ -349,7 +349,7 @@ enum { LEND_BORROWED = 0, LEND_UNION_PENDING = 1, LEND_QUEUE_TOO_DEEP = 2, LEND_
 enum { PACE_OFF = 0, PACE_WHILE_IDLE = 1, PACE_ALWAYS = 2 };
 /* LITHOS_DISPATCH: 1 (default) low-priority borrowers hold their launches for the dispatcher thread;
  * "all": every borrower does; 0 off ("Held launches" below). On by default since the H100 runs at
- * 3ff5789 (docs/SCHEDULER.md, "Held launches"). */
+ * 3ff5789 (docs/SCHEDULER.md, "Held launches"); any other value is named on stderr and 1 used. */
 enum { DISPATCH_OFF = 0, DISPATCH_LOW_PRIORITY = 1, DISPATCH_ALL = 2 };
 
 /* Unions (own + borrowed TPC sets) waiting for the builder thread; guarded by g.lock. */
@@ -420,7 +420,7 @@ static void notice_once(int which, const char *fmt, ...) {
     va_end(ap);
 }
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
-       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG };
+       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -548,9 +548,15 @@ static void init_body(void) {
     const char *pace_text = getenv("LITHOS_LEND_PACE");
     g.pace = !pace_text || strcmp(pace_text, "0") == 0 ? PACE_OFF : strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
     const char *dispatch_text = getenv("LITHOS_DISPATCH"), *depth_text = getenv("LITHOS_DISPATCH_DEPTH_US");
-    g.dispatch = dispatch_text && strcmp(dispatch_text, "0") == 0 ? DISPATCH_OFF
-                 : dispatch_text && strcmp(dispatch_text, "all") == 0 ? DISPATCH_ALL
-                                                                      : DISPATCH_LOW_PRIORITY;
+    g.dispatch = DISPATCH_LOW_PRIORITY;
+    if (dispatch_text && *dispatch_text) {
+        if (strcmp(dispatch_text, "0") == 0)
+            g.dispatch = DISPATCH_OFF;
+        else if (strcmp(dispatch_text, "all") == 0)
+            g.dispatch = DISPATCH_ALL;
+        else if (strcmp(dispatch_text, "1") != 0)
+            notice_once(WARN_DISPATCH_VALUE, "LITHOS_DISPATCH=%s is not 0, 1 or all: 1 is used (best-effort borrowers hold their launches)", dispatch_text);
+    }
     g.dispatch_depth_ns = 0;
     if (depth_text && *depth_text) {
         char *depth_end = NULL;

@@ -1687,7 +1687,8 @@ def test_a_call_that_does_not_wait_for_the_gpu_sends_held_launches_at_once(fake_
     assert lines[5] == ["counts", "3", "1"]
 
 
-@pytest.mark.parametrize("dispatch, low_priority, held", [(None, True, True), ("0", True, False), ("1", False, False),
+@pytest.mark.parametrize("dispatch, low_priority, held", [(None, True, True), ("", True, True), ("0", True, False),
+                                                          ("1", False, False),
                                                           ("1", True, True), ("all", False, True)])
 def test_launches_are_held_only_when_asked_for_and_only_for_borrowers(fake_driver, lend_table, dispatch, low_priority, held):
     lend_table.set_lending(0, [1], low_priority=low_priority)
@@ -1809,6 +1810,19 @@ def test_a_bad_dispatch_depth_is_named_and_half_the_atom_is_used(fake_driver, le
     """), dispatch_env(fake_driver, lend_table, LITHOS_DISPATCH_DEPTH_US=depth))
     assert lines == [["1", "1"]]
     assert f"LITHOS_DISPATCH_DEPTH_US={depth} is not a number of microseconds" in stderr
+
+
+@pytest.mark.parametrize("value", ["off", "yes", "2"])
+def test_a_bad_dispatch_value_is_named_and_launches_are_held(fake_driver, lend_table, value):
+    lend_table.set_lending(0, [1], low_priority=True)
+    lines, stderr = run_fake(DEFER_PRELUDE + LEND_PRELUDE + DISPATCH_PRELUDE + textwrap.dedent("""
+    s = create(1)
+    launch_args(s, 1)
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    show(dispatch()["held"], dispatch()["sent"])
+    """), lend_env(fake_driver, lend_table, LITHOS_DISPATCH=value))
+    assert lines == [["1", "1"]]
+    assert f"LITHOS_DISPATCH={value} is not 0, 1 or all: 1 is used" in stderr
 
 
 def test_a_copy_from_host_memory_is_not_held(fake_driver, lend_table, tmp_path):

@@ -13,7 +13,9 @@ At batch 32 the step is partly host-bound, so whole_gpu is no upper bound for he
 held with own_held for what borrowing adds. Writes OUT_DIR/native_borrow_training.json and .png: median
 ms per step of each (spread = min..max over trials), the share of the own_only -> whole_gpu gain each
 lending mode captured, held's speed-up over own_held, and the shim's counts over each mode's timed
-steps in the last trial (where launches went, what drained held launches).
+steps in the last trial (where launches went, what drained held launches). Without held launches the
+counts are those of the program's thread only: PyTorch runs backward on its own thread, which they
+miss; with held launches the dispatcher thread sends, and counts, every launch.
 """
 import argparse
 import json

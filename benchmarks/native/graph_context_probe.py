@@ -2,17 +2,20 @@
 
 usage: python benchmarks/native/graph_context_probe.py OUT_DIR      (a GPU, no MPS, no shim)
 Why: a service's CUDA-graph replays keep the TPCs they were captured on, so they can never borrow
-(docs/SCHEDULER.md, "CUDA-graph tails are queueing on the quota"). The CUDA documentation says every
-field of an executable graph's kernel node may change except the owning context of its function;
-CUDA_KERNEL_NODE_PARAMS has a `ctx` field. This probe checks whether setting it to another green
-context moves the kernels there, and what one update costs.
-How: a graph of 8 launches of a spin kernel that records each block's %smid, captured on a green
-context of 2 co-scheduled 8-SM groups (16 SMs); replayed; every kernel node of the executable graph
-re-pointed (cuGraphExecKernelNodeSetParams) at a green context of 8 groups (64 SMs) and replayed on
-the same stream and on the large context's stream; re-pointed back; and, for comparison, the graph's
-nodes re-pointed and the graph instantiated again. Writes OUT_DIR/graph_context_probe.json: per step,
-median ms per replay, the SMs the last replay ran on, and the microseconds per node update; a step
-that fails records its error and the others still run.
+(docs/SCHEDULER.md, "CUDA-graph tails are queueing on the quota"). A kernel node's parameters
+(CUDA_KERNEL_NODE_PARAMS_v2) have a `ctx` field, which the CUDA documentation says is ignored when
+`func` is set and used with `kern` (a CUkernel of a library) when `func` is NULL. This probe checks
+both forms: does setting `ctx` to another green context move an executable graph's kernels there,
+and what does one node update cost?
+How: per form (a module's CUfunction; a library's CUkernel launched as a function), a graph of 8
+launches of a spin kernel that records each block's %smid, captured on a green context of 2
+co-scheduled 8-SM groups (16 SMs); replayed; every kernel node of the executable graph re-pointed
+(cuGraphExecKernelNodeSetParams; for the library form with func NULL and kern set) at a green context
+of 8 groups (64 SMs) and replayed on the same stream and on the large context's stream; re-pointed
+back; and the graph's own nodes re-pointed and instantiated again. Writes
+OUT_DIR/graph_context_probe.json: per form and step, median ms per replay, the SMs the last replay
+ran on, microseconds per node update, the node's func/kern as captured; a step that fails records
+its error and the others still run.
 """
 import json
 import os
@@ -50,7 +53,8 @@ def main():
     check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
     ptx = b" " * check(nvrtc.nvrtcGetPTXSize(program))
     check(nvrtc.nvrtcGetPTX(program, ptx))
-    function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(ptx)), b"spin"))
+    module_function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(ptx)), b"spin"))
+    library_kernel = check(cu.cuLibraryGetKernel(check(cu.cuLibraryLoadData(ptx, [], [], 0, [], [], 0)), b"spin"))
     buffer = check(cu.cuMemAlloc(BLOCKS * 4))
     pointer = np.array([int(buffer)], dtype=np.uint64)
     cycles = np.array([CYCLES], dtype=np.int64)
@@ -66,7 +70,6 @@ def main():
         return sorted({int(s) for s in host})
 
     def replay(graph_exec, stream) -> dict:
-        check(cu.cuMemsetD32(buffer, 0xFFFFFFFF, BLOCKS))
         check(cu.cuGraphLaunch(graph_exec, stream))
         check(cu.cuStreamSynchronize(stream))
         times = []
@@ -75,19 +78,21 @@ def main():
             check(cu.cuGraphLaunch(graph_exec, stream))
             check(cu.cuStreamSynchronize(stream))
             times.append((time.perf_counter() - start) * 1e3)
+        check(cu.cuMemsetD32(buffer, 0xFFFFFFFF, BLOCKS))
+        check(cu.cuGraphLaunch(graph_exec, stream))
         sms = sms_seen()
         return {"replay_ms_median": statistics.median(times), "sms_seen": len(sms), "sm_ids": sms}
 
-    steps, notes = {}, []
+    forms = {}
 
-    def step(name, action):
+    def step(steps, name, action):
         try:
             steps[name] = action()
         except Exception as exc:  # a probe: record what failed and go on
             steps[name] = {"error": repr(exc)}
         print(name, json.dumps({k: v for k, v in steps[name].items() if k != "sm_ids"}), flush=True)
 
-    def direct(stream) -> dict:
+    def direct(function, stream) -> dict:
         check(cu.cuMemsetD32(buffer, 0xFFFFFFFF, BLOCKS))
         start = time.perf_counter()
         for _ in range(KERNELS):
@@ -96,60 +101,71 @@ def main():
         sms = sms_seen()
         return {"ms": (time.perf_counter() - start) * 1e3, "sms_seen": len(sms), "sm_ids": sms}
 
-    step("launches_on_small_context", lambda: direct(small_stream))
-    step("launches_on_large_context", lambda: direct(large_stream))
+    for form, function in (("module_function", module_function), ("library_kernel", cu.CUfunction(int(library_kernel)))):
+        steps = forms[form] = {}
+        print(f"--- {form}", flush=True)
+        step(steps, "launches_on_small_context", lambda: direct(function, small_stream))
+        step(steps, "launches_on_large_context", lambda: direct(function, large_stream))
+        try:
+            check(cu.cuStreamBeginCapture(small_stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+            for _ in range(KERNELS):
+                check(cu.cuLaunchKernel(function, BLOCKS, 1, 1, 128, 1, 1, 0, small_stream, params.ctypes.data, 0))
+            graph = check(cu.cuStreamEndCapture(small_stream))
+            graph_exec = check(cu.cuGraphInstantiate(graph, 0))
+            _, count = check(cu.cuGraphGetNodes(graph, 0))
+            nodes, count = check(cu.cuGraphGetNodes(graph, count))
+            kernel_nodes = [n for n in nodes[:count]
+                            if check(cu.cuGraphNodeGetType(n)) == cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL]
+            captured = check(cu.cuGraphKernelNodeGetParams(kernel_nodes[0]))
+            steps["captured_node"] = {"kernel_nodes": len(kernel_nodes), "func": hex(int(captured.func)),
+                                      "kern": hex(int(captured.kern)), "ctx": hex(int(captured.ctx))}
+        except Exception as exc:
+            steps["capture"] = {"error": repr(exc)}
+            continue
 
-    check(cu.cuStreamBeginCapture(small_stream, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
-    for _ in range(KERNELS):
-        check(cu.cuLaunchKernel(function, BLOCKS, 1, 1, 128, 1, 1, 0, small_stream, params.ctypes.data, 0))
-    graph = check(cu.cuStreamEndCapture(small_stream))
-    graph_exec = check(cu.cuGraphInstantiate(graph, 0))
-    _, count = check(cu.cuGraphGetNodes(graph, 0))
-    nodes, count = check(cu.cuGraphGetNodes(graph, count))
-    kernel_nodes = [n for n in nodes[:count]
-                    if check(cu.cuGraphNodeGetType(n)) == cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL]
-    notes.append(f"{len(kernel_nodes)} kernel nodes of {count}")
+        def repoint(green, executable=True) -> dict:
+            target = check(cu.cuCtxFromGreenCtx(green))
+            start = time.perf_counter_ns()
+            for node in kernel_nodes:
+                node_params = check(cu.cuGraphKernelNodeGetParams(node))
+                if form == "library_kernel":   # ctx is used only with kern and func NULL
+                    node_params.func = cu.CUfunction(0)
+                    node_params.kern = library_kernel
+                node_params.ctx = target
+                if executable:
+                    check(cu.cuGraphExecKernelNodeSetParams(graph_exec, node, node_params))
+                else:
+                    check(cu.cuGraphKernelNodeSetParams(node, node_params))
+            return {"us_per_node": (time.perf_counter_ns() - start) / 1000 / max(1, len(kernel_nodes))}
 
-    def repoint(green, executable=True) -> dict:
-        target = check(cu.cuCtxFromGreenCtx(green))
-        start = time.perf_counter_ns()
-        for node in kernel_nodes:
-            node_params = check(cu.cuGraphKernelNodeGetParams(node))
-            node_params.ctx = target
-            if executable:
-                check(cu.cuGraphExecKernelNodeSetParams(graph_exec, node, node_params))
-            else:
-                check(cu.cuGraphKernelNodeSetParams(node, node_params))
-        return {"us_per_node": (time.perf_counter_ns() - start) / 1000 / max(1, len(kernel_nodes))}
+        def reinstantiate() -> dict:
+            result = repoint(large_green, executable=False)
+            start = time.perf_counter_ns()
+            again = check(cu.cuGraphInstantiate(graph, 0))
+            result["instantiate_us"] = (time.perf_counter_ns() - start) / 1000
+            result.update(replay(again, small_stream))
+            return result
 
-    step("captured_on_small", lambda: replay(graph_exec, small_stream))
-    step("repoint_exec_to_large", lambda: repoint(large_green))
-    step("repointed_large_replayed_on_small_stream", lambda: replay(graph_exec, small_stream))
-    step("repointed_large_replayed_on_large_stream", lambda: replay(graph_exec, large_stream))
-    step("repoint_exec_back_to_small", lambda: repoint(small_green))
-    step("repointed_back_replayed_on_small_stream", lambda: replay(graph_exec, small_stream))
+        step(steps, "captured_on_small", lambda: replay(graph_exec, small_stream))
+        step(steps, "repoint_exec_to_large", lambda: repoint(large_green))
+        step(steps, "repointed_large_replayed_on_small_stream", lambda: replay(graph_exec, small_stream))
+        step(steps, "repointed_large_replayed_on_large_stream", lambda: replay(graph_exec, large_stream))
+        step(steps, "repoint_exec_back_to_small", lambda: repoint(small_green))
+        step(steps, "repointed_back_replayed_on_small_stream", lambda: replay(graph_exec, small_stream))
+        step(steps, "graph_repointed_to_large_and_instantiated_again", reinstantiate)
 
-    def reinstantiate() -> dict:
-        result = repoint(large_green, executable=False)
-        start = time.perf_counter_ns()
-        again = check(cu.cuGraphInstantiate(graph, 0))
-        result["instantiate_us"] = (time.perf_counter_ns() - start) / 1000
-        result.update(replay(again, small_stream))
-        return result
-    step("graph_repointed_to_large_and_instantiated_again", reinstantiate)
-
-    small_ms = steps.get("captured_on_small", {}).get("replay_ms_median")
-    moved = steps.get("repointed_large_replayed_on_small_stream", {})
-    verdict = None
-    if small_ms and "replay_ms_median" in moved:
-        verdict = {"kernels_moved": moved["sms_seen"] > steps["captured_on_small"]["sms_seen"],
-                   "speedup": small_ms / moved["replay_ms_median"]}
+    verdict = {}
+    for form, steps in forms.items():
+        small, moved = steps.get("captured_on_small", {}), steps.get("repointed_large_replayed_on_small_stream", {})
+        if "replay_ms_median" in small and "replay_ms_median" in moved:
+            verdict[form] = {"kernels_moved": moved["sms_seen"] > small["sms_seen"],
+                             "speedup": small["replay_ms_median"] / moved["replay_ms_median"]}
     payload = {**metadata(f"python benchmarks/native/graph_context_probe.py {out_dir}"),
                "what": __doc__.split("\n\n")[0], "blocks": BLOCKS, "cycles": CYCLES, "kernels": KERNELS,
-               "replays": REPLAYS, "small_sms": 16, "large_sms": 64, "steps": steps, "notes": notes,
+               "replays": REPLAYS, "small_sms": 16, "large_sms": 64, "forms": forms,
                "verdict": verdict}
     write_json(os.path.join(out_dir, "graph_context_probe.json"), payload)
-    print(json.dumps({"verdict": verdict, "notes": notes}))
+    print(json.dumps({"verdict": verdict}))
 
 
 if __name__ == "__main__":
