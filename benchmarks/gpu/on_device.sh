@@ -42,6 +42,8 @@
 #   (LITHOS_COMMIT=... must prefix the script, so every step records it)
 #   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
+#   Open questions after 3ff5789: carry [.whl, proto stubs]  ... setup colocate-ablation graph-context (~8 min);
+#   then the full comparison (call 3 above, colocate) with held launches on.
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
