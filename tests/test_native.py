@@ -1799,30 +1799,21 @@ def test_a_held_launch_that_could_borrow_waits_until_its_queue_lets_it(fake_driv
     assert lines == [["borrowed", "6", "too_deep", "0"], ["gated_to_borrow", "True"]]
 
 
-@pytest.mark.parametrize("depth", ["-5", "abc", "1e9"])
-def test_a_bad_dispatch_depth_is_named_and_half_the_atom_is_used(fake_driver, lend_table, depth):
+@pytest.mark.parametrize("setting, message", [
+    *[({"LITHOS_DISPATCH_DEPTH_US": d}, f"LITHOS_DISPATCH_DEPTH_US={d} is not a number of microseconds")
+      for d in ("-5", "abc", "1e9")],
+    *[({"LITHOS_DISPATCH": v}, f"LITHOS_DISPATCH={v} is not 0, 1 or all: 1 is used") for v in ("off", "yes", "2")],
+])
+def test_a_bad_dispatch_setting_is_named_and_its_default_used(fake_driver, lend_table, setting, message):
     lend_table.set_lending(0, [1], low_priority=True)
     lines, stderr = run_fake(DEFER_PRELUDE + LEND_PRELUDE + DISPATCH_PRELUDE + textwrap.dedent("""
     s = create(1)
     launch_args(s, 1)
     assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
     show(dispatch()["held"], dispatch()["sent"])
-    """), dispatch_env(fake_driver, lend_table, LITHOS_DISPATCH_DEPTH_US=depth))
+    """), dispatch_env(fake_driver, lend_table, **setting))
     assert lines == [["1", "1"]]
-    assert f"LITHOS_DISPATCH_DEPTH_US={depth} is not a number of microseconds" in stderr
-
-
-@pytest.mark.parametrize("value", ["off", "yes", "2"])
-def test_a_bad_dispatch_value_is_named_and_launches_are_held(fake_driver, lend_table, value):
-    lend_table.set_lending(0, [1], low_priority=True)
-    lines, stderr = run_fake(DEFER_PRELUDE + LEND_PRELUDE + DISPATCH_PRELUDE + textwrap.dedent("""
-    s = create(1)
-    launch_args(s, 1)
-    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
-    show(dispatch()["held"], dispatch()["sent"])
-    """), lend_env(fake_driver, lend_table, LITHOS_DISPATCH=value))
-    assert lines == [["1", "1"]]
-    assert f"LITHOS_DISPATCH={value} is not 0, 1 or all: 1 is used" in stderr
+    assert message in stderr
 
 
 def test_a_copy_from_host_memory_is_not_held(fake_driver, lend_table, tmp_path):
