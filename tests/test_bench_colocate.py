@@ -240,8 +240,8 @@ def _training(steps_per_s, window_s=10.0, batch=8):
             "window_s": window_s, "samples_per_step": batch}
 
 
-def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases():
-    p = plan.build_plan(mixes="hybrid", systems="solo,mps,lithos", variants="graph", trials=1)
+def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases(tmp_path):
+    p = plan.build_plan(mixes="hybrid", systems="solo,mps,static_held,lithos", variants="graph", trials=1)
     solo_latency = np.linspace(1.0, 2.0, 1000)           # solo p99 = 1.99 ms -> SLO 2.985 ms
     results = [
         {"system": "solo", "mix": None, "variant": "graph", "trial": 0, "active": ["bert_base"], "status": "ok",
@@ -250,6 +250,9 @@ def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases():
          "workloads": {"gpt2_small_train": _training(10.0)}},
         {"system": "mps", "mix": "hybrid", "variant": "graph", "trial": 0, "active": ["bert_base", "gpt2_small_train"],
          "status": "ok", "workloads": {"bert_base": _service(solo_latency * 20), "gpt2_small_train": _training(10.0)}},
+        {"system": "static_held", "mix": "hybrid", "variant": "graph", "trial": 0,   # an ablation: never the baseline
+         "active": ["bert_base", "gpt2_small_train"], "status": "ok",
+         "workloads": {"bert_base": _service(solo_latency * 1.05), "gpt2_small_train": _training(9.0)}},
         {"system": "lithos", "mix": "hybrid", "variant": "graph", "trial": 0,
          "active": ["bert_base", "gpt2_small_train"], "status": "ok",
          "workloads": {"bert_base": _service(solo_latency * 1.05), "gpt2_small_train": _training(9.5)}},
@@ -269,7 +272,9 @@ def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases():
     assert target["best_baseline"] == "mps"
     assert target["goodput_vs_best_baseline"] == pytest.approx(1.95)
     assert all(target["met"].values())
-    assert "hybrid lithos/graph" in report.table(analysis)
+    assert "hybrid lithos/graph" in report.table(analysis) and "hybrid static_held/graph" in report.table(analysis)
+    report.plot(analysis, str(tmp_path / "plot.png"), "synthetic")
+    assert (tmp_path / "plot.png").stat().st_size > 0
 
 
 def test_unavailable_lithos_is_reported_not_scored():
