@@ -15,7 +15,9 @@ ms per step of each (spread = min..max over trials), the share of the own_only -
 lending mode captured, held's speed-up over own_held, and the shim's counts over each mode's timed
 steps in the last trial (where launches went, what drained held launches). Without held launches the
 counts are those of the program's thread only: PyTorch runs backward on its own thread, which they
-miss; with held launches the dispatcher thread sends, and counts, every launch.
+miss; with held launches the dispatcher thread sends, and counts, every launch. Comparable across
+modes: the share of the last 4096 launches (every thread's, from the slot's launch ring) that ran on
+borrowed TPCs, per mode in the last trial.
 """
 import argparse
 import json
@@ -24,6 +26,8 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
@@ -31,6 +35,7 @@ from common import last_json, metadata, write_json  # noqa: E402
 from lithos_ray import native  # noqa: E402
 
 OWN_TPCS = 22
+RING_WINDOW = 4096   # the last launches of a mode's run, every thread's, from its launch ring
 MODES = ("own_only", "own_held", "lending", "held", "whole_gpu")
 HELD_MODES = ("own_held", "held")
 
@@ -76,7 +81,12 @@ def run_mode(table, mode, steps):
         table.clear(1)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    return last_json(proc.stdout)
+    result = last_json(proc.stdout)
+    ring = native.LaunchRing(native.ring_path(table.path, 0))
+    records, _ = ring.read(max(0, ring.head() - RING_WINDOW), RING_WINDOW)
+    result["ring_launches"] = len(records)
+    result["ring_borrowed_share"] = float(np.mean(records["lender_slots_used"] != 0)) if len(records) else None
+    return result
 
 
 def counts_delta(result):
@@ -104,13 +114,14 @@ def main():
     table = native.AllowanceTable.create(native._default_gpu_uuid())
     native.probe_layout_into(table)
     per_mode = {m: [] for m in modes}
-    last = {}
+    last, ring_share = {}, {}
     try:
         for trial in range(args.trials):
             for mode in modes:
                 result = run_mode(table, mode, args.steps)
                 per_mode[mode].append(result["ms_per_step"])
                 last[mode] = counts_delta(result)
+                ring_share[mode] = {"launches": result["ring_launches"], "borrowed_share": result["ring_borrowed_share"]}
                 print(f"trial {trial} {mode}: {result['ms_per_step']:.2f} ms/step", flush=True)
         tpcs_on_gpu = table.tpcs_on_gpu
     finally:
@@ -129,7 +140,8 @@ def main():
                "gain_captured": captured,
                "held_speedup_over_own_held": (median["own_held"] / median["held"]
                                               if {"own_held", "held"} <= set(median) else None),
-               "shim_counts_last_trial": last}
+               "shim_counts_last_trial": last,
+               "ring_borrowed_last_trial": ring_share}
     write_json(os.path.join(args.out_dir, "native_borrow_training.json"), payload)
     print(json.dumps({"median": median, "gain_captured": payload["gain_captured"]}, indent=1))
     plot(payload, os.path.join(args.out_dir, "native_borrow_training.png"))
