@@ -1654,6 +1654,9 @@ static uint64_t queue_wait_ns(uint64_t *end_ns, uint64_t now_ns, uint64_t predic
     return ahead + predicted_ns - atom_ns;
 }
 
+/* A grid of at most one block per SM of `tpcs` TPCs runs in one wave: more TPCs cannot speed it up. */
+static int fits_own_sms(uint64_t grid_blocks, unsigned tpcs) { return grid_blocks <= (uint64_t)SMS_PER_TPC * tpcs; }
+
 /* The slots this client may borrow from (its lend list, itself left out). */
 static uint64_t my_lender_mask(const lithos_slot *me) {
     uint64_t mask = __atomic_load_n(&me->lender_mask[0], __ATOMIC_ACQUIRE);
@@ -1712,13 +1715,13 @@ static void choose_lending(lend_choice *c, allowance_route *own, int view, uint6
     /* One block per own SM at most: it already runs in one wave, so it stays on the own TPCs, unless
      * this thread's owed run on the stream is in a union (staying there spares a move between green
      * contexts); then it borrows only as things are, never pacing for it. */
-    int fits_own_sms = grid_blocks <= SMS_PER_TPC * c->own_tpcs;
-    if (fits_own_sms && !in_borrowing_run(own, ctx, app_stream)) {
+    int fits_own = fits_own_sms(grid_blocks, c->own_tpcs);
+    if (fits_own && !in_borrowing_run(own, ctx, app_stream)) {
         tls.lending[LEND_FITS_OWN_SMS]++;
         return;
     }
     int low_priority = (__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_LOW_PRIORITY) != 0;
-    int pace = low_priority && !fits_own_sms ? g.pace : PACE_OFF, paced = 0;
+    int pace = low_priority && !fits_own ? g.pace : PACE_OFF, paced = 0;
     uint64_t mask[LITHOS_MASK_WORDS], lenders, slept_ns = 0;
     for (;;) {
         memcpy(mask, own->tpc_mask, sizeof(mask));
@@ -2181,7 +2184,7 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     h->gated_to_borrow = 0;
     h->key = *key;
     h->route = route;
-    h->borrow_tpcs = confined && key->grid_blocks > SMS_PER_TPC * route->views[view].tpcs ? route->views[view].tpcs : 0;
+    h->borrow_tpcs = confined && !fits_own_sms(key->grid_blocks, route->views[view].tpcs) ? route->views[view].tpcs : 0;
     h->ctx = ctx, h->stream = app_stream, h->function = q->function, h->info = info, h->api = q->api;
     h->packed = packed != NULL, h->arg_bytes = bytes, h->shared_bytes = q->shared_bytes;
     memcpy(h->grid, q->grid, sizeof(h->grid));
