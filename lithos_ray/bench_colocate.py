@@ -22,7 +22,6 @@ from .errors import LithosRequestError
 
 SOURCE_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = SOURCE_ROOT / "benchmarks" / "results"
-MPS_SYSTEMS = ("mps", "mps_pct", "static", "static_held", "lithos")
 
 
 def _harness(name: str):
@@ -41,7 +40,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixes", default=",".join(plan.MIXES),
                         help="comma list of " + "; ".join(f"{m.name} ({m.description})" for m in plan.MIXES.values()))
     parser.add_argument("--systems", default=",".join(plan.DEFAULT_SYSTEMS),
-                        help="comma list (solo is required; default all but static_held): " + "; ".join(f"{k}: {v}" for k, v in plan.SYSTEM_HELP.items()))
+                        help=f"comma list (solo is required; default all but {', '.join(plan.ABLATIONS)}): " + "; ".join(f"{k}: {v}" for k, v in plan.SYSTEM_HELP.items()))
     parser.add_argument("--variants", default=",".join(plan.VARIANTS),
                         help="how services run: eager PyTorch and/or a CUDA graph replay (default both)")
     parser.add_argument("--trials", type=int, default=3, help="repeats of every phase (1..20; default 3)")
@@ -114,9 +113,11 @@ def _check_machine(plan) -> None:
     for module in ("torch", "torchvision", "transformers"):
         if importlib.util.find_spec(module) is None:
             missing.append(f"the Python package {module} (workers build models with it)")
-    if any(s in plan.systems for s in MPS_SYSTEMS) and shutil.which("nvidia-cuda-mps-control") is None:
-        missing.append("nvidia-cuda-mps-control (MPS) on PATH, for " + ", ".join(s for s in plan.systems if s in MPS_SYSTEMS))
-    if any(s in plan.systems for s in _harness("plan").SHIM_SYSTEMS):
+    shim_systems = _harness("plan").SHIM_SYSTEMS
+    mps_systems = [s for s in plan.systems if s in ("mps", "mps_pct", *shim_systems)]
+    if mps_systems and shutil.which("nvidia-cuda-mps-control") is None:
+        missing.append("nvidia-cuda-mps-control (MPS) on PATH, for " + ", ".join(mps_systems))
+    if any(s in plan.systems for s in shim_systems):
         from . import native
         if native.library_path() is None:
             missing.append(f"liblithos.so for static/lithos ({native.build_status()})")

@@ -16,8 +16,9 @@ LATENCY_CRITICAL = "lc"
 BEST_EFFORT = "be"
 
 SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "static_held", "lithos")
-DEFAULT_SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "lithos")
-SHIM_SYSTEMS = ("static", "static_held", "lithos")
+ABLATIONS = ("static_held",)   # run only when asked for; never a baseline
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in ABLATIONS)
+SHIM_SYSTEMS = ("static", "static_held", "lithos")   # MPS + the shim, one worker group per mix
 SYSTEM_HELP = {
     "solo": "each workload alone on the whole GPU (no MPS): the reference for SLOs and normalisation",
     "timeslice": "the mix's processes together without MPS (the driver time-slices them)",
