@@ -193,6 +193,15 @@ def test_static_held_is_an_ablation_outside_the_default_run_in_the_shim_groups()
     assert len(shim) == 1 and {p.system for p in shim[0].phases} == {"static", "static_held", "lithos"}
 
 
+def test_lc_alone_ablations_leave_the_best_effort_job_idle_and_lend_only_under_lithos():
+    assert not set(plan.LC_ALONE_SYSTEMS) & set(plan.build_plan().systems)
+    built = plan.build_plan(mixes="inference", systems="solo,static_lc_alone,lithos_lc_alone", trials=1)
+    (shim,) = [g for g in built.groups if g.environment == "shim"]
+    assert "resnet50_train" in shim.workers   # started (same processes as static/lithos), never sent work
+    assert {p.active for p in shim.phases} == {("resnet50", "bert_base")}
+    assert set(plan.LENDING_SYSTEMS) == {"lithos", "lithos_lc_alone"}
+
+
 def test_static_held_gives_the_best_effort_slot_a_lender_holding_its_own_tpcs(tmp_path):
     from lithos_ray import native
     table = native.AllowanceTable.create("GPU-static-held-test", str(tmp_path))
@@ -241,7 +250,8 @@ def _training(steps_per_s, window_s=10.0, batch=8):
 
 
 def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases(tmp_path):
-    p = plan.build_plan(mixes="hybrid", systems="solo,mps,static_held,lithos", variants="graph", trials=1)
+    p = plan.build_plan(mixes="hybrid", systems="solo,mps,static_held,static_lc_alone,lithos", variants="graph",
+                        trials=1)
     solo_latency = np.linspace(1.0, 2.0, 1000)           # solo p99 = 1.99 ms -> SLO 2.985 ms
     results = [
         {"system": "solo", "mix": None, "variant": "graph", "trial": 0, "active": ["bert_base"], "status": "ok",
@@ -256,6 +266,8 @@ def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases(tmp_pat
         {"system": "lithos", "mix": "hybrid", "variant": "graph", "trial": 0,
          "active": ["bert_base", "gpt2_small_train"], "status": "ok",
          "workloads": {"bert_base": _service(solo_latency * 1.05), "gpt2_small_train": _training(9.5)}},
+        {"system": "static_lc_alone", "mix": "hybrid", "variant": "graph", "trial": 0,   # no best-effort job
+         "active": ["bert_base"], "status": "ok", "workloads": {"bert_base": _service(solo_latency * 1.2)}},
     ]
     analysis = report.analyse(p, results)
     assert analysis["slo_ms"]["bert_base"]["graph"] == pytest.approx(1.5 * np.percentile(solo_latency, 99))
@@ -272,7 +284,12 @@ def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases(tmp_pat
     assert target["best_baseline"] == "mps"
     assert target["goodput_vs_best_baseline"] == pytest.approx(1.95)
     assert all(target["met"].values())
-    assert "hybrid lithos/graph" in report.table(analysis) and "hybrid static_held/graph" in report.table(analysis)
+    alone = analysis["mixes"]["hybrid"]["static_lc_alone"]["graph"]
+    assert alone["services"]["bert_base"]["p99_vs_solo"] == pytest.approx(1.2)
+    assert alone["best_effort"] == {} and alone["goodput_normalised"]["median"] is None
+    text = report.table(analysis)
+    assert "hybrid lithos/graph" in text and "hybrid static_held/graph" in text
+    assert "hybrid static_lc_alone/graph: bert_base p99" in text and "BE -" in text
     report.plot(analysis, str(tmp_path / "plot.png"), "synthetic")
     assert (tmp_path / "plot.png").stat().st_size > 0
 

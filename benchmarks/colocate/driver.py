@@ -20,7 +20,7 @@ import numpy as np
 from lithos_ray.scheduler import allocator, lending
 
 from . import metrics
-from .plan import (BEST_EFFORT, CALIBRATE_S, ESTIMATE_GROUP_START_S, LATENCY_CRITICAL, MIXES,
+from .plan import (BEST_EFFORT, CALIBRATE_S, ESTIMATE_GROUP_START_S, LATENCY_CRITICAL, LENDING_SYSTEMS, MIXES,
                    NOMINAL_H100_SLICES, PHASE_DRAIN_S, PHASE_LEAD_S, Group, Phase, Plan, assign_quotas,
                    mps_be_percent)
 
@@ -539,7 +539,7 @@ class Run:
             if shim is not None:
                 roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
                 self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
-                    self.table, roles, phase.system == "lithos", self.args.atom_us)
+                    self.table, roles, phase.system in LENDING_SYSTEMS, self.args.atom_us)
                 if phase.system == "static_held":
                     self.mix_setup[group.mix]["lending_static_held"].update(hold_without_borrowing(self.table, roles))
             result = self.run_phase(phase, workers, shim)

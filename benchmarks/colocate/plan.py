@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 LATENCY_CRITICAL = "lc"
 BEST_EFFORT = "be"
 
-SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "static_held", "lithos")
-ABLATIONS = ("static_held",)   # run only when asked for; never a baseline
+SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "static_held", "static_lc_alone", "lithos",
+           "lithos_lc_alone")
+ABLATIONS = ("static_held", "static_lc_alone", "lithos_lc_alone")   # run only when asked for; never a baseline
 DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in ABLATIONS)
-SHIM_SYSTEMS = ("static", "static_held", "lithos")   # MPS + the shim, one worker group per mix
+SHIM_SYSTEMS = ("static", "static_held", "static_lc_alone", "lithos", "lithos_lc_alone")  # one worker group per mix
+LENDING_SYSTEMS = ("lithos", "lithos_lc_alone")
+LC_ALONE_SYSTEMS = ("static_lc_alone", "lithos_lc_alone")   # the best-effort job is started but stays idle
 SYSTEM_HELP = {
     "solo": "each workload alone on the whole GPU (no MPS): the reference for SLOs and normalisation",
     "timeslice": "the mix's processes together without MPS (the driver time-slices them)",
@@ -27,7 +30,11 @@ SYSTEM_HELP = {
     "static": "MPS + lithos shim, each process on its quota of TPCs (green contexts), lending off",
     "static_held": "static, but the best-effort job's launches held as under lithos (a lender that adds no TPCs): "
                    "what held launches change without borrowing (an ablation, not a baseline; not in the default)",
+    "static_lc_alone": "static with the best-effort job idle: the services on their quotas alone (an ablation: "
+                       "what the quota size costs them, apart from the best-effort job's interference)",
     "lithos": "MPS + lithos shim, same quotas, lending on (idle TPCs lent on the launch path)",
+    "lithos_lc_alone": "lithos with the best-effort job idle: what borrowing its idle TPCs gives back to the services "
+                       "(an ablation)",
 }
 VARIANTS = ("eager", "graph")
 
@@ -230,7 +237,8 @@ def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), vari
 
 def _mix_phase(system: str, mix: str, variant: str, trial: int) -> Phase:
     m = MIXES[mix]
-    return Phase(system, mix, variant, trial, (*m.services, m.best_effort))
+    be = () if system in LC_ALONE_SYSTEMS else (m.best_effort,)
+    return Phase(system, mix, variant, trial, (*m.services, *be))
 
 
 def estimate_fixed_s(plan: Plan) -> dict:

@@ -13,7 +13,7 @@
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
-#   colocate   lithos-ray bench colocate (about 7 minutes)
+#   colocate   lithos-ray bench colocate (about 9 minutes)
 #   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes), lending decided at launch
 #                     time (--dispatch off, the default until 3ff5789)
 #   colocate-pace-always  the same with best-effort borrowers pacing always
@@ -21,6 +21,8 @@
 #   dispatch   held launches (LITHOS_DISPATCH): their GPU tests and correctness.py --dispatch (~3 min)
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on, the default)
 #   colocate-ablation     solo, static, static_held and lithos (held launches without and with borrowing)
+#   colocate-decompose    solo, static, static_lc_alone, static_held, lithos, lithos_lc_alone (~6.5 min): the
+#                         services' tail apart from the best-effort job (quota size vs interference)
 #   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 5 modes, ~5 min)
@@ -89,7 +91,7 @@ for s in "$@"; do
     correctness)
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)
-      timeout 470 python3 -m benchmarks.colocate --trials 2 --budget-s 420 --out-dir "$OUT" 2>&1 |
+      timeout 550 python3 -m benchmarks.colocate --trials 2 --budget-s 500 --out-dir "$OUT" 2>&1 |
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;
     colocate-lending) colocate_short lending --dispatch off || status=1 ;;
     colocate-pace-always) colocate_short pace_always --dispatch off --lend-pace always || status=1 ;;
@@ -100,6 +102,9 @@ for s in "$@"; do
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
     colocate-ablation) timeout 420 python3 -m benchmarks.colocate --systems solo,static,static_held,lithos --trials 2 \
       --budget-s 390 --tag ablation --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_ablation_console.txt" | tail -30 || status=1 ;;
+    colocate-decompose) timeout 420 python3 -m benchmarks.colocate --trials 2 --budget-s 380 --tag decompose \
+      --systems solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone --out-dir "$OUT" 2>&1 |
+      tee "$OUT/colocate_decompose_console.txt" | tail -40 || status=1 ;;
     colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
     borrow-training)
       timeout 500 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
