@@ -4,8 +4,8 @@
 #   setup      wheels of .whl/.servewhl (whichever were carried) into /tmp/site-*, ahead of the image's
 #              packages on PYTHONPATH; builds native/ (carry lithos_ray/proto/agent_pb2*.py: the
 #              image has no grpc_tools to generate them)
-#   ray-part1  keeps .raywhl/part_aa in /tmp for the next call (the machine stays warm 30 s)
-#   ray        joins part_aa (kept) + part_ab (carried) and installs ray 2.60.0
+#   ray-part   keeps the carried .raywhl/part_* in /tmp for a later call (the machine stays warm 30 s)
+#   ray        joins every part (kept or carried, in name order) and installs ray 2.60.0
 #   native     GPU tests of the shim (tests/test_native_gpu.py) and the whole overhead benchmark (~5 min)
 #   gpu-tests  the GPU tests of the shim alone (~2 min)
 #   profile    benchmarks/native/overhead.py --profile (the end-to-end A/B with per-section launch timers, ~1.5 min)
@@ -35,12 +35,14 @@
 #   serve-lending-ab  the same, eager, with the agent's lending off then on (LITHOS_LENDING=0/1)
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s; the
-# working tree plus what is carried must stay under 64 MiB, so .whl and .raywhl/part_aa go separately):
+# working tree (~32 MB with benchmarks/results) plus what is carried must stay under 64 MiB, so the
+# 25 MB parts of ray go one per call, next to .whl or .servewhl):
 #   1. carry [.whl, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
 #      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup native            (~6.5 min)
 #   2. carry [proto stubs]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh overhead-ab launch-cpu colocate-lending
-#   3. carry [.raywhl/part_aa, proto stubs]  ... setup ray-part1 colocate         (the whole comparison, ~8 min)
-#   4. carry [.raywhl/part_ab, .servewhl, proto stubs]  ... setup ray ray-tests serve
+#   3. carry [.raywhl/part_aa, proto stubs]  ... ray-part colocate               (the whole comparison, ~9 min)
+#   4. carry [.raywhl/part_ab, proto stubs]  ... ray-part
+#   5. carry [.raywhl/part_ac, .servewhl, proto stubs]  ... setup ray ray-tests serve
 #   (LITHOS_COMMIT=... must prefix the script, so every step records it)
 #   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
@@ -71,9 +73,10 @@ for s in "$@"; do
       done
       make -C native >/dev/null && mkdir -p lithos_ray/_lib && cp native/build/liblithos.so lithos_ray/_lib/ || status=1
       nvidia-smi --query-gpu=name,driver_version --format=csv,noheader ;;
-    ray-part1) mkdir -p /tmp/rw && cp .raywhl/part_aa /tmp/rw/ ;;
+    ray-part) mkdir -p /tmp/rw && cp .raywhl/part_* /tmp/rw/ ;;
     ray)
-      cat /tmp/rw/part_aa .raywhl/part_ab > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl &&
+      mkdir -p /tmp/rw && cp .raywhl/part_* /tmp/rw/ 2>/dev/null
+      cat /tmp/rw/part_* > /tmp/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl &&
         python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site-ray /tmp/ray-2.60.0-*.whl || status=1 ;;
     native)
       timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1

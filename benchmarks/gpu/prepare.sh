@@ -2,7 +2,7 @@
 # Run HERE (the CPU machine, repo root) before a GPU session: fetches what the GPU machine lacks as
 # wheels for its Python 3.12 into git-excluded folders that device calls carry.
 #   .whl/          lithos_ray's own needs (pydantic, grpcio, protobuf, jsonschema, ...)   ~11 MB
-#   .raywhl/       ray 2.60.0 split in two parts of < 40 MB (one call may carry 64 MB)    ~77 MB
+#   .raywhl/       ray 2.60.0 split in three parts of <= 25 MiB (a call carries 64 MiB with the tree) ~77 MB
 #   .servewhl/     what ray[default,serve] needs beyond that, minus what the GPU image has ~20 MB
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -16,7 +16,7 @@ get() {  # get DIR REQUIREMENT...
 get .whl pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection protobuf==7.36.2 \
   grpcio==1.85.1 jsonschema jsonschema-specifications referencing rpds-py
 mkdir -p /tmp/lithos-raywhl && get /tmp/lithos-raywhl ray==2.60.0
-rm -rf .raywhl && mkdir .raywhl && split -b 40M /tmp/lithos-raywhl/ray-2.60.0-*.whl .raywhl/part_
+rm -rf .raywhl && mkdir .raywhl && split -b 25M /tmp/lithos-raywhl/ray-2.60.0-*.whl .raywhl/part_
 get .servewhl aiohttp aiohttp_cors aiohappyeyeballs aiosignal frozenlist multidict propcache yarl colorful \
   opencensus opencensus-context google-api-core googleapis-common-protos proto-plus prometheus_client \
   opentelemetry-sdk opentelemetry-api opentelemetry-semantic-conventions opentelemetry-exporter-prometheus \
