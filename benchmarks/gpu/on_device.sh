@@ -36,18 +36,16 @@
 # The checkout there has no .git: pass LITHOS_COMMIT=<sha> (git rev-parse --short HEAD here).
 # Calls back to back (the machine keeps /tmp while warm: 30 s after a call; one call runs <= 600 s; the
 # working tree (~32 MB with benchmarks/results) plus what is carried must stay under 64 MiB, so the
-# 25 MB parts of ray go one per call, next to .whl or .servewhl):
-#   1. carry [.whl, lithos_ray/proto/agent_pb2.py, lithos_ray/proto/agent_pb2_grpc.py]
-#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup native            (~6.5 min)
-#   2. carry [proto stubs]  LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh overhead-ab launch-cpu colocate-lending
-#   3. carry [.raywhl/part_aa, proto stubs]  ... ray-part colocate               (the whole comparison, ~9 min)
-#   4. carry [.raywhl/part_ab, proto stubs]  ... ray-part
-#   5. carry [.raywhl/part_ac, .servewhl, proto stubs]  ... setup ray ray-tests serve
+# 25 MiB parts of ray (aa, ab, ac, and a small ad) go one per call):
+#   1. carry [.whl, .servewhl, .raywhl/part_ad, proto stubs]
+#      LITHOS_COMMIT=... bash benchmarks/gpu/on_device.sh setup ray-part native       (~6.5 min)
+#   2. carry [.raywhl/part_aa, proto stubs]  ... ray-part colocate                    (the whole comparison, ~9 min)
+#   3. carry [.raywhl/part_ab, proto stubs]  ... ray-part overhead-ab launch-cpu
+#   4. carry [.raywhl/part_ac, proto stubs]  ... ray ray-tests serve
 #   (LITHOS_COMMIT=... must prefix the script, so every step records it)
 #   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
-#   Open questions after 3ff5789: carry [.whl, proto stubs]  ... setup colocate-ablation graph-context (~8 min);
-#   then the full comparison (call 3 above, colocate) with held launches on.
+#   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
