@@ -13,7 +13,7 @@
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
-#   colocate   lithos-ray bench colocate (about 9 minutes)
+#   colocate   lithos-ray bench colocate, all systems (COLOCATE_BUDGET_S, default 500 s; ~9 minutes)
 #   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes), lending decided at launch
 #                     time (--dispatch off, the default until 3ff5789)
 #   colocate-pace-always  the same with best-effort borrowers pacing always
@@ -92,7 +92,8 @@ for s in "$@"; do
     correctness)
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)
-      timeout 550 python3 -m benchmarks.colocate --trials 2 --budget-s 500 --out-dir "$OUT" 2>&1 |
+      timeout "$((${COLOCATE_BUDGET_S:-500} + 50))" python3 -m benchmarks.colocate --trials 2 \
+        --budget-s "${COLOCATE_BUDGET_S:-500}" --out-dir "$OUT" 2>&1 |
         tee "$OUT/colocate_console.txt" | tail -40 || status=1 ;;
     colocate-lending) colocate_short lending --dispatch off || status=1 ;;
     colocate-pace-always) colocate_short pace_always --dispatch off --lend-pace always || status=1 ;;
