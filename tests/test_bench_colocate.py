@@ -76,17 +76,21 @@ def test_reclaim_time_from_owner_wakeups_and_borrowed_kernels():
 
 def test_lending_stats_from_launch_records():
     dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8"), ("grid", "<u4", (3,)),
-                      ("predicted_ns", "<u8")])
+                      ("predicted_ns", "<u8"), ("view", "u1"), ("kernel_name", "S16")])
     us = 1000
-    owner = np.array([(0, 0, 20, 1, (1, 1, 1), 0), (5000 * us, 0, 20, 1, (1, 1, 1), 0)], dtype=dtype)
-    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1), 0), (4950 * us, 100 * us, 26, 3, (800, 1, 1), 0)],
-                        dtype=dtype)
+    owner = np.array([(0, 0, 20, 1, (1, 1, 1), 0, 0, b"a"), (5000 * us, 0, 20, 1, (1, 1, 1), 0, 0, b"a")], dtype=dtype)
+    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1), 0, 0, b"b"),
+                         (4950 * us, 100 * us, 26, 3, (800, 1, 1), 0, 0, b"c"),
+                         (4990 * us, 400 * us, 0, 4, (8, 1, 1), 0, 2, b"cudnn_refused")], dtype=dtype)  # on the whole GPU
     stats = lending_stats({0: owner, 1: borrower}, {0: tuple(range(20)), 1: tuple(range(20, 46))}, [0], 500.0)
     assert stats["per_slot"][1]["borrowing_launches"] == 1
-    # the borrowing launch: 40 blocks, within the borrower's own 52 SMs; 300 of 400 us of its GPU time
+    # the borrowing launch: 40 blocks, within the borrower's own 52 SMs; 300 of 800 us of its GPU time
     assert stats["per_slot"][1]["borrowed_grid_blocks_p50"] == 40
     assert stats["per_slot"][1]["borrowed_grid_within_own_sms_share"] == 1.0
-    assert stats["per_slot"][1]["borrowed_gpu_time_share"] == pytest.approx(0.75)
+    assert stats["per_slot"][1]["borrowed_gpu_time_share"] == pytest.approx(0.375)
+    assert stats["per_slot"][1]["unconfined_launches"] == 1 and stats["per_slot"][0]["unconfined_launches"] == 0
+    assert stats["per_slot"][1]["unconfined_gpu_time_share"] == pytest.approx(0.5)
+    assert stats["per_slot"][1]["unconfined_kernels"] == ["cudnn_refused"]
     assert stats["per_slot"][1]["borrowed_tpcs_max"] == 20
     assert stats["per_slot"][0]["borrowing_launches"] == 0
     assert stats["reclaim_estimate"][0]["p99_us"] == pytest.approx(200.0)
@@ -382,6 +386,10 @@ def test_lending_summary_line_reports_borrowing_reclaim_and_predictor():
     assert lending_summary([trial, trial]) == ("borrowing launches 24/80; reclaim p99 (estimate) max 140 us; "
                                                "predictor: 25.0% off by > 50 us, error p99 <= 80 us (16 pairs)")
     assert lending_summary([{"per_slot": {}, "reclaim_estimate": {}}]) == "borrowing launches 0/0; no reclaim"
+    leak = {"per_slot": {2: {"launches": 5, "unconfined_launches": 2, "unconfined_gpu_time_share": 0.031,
+                             "unconfined_kernels": ["k"]}}, "reclaim_estimate": {}}
+    assert lending_summary([leak]).endswith("; unconfined launches (whole GPU, outside the quota) 2, <= 3.1% of a "
+                                            "slot's GPU time: k")
     shares = [{**trial, "idle_capacity": {"share_borrowed": s}} for s in (0.4, 0.55)]
     assert lending_summary(shares).startswith("borrowing launches 24/80; idle TPC-seconds borrowed 40%-55%; ")
 

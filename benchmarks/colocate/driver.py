@@ -231,6 +231,21 @@ def borrowed_work(recs: np.ndarray, borrowing: np.ndarray, duration_ns: np.ndarr
             "borrowed_grid_within_own_sms_share": float(np.mean(lending.fits_own_sms(blocks, own_tpcs)))}
 
 
+def unconfined_work(recs: np.ndarray, duration_ns: np.ndarray) -> dict:
+    """Launches that ran on the whole GPU (a kernel a green context refused, or no fitting view): a quota
+    leak onto the other clients' TPCs. Their count, share of the slot's GPU time and kernel names."""
+    from lithos_ray.native import UNCONFINED_VIEW
+    if "view" not in recs.dtype.names:
+        return {}
+    unconfined = recs["view"] == UNCONFINED_VIEW
+    total_ns = float(duration_ns.sum())
+    names = sorted({bytes(n).decode(errors="replace") or "?" for n in recs["kernel_name"][unconfined]}) \
+        if "kernel_name" in recs.dtype.names else []
+    return {"unconfined_launches": int(unconfined.sum()),
+            "unconfined_gpu_time_share": float(duration_ns[unconfined].sum() / total_ns) if total_ns else None,
+            "unconfined_kernels": names[:8]}
+
+
 def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple[int, ...]],
                   owner_slots: list[int], idle_window_us: float) -> dict:
     """TPCs lent per slot from its launch records (launch TPCs beyond its quota) and estimated reclaim times."""
@@ -262,6 +277,7 @@ def lending_stats(records: dict[int, np.ndarray | None], quotas: dict[int, tuple
             "borrowed_tpcs_max": int(borrowed.max()),
             "borrowed_tpc_seconds_estimate": float(np.sum(borrowed * dur) / 1e9),
             **borrowed_work(recs, lending_launches, dur, len(quotas[slot])),
+            **unconfined_work(recs, dur),
             "predictor": predictor_accuracy(recs),
         }
         if slot not in owner_slots:

@@ -233,6 +233,7 @@ def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
 def lending_summary(per_trial: list[dict]) -> str:
     """One line over a cell's trials: launches that borrowed, worst reclaim p99 estimate, predictor accuracy."""
     borrowing, launches, reclaim_p99, off, pairs, time_share, small_grids = 0, 0, [], [], 0, [], []
+    unconfined, unconfined_share, unconfined_kernels = 0, [], set()
     idle_used = [trial["idle_capacity"]["share_borrowed"] for trial in per_trial
                  if (trial.get("idle_capacity") or {}).get("share_borrowed") is not None]
     for trial in per_trial:
@@ -240,6 +241,10 @@ def lending_summary(per_trial: list[dict]) -> str:
             if stats.get("borrowing_launches"):
                 time_share.append(stats.get("borrowed_gpu_time_share"))
                 small_grids.append(stats.get("borrowed_grid_within_own_sms_share"))
+            if stats.get("unconfined_launches"):
+                unconfined += stats["unconfined_launches"]
+                unconfined_share.append(stats.get("unconfined_gpu_time_share") or 0.0)
+                unconfined_kernels.update(stats.get("unconfined_kernels", []))
             borrowing += stats.get("borrowing_launches", 0)
             launches += stats.get("launches", 0)
             accuracy = stats.get("predictor")
@@ -259,6 +264,9 @@ def lending_summary(per_trial: list[dict]) -> str:
     if any(v is not None for v in small_grids):
         text += f", grids within the borrower's own SMs {min(v for v in small_grids if v is not None):.0%}-" \
                 f"{max(v for v in small_grids if v is not None):.0%}"
+    if unconfined:
+        text += (f"; unconfined launches (whole GPU, outside the quota) {unconfined}, <= {max(unconfined_share):.1%} "
+                 f"of a slot's GPU time: {', '.join(sorted(unconfined_kernels)[:3])[:120]}")
     return text
 
 
