@@ -42,6 +42,7 @@ static __thread int ctx_depth;
 static uintptr_t owner_handle[MAX_HANDLES];
 static CUcontext owner_ctx[MAX_HANDLES];
 static int owner_value[MAX_HANDLES];
+static int owner_group_sms[MAX_HANDLES]; /* a resource descriptor's or green context's SMs per group */
 static int owners;
 
 static void logf_(const char *fmt, ...) {
@@ -83,6 +84,20 @@ static int owner_of(uintptr_t handle) {
         if (owner_handle[i] == handle) found = i;
     pthread_mutex_unlock(&lock);
     return found;
+}
+
+static void set_group_sms(uintptr_t handle, int sms) {
+    int i = owner_of(handle);
+    pthread_mutex_lock(&lock);
+    if (i >= 0) owner_group_sms[i] = sms;
+    pthread_mutex_unlock(&lock);
+}
+static int group_sms(uintptr_t handle) {
+    int i = owner_of(handle);
+    pthread_mutex_lock(&lock);
+    int sms = i < 0 ? 0 : owner_group_sms[i];
+    pthread_mutex_unlock(&lock);
+    return sms;
 }
 
 static CUcontext ctx_of(uintptr_t handle) {
@@ -143,11 +158,13 @@ EXPORT CUresult cuDevSmResourceSplitByCount(CUdevResource *result, unsigned *gro
 }
 EXPORT CUresult cuDevResourceGenerateDesc(CUdevResourceDesc *desc, CUdevResource *resources, unsigned count) {
     *desc = (CUdevResourceDesc)new_handle_with(NULL, (int)count);
+    set_group_sms((uintptr_t)*desc, count ? (int)resources[0].sm.smCount : 0);
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuGreenCtxCreate(CUgreenCtx *green, CUdevResourceDesc desc, CUdevice dev, unsigned flags) {
     int i = owner_of((uintptr_t)desc);
     *green = (CUgreenCtx)new_handle(NULL);
+    set_group_sms((uintptr_t)*green, group_sms((uintptr_t)desc));
     logf_("cuGreenCtxCreate %#lx groups=%d", (unsigned long)(uintptr_t)*green, i < 0 ? -1 : owner_value[i]);
     return CUDA_SUCCESS;
 }
@@ -233,14 +250,26 @@ EXPORT CUresult cuStreamWaitEvent(CUstream stream, CUevent event, unsigned flags
     logf_("cuStreamWaitEvent %#lx", (unsigned long)(uintptr_t)stream);
     return CUDA_SUCCESS;
 }
-/* Function handle 0xc1 stands for a kernel compiled with a required 2x2x1 cluster (> 2: co-scheduled view). */
+/* Function handle 0xc1 stands for a kernel compiled with a required 2x2x1 cluster (> 2: co-scheduled view);
+ * 0xc2 for the CUkernel handle of that kernel, as the runtime launches library kernels: cuFunc*
+ * queries refuse it, and cuKernelGetFunction gives 0xc1. */
+EXPORT CUresult cuKernelGetFunction(CUfunction *f, CUkernel kernel) {
+    if ((uintptr_t)kernel != 0xc2) return CUDA_ERROR_INVALID_HANDLE;
+    *f = (CUfunction)0xc1;
+    return CUDA_SUCCESS;
+}
 EXPORT CUresult cuFuncGetAttribute(int *value, CUfunction_attribute attr, CUfunction f) {
+    if ((uintptr_t)f == 0xc2) return CUDA_ERROR_INVALID_HANDLE;
     int clustered = (uintptr_t)f == 0xc1 && (attr == CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH ||
                                              attr == CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT);
     *value = clustered ? 2 : 0;
     return CUDA_SUCCESS;
 }
-EXPORT CUresult cuFuncGetName(const char **name, CUfunction f) { *name = "fake_kernel"; return CUDA_SUCCESS; }
+EXPORT CUresult cuFuncGetName(const char **name, CUfunction f) {
+    if ((uintptr_t)f == 0xc2) return CUDA_ERROR_INVALID_HANDLE;
+    *name = (uintptr_t)f == 0xc1 ? "fake_cluster_kernel" : "fake_kernel";
+    return CUDA_SUCCESS;
+}
 /* Function handle 0x88 stands for a kernel with parameters (uint64_t a, uint32_t b): offsets 0 and 8;
  * every other kernel has none. Its launches log both values (held launches copy them). */
 EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, size_t *size) {
@@ -251,8 +280,11 @@ EXPORT CUresult cuFuncGetParamInfo(CUfunction f, size_t index, size_t *offset, s
 EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) { current_ctx = ctx; return CUDA_SUCCESS; }
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, CUstream stream, void **params, void **extra) {
-    /* grid x 912 stands for a kernel green contexts refuse (CUDA_ERROR_INVALID_CLUSTER_SIZE = 912) */
-    int refused = gx == 912 && ctx_of((uintptr_t)stream) != (CUcontext)0x10;
+    /* grid x 912 stands for a kernel green contexts refuse (CUDA_ERROR_INVALID_CLUSTER_SIZE = 912), 913
+     * for one only green contexts of TPC groups refuse (smaller than the 8-SM co-scheduled groups) */
+    CUcontext ctx = ctx_of((uintptr_t)stream);
+    int green = ctx != (CUcontext)0x10;
+    int refused = (gx == 912 && green) || (gx == 913 && green && group_sms((uintptr_t)ctx - 1) < 8);
     if ((uintptr_t)f == 0x88 && params)
         logf_("cuLaunchKernel %#lx args=%llu,%u", (unsigned long)(uintptr_t)stream, (unsigned long long)*(uint64_t *)params[0],
               *(uint32_t *)params[1]);

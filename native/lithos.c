@@ -420,7 +420,8 @@ static void notice_once(int which, const char *fmt, ...) {
     va_end(ap);
 }
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
-       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE };
+       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE,
+       WARN_RETRY_COSCHED };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -715,6 +716,7 @@ typedef struct {
     uintptr_t function; /* atomic; 0 = empty */
     uint32_t ready;     /* atomic; 1 once the fields below are filled */
     uint32_t whole_gpu; /* atomic; 1 once a launch of it failed in a green context: it runs unconfined */
+    uint32_t cosched;   /* atomic; 1 once the TPC view refused its cluster shape: it runs in the co-scheduled view */
     uint32_t cluster[3];
     int32_t param_count;    /* kernel parameters (cuFuncGetParamInfo), with LITHOS_DISPATCH only; -1 unknown */
     uint32_t param_bytes;   /* end of the last parameter */
@@ -755,14 +757,23 @@ static void query_func(CUfunction f, func_info *out, int cached) {
     __atomic_fetch_add(&func_queries, 1, __ATOMIC_RELAXED);
     out->param_count = -1;
     if (cached && g.dispatch && drv_cuFuncGetParamInfo) query_params(f, out);
+    /* A library kernel launched by its CUkernel handle (as the runtime does) is asked through its
+     * CUfunction in the current context: a compiled-in cluster shape missed here would send it to a
+     * view that refuses it. */
+    const char *name = NULL;
+    CUfunction asked = f, from_kernel = NULL;
+    if ((drv_cuFuncGetName(&name, f) != CUDA_SUCCESS || !name) && drv_cuKernelGetFunction &&
+        drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) == CUDA_SUCCESS && from_kernel) {
+        asked = from_kernel;
+        if (drv_cuFuncGetName(&name, asked) != CUDA_SUCCESS) name = NULL;
+    }
+    if (!name) name = "?";
     int dims[3] = {0, 0, 0};
     const CUfunction_attribute attrs[3] = {CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
                                            CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH};
     for (int i = 0; i < 3; i++)
-        if (drv_cuFuncGetAttribute(&dims[i], attrs[i], f) != CUDA_SUCCESS) dims[i] = 0;
+        if (drv_cuFuncGetAttribute(&dims[i], attrs[i], asked) != CUDA_SUCCESS) dims[i] = 0;
     for (int i = 0; i < 3; i++) out->cluster[i] = dims[i] > 0 ? (uint32_t)dims[i] : 1u;
-    const char *name = NULL;
-    if (drv_cuFuncGetName(&name, f) != CUDA_SUCCESS || !name) name = "?";
     strncpy(out->name, name, sizeof(out->name) - 1);
     out->name[sizeof(out->name) - 1] = '\0';
 }
@@ -1377,9 +1388,10 @@ typedef struct {
     void **params, **extra;
     const CUlaunchConfig *config;
     CUgraphExec graph;
-    int whole_gpu;          /* retry of a launch that failed in a green context */
+    int retry;              /* a launch that failed in a green context, again: RETRY_COSCHED or RETRY_WHOLE_GPU */
     int activity_published; /* after_launch done for this launch (not again on a retry) */
 } launch_request;
+enum { RETRY_NONE = 0, RETRY_COSCHED, RETRY_WHOLE_GPU };
 
 /* Where one launch goes and what the lending rule found (recorded in its launch record). */
 typedef struct {
@@ -2131,7 +2143,7 @@ static held_launch *fifo_tail_locked(void) {
  * launches are held already (kept in order instead of draining the FIFO). Returns 1 when held. */
 static int hold_launch(const launch_request *q, const allowance_route *route, const func_info *info, const func_info *scratch,
                        int view, CUcontext ctx, CUstream app_stream, const lithos_kernel_key *key) {
-    if (!g.dispatch || tls.is_dispatcher || q->whole_gpu || q->per_thread || app_stream == CU_STREAM_PER_THREAD ||
+    if (!g.dispatch || tls.is_dispatcher || q->retry || q->per_thread || app_stream == CU_STREAM_PER_THREAD ||
         (q->api != LITHOS_API_LAUNCH_KERNEL && q->api != LITHOS_API_LAUNCH_KERNEL_EX) || !info || info == scratch ||
         !g.activity || !defer_on())
         return 0;
@@ -2274,7 +2286,8 @@ static CUresult route_launch(launch_request *q) {
     cluster_of(q, info, cluster);
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
-    int view = cluster[0] * cluster[1] * cluster[2] > 2 ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    int view = cluster[0] * cluster[1] * cluster[2] > 2 || q->retry == RETRY_COSCHED || __atomic_load_n(&info->cosched, __ATOMIC_RELAXED)
+                   ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream, &key)) return CUDA_SUCCESS;
     if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
@@ -2287,7 +2300,7 @@ static CUresult route_launch(launch_request *q) {
         }
     }
     stream_queue *queue = NULL;
-    if (q->whole_gpu || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
+    if (q->retry == RETRY_WHOLE_GPU || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
         /* Unconfined: on the app stream when it is the context's own; a created stream may be a green
          * stream (of the TPC view), where e.g. a cluster kernel would fail and poison the context, so
          * it goes through the unconfined pair (an ordinary helper stream, ordered by events). */
@@ -2384,18 +2397,26 @@ static CUresult route_launch(launch_request *q) {
         join_enter();
     }
     if (r != CUDA_SUCCESS && view != LITHOS_VIEW_UNCONFINED) {
-        /* E.g. a cooperative grid too large for the allowance, or a cluster shape the TPC view
-         * refuses: this and every later launch of the kernel run unconfined, in stream order. */
-        notice_once(WARN_RETRY, "kernel %s failed in its green context (CUresult %d): it runs unconfined from now on",
-                    info ? info->name : "?", (int)r);
-        if (info && info != &scratch) __atomic_store_n(&((func_info *)info)->whole_gpu, 1u, __ATOMIC_RELAXED);
+        /* A cluster shape the TPC view refuses: this and every later launch of the kernel go to the
+         * co-scheduled view (whole 8-SM groups of the allowance; unconfined where it holds none).
+         * Any other refusal (e.g. a cooperative grid too large for the allowance), or one in the
+         * co-scheduled view: unconfined from now on. Either way in stream order. */
+        int to_cosched = r == CUDA_ERROR_INVALID_CLUSTER_SIZE && view == LITHOS_VIEW_TPC && !route->one_view;
+        if (to_cosched)
+            notice_once(WARN_RETRY_COSCHED, "kernel %s: the TPC view refused its cluster shape (CUresult %d): it runs in "
+                        "the co-scheduled view from now on (unconfined where the allowance holds no whole group)", info->name, (int)r);
+        else
+            notice_once(WARN_RETRY, "kernel %s failed in its green context (CUresult %d): it runs unconfined from now on",
+                        info->name, (int)r);
+        if (info != &scratch)
+            __atomic_store_n(to_cosched ? &((func_info *)info)->cosched : &((func_info *)info)->whole_gpu, 1u, __ATOMIC_RELAXED);
         if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
             drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair (and a run) ordered */
         if (deferred) {
             drop_pending(p);
             join_leave();
         }
-        q->whole_gpu = 1;
+        q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
         return route_launch(q);
     }
     if (deferred && r == CUDA_SUCCESS) {

@@ -454,7 +454,9 @@ def test_destroying_streams_retires_their_green_streams(fake_driver, fake_table)
 
 
 def test_a_kernel_refused_by_green_contexts_runs_unconfined_in_stream_order(fake_driver, fake_table):
-    """The fake refuses grid x = 912 in green contexts (as the H100 refused a cuDNN kernel in the TPC view)."""
+    """The fake refuses grid x = 912 in green contexts (as the H100 refused a cuDNN kernel in the TPC view).
+    This table has no co-scheduled group map, so the co-scheduled view the kernel moves to does not
+    exist: it runs unconfined."""
     lines, stderr = run_fake("""
     s = create(1)
     show(hex(s))
@@ -474,7 +476,46 @@ def test_a_kernel_refused_by_green_contexts_runs_unconfined_in_stream_order(fake
     # later launches of that kernel go straight to the unconfined place, without a refused attempt: the
     # second continues the run on the helper stream, the launch on stream 0 pays its join first
     assert later == [["cuLaunchKernel", helper]] + join(s, helper) + [["cuLaunchKernel", "0"]]
-    assert stderr.count("runs unconfined from now on") == 1
+    assert stderr.count("the TPC view refused its cluster shape (CUresult 912)") == 1
+
+
+def test_a_cluster_shape_the_tpc_view_refuses_runs_in_the_cosched_view_inside_the_quota(fake_driver, lend_table):
+    """TPCs 0-9 hold the co-scheduled groups 0 and 1 (TPCs 0-7): a kernel the TPC view refuses
+    (the fake's grid x = 913) is launched again in the co-scheduled view and stays there, inside the
+    quota; one the co-scheduled view refuses too (912) runs unconfined, as before."""
+    lend_table.set_lending(0, [], low_priority=False)
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    lend_table.set_allowance(0, list(range(10)))
+    lines, stderr = run_fake(LEND_PRELUDE + textwrap.dedent("""
+    s = create(1)
+    launch_fn(0x77, s, 913); launch_fn(0x77, s, 913)
+    launch_fn(0x99, s, 912)
+    show_log()
+    """), fake_env(fake_driver, lend_table))
+    places = launch_places(lines)
+    refused = [w[1] for w in lines if w[0] == "cuLaunchKernel" and w[-1] == "refused"]
+    # 913: the TPC view (10 groups of 2 SMs) once, then the co-scheduled one (2 groups of 8 SMs);
+    # 912: refused in both, then unconfined (an ordinary stream)
+    assert [groups for groups, _ in places] == [10, 2, 2, 10, 2, 0]
+    assert refused == [places[0][1], places[3][1], places[4][1]]
+    records, _ = lend_table.read_launches(0)
+    assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["cosched", "cosched", "unconfined"]
+    assert [int(r["tpcs"]) for r in records[:2]] == [8, 8]
+    assert stderr.count("the TPC view refused its cluster shape (CUresult 912)") == 1   # once per process
+    assert stderr.count("failed in its green context (CUresult 912): it runs unconfined from now on") == 1
+
+
+def test_a_library_kernel_launched_by_its_cukernel_handle_is_asked_through_its_function(fake_driver, lend_table):
+    """The runtime launches library kernels by CUkernel handle (the fake's 0xc2), which cuFuncGetName
+    and cuFuncGetAttribute refuse: the shim asks the kernel's CUfunction (0xc1, a required 2x2x1
+    cluster) instead, so the launch goes straight to the co-scheduled view under its own name."""
+    lend_table.set_lending(0, [], low_priority=False)
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    lend_table.set_allowance(0, list(range(10)))
+    run_fake(LEND_PRELUDE + "launch_fn(0xc2, create(1))", fake_env(fake_driver, lend_table))
+    (record,), _ = lend_table.read_launches(0)
+    assert native.VIEW_NAMES[int(record["view"])] == "cosched" and tuple(record["cluster"]) == (2, 2, 1)
+    assert record["kernel_name"] == b"fake_cluster_kernel"
 
 
 
