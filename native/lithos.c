@@ -715,8 +715,7 @@ EXPORT int64_t lithos_client_allowance(uint64_t tpc_mask[LITHOS_MASK_WORDS]) {
 typedef struct {
     uintptr_t function; /* atomic; 0 = empty */
     uint32_t ready;     /* atomic; 1 once the fields below are filled */
-    uint32_t whole_gpu; /* atomic; 1 once a launch of it failed in a green context: it runs unconfined */
-    uint32_t cosched;   /* atomic; 1 once the TPC view refused its cluster shape: it runs in the co-scheduled view */
+    uint32_t refused;   /* atomic; once a green context refused it: RETRY_COSCHED or RETRY_WHOLE_GPU (unconfined) */
     uint32_t cluster[3];
     int32_t param_count;    /* kernel parameters (cuFuncGetParamInfo), with LITHOS_DISPATCH only; -1 unknown */
     uint32_t param_bytes;   /* end of the last parameter */
@@ -756,6 +755,7 @@ static void query_params(CUfunction f, func_info *out) {
 static void query_func(CUfunction f, func_info *out, int cached) {
     __atomic_fetch_add(&func_queries, 1, __ATOMIC_RELAXED);
     out->param_count = -1;
+    out->refused = 0; /* a scratch entry lives on the stack */
     if (cached && g.dispatch && drv_cuFuncGetParamInfo) query_params(f, out);
     /* A library kernel launched by its CUkernel handle (as the runtime does) is asked through its
      * CUfunction in the current context: a compiled-in cluster shape missed here would send it to a
@@ -2147,7 +2147,8 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
         (q->api != LITHOS_API_LAUNCH_KERNEL && q->api != LITHOS_API_LAUNCH_KERNEL_EX) || !info || info == scratch ||
         !g.activity || !defer_on())
         return 0;
-    int confined = !__atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED) && !route->whole_gpu && route->views[view].green;
+    int confined = __atomic_load_n(&info->refused, __ATOMIC_RELAXED) != RETRY_WHOLE_GPU && !route->whole_gpu &&
+                   route->views[view].green;
     if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE)) {
         const lithos_slot *me = slot_at_index(g.slot);
         if (!confined || !my_lender_mask(me) ||
@@ -2286,8 +2287,8 @@ static CUresult route_launch(launch_request *q) {
     cluster_of(q, info, cluster);
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
-    int view = cluster[0] * cluster[1] * cluster[2] > 2 || q->retry == RETRY_COSCHED || __atomic_load_n(&info->cosched, __ATOMIC_RELAXED)
-                   ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    int refused = q->retry ? q->retry : (int)__atomic_load_n(&info->refused, __ATOMIC_RELAXED);
+    int view = cluster[0] * cluster[1] * cluster[2] > 2 || refused == RETRY_COSCHED ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
     if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream, &key)) return CUDA_SUCCESS;
     if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
@@ -2300,7 +2301,7 @@ static CUresult route_launch(launch_request *q) {
         }
     }
     stream_queue *queue = NULL;
-    if (q->retry == RETRY_WHOLE_GPU || (info && __atomic_load_n(&info->whole_gpu, __ATOMIC_RELAXED)) || !route->views[view].green) {
+    if (refused == RETRY_WHOLE_GPU || !route->views[view].green) {
         /* Unconfined: on the app stream when it is the context's own; a created stream may be a green
          * stream (of the TPC view), where e.g. a cluster kernel would fail and poison the context, so
          * it goes through the unconfined pair (an ordinary helper stream, ordered by events). */
@@ -2408,15 +2409,14 @@ static CUresult route_launch(launch_request *q) {
         else
             notice_once(WARN_RETRY, "kernel %s failed in its green context (CUresult %d): it runs unconfined from now on",
                         info->name, (int)r);
-        if (info != &scratch)
-            __atomic_store_n(to_cosched ? &((func_info *)info)->cosched : &((func_info *)info)->whole_gpu, 1u, __ATOMIC_RELAXED);
+        q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
+        if (info != &scratch) __atomic_store_n(&((func_info *)info)->refused, (uint32_t)q->retry, __ATOMIC_RELAXED);
         if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
             drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair (and a run) ordered */
         if (deferred) {
             drop_pending(p);
             join_leave();
         }
-        q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
         return route_launch(q);
     }
     if (deferred && r == CUDA_SUCCESS) {
