@@ -324,6 +324,61 @@ def test_held_launches_give_bitwise_the_results_of_the_program_without_the_shim(
     assert counts["borrowed"] > 100, counts
 
 
+CLUSTER_KERNEL_PROGRAM = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from gpu_spin import _check
+from cuda.bindings import driver as cu, nvrtc
+_check(cu.cuInit(0))
+device = _check(cu.cuDeviceGet(0))
+_check(cu.cuCtxPushCurrent(_check(cu.cuDevicePrimaryCtxRetain(device))))
+source = (b'extern "C" __global__ void __cluster_dims__(4, 1, 1) where_cluster(unsigned *sm_of_block){ unsigned s;'
+          b' asm volatile("mov.u32 %0, %%smid;" : "=r"(s)); sm_of_block[blockIdx.x] = s; }')
+program = _check(nvrtc.nvrtcCreateProgram(source, b"c.cu", 0, [], []))
+_check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
+cubin = b" " * _check(nvrtc.nvrtcGetCUBINSize(program))
+_check(nvrtc.nvrtcGetCUBIN(program, cubin))
+kernel = _check(cu.cuLibraryGetKernel(_check(cu.cuLibraryLoadData(cubin, None, None, 0, None, None, 0)), b"where_cluster"))
+blocks = 256
+buffer = _check(cu.cuMemAlloc(blocks * 4))
+pointer = np.array([int(buffer)], dtype=np.uint64)
+params = np.array([pointer.ctypes.data], dtype=np.uint64)
+stream = _check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING))
+for s in (stream, cu.CUstream(0)):   # a created (green) stream and the default one (paired)
+    _check(cu.cuLaunchKernel(cu.CUfunction(int(kernel)), blocks, 1, 1, 32, 1, 1, 0, s, params.ctypes.data, 0))
+_check(cu.cuCtxSynchronize())
+_check(cu.cuStreamSynchronize(stream))
+host = np.zeros(blocks, dtype=np.uint32)
+_check(cu.cuMemcpyDtoH(host.ctypes.data, buffer, blocks * 4))
+print(json.dumps({"sms": sorted({int(x) for x in host})}))
+"""
+
+
+def test_a_compiled_in_cluster_kernel_launched_by_its_cukernel_handle_stays_inside_the_quota(table):
+    """A kernel compiled with __cluster_dims__(4,1,1), launched by its CUkernel handle as the runtime
+    launches library kernels, on an allowance of 2 whole co-scheduled groups plus 2 TPCs in no group:
+    the shim reads its cluster shape through cuKernelGetFunction and sends it to the co-scheduled view
+    (the 2 groups, 16 SMs). A ResNet-50 training step's cuDNN kernel of this kind ran on the whole GPU
+    before (CUresult 912 in the TPC view, then unconfined)."""
+    groups = list(table.cosched_groups().values())
+    outside = [t for t, g in enumerate(table.cosched_map()) if g == 255][:2]
+    tpcs = sorted([*groups[0], *groups[1], *outside])
+    table.set_allowance(3, tpcs)
+    start = native.LaunchRing(native.ring_path(table.path, 3)).head()
+    proc = subprocess.run([sys.executable, "-c", CLUSTER_KERNEL_PROGRAM, str(ROOT / "tests")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **native.client_env(table.path, 3)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unconfined" not in proc.stderr and "refused" not in proc.stderr, proc.stderr
+    sms = json.loads(proc.stdout.strip().splitlines()[-1])["sms"]
+    assert 0 < len(sms) <= 16, sms
+    records, _ = table.read_launches(3, since_index=start)
+    ours = [r for r in records if r["kernel_name"] == b"where_cluster"]
+    assert len(ours) == 2, [r["kernel_name"] for r in records]
+    assert all(native.VIEW_NAMES[int(r["view"])] == "cosched" and int(r["tpcs"]) == 8 for r in ours)
+    assert all(tuple(r["cluster"]) == (4, 1, 1) for r in ours)
+
+
 ATTRIBUTE_PROGRAM = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
