@@ -50,6 +50,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase-s", type=float, default=None,
                         help=f"measured seconds per phase ({plan.MIN_PHASE_S:g}..{plan.MAX_PHASE_S:g}); default: fill the budget")
     parser.add_argument("--warmup-s", type=float, default=0.5, help="seconds of each phase discarded first (default 0.5)")
+    parser.add_argument("--first-warmup-s", type=float, default=2.0,
+                        help="the same for a worker group's first phase of each system, mix and variant, where new "
+                             "green contexts and lazy module loads land (0..30; default 2.0)")
     parser.add_argument("--load", type=float, default=0.3,
                         help="offered load of each service as a fraction of its solo capacity (1 / solo p50 service "
                              "time), in (0, 1); default 0.3")
@@ -86,6 +89,7 @@ def _checked(args):
     try:
         plan = plan_module.build_plan(mixes=args.mixes, systems=args.systems, variants=args.variants, trials=args.trials,
                                       budget_s=args.budget_s, phase_s=args.phase_s, warmup_s=args.warmup_s,
+                                      first_warmup_s=args.first_warmup_s,
                                       load=args.load, resnet_batch=args.resnet_batch, lc_groups=args.lc_groups)
     except ValueError as exc:
         raise LithosRequestError(str(exc)) from None
@@ -159,7 +163,7 @@ def run(args) -> int:
                    "complete": final,
                    "plan": {"mixes": list(plan.mixes), "systems": list(plan.systems), "variants": list(plan.variants),
                             "trials": plan.trials, "budget_s": plan.budget_s, "phase_s": plan.phase_s,
-                            "warmup_s": plan.warmup_s, "load": plan.load, "estimate": plan.estimate,
+                            "warmup_s": plan.warmup_s, "first_warmup_s": plan.first_warmup_s, "load": plan.load, "estimate": plan.estimate,
                             "workloads": {n: vars(w) for n, w in plan.workloads.items()},
                             "mix_definitions": {m: {"services": list(plan_module.MIXES[m].services),
                                                     "best_effort": plan_module.MIXES[m].best_effort,

@@ -206,6 +206,19 @@ def test_lc_alone_ablations_leave_the_best_effort_job_idle_and_lend_only_under_l
     assert set(plan.LENDING_SYSTEMS) == {"lithos", "lithos_lc_alone"}
 
 
+def test_each_groups_first_phase_of_a_combination_warms_up_longer():
+    built = plan.build_plan(mixes="hybrid", systems="solo,static,lithos", variants="graph", trials=2,
+                            warmup_s=0.5, first_warmup_s=2.5)
+    (shim,) = [g for g in built.groups if g.environment == "shim"]
+    assert [(p.system, p.trial, p.first) for p in shim.phases] == [
+        ("static", 0, True), ("lithos", 0, True), ("static", 1, False), ("lithos", 1, False)]
+    plain = [g for g in built.groups if g.environment == "plain"][0]
+    assert not any(p.first for p in plain.phases if p.system == "calibrate")
+    firsts = sum(p.first for p in built.phases)
+    assert built.estimate["first_warmups_s"] == pytest.approx(firsts * 2.0)
+    assert plan.build_plan(first_warmup_s=0.0, warmup_s=0.5).first_warmup_s == 0.5   # never shorter than --warmup-s
+
+
 def test_static_held_gives_the_best_effort_slot_a_lender_holding_its_own_tpcs(tmp_path):
     from lithos_ray import native
     table = native.AllowanceTable.create("GPU-static-held-test", str(tmp_path))

@@ -419,6 +419,7 @@ class Run:
             result["status"] = f"skipped: past the time budget ({self.plan.budget_s:g} s x {OVERRUN_FACTOR})"
             return result
         running = {}
+        warmup_s = self.plan.first_warmup_s if phase.first else self.plan.warmup_s
         start_at = time.time() + PHASE_LEAD_S
         for name in phase.active:
             worker, workload = workers.get(name), self.plan.workloads[name]
@@ -434,7 +435,7 @@ class Run:
                        "seed": self.seed_of(phase, name)}
             else:
                 cmd = {"cmd": "train"}
-            cmd.update(start_at=start_at, warmup_s=self.plan.warmup_s, window_s=self.plan.phase_s, drain_s=PHASE_DRAIN_S)
+            cmd.update(start_at=start_at, warmup_s=warmup_s, window_s=self.plan.phase_s, drain_s=PHASE_DRAIN_S)
             try:
                 worker.send(cmd)
                 running[name] = worker
@@ -444,7 +445,7 @@ class Run:
         collector = RingCollector(self.table.path, list(shim["slots"].values())) if shim and running else None
         idle_window_us = self.table.lending_knobs()["idle_window_ns"] / 1000 if collector else None   # apply_lending's
         sampler = ActivitySampler(self.table, list(shim["slots"].values()), idle_window_us) if collector else None
-        timeout_s = PHASE_LEAD_S + self.plan.warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
+        timeout_s = PHASE_LEAD_S + warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
         for name, worker in running.items():
             try:
                 reply = worker.receive(timeout_s)

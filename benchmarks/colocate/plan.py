@@ -9,6 +9,7 @@ together for `phase_s` seconds after `warmup_s` seconds whose requests are disca
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -104,6 +105,7 @@ class Phase:
     variant: str | None         # eager/graph for services; None for a best-effort solo phase
     trial: int
     active: tuple[str, ...]     # workload names running in this phase
+    first: bool = False         # the group's first run of this system, mix, variant and workloads: longer warm-up
 
     @property
     def label(self) -> str:
@@ -132,6 +134,7 @@ class Plan:
     phase_s: float
     workloads: dict[str, Workload]
     lc_quota_groups: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per mix, after --lc-groups
+    first_warmup_s: float = 0.5   # warm-up of a phase marked first (new green contexts, lazy module loads)
     groups: list[Group] = field(default_factory=list)
     estimate: dict = field(default_factory=dict)
 
@@ -163,7 +166,7 @@ def _check_range(value, what: str, low: float, high: float, integer: bool = Fals
 
 def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), variants="eager,graph", trials: int = 3,
                budget_s: float = 480.0, phase_s: float | None = None, warmup_s: float = 0.5, load: float = 0.3,
-               resnet_batch: int = 8, lc_groups=()) -> Plan:
+               resnet_batch: int = 8, lc_groups=(), first_warmup_s: float = 2.0) -> Plan:
     """Validate the choices and lay out groups and phases; raise ValueError saying what is allowed."""
     mix_names = _split_choices(mixes, tuple(MIXES), "--mixes")
     system_names = _split_choices(systems, SYSTEMS, "--systems")
@@ -174,6 +177,7 @@ def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), vari
     _check_range(trials, "--trials", 1, 20, integer=True)
     _check_range(budget_s, "--budget-s", MIN_BUDGET_S, MAX_BUDGET_S)
     _check_range(warmup_s, "--warmup-s", 0.0, 10.0)
+    _check_range(first_warmup_s, "--first-warmup-s", 0.0, 30.0)
     if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0.0 < load < 1.0:
         raise ValueError(f"--load must be a fraction of solo capacity in (0, 1), e.g. 0.3; got {load!r}")
     _check_range(resnet_batch, "--resnet-batch", 1, 8, integer=True)
@@ -182,7 +186,7 @@ def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), vari
 
     table = workloads(resnet_batch)
     plan = Plan(mix_names, system_names, variant_names, trials, float(budget_s), float(warmup_s), float(load),
-                0.0, table, parse_lc_groups(lc_groups))
+                0.0, table, parse_lc_groups(lc_groups), max(float(first_warmup_s), float(warmup_s)))
     used = sorted({w for m in mix_names for w in (*MIXES[m].services, MIXES[m].best_effort)},
                   key=list(table).index)
     services = [w for w in used if table[w].role == LATENCY_CRITICAL]
@@ -208,6 +212,7 @@ def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), vari
         restart = tuple(best_efforts) if "mps" in system_names else ()
         plan.groups.append(Group("mps_pct", None, tuple(used), restart_only=restart, phases=phases))
 
+    plan.groups = [_mark_first_phases(g) for g in plan.groups]
     plan.estimate = estimate_fixed_s(plan)
     phases_total = len([p for p in plan.phases if p.system != "calibrate"])
     per_phase_overhead_s = PHASE_LEAD_S + warmup_s + PHASE_DRAIN_S + ESTIMATE_PHASE_GATHER_S
@@ -235,6 +240,18 @@ def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), vari
     return plan
 
 
+def _mark_first_phases(group: Group) -> Group:
+    """The first phase of each system, mix, variant and workload set in a group warms up longer: its
+    processes meet that combination for the first time (new green contexts, lazy module loading, a
+    predictor with no samples), which showed as a first trial's tail many times the next one's."""
+    seen, phases = set(), []
+    for p in group.phases:
+        key = (p.system, p.mix, p.variant, p.active)
+        phases.append(dataclasses.replace(p, first=p.system != "calibrate" and key not in seen))
+        seen.add(key)
+    return dataclasses.replace(group, phases=tuple(phases))
+
+
 def _mix_phase(system: str, mix: str, variant: str, trial: int) -> Phase:
     m = MIXES[mix]
     be = () if system in LC_ALONE_SYSTEMS else (m.best_effort,)
@@ -251,6 +268,7 @@ def estimate_fixed_s(plan: Plan) -> dict:
         "worker_group_starts_s": starts * ESTIMATE_GROUP_START_S,
         "mps_start_stop_s": ESTIMATE_MPS_START_STOP_S if uses_mps else 0.0,
         "calibration_s": len(calibrations) * (CALIBRATE_S + ESTIMATE_CALIBRATE_OVERHEAD_S),
+        "first_warmups_s": sum(p.first for p in plan.phases) * (plan.first_warmup_s - plan.warmup_s),
     }
     parts["fixed_s"] = round(sum(parts.values()), 1)
     parts["worker_groups"] = starts
@@ -265,7 +283,7 @@ def describe(plan: Plan) -> str:
              f"SLO = {SLO_MULTIPLE:g} x solo p99",
              f"estimated {e['total_s']:.0f} s of {plan.budget_s:.0f} s budget (H100 estimates): "
              f"{e['worker_groups']} worker group starts {e['worker_group_starts_s']:.0f} s, probe {e['probe_layout_s']:.0f} s, "
-             f"MPS {e['mps_start_stop_s']:.0f} s, calibration {e['calibration_s']:.1f} s, "
+             f"MPS {e['mps_start_stop_s']:.0f} s, calibration {e['calibration_s']:.1f} s, first-phase warm-ups {e['first_warmups_s']:.0f} s, "
              f"{e['phases']} phases x ({e['phase_s']:.2f} s measured + {e['per_phase_overhead_s']:.2f} s warm-up/lead/drain) "
              f"= {e['phases_s']:.0f} s",
              "service quotas (static/lithos, 4-TPC groups; the best-effort job gets the rest): "
