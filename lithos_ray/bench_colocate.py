@@ -51,8 +51,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"measured seconds per phase ({plan.MIN_PHASE_S:g}..{plan.MAX_PHASE_S:g}); default: fill the budget")
     parser.add_argument("--warmup-s", type=float, default=0.5, help="seconds of each phase discarded first (default 0.5)")
     parser.add_argument("--first-warmup-s", type=float, default=2.0,
-                        help="the same for a worker group's first phase of each system, mix and variant, where new "
-                             "green contexts and lazy module loads land (0..30; default 2.0)")
+                        help="the same for a worker group's first phase of each system, mix and variant, where first "
+                             "uses of green contexts and lazy module loads are likely (0..30; default 2.0)")
     parser.add_argument("--load", type=float, default=0.3,
                         help="offered load of each service as a fraction of its solo capacity (1 / solo p50 service "
                              "time), in (0, 1); default 0.3")

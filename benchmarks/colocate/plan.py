@@ -242,8 +242,8 @@ def build_plan(mixes="inference,hybrid", systems=",".join(DEFAULT_SYSTEMS), vari
 
 def _mark_first_phases(group: Group) -> Group:
     """The first phase of each system, mix, variant and workload set in a group warms up longer: its
-    processes meet that combination for the first time (new green contexts, lazy module loading, a
-    predictor with no samples), which showed as a first trial's tail many times the next one's."""
+    processes meet that combination for the first time (likely: new green contexts, lazy module
+    loading, a predictor with no samples); first trials showed tails many times the next one's."""
     seen, phases = set(), []
     for p in group.phases:
         key = (p.system, p.mix, p.variant, p.active)
