@@ -1678,6 +1678,28 @@ def test_held_launches_are_sent_in_order_with_their_arguments_copied_and_borrow(
     assert len(records) == 20 and any(native.lenders_of(r) == [1] for r in records)
 
 
+def test_a_held_launch_the_tpc_view_refuses_is_sent_again_in_the_cosched_view_with_its_arguments(fake_driver, lend_table):
+    """The dispatcher thread sends a held launch whose cluster shape the TPC view refuses (the fake's grid
+    x = 913): it is launched again, arguments intact, in the co-scheduled view, and so are the later
+    launches of that kernel, in order; none runs on the whole GPU."""
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    lend_table.set_allowance(0, list(range(10)))
+    lend_table.set_lending(0, [1], low_priority=True)
+    lines = run_dispatch_client("""
+    s = create(1)
+    full_log()
+    for i in range(10): launch_args(s, i, grid=913)
+    assert call(proc("cuStreamSynchronize"), ctypes.c_void_p)(s) == 0
+    for line in launch_lines(): show(line)
+    show("counts", dispatch()["held"], dispatch()["sent"])
+    """, dispatch_env(fake_driver, lend_table))
+    launches = [w[2] for w in lines if w[0] == "cuLaunchKernel"]
+    assert launches == ["args=0,0"] + [f"args={i},{2 * i}" for i in range(10)]   # the first one twice
+    assert lines[-1] == ["counts", "10", "10"]
+    records, _ = lend_table.read_launches(0)
+    assert [native.VIEW_NAMES[int(r["view"])] for r in records] == ["cosched"] * 10
+
+
 def test_a_lender_inside_the_own_tpcs_holds_launches_without_borrowing(fake_driver, lend_table):
     """What the co-location benchmark's static_held relies on: the lend list names a slot whose TPCs are
     the borrower's own, so launches are held and sent in order but never borrow."""
