@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -81,6 +82,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help=f"where results go (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--tag", default=None, help="file names colocate_<tag>.json/.png (default: the mixes)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its time estimate; run nothing")
+    parser.add_argument("--matrix", metavar="RESULT.json", default=None,
+                        help="print a stored result's cells side by side (service p99 / solo and best-effort share "
+                             "of solo per system) and exit; runs nothing, needs no GPU")
 
 
 def _checked(args):
@@ -140,6 +144,8 @@ def _git_commit() -> str:
 
 def run(args) -> int:
     """Run the benchmark described by parsed args; returns a process exit code."""
+    if getattr(args, "matrix", None):
+        return _print_matrix(args.matrix)
     plan, tag = _checked(args)
     plan_module = _harness("plan")
     print(plan_module.describe(plan), flush=True)
@@ -195,6 +201,16 @@ def run(args) -> int:
         if state.errors:
             print("errors:\n  " + "\n  ".join(e[:400] for e in state.errors), flush=True)
     return 0 if not state.errors else 1
+
+
+def _print_matrix(path: str) -> int:
+    try:
+        with open(path) as handle:
+            mixes = json.load(handle)["mixes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LithosRequestError(f"--matrix {path}: not a co-location result JSON ({exc!r})") from None
+    print(_harness("report").matrix(mixes))
+    return 0
 
 
 def _harness_common():

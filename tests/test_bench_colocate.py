@@ -1,6 +1,7 @@
 """The co-location benchmark harness without a GPU: metrics math, arrivals, plan and budget, input checks,
 the analysis of phase results; the GPU run itself is marked gpu."""
 import argparse
+import json
 import pathlib
 import shutil
 import sys
@@ -307,6 +308,10 @@ def test_analysis_derives_slo_attainment_goodput_and_targets_from_phases(tmp_pat
     text = report.table(analysis)
     assert "hybrid lithos/graph" in text and "hybrid static_held/graph" in text
     assert "hybrid static_lc_alone/graph: bert_base p99" in text and "BE -" in text
+    assert report.matrix(analysis["mixes"]).splitlines() == [
+        "hybrid / graph: mps | static_held | static_lc_alone | lithos",
+        "  bert_base p99 / solo: 20.00x | 1.05x | 1.20x | 1.05x",
+        "  best-effort / solo: 100% | 90% | - | 95%"]
     report.plot(analysis, str(tmp_path / "plot.png"), "synthetic")
     assert (tmp_path / "plot.png").stat().st_size > 0
 
@@ -333,6 +338,17 @@ def test_cli_dry_run_prints_the_plan(capsys):
     assert bench_colocate.run(_args("--dry-run", "--mixes", "hybrid", "--trials", "2")) == 0
     out = capsys.readouterr().out
     assert "mixes hybrid" in out and "group shim:hybrid" in out and "estimated" in out
+
+
+def test_cli_matrix_prints_a_stored_result_and_refuses_other_files(capsys, tmp_path):
+    stored = tmp_path / "r.json"
+    stored.write_text(json.dumps({"mixes": {"hybrid": {"static": {"graph": {
+        "services": {"bert_base": {"p99_vs_solo": 1.5}}, "best_effort": {"vs_solo": {"median": 0.6}}}}}}}))
+    assert bench_colocate.run(_args("--matrix", str(stored))) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["  bert_base p99 / solo: 1.50x", "  best-effort / solo: 60%"]
+    (tmp_path / "other.json").write_text("[]")
+    with pytest.raises(LithosRequestError, match="not a co-location result JSON"):
+        bench_colocate.run(_args("--matrix", str(tmp_path / "other.json")))
 
 
 @pytest.mark.parametrize("argv, message", [

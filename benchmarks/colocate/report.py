@@ -171,6 +171,24 @@ def targets(plan, mixes: dict) -> dict:
     return out
 
 
+def matrix(mixes: dict) -> str:
+    """A stored result's cells side by side: per mix and variant, one row per service with its p99 as a
+    multiple of solo under each system, then the best-effort job's share of solo (medians of trials)."""
+    lines = []
+    for mix_name, systems in mixes.items():
+        variants = sorted({v for cells in systems.values() for v in cells})
+        names = list(systems)
+        for variant in variants:
+            lines.append(f"{mix_name} / {variant}: " + " | ".join(names))
+            services = sorted({n for cells in systems.values() for n in cells.get(variant, {}).get("services", {})})
+            for service in services:
+                ratios = [systems[s].get(variant, {}).get("services", {}).get(service, {}).get("p99_vs_solo") for s in names]
+                lines.append(f"  {service} p99 / solo: " + " | ".join("-" if r is None else f"{r:.2f}x" for r in ratios))
+            shares = [systems[s].get(variant, {}).get("best_effort", {}).get("vs_solo", {}).get("median") for s in names]
+            lines.append("  best-effort / solo: " + " | ".join("-" if r is None else f"{r:.0%}" for r in shares))
+    return "\n".join(lines)
+
+
 def _all_true(values) -> bool | None:
     values = list(values)
     return all(values) if values else None
