@@ -44,3 +44,13 @@ def free_port() -> int:
             port = s.getsockname()[1]
         if port not in RAY_DEFAULT_PORTS:
             return port
+
+
+def publish_activity(table, slot: int, last_launch_ns: int, writer_pid: int = 4242) -> None:
+    """What a client's shim writes into its own activity page (for tests of the lending loop)."""
+    import numpy as np
+    from lithos_ray import native
+    record = np.frombuffer(table._activity_map, dtype=native.layout()["lithos_activity"], count=1,
+                           offset=slot * table._activity_stride)
+    record["last_launch_ns"] = last_launch_ns
+    record["writer_pid"] = writer_pid

@@ -5,6 +5,7 @@ import json
 import pathlib
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.colocate import metrics, plan, report  # noqa: E402
-from benchmarks.colocate.driver import ActivitySampler, hold_without_borrowing, idle_capacity_used, lending_stats  # noqa: E402
+from benchmarks.colocate.driver import (ActivitySampler, PhaseControlLoop, hold_without_borrowing,  # noqa: E402
+                                       idle_capacity_used, lending_stats)
 from lithos_ray import bench_colocate  # noqa: E402
 from lithos_ray.errors import LithosRequestError  # noqa: E402
 
@@ -204,7 +206,7 @@ def test_lc_alone_ablations_leave_the_best_effort_job_idle_and_lend_only_under_l
     (shim,) = [g for g in built.groups if g.environment == "shim"]
     assert "resnet50_train" in shim.workers   # started (same processes as static/lithos), never sent work
     assert {p.active for p in shim.phases} == {("resnet50", "bert_base")}
-    assert set(plan.LENDING_SYSTEMS) == {"lithos", "lithos_lc_alone"}
+    assert set(plan.LENDING_SYSTEMS) == {"lithos", "lithos_loop", "lithos_lc_alone"}
 
 
 def test_each_groups_first_phase_of_a_combination_warms_up_longer():
@@ -218,6 +220,29 @@ def test_each_groups_first_phase_of_a_combination_warms_up_longer():
     firsts = sum(p.first for p in built.phases)
     assert built.estimate["first_warmups_s"] == pytest.approx(firsts * 2.0)
     assert plan.build_plan(first_warmup_s=0.0, warmup_s=0.5).first_warmup_s == 0.5   # never shorter than --warmup-s
+
+
+def test_the_phase_control_loop_keeps_best_effort_off_what_an_active_service_may_borrow(tmp_path):
+    from conftest import publish_activity
+    from lithos_ray import native
+    table = native.AllowanceTable.create("GPU-control-loop-test", str(tmp_path))
+    try:
+        roles = [(0, plan.LATENCY_CRITICAL, tuple(range(24))), (1, plan.LATENCY_CRITICAL, tuple(range(24, 48))),
+                 (2, plan.BEST_EFFORT, tuple(range(48, 66)))]
+        publish_activity(table, 0, time.monotonic_ns() + 60 * 10**9)   # launching all along: active
+        publish_activity(table, 1, 1)
+        publish_activity(table, 2, 1)
+        loop = PhaseControlLoop(table, roles, atom_us=250.0)
+        deadline = time.monotonic() + 30
+        while loop.steps < 5:
+            assert time.monotonic() < deadline, "the control loop made no steps"
+            time.sleep(0.001)
+        out = loop.finish()
+        assert out["lend_list_cut_share"] == {0: 0.0, 1: 0.0, 2: 1.0}
+        assert table.lending(2) == ([0], True) and table.lending(1) == ([0, 2], False)
+        assert table.lending_knobs()["atom_ns"] == 250_000
+    finally:
+        table.close(unlink=True)
 
 
 def test_static_held_gives_the_best_effort_slot_a_lender_holding_its_own_tpcs(tmp_path):
@@ -417,6 +442,8 @@ def test_lending_summary_line_reports_borrowing_reclaim_and_predictor():
     assert lending_summary([{"per_slot": {}, "reclaim_estimate": {}}]) == "borrowing launches 0/0; no reclaim"
     leak = {"per_slot": {2: {"launches": 5, "unconfined_launches": 2, "unconfined_gpu_time_share": 0.031,
                              "unconfined_kernels": ["k"]}}, "reclaim_estimate": {}}
+    looped = {**trial, "control_loop": {"steps": 900, "lend_list_cut_share": {0: 0.0, 2: 0.4}}}
+    assert lending_summary([looped, looped]).endswith("; control loop 1800 steps, a lend list cut in up to 40% of them")
     assert lending_summary([leak]).endswith("; unconfined launches (whole GPU, outside the quota) 2, <= 3.1% of a "
                                             "slot's GPU time: k")
     shares = [{**trial, "idle_capacity": {"share_borrowed": s}} for s in (0.4, 0.55)]

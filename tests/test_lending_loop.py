@@ -1,6 +1,6 @@
 """The agent's lending loop against a real allowance table (shared memory, no GPU needed)."""
-import numpy as np
 import pytest
+from conftest import publish_activity as publish
 
 from lithos_ray import native
 from lithos_ray.agent import GrantRecord
@@ -12,14 +12,6 @@ pytestmark = pytest.mark.skipif(native.library_path() is None, reason=native.bui
 
 def grant(slot, priority, tpcs):
     return GrantRecord(f"g{slot}", tuple(tpcs), slot, priority, 0.0, pid=1, pid_start_ticks=0)
-
-
-def publish(table, slot, last_launch_ns, writer_pid=4242):
-    """What a client's shim writes into its own activity page."""
-    record = np.frombuffer(table._activity_map, dtype=native.layout()["lithos_activity"], count=1,
-                           offset=slot * table._activity_stride)
-    record["last_launch_ns"] = last_launch_ns
-    record["writer_pid"] = writer_pid
 
 
 @pytest.fixture

@@ -177,6 +177,39 @@ class ActivitySampler:
         return out
 
 
+class PhaseControlLoop:
+    """The agent's lending control loop (lithos_ray.lending_loop.LendingController) run by the driver
+    while a lithos_loop phase runs: every control period it re-plans the lend lists
+    from the activity words, so a best-effort job may not borrow what an active latency-critical
+    service may. Counts, per slot, the share of steps whose lend list was cut below the full one."""
+
+    def __init__(self, table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], atom_us: float):
+        from types import SimpleNamespace
+        from lithos_ray.lending_loop import LendingController
+        grants = [SimpleNamespace(slot=slot, priority=lending.LATENCY_CRITICAL if role == LATENCY_CRITICAL
+                                  else lending.BEST_EFFORT, tpc_ids=quota) for slot, role, quota in slots_roles_quotas]
+        self.policy = lending.LendingPolicy(atom_us=atom_us)
+        self.controller = LendingController(table, lambda: grants, self.policy)
+        self._full = {slot: len(slots_roles_quotas) - 1 for slot, _, _ in slots_roles_quotas}
+        self.steps, self.cut = 0, {slot: 0 for slot in self._full}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.policy.control_period_ms / 1000.0):
+            for slot, (lenders, _) in self.controller.step().items():
+                self.cut[slot] += len(lenders) < self._full[slot]
+            self.steps += 1
+
+    def finish(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"steps": self.steps, "period_ms": self.policy.control_period_ms,
+                "active_window_ms": self.policy.active_window_ms,
+                "lend_list_cut_share": {slot: n / self.steps if self.steps else None for slot, n in self.cut.items()}}
+
+
 def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
     """Set every slot's lend list from scheduler.lending.plan_lending (all clients idle at plan time, so each
     may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled."""
@@ -443,6 +476,10 @@ class Run:
                 worker.error = str(exc)
                 result["workloads"][name] = {"status": f"failed: {exc}"}
         collector = RingCollector(self.table.path, list(shim["slots"].values())) if shim and running else None
+        control = None
+        if collector and phase.system == "lithos_loop":
+            roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
+            control = PhaseControlLoop(self.table, roles, self.args.atom_us)
         idle_window_us = self.table.lending_knobs()["idle_window_ns"] / 1000 if collector else None   # apply_lending's
         sampler = ActivitySampler(self.table, list(shim["slots"].values()), idle_window_us) if collector else None
         timeout_s = PHASE_LEAD_S + warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
@@ -463,6 +500,8 @@ class Run:
             result["lending"]["slot_names"] = {slot: name for name, slot in slots.items()}
             result["lending"]["activity"] = sampler.finish()
             result["lending"]["idle_capacity"] = idle_capacity_used(result["lending"], quotas, records)
+            if control is not None:
+                result["lending"]["control_loop"] = control.finish()
         result["status"] = "ok" if all(w.get("status") == "ok" for w in result["workloads"].values()) else "partial"
         return result
 

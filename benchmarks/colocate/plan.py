@@ -17,11 +17,11 @@ LATENCY_CRITICAL = "lc"
 BEST_EFFORT = "be"
 
 SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "static_held", "static_lc_alone", "lithos",
-           "lithos_lc_alone")
-ABLATIONS = ("static_held", "static_lc_alone", "lithos_lc_alone")   # run only when asked for; never a baseline
+           "lithos_loop", "lithos_lc_alone")
+ABLATIONS = ("static_held", "static_lc_alone", "lithos_loop", "lithos_lc_alone")  # only when asked for; never a baseline
 DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in ABLATIONS)
-SHIM_SYSTEMS = ("static", "static_held", "static_lc_alone", "lithos", "lithos_lc_alone")  # one worker group per mix
-LENDING_SYSTEMS = ("lithos", "lithos_lc_alone")
+SHIM_SYSTEMS = ("static", "static_held", "static_lc_alone", "lithos", "lithos_loop", "lithos_lc_alone")  # a group per mix
+LENDING_SYSTEMS = ("lithos", "lithos_loop", "lithos_lc_alone")
 LC_ALONE_SYSTEMS = ("static_lc_alone", "lithos_lc_alone")   # the best-effort job is started but stays idle
 SYSTEM_HELP = {
     "solo": "each workload alone on the whole GPU (no MPS): the reference for SLOs and normalisation",
@@ -34,6 +34,9 @@ SYSTEM_HELP = {
     "static_lc_alone": "static with the best-effort job idle: the services on their quotas alone (an ablation: "
                        "what the quota size costs them, apart from the best-effort job's interference)",
     "lithos": "MPS + lithos shim, same quotas, lending on (idle TPCs lent on the launch path)",
+    "lithos_loop": "lithos with the agent's lending control loop re-planning lend lists every 1 ms from the "
+                   "activity words, so the best-effort job does not borrow what an active latency-critical service "
+                   "may (lithos keeps the lists planned once per phase with every client idle)",
     "lithos_lc_alone": "lithos with the best-effort job idle: what borrowing its idle TPCs gives back to the services "
                        "(an ablation)",
 }

@@ -282,6 +282,11 @@ def lending_summary(per_trial: list[dict]) -> str:
     if any(v is not None for v in small_grids):
         text += f", grids within the borrower's own SMs {min(v for v in small_grids if v is not None):.0%}-" \
                 f"{max(v for v in small_grids if v is not None):.0%}"
+    loops = [trial["control_loop"] for trial in per_trial if trial.get("control_loop")]
+    if loops:
+        cut = [v for loop in loops for v in loop["lend_list_cut_share"].values() if v is not None]
+        text += (f"; control loop {sum(loop['steps'] for loop in loops)} steps, a lend list cut in up to "
+                 f"{max(cut, default=0):.0%} of them")
     if unconfined:
         text += (f"; unconfined launches (whole GPU, outside the quota) {unconfined}, <= {max(unconfined_share):.1%} "
                  f"of a slot's GPU time: {', '.join(sorted(unconfined_kernels)[:3])[:120]}")

@@ -23,6 +23,8 @@
 #   colocate-ablation     solo, static, static_held and lithos (held launches without and with borrowing)
 #   colocate-decompose    solo, static, static_lc_alone, static_held, lithos, lithos_lc_alone (~6.5 min): the
 #                         services' tail apart from the best-effort job (quota size vs interference)
+#   colocate-loop         solo, static, lithos and lithos_loop (the agent's lending control loop during the phase;
+#                         ~7 min): does "latency-critical borrowers first" change tails and best-effort throughput?
 #   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 5 modes, ~5 min)
@@ -109,6 +111,8 @@ for s in "$@"; do
     colocate-decompose) timeout 420 python3 -m benchmarks.colocate --trials 2 --budget-s 380 --tag decompose \
       --systems solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone --out-dir "$OUT" 2>&1 |
       tee "$OUT/colocate_decompose_console.txt" | tail -40 || status=1 ;;
+    colocate-loop) timeout 440 python3 -m benchmarks.colocate --systems solo,static,lithos,lithos_loop --trials 2 \
+      --budget-s 400 --tag loop --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_loop_console.txt" | tail -30 || status=1 ;;
     colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
     borrow-training)
       timeout 500 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
