@@ -20,7 +20,6 @@
 #   colocate-pace-off     the same with pacing off (a borrower whose queue is too deep keeps its own TPCs)
 #   dispatch   held launches (LITHOS_DISPATCH): their GPU tests and correctness.py --dispatch (~3 min)
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on, the default)
-#   colocate-ablation     solo, static, static_held and lithos (held launches without and with borrowing)
 #   colocate-decompose    solo, static, static_lc_alone, static_held, lithos, lithos_lc_alone (~6.5 min): the
 #                         services' tail apart from the best-effort job (quota size vs interference)
 #   colocate-loop         solo, static, lithos and lithos_loop (the agent's lending control loop during the phase;
@@ -106,8 +105,6 @@ for s in "$@"; do
       timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held or attribute" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
-    colocate-ablation) timeout 420 python3 -m benchmarks.colocate --systems solo,static,static_held,lithos --trials 2 \
-      --budget-s 390 --tag ablation --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_ablation_console.txt" | tail -30 || status=1 ;;
     colocate-decompose) timeout 420 python3 -m benchmarks.colocate --trials 2 --budget-s 380 --tag decompose \
       --systems solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone --out-dir "$OUT" 2>&1 |
       tee "$OUT/colocate_decompose_console.txt" | tail -40 || status=1 ;;
