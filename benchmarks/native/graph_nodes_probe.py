@@ -27,6 +27,7 @@ from common import metadata, write_json  # noqa: E402
 
 SERVICES = (("resnet50", 8, 0), ("bert_base", 1, 128))
 REPLAYS = 50
+WARMUP_ITERS = 20
 
 
 def walk(graph_handle: int) -> dict:
@@ -84,7 +85,7 @@ def main():
         sys.exit(__doc__.split("\n\n")[1].splitlines()[0])
     out_dir = sys.argv[1]
     import torch
-    from benchmarks.colocate.worker import EAGER_WARMUP_ITERS, build_service
+    from benchmarks.colocate.models import build_service
     results = {}
     for name, batch, seq_len in SERVICES:
         entry = results[name] = {}
@@ -92,7 +93,7 @@ def main():
             stream = torch.cuda.Stream()
             with torch.inference_mode(), torch.cuda.stream(stream):
                 forward, entry["description"] = build_service(name, batch, seq_len)
-                for _ in range(EAGER_WARMUP_ITERS):
+                for _ in range(WARMUP_ITERS):
                     forward()
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph(keep_graph=True)
