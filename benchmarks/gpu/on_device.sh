@@ -50,7 +50,8 @@
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
 #   After 364720c (refused cluster kernels kept in the quota; not yet GPU-run): carry [.whl, proto stubs]
-#   ... setup gpu-tests dispatch (~4 min), then ... colocate-decompose (its lending lines count unconfined launches).
+#   ... setup gpu-tests dispatch graph-context graph-nodes (~6 min), then ... colocate-decompose (its lending
+#   lines count unconfined launches), then ... colocate-loop, then the full comparison (colocate).
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
