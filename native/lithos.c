@@ -285,6 +285,11 @@ typedef struct stream_pair {
     struct stream_pair *next;
 } stream_pair;
 
+/* One notice each (notice_once). */
+enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
+       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE,
+       WARN_RETRY_COSCHED, WARN_COUNT };
+
 static struct {
     pthread_once_t once;
     int mode;
@@ -319,7 +324,7 @@ static struct {
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
     pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
-    char warned[16];
+    char warned[WARN_COUNT];
 } g = {.once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* The three launch paths, counted per thread (lithos_client_launch_counts); PATH_CONTINUED counts
@@ -419,9 +424,6 @@ static void notice_once(int which, const char *fmt, ...) {
     fputc('\n', stderr);
     va_end(ap);
 }
-enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
-       WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE,
-       WARN_RETRY_COSCHED };
 
 /* ---------------------------------------------------------------- dlsym and init */
 
@@ -771,6 +773,9 @@ static void query_func(CUfunction f, func_info *out, int cached) {
     int dims[3] = {0, 0, 0};
     const CUfunction_attribute attrs[3] = {CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
                                            CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH};
+    if (drv_cuFuncGetAttribute(&dims[0], attrs[0], asked) != CUDA_SUCCESS && asked == f && drv_cuKernelGetFunction &&
+        drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) == CUDA_SUCCESS && from_kernel)
+        asked = from_kernel; /* named, but its attributes only through its function */
     for (int i = 0; i < 3; i++)
         if (drv_cuFuncGetAttribute(&dims[i], attrs[i], asked) != CUDA_SUCCESS) dims[i] = 0;
     for (int i = 0; i < 3; i++) out->cluster[i] = dims[i] > 0 ? (uint32_t)dims[i] : 1u;
@@ -2410,7 +2415,13 @@ static CUresult route_launch(launch_request *q) {
             notice_once(WARN_RETRY, "kernel %s failed in its green context (CUresult %d): it runs unconfined from now on",
                         info->name, (int)r);
         q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
-        if (info != &scratch) __atomic_store_n(&((func_info *)info)->refused, (uint32_t)q->retry, __ATOMIC_RELAXED);
+        if (info != &scratch) { /* only ever raised: a thread that saw less must not undo a whole-GPU verdict */
+            uint32_t seen = __atomic_load_n(&info->refused, __ATOMIC_RELAXED);
+            while (seen < (uint32_t)q->retry &&
+                   !__atomic_compare_exchange_n(&((func_info *)info)->refused, &seen, (uint32_t)q->retry, 1,
+                                                __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            }
+        }
         if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
             drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair (and a run) ordered */
         if (deferred) {

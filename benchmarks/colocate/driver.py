@@ -181,7 +181,8 @@ class PhaseControlLoop:
     """The agent's lending control loop (lithos_ray.lending_loop.LendingController) run by the driver
     while a lithos_loop phase runs: every control period it re-plans the lend lists
     from the activity words, so a best-effort job may not borrow what an active latency-critical
-    service may. Counts, per slot, the share of steps whose lend list was cut below the full one."""
+    service may. Counts, per slot, the share of steps whose lend list was cut below the full one
+    (a lender not publishing activity yet also counts as cut), and failed steps."""
 
     def __init__(self, table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], atom_us: float):
         from types import SimpleNamespace
@@ -191,21 +192,27 @@ class PhaseControlLoop:
         self.policy = lending.LendingPolicy(atom_us=atom_us)
         self.controller = LendingController(table, lambda: grants, self.policy)
         self._full = {slot: len(slots_roles_quotas) - 1 for slot, _, _ in slots_roles_quotas}
-        self.steps, self.cut = 0, {slot: 0 for slot in self._full}
+        self.steps, self.cut, self.errors = 0, {slot: 0 for slot in self._full}, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.policy.control_period_ms / 1000.0):
-            for slot, (lenders, _) in self.controller.step().items():
+            try:
+                planned = self.controller.step()
+            except Exception as exc:  # as the agent's loop: one bad reading must not freeze the lists unseen
+                self.errors.append(repr(exc))
+                continue
+            for slot, (lenders, _) in planned.items():
                 self.cut[slot] += len(lenders) < self._full[slot]
             self.steps += 1
 
     def finish(self) -> dict:
         self._stop.set()
         self._thread.join()
-        return {"steps": self.steps, "period_ms": self.policy.control_period_ms,
+        return {"steps": self.steps, "errors": len(self.errors), "first_errors": self.errors[:3],
+                "period_ms": self.policy.control_period_ms,
                 "active_window_ms": self.policy.active_window_ms,
                 "lend_list_cut_share": {slot: n / self.steps if self.steps else None for slot, n in self.cut.items()}}
 
@@ -483,14 +490,17 @@ class Run:
         idle_window_us = self.table.lending_knobs()["idle_window_ns"] / 1000 if collector else None   # apply_lending's
         sampler = ActivitySampler(self.table, list(shim["slots"].values()), idle_window_us) if collector else None
         timeout_s = PHASE_LEAD_S + warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
-        for name, worker in running.items():
-            try:
-                reply = worker.receive(timeout_s)
-                result["workloads"][name] = {"status": "ok", **reply}
-            except WorkerError as exc:
-                worker.error = str(exc)
-                result["workloads"][name] = {"status": f"failed: {exc}"}
-                self.errors.append(f"{phase.label}: {exc}")
+        try:
+            for name, worker in running.items():
+                try:
+                    reply = worker.receive(timeout_s)
+                    result["workloads"][name] = {"status": "ok", **reply}
+                except WorkerError as exc:
+                    worker.error = str(exc)
+                    result["workloads"][name] = {"status": f"failed: {exc}"}
+                    self.errors.append(f"{phase.label}: {exc}")
+        finally:   # the loop writes lend lists: it stops with the phase, whatever happened
+            control_summary = control.finish() if control is not None else None
         if collector is not None:
             records = collector.finish()
             slots = shim["slots"]
@@ -500,8 +510,8 @@ class Run:
             result["lending"]["slot_names"] = {slot: name for name, slot in slots.items()}
             result["lending"]["activity"] = sampler.finish()
             result["lending"]["idle_capacity"] = idle_capacity_used(result["lending"], quotas, records)
-            if control is not None:
-                result["lending"]["control_loop"] = control.finish()
+            if control_summary is not None:
+                result["lending"]["control_loop"] = control_summary
         result["status"] = "ok" if all(w.get("status") == "ok" for w in result["workloads"].values()) else "partial"
         return result
 

@@ -287,6 +287,9 @@ def lending_summary(per_trial: list[dict]) -> str:
         cut = [v for loop in loops for v in loop["lend_list_cut_share"].values() if v is not None]
         text += (f"; control loop {sum(loop['steps'] for loop in loops)} steps, a lend list cut in up to "
                  f"{max(cut, default=0):.0%} of them")
+        failed = sum(loop.get("errors", 0) for loop in loops)
+        if failed:
+            text += f" ({failed} steps failed)"
     if unconfined:
         text += (f"; unconfined launches (whole GPU, outside the quota) {unconfined}, <= {max(unconfined_share):.1%} "
                  f"of a slot's GPU time: {', '.join(sorted(unconfined_kernels)[:3])[:120]}")

@@ -49,8 +49,8 @@ def walk(graph_handle: int) -> dict:
     except RuntimeError as exc:
         dependencies = {"edges_error": str(exc)}
     types = collections.Counter()
-    kernels = {"count": 0, "with_cluster_attribute": 0, "cooperative": 0, "no_param_layout": 0, "func_unset": 0,
-               "grid_blocks": []}
+    kernels = {"count": 0, "with_cluster_attribute": 0, "cooperative": 0, "func_unset": 0, "grid_blocks": [],
+               "param_layout_unread": 0}   # no parameters, or a layout cuFuncGetParamInfo cannot give (the shim's rule)
     for node in nodes:
         kind = check(cu.cuGraphNodeGetType(node))
         types[kind.name] += 1
@@ -59,11 +59,11 @@ def walk(graph_handle: int) -> dict:
         kernels["count"] += 1
         params = check(cu.cuGraphKernelNodeGetParams(node))
         kernels["grid_blocks"].append(int(params.gridDimX) * int(params.gridDimY) * int(params.gridDimZ))
-        if not int(params.func):
+        if int(params.func):
+            err, _, _ = cu.cuFuncGetParamInfo(params.func, 0)
+            kernels["param_layout_unread"] += int(err) != 0
+        else:
             kernels["func_unset"] += 1
-            continue
-        err, _, _ = cu.cuFuncGetParamInfo(params.func, 0)
-        kernels["no_param_layout"] += int(err) != 0
         for attribute, key in ((cu.CUkernelNodeAttrID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, "with_cluster_attribute"),
                                (cu.CUkernelNodeAttrID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE, "cooperative")):
             err, value = cu.cuGraphKernelNodeGetAttribute(node, attribute)
