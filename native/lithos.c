@@ -727,21 +727,23 @@ typedef struct {
 static func_info func_cache[FUNC_CACHE_SIZE];
 static uint64_t func_queries; /* atomic; driver queries of a kernel's name and cluster (cache fills and misses) */
 
+/* The runtime launches library kernels by their CUkernel handle, which cuFunc* queries refuse:
+ * after such a refusal a kernel is asked through its CUfunction in the current context (NULL when
+ * f is no CUkernel either). */
+static CUfunction function_of_kernel(CUfunction f) {
+    CUfunction from_kernel = NULL;
+    return drv_cuKernelGetFunction && drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) == CUDA_SUCCESS ? from_kernel : NULL;
+}
+
 #define HELD_MAX_PARAMS 256
-/* The parameter layout a held launch copies its arguments by (-1: none known, never held). The
- * runtime launches library kernels by CUkernel handle: those are asked through their CUfunction in
- * the current context. A kernel with no parameter found is never held (nothing tells "none" apart
- * from "not known" safely). */
+/* The parameter layout a held launch copies its arguments by (-1: none known, never held). A kernel
+ * with no parameter found is never held (nothing tells "none" apart from "not known" safely). */
 static void query_params(CUfunction f, func_info *out) {
     uint16_t layout[2 * HELD_MAX_PARAMS];
     size_t offset, size, bytes = 0;
     int n = 0;
     out->param_count = -1;
-    CUfunction from_kernel = NULL;
-    if (drv_cuFuncGetParamInfo(f, 0, &offset, &size) != CUDA_SUCCESS &&
-        (!drv_cuKernelGetFunction || drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) != CUDA_SUCCESS || !from_kernel))
-        return;
-    if (from_kernel) f = from_kernel;
+    if (drv_cuFuncGetParamInfo(f, 0, &offset, &size) != CUDA_SUCCESS && !(f = function_of_kernel(f))) return;
     for (;; n++) {
         if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
         if (n == HELD_MAX_PARAMS || offset > 0xffff || size > 0xffff) return;
@@ -759,23 +761,18 @@ static void query_func(CUfunction f, func_info *out, int cached) {
     out->param_count = -1;
     out->refused = 0; /* a scratch entry lives on the stack */
     if (cached && g.dispatch && drv_cuFuncGetParamInfo) query_params(f, out);
-    /* A library kernel launched by its CUkernel handle (as the runtime does) is asked through its
-     * CUfunction in the current context: a compiled-in cluster shape missed here would send it to a
-     * view that refuses it. */
+    /* Name and compiled-in cluster shape (a shape missed here sends the kernel to a view that refuses it). */
     const char *name = NULL;
-    CUfunction asked = f, from_kernel = NULL;
-    if ((drv_cuFuncGetName(&name, f) != CUDA_SUCCESS || !name) && drv_cuKernelGetFunction &&
-        drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) == CUDA_SUCCESS && from_kernel) {
-        asked = from_kernel;
-        if (drv_cuFuncGetName(&name, asked) != CUDA_SUCCESS) name = NULL;
+    CUfunction asked = f;
+    if (drv_cuFuncGetName(&name, f) != CUDA_SUCCESS || !name) {
+        CUfunction from_kernel = function_of_kernel(f);
+        if (from_kernel) asked = from_kernel;
+        if (!from_kernel || drv_cuFuncGetName(&name, asked) != CUDA_SUCCESS) name = NULL;
     }
     if (!name) name = "?";
     int dims[3] = {0, 0, 0};
     const CUfunction_attribute attrs[3] = {CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH, CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
                                            CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH};
-    if (drv_cuFuncGetAttribute(&dims[0], attrs[0], asked) != CUDA_SUCCESS && asked == f && drv_cuKernelGetFunction &&
-        drv_cuKernelGetFunction(&from_kernel, (CUkernel)f) == CUDA_SUCCESS && from_kernel)
-        asked = from_kernel; /* named, but its attributes only through its function */
     for (int i = 0; i < 3; i++)
         if (drv_cuFuncGetAttribute(&dims[i], attrs[i], asked) != CUDA_SUCCESS) dims[i] = 0;
     for (int i = 0; i < 3; i++) out->cluster[i] = dims[i] > 0 ? (uint32_t)dims[i] : 1u;
