@@ -177,6 +177,11 @@ class ActivitySampler:
         return out
 
 
+def lending_priority(role: str) -> str:
+    """scheduler.lending's priority of a workload role."""
+    return lending.LATENCY_CRITICAL if role == LATENCY_CRITICAL else lending.BEST_EFFORT
+
+
 class PhaseControlLoop:
     """The agent's lending control loop (lithos_ray.lending_loop.LendingController) run by the driver
     while a lithos_loop phase runs: every control period it re-plans the lend lists
@@ -187,8 +192,8 @@ class PhaseControlLoop:
     def __init__(self, table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], atom_us: float):
         from types import SimpleNamespace
         from lithos_ray.lending_loop import LendingController
-        grants = [SimpleNamespace(slot=slot, priority=lending.LATENCY_CRITICAL if role == LATENCY_CRITICAL
-                                  else lending.BEST_EFFORT, tpc_ids=quota) for slot, role, quota in slots_roles_quotas]
+        grants = [SimpleNamespace(slot=slot, priority=lending_priority(role), tpc_ids=quota)
+                  for slot, role, quota in slots_roles_quotas]
         self.policy = lending.LendingPolicy(atom_us=atom_us)
         self.controller = LendingController(table, lambda: grants, self.policy)
         self._full = {slot: len(slots_roles_quotas) - 1 for slot, _, _ in slots_roles_quotas}
@@ -220,8 +225,8 @@ class PhaseControlLoop:
 def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
     """Set every slot's lend list from scheduler.lending.plan_lending (all clients idle at plan time, so each
     may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled."""
-    clients = [lending.ClientState(slot, lending.LATENCY_CRITICAL if role == LATENCY_CRITICAL else lending.BEST_EFFORT,
-                                   quota, active=False) for slot, role, quota in slots_roles_quotas]
+    clients = [lending.ClientState(slot, lending_priority(role), quota, active=False)
+               for slot, role, quota in slots_roles_quotas]
     policy = lending.LendingPolicy(atom_us=atom_us, lending_enabled=enabled)
     decisions = lending.plan_lending(clients, policy)
     for slot, decision in decisions.items():
@@ -447,6 +452,10 @@ class Run:
         quotas = assign_quotas(NOMINAL_H100_SLICES, self.plan.lc_quota_groups[mix_name])
         return mps_be_percent(len(quotas[-1]), sum(map(len, NOMINAL_H100_SLICES)))
 
+    def shim_roles(self, shim: dict) -> list[tuple[int, str, tuple[int, ...]]]:
+        """(slot, role, quota TPCs) of every worker of a shim group."""
+        return [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
+
     # --- phases ------------------------------------------------------------------------------------
     def seed_of(self, phase: Phase, name: str) -> int:
         names = list(self.plan.workloads)
@@ -485,8 +494,7 @@ class Run:
         collector = RingCollector(self.table.path, list(shim["slots"].values())) if shim and running else None
         control = None
         if collector and phase.system == "lithos_loop":
-            roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
-            control = PhaseControlLoop(self.table, roles, self.args.atom_us)
+            control = PhaseControlLoop(self.table, self.shim_roles(shim), self.args.atom_us)
         idle_window_us = self.table.lending_knobs()["idle_window_ns"] / 1000 if collector else None   # apply_lending's
         sampler = ActivitySampler(self.table, list(shim["slots"].values()), idle_window_us) if collector else None
         timeout_s = PHASE_LEAD_S + warmup_s + self.plan.phase_s + PHASE_DRAIN_S + REPLY_MARGIN_S
@@ -603,7 +611,7 @@ class Run:
                 self.phase_results.append({**_phase_keys(phase), "status": "failed: a service has no calibrated rate"})
                 continue
             if shim is not None:
-                roles = [(slot, self.plan.workloads[n].role, tuple(shim["quota_tpcs"][n])) for n, slot in shim["slots"].items()]
+                roles = self.shim_roles(shim)
                 self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
                     self.table, roles, phase.system in LENDING_SYSTEMS, self.args.atom_us)
                 if phase.system == "static_held":
