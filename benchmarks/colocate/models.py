@@ -1,5 +1,6 @@
 """The co-location benchmark's models, built from their configs with random weights (nothing
-downloaded): inference services and training loops. Imported by its workers and by probes."""
+downloaded): inference services and training loops. Imported by its workers and by the native
+benchmarks (e2e_worker.py, borrow_training.py, graph_nodes_probe.py), so all time the same models."""
 from __future__ import annotations
 
 import torch

@@ -42,12 +42,13 @@ HELD_MODES = ("own_held", "held")
 STEP_PROGRAM = r"""
 import json, sys, time, torch
 sys.path.insert(0, sys.argv[2])
-from e2e_worker import resnet50_training_step
+from benchmarks.colocate.models import build_training
 from lithos_ray.native import thread_shim_counts
 steps = int(sys.argv[1])
 stream = torch.cuda.Stream()
+torch.manual_seed(0)
 with torch.cuda.stream(stream):
-    step = resnet50_training_step(32)
+    step, _ = build_training("resnet50_train", 32, 0)
     for _ in range(8):
         step()
     stream.synchronize()
@@ -74,7 +75,7 @@ def run_mode(table, mode, steps):
     env = {**os.environ, **native.client_env(table.path, 0), "LITHOS_DISPATCH": "1" if mode in HELD_MODES else "0",
            "LITHOS_SAMPLE_EVERY": "8"}
     try:
-        proc = subprocess.run([sys.executable, "-c", STEP_PROGRAM, str(steps), HERE], env=env, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", STEP_PROGRAM, str(steps), os.path.join(HERE, "..", "..")], env=env, capture_output=True, text=True,
                               timeout=240)
     finally:
         table.set_lending(0, [], low_priority=False)

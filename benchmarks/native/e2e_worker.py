@@ -22,10 +22,14 @@ client granted those groups runs on, without the shim. Prints {"resnet50_train_m
 import ctypes
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from benchmarks.colocate.models import build_training  # noqa: E402
 
 AB = os.environ.get("LITHOS_E2E_AB") == "1"
 GREEN = os.environ.get("LITHOS_E2E_GREEN") == "1"
@@ -123,26 +127,10 @@ def on_side_stream(make):
         return make()
 
 
-def resnet50_training_step(batch: int):
-    """One ResNet-50 training step (random weights and data, bf16 autocast, channels_last, SGD momentum)."""
-    import torchvision
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-    return step
-
-
 def resnet50():
-    return timed(resnet50_training_step(64), 10, 40)
+    torch.manual_seed(0)
+    step, _ = build_training("resnet50_train", 64, 0)
+    return timed(step, 10, 40)
 
 
 def bert_base():
