@@ -62,11 +62,16 @@ export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled PATH=/tmp/site-ray/bin:$PATH \
   PYTHONPATH=/tmp/site-whl:/tmp/site-servewhl:/tmp/site-ray:$PWD
 status=0
 step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
-# solo, static and lithos on both mixes, short: colocate_short TAG [extra args of benchmarks.colocate]
+# both mixes, 2 trials: colocate_run TAG BUDGET_S SYSTEMS [extra args of benchmarks.colocate]
+colocate_run() {
+  local tag=$1 budget=$2 systems=$3; shift 3
+  timeout $((budget + 60)) python3 -m benchmarks.colocate --systems "$systems" --trials 2 --budget-s "$budget" "$@" \
+    --tag "$tag" --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_${tag}_console.txt" | tail -40
+}
+# solo, static and lithos, short: colocate_short TAG [extra args]
 colocate_short() {
   local tag=$1; shift
-  timeout 360 python3 -m benchmarks.colocate --systems solo,static,lithos --trials 2 --budget-s 300 "$@" \
-    --tag "$tag" --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_${tag}_console.txt" | tail -30
+  colocate_run "$tag" 300 solo,static,lithos "$@"
 }
 for s in "$@"; do
   step "$s"
@@ -108,11 +113,9 @@ for s in "$@"; do
       timeout 200 python3 -m pytest -v -rs tests/test_native_gpu.py -k "held or attribute" 2>&1 | tee "$OUT/dispatch_gpu_tests.txt" | tail -8 || status=1
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 0-31 --dispatch 2>&1 | tail -12 || status=1 ;;
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
-    colocate-decompose) timeout 420 python3 -m benchmarks.colocate --trials 2 --budget-s 380 --tag decompose \
-      --systems solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone --out-dir "$OUT" 2>&1 |
-      tee "$OUT/colocate_decompose_console.txt" | tail -40 || status=1 ;;
-    colocate-loop) timeout 440 python3 -m benchmarks.colocate --systems solo,static,lithos,lithos_loop --trials 2 \
-      --budget-s 400 --tag loop --out-dir "$OUT" 2>&1 | tee "$OUT/colocate_loop_console.txt" | tail -30 || status=1 ;;
+    colocate-decompose)
+      colocate_run decompose 380 solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone || status=1 ;;
+    colocate-loop) colocate_run loop 400 solo,static,lithos,lithos_loop || status=1 ;;
     colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
     borrow-training)
       timeout 500 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
