@@ -178,11 +178,16 @@ class GpuAgentCore:
 
 
 def lending_policy_from_env():
-    """LITHOS_LENDING=0 turns lending off (static partitions); LITHOS_ATOM_US sets the atom budget."""
+    """LITHOS_LENDING=0 turns lending off (static partitions); LITHOS_ATOM_US sets the atom budget;
+    LITHOS_UNROLL_GRAPHS=1 has borrowers' CUDA-graph replays sent kernel by kernel (docs/CONFIG.md)."""
     from .scheduler.lending import LendingPolicy
 
     enabled = os.environ.get("LITHOS_LENDING", "1") != "0"
-    return LendingPolicy(atom_us=float(os.environ.get("LITHOS_ATOM_US", "250")), lending_enabled=enabled)
+    unroll = os.environ.get("LITHOS_UNROLL_GRAPHS", "0")
+    if unroll not in ("0", "1"):
+        raise ValueError(f"LITHOS_UNROLL_GRAPHS must be 0 or 1, got {unroll!r}")
+    return LendingPolicy(atom_us=float(os.environ.get("LITHOS_ATOM_US", "250")), lending_enabled=enabled,
+                         unroll_graphs=unroll == "1")
 
 
 def _identity_pb(g: GrantRecord) -> pb.ClientIdentity:

@@ -20,10 +20,11 @@ class LendingController:
 
     def __init__(self, table, grants, policy: LendingPolicy = LendingPolicy()):
         self.table, self.grants, self.policy = table, grants, policy
-        self.published: dict[int, tuple[tuple[int, ...], bool]] = {}
+        self.published: dict[int, tuple[tuple[int, ...], bool, bool]] = {}
         table.set_lending_knobs(policy.atom_us, policy.idle_window_us, policy.unknown_kernel_busy_us)
 
-    def step(self, now_ns: int | None = None) -> dict[int, tuple[tuple[int, ...], bool]]:
+    def step(self, now_ns: int | None = None) -> dict[int, tuple[tuple[int, ...], bool, bool]]:
+        """One re-plan; returns each slot's published (lender slots, low_priority, unroll_graphs)."""
         now_ns = time.monotonic_ns() if now_ns is None else now_ns
         clients, publishing = [], set()
         for grant in self.grants():
@@ -32,11 +33,13 @@ class LendingController:
                 publishing.add(grant.slot)
             clients.append(ClientState(grant.slot, grant.priority, grant.tpc_ids, self.policy.is_active(word, now_ns)))
         plan = plan_lending(clients, self.policy)
-        wanted = {slot: (tuple(s for s in d.lender_slots if s in publishing), d.low_priority_on_borrowed)
-                  for slot, d in plan.items()}
-        for slot, (lenders, low_priority) in wanted.items():
-            if self.published.get(slot) != (lenders, low_priority):
-                self.table.set_lending(slot, list(lenders), low_priority)
+        wanted = {}
+        for slot, d in plan.items():
+            lenders = tuple(s for s in d.lender_slots if s in publishing)
+            wanted[slot] = (lenders, d.low_priority_on_borrowed, d.unroll_graphs and bool(lenders))
+        for slot, (lenders, low_priority, unroll) in wanted.items():
+            if self.published.get(slot) != (lenders, low_priority, unroll):
+                self.table.set_lending(slot, list(lenders), low_priority, unroll_graphs=unroll)
         for slot in set(self.published) - set(wanted):
             self.table.set_lending(slot, [], False)
         self.published = wanted

@@ -42,6 +42,7 @@ VIEW_NAMES = {0: "tpc", 1: "cosched", 2: "unconfined", 3: "graph"}
 UNCONFINED_VIEW = 2
 LEND_SLOTS = 64              # LITHOS_LEND_SLOTS: the lend list is one 64-bit mask
 LEND_LOW_PRIORITY = 1        # LITHOS_LEND_LOW_PRIORITY in lithos_slot.lending_flags
+LEND_UNROLL_GRAPHS = 2       # LITHOS_LEND_UNROLL_GRAPHS: graph replays go kernel by kernel (each may borrow)
 API_NAMES = {0: "cuLaunchKernel", 1: "cuLaunchKernelEx", 2: "cuLaunchCooperativeKernel", 3: "cuGraphLaunch"}
 
 
@@ -320,10 +321,12 @@ class AllowanceTable:
 
     # --- lending: written by the agent, applied by the clients' shims at every launch ---------------
 
-    def set_lending(self, slot: int, lender_slots: list[int], low_priority: bool) -> None:
+    def set_lending(self, slot: int, lender_slots: list[int], low_priority: bool, unroll_graphs: bool = False) -> None:
         """Let `slot` add the TPCs of `lender_slots` to a launch whenever they are idle (the rule of
         scheduler/lending.py); with low_priority, its launches that borrow run at the least stream
-        priority. An empty list switches lending off for `slot`. Takes effect at its next launch."""
+        priority; with unroll_graphs, its CUDA-graph replays are sent kernel by kernel (native/README.md,
+        "Unrolled graph replays"), so that each kernel may borrow. An empty list switches lending off for
+        `slot`. Takes effect at its next launch."""
         self._check_slot(slot)
         lend_slots = min(self.max_slots, LEND_SLOTS)
         lenders = list(lender_slots)
@@ -333,20 +336,29 @@ class AllowanceTable:
                              f"(the lend list is one 64-bit mask)")
         if slot in lenders or len(set(lenders)) != len(lenders):
             raise ValueError(f"lender slots {lenders} must be distinct and must not include the borrower's slot {slot}")
-        if not isinstance(low_priority, bool):
-            raise ValueError(f"low_priority must be True or False, got {low_priority!r}")
+        for name, value in (("low_priority", low_priority), ("unroll_graphs", unroll_graphs)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         mask = 0
         for lender in lenders:
             mask |= 1 << int(lender)
-        _lib().lithos_table_set_lending(self._writable(), slot, mask, LEND_LOW_PRIORITY if low_priority else 0)
+        flags = (LEND_LOW_PRIORITY if low_priority else 0) | (LEND_UNROLL_GRAPHS if unroll_graphs else 0)
+        _lib().lithos_table_set_lending(self._writable(), slot, mask, flags)
+
+    def _slot_record(self, slot: int):
+        self._check_slot(slot)
+        return np.frombuffer(self._map, dtype=layout()["lithos_slot"], count=1,
+                             offset=self._header_bytes + slot * self._slot_bytes)[0]
 
     def lending(self, slot: int) -> tuple[list[int], bool]:
         """(lender slots, low_priority) of `slot`, as its shim reads them."""
-        self._check_slot(slot)
-        record = np.frombuffer(self._map, dtype=layout()["lithos_slot"], count=1,
-                               offset=self._header_bytes + slot * self._slot_bytes)[0]
+        record = self._slot_record(slot)
         mask = int(record["lender_mask"])
         return [s for s in range(LEND_SLOTS) if (mask >> s) & 1], bool(int(record["lending_flags"]) & LEND_LOW_PRIORITY)
+
+    def unrolls_graphs(self, slot: int) -> bool:
+        """Whether `slot`'s shim sends its CUDA-graph replays kernel by kernel (set_lending's unroll_graphs)."""
+        return bool(int(self._slot_record(slot)["lending_flags"]) & LEND_UNROLL_GRAPHS)
 
     def set_lending_knobs(self, atom_us: float, idle_window_us: float, unknown_kernel_busy_us: float) -> None:
         """The table-wide knobs of the launch-path rule (validated as LendingPolicy's; defaults 250 / 500 / 10000 us)."""
@@ -564,6 +576,18 @@ def process_dispatch_counts() -> dict[str, int] | None:
     return _thread_counts("lithos_client_dispatch_counts", DISPATCH_COUNT_NAMES)
 
 
+GRAPH_COUNT_NAMES = ("copied", "not_copied", "replays_unrolled", "nodes_sent", "replays_whole",
+                     "changed")   # lithos_client_graph_counts, in order (process-wide)
+
+
+def process_graph_counts() -> dict[str, int] | None:
+    """This process's CUDA graphs as the shim saw them: graphs copied at instantiation (their replays can
+    be unrolled), graphs it could not copy, replays unrolled and the nodes they sent, replays sent whole
+    while unrolling was on (a graph not copied), copies dropped because the executable graph was changed;
+    None without the shim."""
+    return _thread_counts("lithos_client_graph_counts", GRAPH_COUNT_NAMES)
+
+
 def process_stub_flushes() -> dict[str, int] | None:
     """Driver entry points (by the name they were asked for) whose calls paid owed joins or waited for
     held launches, with how many did; None without the shim."""
@@ -583,10 +607,11 @@ def process_stub_flushes() -> dict[str, int] | None:
 
 
 def thread_shim_counts() -> dict[str, dict[str, int] | None]:
-    """This thread's {"launch_paths": ..., "lending": ..., "dispatch": ...} (each None without the shim).
+    """This thread's {"launch_paths": ..., "lending": ..., "dispatch": ..., "graphs": ...} (each None without the shim).
     Launch paths and lending include the dispatcher thread's (launches it sent for this process)."""
     return {"launch_paths": thread_launch_counts(), "lending": thread_lending_counts(),
-            "dispatch": process_dispatch_counts(), "stub_flushes": process_stub_flushes()}
+            "dispatch": process_dispatch_counts(), "stub_flushes": process_stub_flushes(),
+            "graphs": process_graph_counts()}
 
 
 def preload_with_shim(existing: str = "") -> str:

@@ -15,7 +15,9 @@
  * points of its table below; cuMemcpyDtoH_v2, cuMemsetD8_v2, cuCtxSynchronize, cuStreamSynchronize
  * and cuFakeManyArgs (not a driver function: 9 integer and 9 double arguments, so some on the
  * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
- * context report an active graph capture. Thread-safe (the shim builds green contexts
+ * context report an active graph capture. For the graph-unrolling tests: cuGraphInstantiateWithFlags,
+ * cuGraphGetNodes/Edges, cuGraphNodeGetType, cuGraphKernelNodeGetParams/Attribute, cuGraphMemsetNodeGetParams
+ * of two fixed graphs (below), cuLaunchKernelEx and cuMemsetD32Async. Thread-safe (the shim builds green contexts
  * on a thread of its own); the current context is per thread, as in the real driver.
  * Built by `make -C native fake-driver` as build/fake/libcuda.so.1 and found through LD_LIBRARY_PATH
  * (with FAKE_CUDA_QUIET=1 it logs nothing: benchmarks/native/launch_path_cpu.py).
@@ -295,6 +297,88 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
 
 EXPORT CUresult cuGraphLaunch(CUgraphExec graph, CUstream stream) {
     logf_("cuGraphLaunch %#lx", (unsigned long)(uintptr_t)stream);
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
+    unsigned cluster[3] = {1, 1, 1};
+    for (unsigned i = 0; i < config->numAttrs; i++)
+        if (config->attrs[i].id == CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
+            cluster[0] = config->attrs[i].value.clusterDim.x, cluster[1] = config->attrs[i].value.clusterDim.y,
+            cluster[2] = config->attrs[i].value.clusterDim.z;
+    logf_("cuLaunchKernelEx %#lx cluster=%u,%u,%u", (unsigned long)(uintptr_t)config->hStream, cluster[0], cluster[1], cluster[2]);
+    return CUDA_SUCCESS;
+}
+
+/* Graphs, for the unrolling tests. Graph 0x6000 lists its nodes out of order:
+ *   0x6010 kernel 0x88 (args 7, 9), grid 64 -> 0x6020 memset (32-bit value 3 x 16 at 0x5000) -> 0x6030 empty
+ *   -> 0x6040 kernel 0xc2 (CUkernel handle, no parameters); 0x6010 -> 0x6050 kernel 0x77 with a 2x1x1
+ *   cluster node attribute.
+ * Graph 0x6100 holds one host node. An executable graph is its graph's handle + 1. */
+static const uintptr_t graph_nodes[] = {0x6040, 0x6050, 0x6030, 0x6020, 0x6010};
+static const uintptr_t graph_from[] = {0x6010, 0x6020, 0x6030, 0x6010}, graph_to[] = {0x6020, 0x6030, 0x6040, 0x6050};
+static uint64_t node_arg_a = 7;
+static uint32_t node_arg_b = 9;
+static void *node_args[] = {&node_arg_a, &node_arg_b};
+EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
+    *exec = (CUgraphExec)((uintptr_t)graph + 1);
+    logf_("cuGraphInstantiateWithFlags %#lx", (unsigned long)(uintptr_t)graph);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    logf_("cuGraphExecDestroy %#lx", (unsigned long)(uintptr_t)exec);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphExecKernelNodeSetParams_v2(CUgraphExec exec, CUgraphNode node, const CUDA_KERNEL_NODE_PARAMS *p) {
+    logf_("cuGraphExecKernelNodeSetParams %#lx", (unsigned long)(uintptr_t)exec);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphGetNodes(CUgraph graph, CUgraphNode *nodes, size_t *count) {
+    size_t n = (uintptr_t)graph == 0x6000 ? 5 : 1;
+    if (nodes)
+        for (size_t i = 0; i < n && i < *count; i++) nodes[i] = (CUgraphNode)((uintptr_t)graph == 0x6000 ? graph_nodes[i] : 0x6110);
+    *count = n;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphGetEdges_v2(CUgraph graph, CUgraphNode *from, CUgraphNode *to, CUgraphEdgeData *data, size_t *count) {
+    size_t n = (uintptr_t)graph == 0x6000 ? 4 : 0;
+    if (from)
+        for (size_t i = 0; i < n && i < *count; i++) {
+            from[i] = (CUgraphNode)graph_from[i], to[i] = (CUgraphNode)graph_to[i];
+            if (data) memset(&data[i], 0, sizeof(data[i]));
+        }
+    *count = n;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphNodeGetType(CUgraphNode node, CUgraphNodeType *type) {
+    uintptr_t n = (uintptr_t)node;
+    *type = n == 0x6020 ? CU_GRAPH_NODE_TYPE_MEMSET : n == 0x6030 ? CU_GRAPH_NODE_TYPE_EMPTY
+            : n == 0x6110 ? CU_GRAPH_NODE_TYPE_HOST : CU_GRAPH_NODE_TYPE_KERNEL;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphKernelNodeGetParams_v2(CUgraphNode node, CUDA_KERNEL_NODE_PARAMS *p) {
+    uintptr_t n = (uintptr_t)node;
+    memset(p, 0, sizeof(*p));
+    p->gridDimX = n == 0x6010 ? 64 : 4, p->gridDimY = p->gridDimZ = 1;
+    p->blockDimX = 32, p->blockDimY = p->blockDimZ = 1;
+    if (n == 0x6010) p->func = (CUfunction)0x88, p->kernelParams = node_args;
+    else if (n == 0x6040) p->kern = (CUkernel)0xc2;
+    else p->func = (CUfunction)0x77;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphKernelNodeGetAttribute(CUgraphNode node, CUkernelNodeAttrID attr, CUkernelNodeAttrValue *value) {
+    memset(value, 0, sizeof(*value));
+    if (attr == CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION && (uintptr_t)node == 0x6050)
+        value->clusterDim.x = 2, value->clusterDim.y = value->clusterDim.z = 1;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuGraphMemsetNodeGetParams(CUgraphNode node, CUDA_MEMSET_NODE_PARAMS *p) {
+    memset(p, 0, sizeof(*p));
+    p->dst = 0x5000, p->value = 3, p->elementSize = 4, p->width = 16, p->height = 1;
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t count, CUstream stream) {
+    logf_("cuMemsetD32Async %#lx %u %zu", (unsigned long)(uintptr_t)stream, value, count);
     return CUDA_SUCCESS;
 }
 

@@ -140,7 +140,16 @@ static __thread uint64_t prof_last;
     X(cuMemcpyDtoDAsync_v2, "cuMemcpyDtoDAsync", 0)                    \
     X(cuMemcpyDtoDAsync_v2_ptsz, "cuMemcpyDtoDAsync", 1)               \
     X(cuKernelSetAttribute, "cuKernelSetAttribute", 0)                 \
-    X(cuFuncSetAttribute, "cuFuncSetAttribute", 0)
+    X(cuFuncSetAttribute, "cuFuncSetAttribute", 0)                     \
+    X(cuGraphInstantiateWithFlags, "cuGraphInstantiateWithFlags", 0)   \
+    X(cuGraphInstantiateWithParams, "cuGraphInstantiateWithParams", 0) \
+    X(cuGraphInstantiateWithParams_ptsz, "cuGraphInstantiateWithParams", 1) \
+    X(cuGraphExecDestroy, "cuGraphExecDestroy", 0)                     \
+    X(cuGraphExecUpdate_v2, "cuGraphExecUpdate", 0)                    \
+    X(cuGraphExecKernelNodeSetParams_v2, "cuGraphExecKernelNodeSetParams", 0) \
+    X(cuGraphExecMemsetNodeSetParams, "cuGraphExecMemsetNodeSetParams", 0) \
+    X(cuGraphExecNodeSetParams, "cuGraphExecNodeSetParams", 0)         \
+    X(cuGraphNodeSetEnabled, "cuGraphNodeSetEnabled", 0)
 
 /* Signatures of the hooks (the _ptsz forms share their base form's signature). */
 typedef CUresult (*fn_cuGetProcAddress)(const char *, void **, int, cuuint64_t);
@@ -169,6 +178,15 @@ typedef CUresult (*fn_cuMemcpyDtoDAsync_v2)(CUdeviceptr, CUdeviceptr, size_t, CU
 typedef fn_cuMemcpyDtoDAsync_v2 fn_cuMemcpyDtoDAsync_v2_ptsz;
 typedef CUresult (*fn_cuKernelSetAttribute)(CUfunction_attribute, int, CUkernel, CUdevice);
 typedef CUresult (*fn_cuFuncSetAttribute)(CUfunction, CUfunction_attribute, int);
+typedef __typeof__(&cuGraphInstantiateWithFlags) fn_cuGraphInstantiateWithFlags;
+typedef CUresult (*fn_cuGraphInstantiateWithParams)(CUgraphExec *, CUgraph, CUDA_GRAPH_INSTANTIATE_PARAMS *);
+typedef fn_cuGraphInstantiateWithParams fn_cuGraphInstantiateWithParams_ptsz;
+typedef __typeof__(&cuGraphExecDestroy) fn_cuGraphExecDestroy;
+typedef __typeof__(&cuGraphExecUpdate_v2) fn_cuGraphExecUpdate_v2;
+typedef __typeof__(&cuGraphExecKernelNodeSetParams_v2) fn_cuGraphExecKernelNodeSetParams_v2;
+typedef __typeof__(&cuGraphExecMemsetNodeSetParams) fn_cuGraphExecMemsetNodeSetParams;
+typedef __typeof__(&cuGraphExecNodeSetParams) fn_cuGraphExecNodeSetParams;
+typedef __typeof__(&cuGraphNodeSetEnabled) fn_cuGraphNodeSetEnabled;
 
 #define DECLARE_HOOK(name, query, per_thread) EXPORT __typeof__(*(fn_##name)0) name; static fn_##name real_##name;
 LITHOS_HOOKS(DECLARE_HOOK)
@@ -218,7 +236,13 @@ static hook_entry hooks[] = {LITHOS_HOOKS(HOOK_ENTRY)};
     X(cuKernelGetFunction, "cuKernelGetFunction")                           \
     X(cuKernelGetAttribute, "cuKernelGetAttribute")                         \
     X(cuPointerGetAttribute, "cuPointerGetAttribute")                       \
-    X(cuCtxSetCurrent, "cuCtxSetCurrent")
+    X(cuCtxSetCurrent, "cuCtxSetCurrent")                                   \
+    X(cuGraphGetNodes, "cuGraphGetNodes")                                   \
+    X(cuGraphGetEdges, "cuGraphGetEdges_v2")                                \
+    X(cuGraphNodeGetType, "cuGraphNodeGetType")                             \
+    X(cuGraphKernelNodeGetParams, "cuGraphKernelNodeGetParams_v2")          \
+    X(cuGraphKernelNodeGetAttribute, "cuGraphKernelNodeGetAttribute")       \
+    X(cuGraphMemsetNodeGetParams, "cuGraphMemsetNodeGetParams")
 
 #define DECLARE_DRIVER(name, symbol) static __typeof__(&name) drv_##name;
 LITHOS_DRIVER_CALLS(DECLARE_DRIVER)
@@ -288,7 +312,7 @@ typedef struct stream_pair {
 /* One notice each (notice_once). */
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
        WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE,
-       WARN_RETRY_COSCHED, WARN_COUNT };
+       WARN_RETRY_COSCHED, WARN_GRAPH, WARN_GRAPH_REPLAY, WARN_COUNT };
 
 static struct {
     pthread_once_t once;
@@ -321,6 +345,7 @@ static struct {
     int pace; /* PACE_*: when low-priority borrowers wait for their queue to drain (LITHOS_LEND_PACE) */
     int dispatch;              /* DISPATCH_*: whose kernel launches are held for the dispatcher (LITHOS_DISPATCH) */
     uint64_t dispatch_depth_ns; /* LITHOS_DISPATCH_DEPTH_US; 0 = half the atom */
+    int copy_graphs;            /* copy graphs at instantiation so that replays can be unrolled (LITHOS_COPY_GRAPHS, default 1) */
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
     pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
@@ -560,6 +585,8 @@ static void init_body(void) {
         else if (strcmp(dispatch_text, "1") != 0)
             notice_once(WARN_DISPATCH_VALUE, "LITHOS_DISPATCH=%s is not 0, 1 or all: 1 is used (best-effort borrowers hold their launches)", dispatch_text);
     }
+    const char *copy_text = getenv("LITHOS_COPY_GRAPHS");
+    g.copy_graphs = !(copy_text && strcmp(copy_text, "0") == 0);
     g.dispatch_depth_ns = 0;
     if (depth_text && *depth_text) {
         char *depth_end = NULL;
@@ -672,6 +699,11 @@ static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
         }
         if (hooks[i].per_thread_stream == ((flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) != 0)) by_name = &hooks[i];
     }
+    for (size_t i = 0; i < HOOK_COUNT; i++) /* another name of a hooked function (cuGraphInstantiate: ...WithFlags) */
+        if (*hooks[i].real && *hooks[i].real == *pfn) {
+            *pfn = hooks[i].hook;
+            return;
+        }
     if (by_name && !*by_name->real) { /* libcuda did not export it under our name: adopt this pointer */
         *by_name->real = *pfn;
         *pfn = by_name->hook;
@@ -2260,6 +2292,390 @@ static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned val
     return 1;
 }
 
+/* ---------------------------------------------------------------- unrolled graph replays */
+
+/*
+ * A graph's kernel nodes keep the green context they were captured in, so a replay cannot borrow
+ * (and it is longer than the atom). When this slot's lending_flags hold LITHOS_LEND_UNROLL_GRAPHS,
+ * a replay of a graph the shim copied at instantiation is UNROLLED instead: its nodes are sent one
+ * by one, in a topological order, on the replay's stream, kernels through route_launch (so the
+ * lending rule decides per kernel) and memsets through their hooks. Copied at cuGraphInstantiate*
+ * (PyTorch destroys the CUgraph right after, so the copies are the only record): graphs of kernel,
+ * 1-D memset and empty nodes, each kernel with its parameter values (by cuFuncGetParamInfo's layout,
+ * or its packed buffer) and its cluster shape or cooperative attribute. Any other graph, or one
+ * captured on a stream that is capturing now, replays whole. An executable graph that
+ * cuGraphExecUpdate, cuGraphExec*SetParams or cuGraphNodeSetEnabled changed replays whole from then
+ * on; cuGraphExecDestroy forgets it. Parallel branches run one after another, and the graph's own
+ * launch savings are lost (a few microseconds of CPU per kernel). LITHOS_COPY_GRAPHS=0: copy none (replays are never unrolled).
+ * Locking: graphs.lock guards the table and each copy's users/dead (a copy in use by a replay is
+ * freed by its last user).
+ */
+enum { UNROLL_KERNEL = 0, UNROLL_MEMSET = 1 };
+typedef struct {
+    int op;
+    /* kernels */
+    CUfunction function;
+    int api; /* LITHOS_API_LAUNCH_KERNEL, _EX (cluster shape in attr) or _COOPERATIVE */
+    unsigned grid[3], block[3], shared_bytes;
+    CUlaunchAttribute attr;
+    void **params;     /* into args; NULL for a kernel without parameters or a packed one */
+    void *extra[5];    /* packed: CU_LAUNCH_PARAM_BUFFER_POINTER args, _SIZE &arg_bytes, _END */
+    size_t arg_bytes;
+    unsigned char *args;
+    /* memsets */
+    CUdeviceptr dst;
+    unsigned value, width;
+    size_t count;
+} unrolled_node;
+
+typedef struct unrolled_graph {
+    CUgraphExec exec;
+    unsigned count;
+    int users, dead;
+    unrolled_node *nodes;
+    struct unrolled_graph *next;
+} unrolled_graph;
+
+/* lithos_client_graph_counts: graphs copied; graphs not copied (a node the shim cannot send); replays
+ * unrolled; nodes sent by them; replays whole while unrolling was on; copies dropped because the
+ * executable graph was changed. */
+enum { GRAPH_COPIED = 0, GRAPH_NOT_COPIED, GRAPH_REPLAYS_UNROLLED, GRAPH_NODES_SENT, GRAPH_REPLAYS_WHOLE,
+       GRAPH_CHANGED, LITHOS_GRAPH_COUNTS };
+#define GRAPH_BUCKETS 256u
+#define GRAPH_MAX_NODES 65536u
+static struct {
+    pthread_mutex_t lock;
+    unrolled_graph *buckets[GRAPH_BUCKETS];
+    uint64_t counts[LITHOS_GRAPH_COUNTS]; /* atomic */
+} graphs = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void count_graph(int which, uint64_t n) { __atomic_fetch_add(&graphs.counts[which], n, __ATOMIC_RELAXED); }
+static unsigned graph_bucket(CUgraphExec exec) { return (unsigned)(((uintptr_t)exec >> 4) * 2654435761u) % GRAPH_BUCKETS; }
+
+static void free_unrolled(unrolled_graph *u) {
+    for (unsigned i = 0; i < u->count; i++) {
+        free(u->nodes[i].params);
+        free(u->nodes[i].args);
+    }
+    free(u->nodes);
+    free(u);
+}
+
+/* Unlinks exec's copy (freed now, or by its last user). 1 if there was one. */
+static int forget_graph(CUgraphExec exec) {
+    int found = 0;
+    pthread_mutex_lock(&graphs.lock);
+    for (unrolled_graph **at = &graphs.buckets[graph_bucket(exec)]; *at; at = &(*at)->next) {
+        if ((*at)->exec != exec) continue;
+        unrolled_graph *u = *at;
+        *at = u->next;
+        if (u->users) u->dead = 1;
+        else free_unrolled(u);
+        found = 1;
+        break;
+    }
+    pthread_mutex_unlock(&graphs.lock);
+    return found;
+}
+
+static unrolled_graph *take_graph(CUgraphExec exec) {
+    pthread_mutex_lock(&graphs.lock);
+    unrolled_graph *u = graphs.buckets[graph_bucket(exec)];
+    while (u && u->exec != exec) u = u->next;
+    if (u) u->users++;
+    pthread_mutex_unlock(&graphs.lock);
+    return u;
+}
+
+static void release_graph(unrolled_graph *u) {
+    pthread_mutex_lock(&graphs.lock);
+    int last = --u->users == 0 && u->dead;
+    pthread_mutex_unlock(&graphs.lock);
+    if (last) free_unrolled(u);
+}
+
+/* The parameter layout of f (or of the function of CUkernel f): offsets and sizes into layout, the
+ * end of the last parameter into *bytes. Returns the count (0: none found), -1 when f cannot be asked. */
+static int param_layout(CUfunction f, uint16_t *layout, int max, size_t *bytes) {
+    size_t offset, size;
+    int n = 0;
+    *bytes = 0;
+    if (!drv_cuFuncGetParamInfo) return -1;
+    CUresult first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
+    if (first == CUDA_ERROR_INVALID_HANDLE || first == CUDA_ERROR_INVALID_CONTEXT) {
+        if (!(f = function_of_kernel(f))) return -1;
+        first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
+    }
+    if (first != CUDA_SUCCESS) return 0;
+    for (;; n++) {
+        if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
+        if (n == max || offset > 0xffff || size > 0xffff) return -1;
+        layout[2 * n] = (uint16_t)offset, layout[2 * n + 1] = (uint16_t)size;
+        if (offset + size > *bytes) *bytes = offset + size;
+    }
+    return n;
+}
+
+/* Copies one kernel node; NULL on success, else why not. */
+static const char *copy_kernel_node(CUgraphNode node, unrolled_node *out) {
+    CUDA_KERNEL_NODE_PARAMS p;
+    memset(&p, 0, sizeof(p));
+    if (drv_cuGraphKernelNodeGetParams(node, &p) != CUDA_SUCCESS) return "a kernel node's parameters cannot be read";
+    out->op = UNROLL_KERNEL;
+    out->function = p.func ? p.func : (CUfunction)p.kern;
+    out->grid[0] = p.gridDimX, out->grid[1] = p.gridDimY, out->grid[2] = p.gridDimZ;
+    out->block[0] = p.blockDimX, out->block[1] = p.blockDimY, out->block[2] = p.blockDimZ;
+    out->shared_bytes = p.sharedMemBytes;
+    out->api = LITHOS_API_LAUNCH_KERNEL;
+    CUkernelNodeAttrValue value;
+    memset(&value, 0, sizeof(value));
+    if (drv_cuGraphKernelNodeGetAttribute(node, CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION, &value) == CUDA_SUCCESS &&
+        value.clusterDim.x * value.clusterDim.y * value.clusterDim.z > 1) {
+        out->api = LITHOS_API_LAUNCH_KERNEL_EX;
+        out->attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        out->attr.value = value;
+    }
+    memset(&value, 0, sizeof(value));
+    if (drv_cuGraphKernelNodeGetAttribute(node, CU_KERNEL_NODE_ATTRIBUTE_COOPERATIVE, &value) == CUDA_SUCCESS &&
+        value.cooperative) {
+        if (out->api == LITHOS_API_LAUNCH_KERNEL_EX) return "a cooperative kernel node with a cluster shape";
+        out->api = LITHOS_API_LAUNCH_COOPERATIVE;
+    }
+    if (p.kernelParams) {
+        uint16_t layout[2 * HELD_MAX_PARAMS];
+        int n = param_layout(out->function, layout, HELD_MAX_PARAMS, &out->arg_bytes);
+        if (n <= 0) return "a kernel node whose parameter layout is unknown";
+        if (!(out->args = calloc(1, out->arg_bytes)) || !(out->params = malloc(sizeof(void *) * (size_t)n))) return "out of memory";
+        for (int i = 0; i < n; i++) {
+            out->params[i] = out->args + layout[2 * i];
+            memcpy(out->params[i], p.kernelParams[i], layout[2 * i + 1]);
+        }
+    } else if (p.extra) {
+        void *buffer = NULL;
+        size_t *size = NULL;
+        for (int i = 0; p.extra[i] != CU_LAUNCH_PARAM_END; i += 2) {
+            if (p.extra[i] == CU_LAUNCH_PARAM_BUFFER_POINTER) buffer = p.extra[i + 1];
+            else if (p.extra[i] == CU_LAUNCH_PARAM_BUFFER_SIZE) size = p.extra[i + 1];
+            else return "a kernel node with an unknown launch option";
+        }
+        if (!buffer || !size) return "a kernel node with an incomplete packed argument buffer";
+        out->arg_bytes = *size;
+        if (!(out->args = malloc(out->arg_bytes ? out->arg_bytes : 1))) return "out of memory";
+        memcpy(out->args, buffer, out->arg_bytes);
+        out->extra[0] = CU_LAUNCH_PARAM_BUFFER_POINTER, out->extra[1] = out->args;
+        out->extra[2] = CU_LAUNCH_PARAM_BUFFER_SIZE, out->extra[3] = &out->arg_bytes;
+        out->extra[4] = CU_LAUNCH_PARAM_END;
+    }
+    return NULL;
+}
+
+static const char *copy_memset_node(CUgraphNode node, unrolled_node *out) {
+    CUDA_MEMSET_NODE_PARAMS p;
+    if (drv_cuGraphMemsetNodeGetParams(node, &p) != CUDA_SUCCESS) return "a memset node's parameters cannot be read";
+    if (p.elementSize != 1 && p.elementSize != 2 && p.elementSize != 4) return "a memset node of an odd element size";
+    if (p.height > 1 && p.pitch != p.width * p.elementSize) return "a 2-D memset node";
+    out->op = UNROLL_MEMSET;
+    out->dst = p.dst, out->value = p.value, out->width = p.elementSize, out->count = p.width * (p.height ? p.height : 1);
+    return NULL;
+}
+
+static int compare_handles(const void *a, const void *b) {
+    uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b; /* (handle, index) pairs: by handle */
+    return x < y ? -1 : x > y;
+}
+
+/* Index of node in the sorted (handle, index) pairs, or -1. */
+static long node_index(const uintptr_t *sorted, size_t n, CUgraphNode node) {
+    uintptr_t key[2] = {(uintptr_t)node, 0};
+    const uintptr_t *hit = bsearch(key, sorted, n, 2 * sizeof(uintptr_t), compare_handles);
+    return hit ? (long)hit[1] : -1;
+}
+
+/* The nodes of graph in a topological order (Kahn, ties in cuGraphGetNodes order), copied. */
+static unrolled_graph *copy_graph(CUgraph graph, const char **why) {
+    size_t n = 0, edges = 0;
+    unrolled_graph *u = NULL;
+    CUgraphNode *nodes = NULL, *from = NULL, *to = NULL;
+    CUgraphEdgeData *edge_data = NULL;
+    uintptr_t *sorted = NULL;
+    size_t *waiting = NULL, *order = NULL, *first_out = NULL, *out_edges = NULL;
+    *why = "the graph's nodes cannot be read";
+    if (drv_cuGraphGetNodes(graph, NULL, &n) != CUDA_SUCCESS) return NULL;
+    *why = n > GRAPH_MAX_NODES ? "more than 65536 nodes" : "out of memory";
+    if (n > GRAPH_MAX_NODES || !(nodes = calloc(n + 1, sizeof(*nodes))) || !(sorted = calloc(2 * n + 2, sizeof(*sorted))) ||
+        !(waiting = calloc(n + 1, sizeof(*waiting))) || !(order = calloc(n + 1, sizeof(*order))) ||
+        !(first_out = calloc(n + 2, sizeof(*first_out))))
+        goto done;
+    *why = "the graph's nodes or edges cannot be read";
+    if (drv_cuGraphGetNodes(graph, nodes, &n) != CUDA_SUCCESS || drv_cuGraphGetEdges(graph, NULL, NULL, NULL, &edges) != CUDA_SUCCESS)
+        goto done;
+    *why = "out of memory";
+    if (!(from = calloc(edges + 1, sizeof(*from))) || !(to = calloc(edges + 1, sizeof(*to))) ||
+        !(edge_data = calloc(edges + 1, sizeof(*edge_data))) || !(out_edges = calloc(edges + 1, sizeof(*out_edges))))
+        goto done;
+    *why = "the graph's nodes or edges cannot be read";
+    if (edges && drv_cuGraphGetEdges(graph, from, to, edge_data, &edges) != CUDA_SUCCESS) goto done;
+    for (size_t i = 0; i < n; i++) sorted[2 * i] = (uintptr_t)nodes[i], sorted[2 * i + 1] = i;
+    qsort(sorted, n, 2 * sizeof(uintptr_t), compare_handles);
+    /* out-edges grouped by source (counting sort), in-degrees in waiting */
+    *why = "an edge names a node the graph does not list";
+    for (size_t e = 0; e < edges; e++) {
+        long a = node_index(sorted, n, from[e]), b = node_index(sorted, n, to[e]);
+        if (a < 0 || b < 0) goto done;
+        first_out[a + 1]++;
+        waiting[b]++;
+    }
+    for (size_t i = 0; i < n; i++) first_out[i + 1] += first_out[i];
+    size_t *fill = order; /* borrowed as a cursor per node until the order is built */
+    for (size_t i = 0; i < n; i++) fill[i] = first_out[i];
+    for (size_t e = 0; e < edges; e++) out_edges[fill[node_index(sorted, n, from[e])]++] = (size_t)node_index(sorted, n, to[e]);
+    size_t head = 0, tail = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!waiting[i]) order[tail++] = i;
+    while (head < tail) {
+        size_t i = order[head++];
+        for (size_t e = first_out[i]; e < first_out[i + 1]; e++)
+            if (--waiting[out_edges[e]] == 0) order[tail++] = out_edges[e];
+    }
+    *why = "the graph has a cycle";
+    if (tail != n) goto done;
+    *why = "out of memory";
+    if (!(u = calloc(1, sizeof(*u))) || !(u->nodes = calloc(n + 1, sizeof(*u->nodes)))) goto done;
+    for (size_t k = 0; k < n; k++) {
+        CUgraphNodeType type;
+        const char *bad = "a node of unknown type";
+        if (drv_cuGraphNodeGetType(nodes[order[k]], &type) == CUDA_SUCCESS) {
+            if (type == CU_GRAPH_NODE_TYPE_EMPTY) continue;
+            bad = type == CU_GRAPH_NODE_TYPE_KERNEL   ? copy_kernel_node(nodes[order[k]], &u->nodes[u->count])
+                  : type == CU_GRAPH_NODE_TYPE_MEMSET ? copy_memset_node(nodes[order[k]], &u->nodes[u->count])
+                                                      : "a node that is no kernel, memset or empty node";
+        }
+        u->count++; /* a partly copied node is freed with the rest */
+        if (bad) {
+            *why = bad;
+            free_unrolled(u);
+            u = NULL;
+            goto done;
+        }
+    }
+    *why = NULL;
+done:
+    if (u == NULL && !*why) *why = "out of memory";
+    free(nodes), free(sorted), free(waiting), free(order), free(first_out), free(from), free(to), free(edge_data), free(out_edges);
+    return u;
+}
+
+/* After a successful instantiation: copy graph for exec (an earlier copy under the same handle is gone). */
+static void remember_graph(CUgraphExec exec, CUgraph graph) {
+    forget_graph(exec);
+    if (g.mode != MODE_CONFINED || !g.copy_graphs || !drv_cuGraphGetNodes || !drv_cuGraphGetEdges || !drv_cuGraphNodeGetType ||
+        !drv_cuGraphKernelNodeGetParams || !drv_cuGraphKernelNodeGetAttribute || !drv_cuGraphMemsetNodeGetParams)
+        return;
+    const char *why = NULL;
+    unrolled_graph *u = copy_graph(graph, &why);
+    if (!u) {
+        count_graph(GRAPH_NOT_COPIED, 1);
+        notice_once(WARN_GRAPH, "a CUDA graph holds %s: its replays are never unrolled (they cannot borrow)", why);
+        return;
+    }
+    u->exec = exec;
+    pthread_mutex_lock(&graphs.lock);
+    unsigned b = graph_bucket(exec);
+    u->next = graphs.buckets[b];
+    graphs.buckets[b] = u;
+    pthread_mutex_unlock(&graphs.lock);
+    count_graph(GRAPH_COPIED, 1);
+}
+
+/* Sends u's nodes in order on the replay's stream; stops at the first failure (the kernels before it
+ * are enqueued: the program sees the error, as from a failed replay). */
+static CUresult replay_unrolled(const unrolled_graph *u, const launch_request *replay) {
+    for (unsigned i = 0; i < u->count; i++) {
+        const unrolled_node *n = &u->nodes[i];
+        CUresult r;
+        if (n->op == UNROLL_MEMSET) {
+            int pt = replay->per_thread;
+            r = n->width == 1   ? (pt ? cuMemsetD8Async_ptsz : cuMemsetD8Async)(n->dst, (unsigned char)n->value, n->count, replay->stream)
+                : n->width == 2 ? (pt ? cuMemsetD16Async_ptsz : cuMemsetD16Async)(n->dst, (unsigned short)n->value, n->count, replay->stream)
+                                : (pt ? cuMemsetD32Async_ptsz : cuMemsetD32Async)(n->dst, n->value, n->count, replay->stream);
+        } else {
+            CUlaunchConfig config = {n->grid[0], n->grid[1], n->grid[2], n->block[0], n->block[1], n->block[2],
+                                     n->shared_bytes, replay->stream, (CUlaunchAttribute *)&n->attr, 1};
+            launch_request q = {n->api, replay->per_thread, n->function, {n->grid[0], n->grid[1], n->grid[2]},
+                                {n->block[0], n->block[1], n->block[2]}, n->shared_bytes, replay->stream, n->params,
+                                n->extra[0] ? (void **)n->extra : NULL, n->api == LITHOS_API_LAUNCH_KERNEL_EX ? &config : NULL,
+                                NULL, 0, 0};
+            r = route_launch(&q);
+        }
+        if (r != CUDA_SUCCESS) {
+            notice_once(WARN_GRAPH_REPLAY, "node %u of an unrolled graph replay failed (CUresult %d)", i, (int)r);
+            count_graph(GRAPH_NODES_SENT, i);
+            return r;
+        }
+    }
+    count_graph(GRAPH_NODES_SENT, u->count);
+    count_graph(GRAPH_REPLAYS_UNROLLED, 1);
+    return CUDA_SUCCESS;
+}
+
+/* A replay's copy when this slot unrolls graphs now and the stream is not capturing; else NULL. */
+static unrolled_graph *graph_to_unroll(const launch_request *q, const allowance_route *route, CUstream app_stream) {
+    if (!route || route->whole_gpu || !g.copy_graphs) return NULL;
+    const lithos_slot *me = slot_at_index(g.slot);
+    if (!(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_UNROLL_GRAPHS)) return NULL;
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if (drv_cuStreamIsCapturing(app_stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return NULL;
+    unrolled_graph *u = take_graph(q->graph);
+    if (!u) count_graph(GRAPH_REPLAYS_WHOLE, 1);
+    return u;
+}
+
+EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
+    ensure_init();
+    if (!real_cuGraphInstantiateWithFlags) return CUDA_ERROR_NOT_FOUND;
+    drain_held_launches(0); /* as the stubs: an upload may enqueue */
+    flush_if_pending();
+    CUresult r = real_cuGraphInstantiateWithFlags(exec, graph, flags);
+    if (r == CUDA_SUCCESS && exec) remember_graph(*exec, graph);
+    return r;
+}
+
+#define INSTANTIATE_WITH_PARAMS_HOOK(name)                                                                             \
+    EXPORT CUresult name(CUgraphExec *exec, CUgraph graph, CUDA_GRAPH_INSTANTIATE_PARAMS *params) {                   \
+        ensure_init();                                                                                                 \
+        if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
+        drain_held_launches(0);                                                                                        \
+        flush_if_pending();                                                                                            \
+        CUresult r = real_##name(exec, graph, params);                                                                 \
+        if (r == CUDA_SUCCESS && exec) remember_graph(*exec, graph);                                                   \
+        return r;                                                                                                      \
+    }
+INSTANTIATE_WITH_PARAMS_HOOK(cuGraphInstantiateWithParams)
+INSTANTIATE_WITH_PARAMS_HOOK(cuGraphInstantiateWithParams_ptsz)
+
+EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    ensure_init();
+    if (!real_cuGraphExecDestroy) return CUDA_ERROR_NOT_FOUND;
+    forget_graph(exec);
+    return real_cuGraphExecDestroy(exec);
+}
+
+/* Changes to an executable graph: its copy is dropped, so it replays whole from then on. */
+#define GRAPH_CHANGE_HOOK(name, params, args)                                                                          \
+    EXPORT CUresult name params {                                                                                      \
+        ensure_init();                                                                                                 \
+        if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
+        if (forget_graph(exec)) count_graph(GRAPH_CHANGED, 1);                                                         \
+        return real_##name args;                                                                                       \
+    }
+GRAPH_CHANGE_HOOK(cuGraphExecUpdate_v2, (CUgraphExec exec, CUgraph graph, CUgraphExecUpdateResultInfo *info), (exec, graph, info))
+GRAPH_CHANGE_HOOK(cuGraphExecKernelNodeSetParams_v2, (CUgraphExec exec, CUgraphNode node, const CUDA_KERNEL_NODE_PARAMS *p),
+                  (exec, node, p))
+GRAPH_CHANGE_HOOK(cuGraphExecMemsetNodeSetParams,
+                  (CUgraphExec exec, CUgraphNode node, const CUDA_MEMSET_NODE_PARAMS *p, CUcontext ctx), (exec, node, p, ctx))
+GRAPH_CHANGE_HOOK(cuGraphExecNodeSetParams, (CUgraphExec exec, CUgraphNode node, CUgraphNodeParams *p), (exec, node, p))
+GRAPH_CHANGE_HOOK(cuGraphNodeSetEnabled, (CUgraphExec exec, CUgraphNode node, unsigned int enabled), (exec, node, enabled))
+
 static CUresult route_launch(launch_request *q) {
     PROF_BEGIN();
     ensure_init();
@@ -2280,6 +2696,12 @@ static CUresult route_launch(launch_request *q) {
     allowance_route *route = current_route(&generation, &ctx);
     PROF_MARK(PROF_ROUTE);
     if (q->api == LITHOS_API_GRAPH_LAUNCH) {
+        unrolled_graph *unrolled = graph_to_unroll(q, route, app_stream);
+        if (unrolled) {
+            CUresult r = replay_unrolled(unrolled, q);
+            release_graph(unrolled);
+            return r;
+        }
         drain_held_launches(0);
         return launch_graph(q, route, generation, ctx, app_stream, now_ns);
     }
@@ -2628,6 +3050,15 @@ EXPORT int lithos_client_dispatch_counts(uint64_t *counts, int max_counts) {
     uint64_t now[LITHOS_DISPATCH_COUNTS];
     for (int i = 0; i < LITHOS_DISPATCH_COUNTS; i++) now[i] = __atomic_load_n(&held.counts[i], __ATOMIC_RELAXED);
     return copy_counts(counts, max_counts, now, NULL, LITHOS_DISPATCH_COUNTS);
+}
+
+/* For tests and tools: unrolled graph replays of this process (GRAPH_* order: graphs copied, not
+ * copied, replays unrolled, nodes they sent, replays whole while unrolling was on, copies dropped
+ * by a change). Returns the number filled. */
+EXPORT int lithos_client_graph_counts(uint64_t *counts, int max_counts) {
+    uint64_t now[LITHOS_GRAPH_COUNTS];
+    for (int i = 0; i < LITHOS_GRAPH_COUNTS; i++) now[i] = __atomic_load_n(&graphs.counts[i], __ATOMIC_RELAXED);
+    return copy_counts(counts, max_counts, now, NULL, LITHOS_GRAPH_COUNTS);
 }
 
 /* For tests and tools: this thread's launches by path (direct on an owned green stream or, for a

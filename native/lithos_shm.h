@@ -142,6 +142,7 @@
 #define LITHOS_SLOT_ACTIVE 1u
 /* lithos_slot.lending_flags */
 #define LITHOS_LEND_LOW_PRIORITY 1u
+#define LITHOS_LEND_UNROLL_GRAPHS 2u /* graph replays are sent kernel by kernel, so each may borrow */
 
 /* lithos_launch_record.view: which view the launch ran in */
 #define LITHOS_VIEW_TPC 0u        /* TPC-granular green context (flag 1 groups) */

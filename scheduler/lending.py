@@ -79,6 +79,7 @@ class LendingPolicy:
     active_window_ms: float = DEFAULT_ACTIVE_WINDOW_MS          # control loop: launched this recently = active
     control_period_ms: float = DEFAULT_CONTROL_PERIOD_MS        # how often the control loop re-plans
     lending_enabled: bool = True                                # False: static partitions (no lend lists)
+    unroll_graphs: bool = False                                 # borrowers' CUDA-graph replays go kernel by kernel
 
     def __post_init__(self) -> None:
         _check_number(self.atom_us, "atom_us", 0.0, "a finite number of microseconds in (0, 100000]", 100_000.0)
@@ -86,8 +87,9 @@ class LendingPolicy:
         _check_number(self.unknown_kernel_busy_us, "unknown_kernel_busy_us", 0.0, "a finite number of microseconds > 0")
         _check_number(self.active_window_ms, "active_window_ms", 0.0, "a finite number of milliseconds > 0")
         _check_number(self.control_period_ms, "control_period_ms", 0.0, "a finite number of milliseconds > 0")
-        if not isinstance(self.lending_enabled, bool):
-            raise ValueError(f"lending_enabled must be True or False, got {self.lending_enabled!r}")
+        for name in ("lending_enabled", "unroll_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def atom_ns(self) -> int:
@@ -149,6 +151,7 @@ class LendDecision:
     slot: int
     lender_slots: tuple[int, ...]       # whose TPCs it may add when they are idle at launch time
     low_priority_on_borrowed: bool      # run launches that use borrowed TPCs at the lower stream priority
+    unroll_graphs: bool = False         # send its graph replays kernel by kernel, so that each may borrow
 
     @property
     def lender_mask(self) -> int:
@@ -190,7 +193,8 @@ def plan_lending(clients: Sequence[ClientState], policy: LendingPolicy = Lending
         best_effort = borrower.priority == BEST_EFFORT
         lenders = tuple(sorted(lender.slot for lender in clients if lender.slot != borrower.slot
                                and not (best_effort and lender.slot in wanted_by_lc)))
-        plan[borrower.slot] = LendDecision(borrower.slot, lenders, low_priority_on_borrowed=best_effort)
+        plan[borrower.slot] = LendDecision(borrower.slot, lenders, low_priority_on_borrowed=best_effort,
+                                           unroll_graphs=policy.unroll_graphs and bool(lenders))
     return plan
 
 

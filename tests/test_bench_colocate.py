@@ -206,7 +206,7 @@ def test_lc_alone_ablations_leave_the_best_effort_job_idle_and_lend_only_under_l
     (shim,) = [g for g in built.groups if g.environment == "shim"]
     assert "resnet50_train" in shim.workers   # started (same processes as static/lithos), never sent work
     assert {p.active for p in shim.phases} == {("resnet50", "bert_base")}
-    assert set(plan.LENDING_SYSTEMS) == {"lithos", "lithos_loop", "lithos_lc_alone"}
+    assert set(plan.LENDING_SYSTEMS) == {"lithos", "lithos_loop", "lithos_lc_alone", "lithos_unroll"}
 
 
 def test_each_groups_first_phase_of_a_combination_warms_up_longer():

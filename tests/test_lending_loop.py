@@ -58,3 +58,19 @@ def test_lending_off_is_static_partitions(table):
         publish(table, slot, 1)
     LendingController(table, lambda: grants, LendingPolicy(lending_enabled=False)).step(10_000_000_000)
     assert table.lending(0) == ([], False) and table.lending(1) == ([], False)
+
+
+def test_unrolling_graphs_is_published_for_borrowers_with_lenders_only(table):
+    """LendingPolicy(unroll_graphs=True): a client whose lend list is not empty gets the shim's
+    LITHOS_LEND_UNROLL_GRAPHS flag; one with nothing to borrow from (nobody else published) does not."""
+    grants = [grant(0, "latency_critical", range(0, 8)), grant(1, "best_effort", range(8, 16))]
+    controller = LendingController(table, lambda: grants, LendingPolicy(unroll_graphs=True))
+    publish(table, 0, 1)
+    assert controller.step(10_000_000_000) == {0: ((), False, False), 1: ((0,), True, True)}
+    assert [table.unrolls_graphs(s) for s in (0, 1)] == [False, True]
+    publish(table, 1, 1)
+    controller.step(10_000_000_000)
+    assert [table.unrolls_graphs(s) for s in (0, 1)] == [True, True]
+    assert table.lending(0) == ([1], False)
+    with pytest.raises(ValueError, match="unroll_graphs must be True or False"):
+        LendingPolicy(unroll_graphs="yes")

@@ -847,6 +847,12 @@ def test_set_lending_round_trips_and_bad_lend_lists_fail_at_the_boundary(table):
         table.set_lending(2, [1, 1], low_priority=False)
     with pytest.raises(ValueError, match="True or False"):
         table.set_lending(2, [1], low_priority=1)
+    table.set_lending(2, [1], low_priority=True, unroll_graphs=True)
+    assert table.lending(2) == ([1], True) and table.unrolls_graphs(2)
+    table.set_lending(2, [1], low_priority=True)
+    assert not table.unrolls_graphs(2)
+    with pytest.raises(ValueError, match="unroll_graphs must be True or False"):
+        table.set_lending(2, [1], low_priority=False, unroll_graphs=None)
     with pytest.raises(ValueError, match="slots 0..7"):
         table.set_lending(9, [1], low_priority=False)
     reader = native.AllowanceTable.open(table.path, writable=False)
@@ -1893,3 +1899,114 @@ def test_a_copy_from_host_memory_is_not_held(fake_driver, lend_table, tmp_path):
     os.remove({str(busy)!r})
     """, dispatch_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
     assert lines == [["copies", "0", "sent", "2"]]
+
+
+# ---- unrolled graph replays (LITHOS_LEND_UNROLL_GRAPHS): the fake's graph 0x6000 (native/fake_libcuda.c)
+
+GRAPH_PRELUDE = """
+def graph_counts():
+    c = (ctypes.c_uint64 * 6)()
+    lib.lithos_client_graph_counts(c, 6)
+    return dict(zip(("copied", "not_copied", "replays_unrolled", "nodes_sent", "replays_whole", "changed"), c))
+def instantiate(graph):
+    exec_ = ctypes.c_void_p()
+    assert lib.cuGraphInstantiateWithFlags(ctypes.byref(exec_), ctypes.c_void_p(graph), ctypes.c_ulonglong(0)) == 0
+    return exec_.value
+def replay(exec_, stream):
+    assert lib.cuGraphLaunch(ctypes.c_void_p(exec_), ctypes.c_void_p(stream)) == 0
+"""
+
+
+def run_graph_client(code: str, env: dict):
+    return run_fake(LEND_PRELUDE + GRAPH_PRELUDE + textwrap.dedent(code), env)
+
+
+def test_an_unrolled_replay_sends_every_node_through_the_launch_path_in_dependency_order(fake_driver, lend_table):
+    """Graph 0x6000: kernel 0x88 (args 7, 9) -> 32-bit memset -> empty -> kernel 0xc2 (a CUkernel
+    handle), and kernel 0x88 -> kernel 0x77 with a 2x1x1 cluster attribute; its nodes are listed out
+    of order. Unrolled, each kernel is a launch of its own (recorded in the ring, not as a graph), with
+    its copied arguments and cluster shape, and no node runs before the nodes it depends on."""
+    lend_table.set_lending(0, [1], low_priority=False, unroll_graphs=True)
+    lines, stderr = run_graph_client("""
+    exec_ = instantiate(0x6000)
+    s = create(1)
+    full_log()
+    replay(exec_, s)
+    show_log()
+    show("counts", *graph_counts().values())
+    """, fake_env(fake_driver, lend_table))
+    sent = [w for w in lines if w and w[0] in ("cuLaunchKernel", "cuLaunchKernelEx", "cuMemsetD32Async", "cuGraphLaunch")]
+    kinds = [w[0] + (" " + w[2] if len(w) > 2 else "") for w in sent]
+    assert "cuGraphLaunch" not in [w[0] for w in sent]
+    first = kinds.index("cuLaunchKernel args=7,9")
+    memset = kinds.index("cuMemsetD32Async 3")
+    cluster = kinds.index("cuLaunchKernelEx cluster=2,1,1")
+    assert sorted(kinds) == sorted(["cuLaunchKernel args=7,9", "cuMemsetD32Async 3", "cuLaunchKernelEx cluster=2,1,1",
+                                    "cuLaunchKernel"])
+    last = [i for i, k in enumerate(kinds) if k == "cuLaunchKernel"][0]   # kernel 0xc2, after the memset
+    assert first < memset < last and first < cluster
+    assert sent[memset][3] == "16"
+    assert lines[-1] == ["counts", "1", "0", "1", "4", "0", "0"]
+    records, _ = lend_table.read_launches(0)
+    assert "cuGraphLaunch" not in [native.API_NAMES[int(r["api"])] for r in records]
+    assert sorted(r["kernel_name"] for r in records) == [b"fake_cluster_kernel", b"fake_kernel", b"fake_kernel"]
+    assert "unrolled graph replay failed" not in stderr
+
+
+def test_replays_stay_whole_without_the_flag_for_graphs_not_copied_and_after_a_change(fake_driver, lend_table):
+    """Unrolling off (the default lend flags): one cuGraphLaunch. On: graph 0x6100 holds a host node,
+    so it is not copied (named once on stderr) and replays whole; graph 0x6000 unrolls until
+    cuGraphExecKernelNodeSetParams changes it, then replays whole; a destroyed one is forgotten."""
+    lend_table.set_lending(0, [1], low_priority=False)
+    lines, _ = run_graph_client("""
+    s = create(1)
+    replay(instantiate(0x6000), s)
+    show("launches", *[l.split()[0] for l in full_log() if l.startswith(("cuGraphLaunch", "cuLaunchKernel"))])
+    show("counts", *graph_counts().values())
+    """, fake_env(fake_driver, lend_table))
+    assert lines == [["launches", "cuGraphLaunch"], ["counts", "1", "0", "0", "0", "0", "0"]]
+
+    lend_table.set_lending(0, [1], low_priority=False, unroll_graphs=True)
+    lines, stderr = run_graph_client("""
+    s = create(1)
+    host = instantiate(0x6100)
+    kernels = instantiate(0x6000)
+    def launches():
+        return [l.split()[0] for l in full_log() if l.startswith(("cuGraphLaunch", "cuLaunchKernel"))]
+    full_log()
+    replay(host, s); show("host", *launches())
+    replay(kernels, s); show("kernels", *launches())
+    assert lib.cuGraphExecKernelNodeSetParams_v2(ctypes.c_void_p(kernels), ctypes.c_void_p(0x6010), None) == 0
+    replay(kernels, s); show("changed", *launches())
+    kernels = instantiate(0x6000)
+    assert lib.cuGraphExecDestroy(ctypes.c_void_p(kernels)) == 0
+    replay(kernels, s); show("destroyed", *launches())
+    show("counts", *graph_counts().values())
+    """, fake_env(fake_driver, lend_table))
+    assert lines[0] == ["host", "cuGraphLaunch"]
+    assert lines[1][0] == "kernels" and "cuGraphLaunch" not in lines[1] and len(lines[1]) == 4
+    assert lines[2] == ["changed", "cuGraphLaunch"]
+    assert lines[3] == ["destroyed", "cuGraphLaunch"]
+    # copied: 0x6000 twice; not copied: 0x6100; whole while on: host, changed, destroyed
+    assert lines[4] == ["counts", "2", "1", "1", "4", "3", "1"]
+    assert stderr.count("a CUDA graph holds a node that is no kernel, memset or empty node") == 1
+
+
+def test_a_replay_on_a_capturing_stream_is_never_unrolled(fake_driver, lend_table):
+    lend_table.set_lending(0, [1], low_priority=False, unroll_graphs=True)
+    lines, _ = run_graph_client("""
+    exec_ = instantiate(0x6000)
+    full_log()
+    replay(exec_, None)
+    show("launches", *[l.split()[0] for l in full_log() if l.startswith(("cuGraphLaunch", "cuLaunchKernel"))])
+    """, fake_env(fake_driver, lend_table, FAKE_CAPTURING="1"))
+    assert lines == [["launches", "cuGraphLaunch"]]
+
+
+def test_no_graph_is_copied_with_copying_off(fake_driver, lend_table):
+    lend_table.set_lending(0, [1], low_priority=False, unroll_graphs=True)
+    lines, _ = run_graph_client("""
+    replay(instantiate(0x6000), create(1))
+    show("counts", *graph_counts().values())
+    """, fake_env(fake_driver, lend_table, LITHOS_COPY_GRAPHS="0"))
+    assert lines == [["counts", "0", "0", "0", "0", "0", "0"]]

@@ -477,3 +477,83 @@ def test_graph_replays_are_timed_and_predicted_on_the_gpu(table):
     assert all(0.5 * median_ns < p < 2 * median_ns for p in predicted_ns), (median_ns, predicted_ns)
     print(f"graph replay: measured median {median_ns / 1e3:.0f} us, predictions {min(predicted_ns) / 1e3:.0f}-"
           f"{max(predicted_ns) / 1e3:.0f} us")
+
+
+UNROLL_PROGRAM = r"""
+import json, sys, time, torch, torchvision
+from lithos_ray.native import process_graph_counts
+torch.manual_seed(0)
+torch.backends.cudnn.benchmark = False
+model = torchvision.models.resnet18().cuda().eval().half()
+layer = torch.nn.TransformerEncoderLayer(256, 4, batch_first=True).cuda().eval().half()
+x = torch.randn(4, 3, 224, 224, device='cuda', dtype=torch.half)
+t = torch.randn(4, 128, 256, device='cuda', dtype=torch.half)
+def step():
+    with torch.no_grad():
+        return model(x), layer(t)
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    for _ in range(3): step()
+torch.cuda.current_stream().wait_stream(side)
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    out = step()
+graph.replay(); torch.cuda.synchronize()
+first = [o.clone() for o in out]
+same, times = True, []
+for _ in range(30):
+    begin = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - begin)
+    same &= all(torch.equal(a, b) for a, b in zip(out, first))
+eager = step()
+torch.cuda.synchronize()
+close = all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2) for a, b in zip(first, eager))
+print(json.dumps({"same": same, "close_to_eager": close, "replay_ms": sorted(times)[len(times) // 2] * 1e3,
+                  "graphs": process_graph_counts(), "digest": [float(o.double().sum()) for o in first]}))
+"""
+
+
+def _run_unroll_program(table, slot, unroll):
+    table.set_lending(slot, [slot + 1], low_priority=False, unroll_graphs=unroll)
+    start = native.LaunchRing(native.ring_path(table.path, slot)).head()
+    env = {**os.environ, **native.client_env(table.path, slot), "LITHOS_SAMPLE_EVERY": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", UNROLL_PROGRAM], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        table.set_lending(slot, [], low_priority=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records, _ = table.read_launches(slot, since_index=start)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), records, proc.stderr
+
+
+def test_unrolled_graph_replays_give_the_same_results_and_their_kernels_borrow(table):
+    """ResNet-18 and a transformer layer (cuDNN, cuBLAS, SDPA) under one CUDA graph, on 8 TPCs next to
+    an idle lender of 24: with LITHOS_LEND_UNROLL_GRAPHS every replay goes kernel by kernel (no graph
+    launch in the ring, nothing unconfined), the replays agree with each other and with eager, and
+    some kernels borrow the lender's TPCs; without it the replays stay whole graph launches."""
+    slot, lender = 7, 8
+    table.set_allowance(slot, list(range(0, 8)))
+    table.set_allowance(lender, list(range(8, 32)))
+    table.set_lending_knobs(atom_us=1000, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    try:
+        whole, whole_records, _ = _run_unroll_program(table, slot, unroll=False)
+        unrolled, records, stderr = _run_unroll_program(table, slot, unroll=True)
+    finally:
+        table.set_lending_knobs(atom_us=250, idle_window_us=500, unknown_kernel_busy_us=10_000)
+    assert whole["same"] and whole["close_to_eager"]
+    assert [native.API_NAMES[int(r["api"])] for r in whole_records].count("cuGraphLaunch") >= 31
+    graphs = unrolled["graphs"]
+    assert graphs["copied"] >= 1 and graphs["not_copied"] == 0, (graphs, stderr[-2000:])
+    assert graphs["replays_unrolled"] >= 31 and graphs["replays_whole"] == 0, graphs
+    assert unrolled["same"] and unrolled["close_to_eager"], unrolled
+    assert "cuGraphLaunch" not in [native.API_NAMES[int(r["api"])] for r in records]
+    assert not [r for r in records if native.VIEW_NAMES[int(r["view"])] == "unconfined"]
+    borrowed = [r for r in records if native.lenders_of(r) == [lender]]
+    assert borrowed and all(int(r["tpcs"]) == 32 for r in borrowed)
+    print(f"replay ms: whole {whole['replay_ms']:.3f}, unrolled {unrolled['replay_ms']:.3f}; "
+          f"{graphs['nodes_sent'] // graphs['replays_unrolled']} nodes per replay; {len(borrowed)} of {len(records)} launches borrowed; "
+          f"same digest as whole replays: {unrolled['digest'] == whole['digest']}")

@@ -209,7 +209,7 @@ class PhaseControlLoop:
             except Exception as exc:  # as the agent's loop: one bad reading must not freeze the lists unseen
                 self.errors.append(repr(exc))
                 continue
-            for slot, (lenders, _) in planned.items():
+            for slot, (lenders, _, _) in planned.items():
                 self.cut[slot] += len(lenders) < self._full[slot]
             self.steps += 1
 
@@ -222,17 +222,21 @@ class PhaseControlLoop:
                 "lend_list_cut_share": {slot: n / self.steps if self.steps else None for slot, n in self.cut.items()}}
 
 
-def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float) -> dict:
+def apply_lending(table, slots_roles_quotas: list[tuple[int, str, tuple[int, ...]]], enabled: bool, atom_us: float,
+                  unroll_graphs: bool = False) -> dict:
     """Set every slot's lend list from scheduler.lending.plan_lending (all clients idle at plan time, so each
-    may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled."""
+    may borrow from every other; best-effort borrowers at low priority); empty lists when not enabled. With
+    unroll_graphs, borrowers' CUDA-graph replays go kernel by kernel."""
     clients = [lending.ClientState(slot, lending_priority(role), quota, active=False)
                for slot, role, quota in slots_roles_quotas]
-    policy = lending.LendingPolicy(atom_us=atom_us, lending_enabled=enabled)
+    policy = lending.LendingPolicy(atom_us=atom_us, lending_enabled=enabled, unroll_graphs=unroll_graphs)
     decisions = lending.plan_lending(clients, policy)
     for slot, decision in decisions.items():
-        table.set_lending(slot, list(decision.lender_slots), decision.low_priority_on_borrowed)
+        table.set_lending(slot, list(decision.lender_slots), decision.low_priority_on_borrowed,
+                          unroll_graphs=decision.unroll_graphs)
     table.set_lending_knobs(policy.atom_us, policy.idle_window_us, policy.unknown_kernel_busy_us)
-    return {"enabled": enabled, "lend_lists": {s: list(d.lender_slots) for s, d in decisions.items()},
+    return {"enabled": enabled, "unroll_graphs": unroll_graphs,
+            "lend_lists": {s: list(d.lender_slots) for s, d in decisions.items()},
             "low_priority": {s: d.low_priority_on_borrowed for s, d in decisions.items()},
             "knobs": {"atom_us": policy.atom_us, "idle_window_us": policy.idle_window_us,
                       "unknown_kernel_busy_us": policy.unknown_kernel_busy_us}}
@@ -613,7 +617,8 @@ class Run:
             if shim is not None:
                 roles = self.shim_roles(shim)
                 self.mix_setup[group.mix]["lending_" + phase.system] = apply_lending(
-                    self.table, roles, phase.system in LENDING_SYSTEMS, self.args.atom_us)
+                    self.table, roles, phase.system in LENDING_SYSTEMS, self.args.atom_us,
+                    unroll_graphs=phase.system == "lithos_unroll")
                 if phase.system == "static_held":
                     self.mix_setup[group.mix]["lending_static_held"].update(hold_without_borrowing(self.table, roles))
             result = self.run_phase(phase, workers, shim)

@@ -17,11 +17,13 @@ LATENCY_CRITICAL = "lc"
 BEST_EFFORT = "be"
 
 SYSTEMS = ("solo", "timeslice", "mps", "mps_pct", "static", "static_held", "static_lc_alone", "lithos",
-           "lithos_loop", "lithos_lc_alone")
-ABLATIONS = ("static_held", "static_lc_alone", "lithos_loop", "lithos_lc_alone")  # only when asked for; never a baseline
+           "lithos_loop", "lithos_lc_alone", "lithos_unroll")
+ABLATIONS = ("static_held", "static_lc_alone", "lithos_loop", "lithos_lc_alone",
+             "lithos_unroll")  # only when asked for; never a baseline
 DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s not in ABLATIONS)
-SHIM_SYSTEMS = ("static", "static_held", "static_lc_alone", "lithos", "lithos_loop", "lithos_lc_alone")  # a group per mix
-LENDING_SYSTEMS = ("lithos", "lithos_loop", "lithos_lc_alone")
+SHIM_SYSTEMS = ("static", "static_held", "static_lc_alone", "lithos", "lithos_loop", "lithos_lc_alone",
+                "lithos_unroll")  # a group per mix
+LENDING_SYSTEMS = ("lithos", "lithos_loop", "lithos_lc_alone", "lithos_unroll")
 LC_ALONE_SYSTEMS = ("static_lc_alone", "lithos_lc_alone")   # the best-effort job is started but stays idle
 SYSTEM_HELP = {
     "solo": "each workload alone on the whole GPU (no MPS): the reference for SLOs and normalisation",
@@ -39,6 +41,8 @@ SYSTEM_HELP = {
                    "may (lithos keeps the lists planned once per phase with every client idle)",
     "lithos_lc_alone": "lithos with the best-effort job idle: what borrowing its idle TPCs gives back to the services "
                        "(an ablation)",
+    "lithos_unroll": "lithos with every borrower's CUDA-graph replays sent kernel by kernel (LITHOS_LEND_UNROLL_GRAPHS), "
+                     "so that a graph service's kernels may borrow within the atom (an ablation until measured)",
 }
 VARIANTS = ("eager", "graph")
 

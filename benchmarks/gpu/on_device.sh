@@ -24,6 +24,8 @@
 #                         services' tail apart from the best-effort job (quota size vs interference)
 #   colocate-loop         solo, static, lithos and lithos_loop (the agent's lending control loop during the phase;
 #                         ~7 min): does "latency-critical borrowers first" change tails and best-effort throughput?
+#   colocate-unroll       graph variant only: solo, static, lithos, lithos_lc_alone, lithos_unroll (~7.5 min): do
+#                         services under CUDA graphs gain when their replays are unrolled so that kernels borrow?
 #   colocate-lc-heavy     colocate-dispatch with the services on 7+7 / 14 of the 15 groups: the best-effort
 #                         job lives mostly on lent TPCs (LithOS's own set-up)
 #   borrow-training       benchmarks/native/borrow_training.py (ResNet-50 training next to an idle lender, 5 modes, ~5 min)
@@ -116,6 +118,8 @@ for s in "$@"; do
     colocate-decompose)
       colocate_run decompose 380 solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone || status=1 ;;
     colocate-loop) colocate_run loop 400 solo,static,lithos,lithos_loop || status=1 ;;
+    colocate-unroll)
+      colocate_run unroll 400 solo,static,lithos,lithos_lc_alone,lithos_unroll --variants graph || status=1 ;;
     colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
     borrow-training)
       timeout 500 python3 benchmarks/native/borrow_training.py "$OUT" 2>&1 | tail -30 || status=1 ;;
