@@ -531,13 +531,14 @@ def _run_unroll_program(table, slot, unroll):
 
 
 def test_unrolled_graph_replays_give_the_same_results_and_their_kernels_borrow(table):
-    """ResNet-18 and a transformer layer (cuDNN, cuBLAS, SDPA) under one CUDA graph, on 8 TPCs next to
-    an idle lender of 24: with LITHOS_LEND_UNROLL_GRAPHS every replay goes kernel by kernel (no graph
+    """ResNet-18 and a transformer layer (cuDNN, cuBLAS, SDPA) under one CUDA graph, on 2 co-scheduled
+    groups (8 TPCs) next to an idle lender of 6 (24 TPCs): with LITHOS_LEND_UNROLL_GRAPHS every replay goes kernel by kernel (no graph
     launch in the ring, nothing unconfined), the replays agree with each other and with eager, and
     some kernels borrow the lender's TPCs; without it the replays stay whole graph launches."""
     slot, lender = 7, 8
-    table.set_allowance(slot, list(range(0, 8)))
-    table.set_allowance(lender, list(range(8, 32)))
+    groups = list(table.cosched_groups().values())   # whole co-scheduled groups: cluster kernels stay confined
+    table.set_allowance(slot, sorted(t for g in groups[:2] for t in g))
+    table.set_allowance(lender, sorted(t for g in groups[2:8] for t in g))
     table.set_lending_knobs(atom_us=1000, idle_window_us=500, unknown_kernel_busy_us=10_000)
     try:
         whole, whole_records, _ = _run_unroll_program(table, slot, unroll=False)

@@ -7,7 +7,7 @@
 #   ray-part   keeps the carried .raywhl/part_* in /tmp for a later call (the machine stays warm 30 s)
 #   ray        joins every part (kept or carried, in name order) and installs ray 2.60.0
 #   native     GPU tests of the shim (tests/test_native_gpu.py) and the whole overhead benchmark (~5 min)
-#   gpu-tests  the GPU tests of the shim alone (~2 min)
+#   gpu-tests  the GPU tests of the shim alone (~2 min; GPU_TESTS_K=EXPR: only those pytest -k selects)
 #   profile    benchmarks/native/overhead.py --profile (the end-to-end A/B with per-section launch timers, ~1.5 min)
 #   correctness  benchmarks/native/correctness.py (bitwise results with and without the shim)
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
@@ -93,7 +93,8 @@ for s in "$@"; do
       timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
       timeout 390 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     gpu-tests)
-      timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1 ;;
+      timeout 150 python3 -m pytest -v -s -rs tests/test_native_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 |
+        tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1 ;;
     profile)
       timeout 240 python3 benchmarks/native/overhead.py "$OUT" --profile 2>&1 | tail -60 || status=1 ;;
     overhead-ab)
