@@ -2831,8 +2831,10 @@ static CUresult route_launch(launch_request *q) {
             notice_once(WARN_RETRY_COSCHED, "kernel %s: the TPC view refused its cluster shape (CUresult %d): it runs in "
                         "the co-scheduled view from now on (unconfined where the allowance holds no whole group)", info->name, (int)r);
         else
-            notice_once(WARN_RETRY, "kernel %s failed in its green context (CUresult %d): it runs unconfined from now on",
-                        info->name, (int)r);
+            notice_once(WARN_RETRY, "kernel %s (grid %ux%ux%u, cluster %ux%ux%u, %s view of %u TPCs) failed in its green "
+                        "context (CUresult %d): it runs unconfined from now on", info->name, q->grid[0], q->grid[1], q->grid[2],
+                        cluster[0], cluster[1], cluster[2], view == LITHOS_VIEW_TPC ? "TPC" : "co-scheduled",
+                        (unsigned)route->views[view].tpcs, (int)r);
         q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
         if (info != &scratch) { /* only ever raised: a thread that saw less must not undo a whole-GPU verdict */
             uint32_t seen = __atomic_load_n(&info->refused, __ATOMIC_RELAXED);

@@ -79,12 +79,14 @@ def test_reclaim_time_from_owner_wakeups_and_borrowed_kernels():
 
 def test_lending_stats_from_launch_records():
     dtype = np.dtype([("host_ns", "<u8"), ("gpu_ns", "<u8"), ("tpcs", "<u2"), ("function", "<u8"), ("grid", "<u4", (3,)),
-                      ("predicted_ns", "<u8"), ("view", "u1"), ("kernel_name", "S16")])
+                      ("predicted_ns", "<u8"), ("view", "u1"), ("kernel_name", "S16"), ("cluster", "<u4", (3,))])
     us = 1000
-    owner = np.array([(0, 0, 20, 1, (1, 1, 1), 0, 0, b"a"), (5000 * us, 0, 20, 1, (1, 1, 1), 0, 0, b"a")], dtype=dtype)
-    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1), 0, 0, b"b"),
-                         (4950 * us, 100 * us, 26, 3, (800, 1, 1), 0, 0, b"c"),
-                         (4990 * us, 400 * us, 0, 4, (8, 1, 1), 0, 2, b"cudnn_refused")], dtype=dtype)  # on the whole GPU
+    one = (1, 1, 1)
+    owner = np.array([(0, 0, 20, 1, one, 0, 0, b"a", one), (5000 * us, 0, 20, 1, one, 0, 0, b"a", one)], dtype=dtype)
+    borrower = np.array([(4900 * us, 300 * us, 46, 2, (40, 1, 1), 0, 0, b"b", one),
+                         (4950 * us, 100 * us, 26, 3, (800, 1, 1), 0, 0, b"c", one),
+                         (4990 * us, 400 * us, 0, 4, (8, 1, 1), 0, 2, b"cudnn_refused", (2, 1, 1))],
+                        dtype=dtype)  # the last on the whole GPU
     stats = lending_stats({0: owner, 1: borrower}, {0: tuple(range(20)), 1: tuple(range(20, 46))}, [0], 500.0)
     assert stats["per_slot"][1]["borrowing_launches"] == 1
     # the borrowing launch: 40 blocks, within the borrower's own 52 SMs; 300 of 800 us of its GPU time
@@ -93,7 +95,7 @@ def test_lending_stats_from_launch_records():
     assert stats["per_slot"][1]["borrowed_gpu_time_share"] == pytest.approx(0.375)
     assert stats["per_slot"][1]["unconfined_launches"] == 1 and stats["per_slot"][0]["unconfined_launches"] == 0
     assert stats["per_slot"][1]["unconfined_gpu_time_share"] == pytest.approx(0.5)
-    assert stats["per_slot"][1]["unconfined_kernels"] == ["cudnn_refused"]
+    assert stats["per_slot"][1]["unconfined_kernels"] == ["cudnn_refused grid 8x1x1 cluster 2x1x1"]
     assert stats["per_slot"][1]["borrowed_tpcs_max"] == 20
     assert stats["per_slot"][0]["borrowing_launches"] == 0
     assert stats["reclaim_estimate"][0]["p99_us"] == pytest.approx(200.0)

@@ -282,14 +282,16 @@ def borrowed_work(recs: np.ndarray, borrowing: np.ndarray, duration_ns: np.ndarr
 
 def unconfined_work(recs: np.ndarray, duration_ns: np.ndarray) -> dict:
     """Launches that ran on the whole GPU (a kernel a green context refused, or no fitting view): a quota
-    leak onto the other clients' TPCs. Their count, share of the slot's GPU time and kernel names."""
+    leak onto the other clients' TPCs. Their count, share of the slot's GPU time and kernels (name, grid
+    and cluster shape)."""
     from lithos_ray.native import UNCONFINED_VIEW
     if "view" not in recs.dtype.names:
         return {}
     unconfined = recs["view"] == UNCONFINED_VIEW
     total_ns = float(duration_ns.sum())
-    names = sorted({bytes(n).decode(errors="replace") or "?" for n in recs["kernel_name"][unconfined]}) \
-        if "kernel_name" in recs.dtype.names else []
+    names = sorted({f"{bytes(r['kernel_name']).decode(errors='replace') or '?'} grid {'x'.join(map(str, r['grid']))} "
+                    f"cluster {'x'.join(map(str, r['cluster']))}" for r in recs[unconfined]}) \
+        if {"kernel_name", "grid", "cluster"} <= set(recs.dtype.names) else []
     return {"unconfined_launches": int(unconfined.sum()),
             "unconfined_gpu_time_share": float(duration_ns[unconfined].sum() / total_ns) if total_ns else None,
             "unconfined_kernels": names[:8]}
