@@ -363,7 +363,7 @@ EXPORT CUresult cuGraphKernelNodeGetParams_v2(CUgraphNode node, CUDA_KERNEL_NODE
     p->blockDimX = 32, p->blockDimY = p->blockDimZ = 1;
     if (n == 0x6010) p->func = (CUfunction)0x88, p->kernelParams = node_args;
     else if (n == 0x6040) p->kern = (CUkernel)0xc2;
-    else p->func = (CUfunction)0x77;
+    else p->func = (CUfunction)0x77, p->kernelParams = node_args; /* 0x77 takes no parameters: nothing to copy */
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuGraphKernelNodeGetAttribute(CUgraphNode node, CUkernelNodeAttrID attr, CUkernelNodeAttrValue *value) {

@@ -345,7 +345,7 @@ static struct {
     int pace; /* PACE_*: when low-priority borrowers wait for their queue to drain (LITHOS_LEND_PACE) */
     int dispatch;              /* DISPATCH_*: whose kernel launches are held for the dispatcher (LITHOS_DISPATCH) */
     uint64_t dispatch_depth_ns; /* LITHOS_DISPATCH_DEPTH_US; 0 = half the atom */
-    int copy_graphs;            /* copy graphs at instantiation so that replays can be unrolled (LITHOS_COPY_GRAPHS, default 1) */
+    int copy_graphs;            /* atomic; copy graphs at instantiation so that replays can be unrolled (LITHOS_COPY_GRAPHS, default 1) */
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
     pthread_key_t exit_key;   /* destructor drops a per-thread-stream join an exiting thread owes */
@@ -699,7 +699,7 @@ static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
         }
         if (hooks[i].per_thread_stream == ((flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM) != 0)) by_name = &hooks[i];
     }
-    for (size_t i = 0; i < HOOK_COUNT; i++) /* another name of a hooked function (cuGraphInstantiate: ...WithFlags) */
+    for (size_t i = 0; i < HOOK_COUNT && !by_name; i++) /* another name of a hooked function (cuGraphInstantiate: ...WithFlags) */
         if (*hooks[i].real && *hooks[i].real == *pfn) {
             *pfn = hooks[i].hook;
             return;
@@ -708,6 +708,10 @@ static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
         *by_name->real = *pfn;
         *pfn = by_name->hook;
         return;
+    } else if (by_name && strncmp(symbol, "cuGraph", 7) == 0) {
+        /* an older version of a call that changes executable graphs: copies could go stale */
+        __atomic_store_n(&g.copy_graphs, 0, __ATOMIC_RELEASE);
+        notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an older version: graph replays are never unrolled", symbol);
     } else if (by_name) {
         notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an unknown variant; it is not confined", symbol);
     }
@@ -2406,7 +2410,8 @@ static int param_layout(CUfunction f, uint16_t *layout, int max, size_t *bytes) 
         if (!(f = function_of_kernel(f))) return -1;
         first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
     }
-    if (first != CUDA_SUCCESS) return 0;
+    if (first == CUDA_ERROR_INVALID_VALUE) return 0; /* index 0 out of range: no parameters */
+    if (first != CUDA_SUCCESS) return -1;
     for (;; n++) {
         if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
         if (n == max || offset > 0xffff || size > 0xffff) return -1;
@@ -2444,13 +2449,15 @@ static const char *copy_kernel_node(CUgraphNode node, unrolled_node *out) {
     if (p.kernelParams) {
         uint16_t layout[2 * HELD_MAX_PARAMS];
         int n = param_layout(out->function, layout, HELD_MAX_PARAMS, &out->arg_bytes);
-        if (n <= 0) return "a kernel node whose parameter layout is unknown";
+        if (n < 0) return "a kernel node whose parameter layout is unknown";
+        if (n == 0) return NULL; /* no parameters */
         if (!(out->args = calloc(1, out->arg_bytes)) || !(out->params = malloc(sizeof(void *) * (size_t)n))) return "out of memory";
         for (int i = 0; i < n; i++) {
             out->params[i] = out->args + layout[2 * i];
             memcpy(out->params[i], p.kernelParams[i], layout[2 * i + 1]);
         }
     } else if (p.extra) {
+        if (out->api == LITHOS_API_LAUNCH_COOPERATIVE) return "a cooperative kernel node with packed arguments";
         void *buffer = NULL;
         size_t *size = NULL;
         for (int i = 0; p.extra[i] != CU_LAUNCH_PARAM_END; i += 2) {
@@ -2540,7 +2547,11 @@ static unrolled_graph *copy_graph(CUgraph graph, const char **why) {
     *why = "the graph has a cycle";
     if (tail != n) goto done;
     *why = "out of memory";
-    if (!(u = calloc(1, sizeof(*u))) || !(u->nodes = calloc(n + 1, sizeof(*u->nodes)))) goto done;
+    if (!(u = calloc(1, sizeof(*u))) || !(u->nodes = calloc(n + 1, sizeof(*u->nodes)))) {
+        free(u);
+        u = NULL;
+        goto done;
+    }
     for (size_t k = 0; k < n; k++) {
         CUgraphNodeType type;
         const char *bad = "a node of unknown type";
@@ -2620,7 +2631,7 @@ static CUresult replay_unrolled(const unrolled_graph *u, const launch_request *r
 
 /* A replay's copy when this slot unrolls graphs now and the stream is not capturing; else NULL. */
 static unrolled_graph *graph_to_unroll(const launch_request *q, const allowance_route *route, CUstream app_stream) {
-    if (!route || route->whole_gpu || !g.copy_graphs) return NULL;
+    if (!route || route->whole_gpu || !__atomic_load_n(&g.copy_graphs, __ATOMIC_ACQUIRE)) return NULL;
     const lithos_slot *me = slot_at_index(g.slot);
     if (!(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_UNROLL_GRAPHS)) return NULL;
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
