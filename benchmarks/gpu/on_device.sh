@@ -32,6 +32,8 @@
 #   borrow-ceiling        the same, 1 trial, without `lending`: what the dispatcher thread alone changes (~2 min)
 #   graph-context  benchmarks/native/graph_context_probe.py (can a graph's kernels move to another green
 #              context without a new capture? ~30 s; no MPS)
+#   leak-probe     benchmarks/native/leak_probe.py (which training kernels run unconfined, on which allowance shapes,
+#              and the shim's reason; ~2 min; no MPS)
 #   graph-nodes    benchmarks/native/graph_nodes_probe.py (what the benchmark's CUDA graphs hold: could the shim
 #              unroll their replays? ~1 min; no MPS)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
@@ -129,6 +131,8 @@ for s in "$@"; do
         --modes own_only,own_held,held,whole_gpu 2>&1 | tail -30 || status=1 ;;
     graph-context)
       timeout 120 python3 benchmarks/native/graph_context_probe.py "$OUT" 2>&1 | tail -15 || status=1 ;;
+    leak-probe)
+      timeout 400 python3 benchmarks/native/leak_probe.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     graph-nodes)
       timeout 200 python3 benchmarks/native/graph_nodes_probe.py "$OUT" 2>&1 | cut -c1-600 | tail -6 || status=1 ;;
     node-tests)
