@@ -22,7 +22,7 @@
 #   colocate-dispatch     colocate-lending with the best-effort job's launches held (--dispatch on, the default)
 #   colocate-decompose    solo, static, static_lc_alone, static_held, lithos, lithos_lc_alone (~6.5 min): the
 #                         services' tail apart from the best-effort job (quota size vs interference)
-#   colocate-loop         solo, static, lithos and lithos_loop (the agent's lending control loop during the phase;
+#   colocate-loop         (COLOCATE_BUDGET_S, default 400 s) solo, static, lithos and lithos_loop (the agent's lending control loop during the phase;
 #                         ~7 min): does "latency-critical borrowers first" change tails and best-effort throughput?
 #   colocate-unroll       graph variant only: solo, static, lithos, lithos_lc_alone, lithos_unroll (~7.5 min): do
 #                         services under CUDA graphs gain when their replays are unrolled so that kernels borrow?
@@ -120,7 +120,7 @@ for s in "$@"; do
     colocate-dispatch) colocate_short dispatch --dispatch on || status=1 ;;
     colocate-decompose)
       colocate_run decompose 380 solo,static,static_lc_alone,static_held,lithos,lithos_lc_alone || status=1 ;;
-    colocate-loop) colocate_run loop 400 solo,static,lithos,lithos_loop || status=1 ;;
+    colocate-loop) colocate_run loop "${COLOCATE_BUDGET_S:-400}" solo,static,lithos,lithos_loop || status=1 ;;
     colocate-unroll)
       colocate_run unroll 400 solo,static,lithos,lithos_lc_alone,lithos_unroll --variants graph || status=1 ;;
     colocate-lc-heavy) colocate_short lc_heavy --dispatch on --lc-groups inference=7,7 --lc-groups hybrid=14 || status=1 ;;
