@@ -60,7 +60,8 @@
  * -------------------------------------------------------------------------------------
  * Written by the agent: per slot lender_mask (bit s set <=> this slot may add slot s's TPCs to a
  * launch while s is idle) and lending_flags (LITHOS_LEND_LOW_PRIORITY: launches that use borrowed
- * TPCs go to a green stream of the least stream priority); table-wide lend_atom_ns,
+ * TPCs go to a green stream of the least stream priority; LITHOS_LEND_UNROLL_GRAPHS: graph replays
+ * are sent kernel by kernel through this rule, native/README.md); table-wide lend_atom_ns,
  * lend_idle_window_ns, lend_unknown_kernel_busy_ns. Each is one aligned word stored atomically;
  * they are not under the allowance seqlock (a lend-list change does not move the allowance
  * generation). Written by each client's shim: its lithos_activity (CLOCK_MONOTONIC ns, read through
