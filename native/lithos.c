@@ -3106,9 +3106,6 @@ EXPORT const char *lithos_client_stub(int index, void **stub, uint64_t *flushes)
     return slot ? slot->name : NULL;
 }
 
-/* For tests and tools: this thread's lending outcomes (the LEND_* counts, in order). Returns the
- * number filled. */
-/* How often a launch asked the driver for a kernel's name and cluster (once per kernel when cached). */
 /* Cycles and passes per launch-path section (PROF_* order) of a LITHOS_PROFILE build; -1 in a normal one. */
 EXPORT int lithos_client_profile(uint64_t *cycles, uint64_t *counts, int max_sections) {
 #ifdef LITHOS_PROFILE
@@ -3127,8 +3124,11 @@ EXPORT int lithos_client_profile(uint64_t *cycles, uint64_t *counts, int max_sec
 EXPORT uint64_t lithos_client_tsc(void) { return __rdtsc(); } /* to convert the profile's cycles to ns */
 #endif
 
+/* How often a launch asked the driver for a kernel's name and cluster (once per kernel when cached). */
 EXPORT uint64_t lithos_client_func_queries(void) { return __atomic_load_n(&func_queries, __ATOMIC_RELAXED); }
 
+/* For tests and tools: this thread's lending outcomes (the LEND_* counts, in order). Returns the
+ * number filled. */
 EXPORT int lithos_client_lending_counts(uint64_t *counts, int max_counts) {
     return copy_counts(counts, max_counts, tls.lending, held.lending, LITHOS_LEND_COUNTS);
 }
