@@ -17,7 +17,8 @@
  * stack, which it checks) log their calls; FAKE_CAPTURING=1 makes every stream of the primary
  * context report an active graph capture. For the graph-unrolling tests: cuGraphInstantiateWithFlags,
  * cuGraphGetNodes/Edges, cuGraphNodeGetType, cuGraphKernelNodeGetParams/Attribute, cuGraphMemsetNodeGetParams
- * of two fixed graphs (below), cuLaunchKernelEx and cuMemsetD32Async. Thread-safe (the shim builds green contexts
+ * of two fixed graphs (below), cuLaunchKernelEx (green contexts refuse clusters of 16 CTAs or more) and
+ * cuMemsetD32Async. Thread-safe (the shim builds green contexts
  * on a thread of its own); the current context is per thread, as in the real driver.
  * Built by `make -C native fake-driver` as build/fake/libcuda.so.1 and found through LD_LIBRARY_PATH
  * (with FAKE_CUDA_QUIET=1 it logs nothing: benchmarks/native/launch_path_cpu.py).
@@ -306,8 +307,11 @@ EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, voi
         if (config->attrs[i].id == CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
             cluster[0] = config->attrs[i].value.clusterDim.x, cluster[1] = config->attrs[i].value.clusterDim.y,
             cluster[2] = config->attrs[i].value.clusterDim.z;
-    logf_("cuLaunchKernelEx %#lx cluster=%u,%u,%u", (unsigned long)(uintptr_t)config->hStream, cluster[0], cluster[1], cluster[2]);
-    return CUDA_SUCCESS;
+    /* clusters of 16 CTAs or more: refused by every green context (8-SM co-scheduled groups at most) */
+    int refused = ctx_of((uintptr_t)config->hStream) != (CUcontext)0x10 && cluster[0] * cluster[1] * cluster[2] >= 16;
+    logf_("cuLaunchKernelEx %#lx cluster=%u,%u,%u%s", (unsigned long)(uintptr_t)config->hStream, cluster[0], cluster[1],
+          cluster[2], refused ? " refused" : "");
+    return refused ? CUDA_ERROR_INVALID_CLUSTER_SIZE : CUDA_SUCCESS;
 }
 
 /* Graphs, for the unrolling tests. Graph 0x6000 lists its nodes out of order:

@@ -753,7 +753,8 @@ EXPORT int64_t lithos_client_allowance(uint64_t tpc_mask[LITHOS_MASK_WORDS]) {
 typedef struct {
     uintptr_t function; /* atomic; 0 = empty */
     uint32_t ready;     /* atomic; 1 once the fields below are filled */
-    uint32_t refused;   /* atomic; once a green context refused it: RETRY_COSCHED or RETRY_WHOLE_GPU (unconfined) */
+    uint32_t refused; /* atomic; REFUSED_COSCHED once the TPC view refused its cluster shape, | ctas << 8: launches with
+                       * clusters of at least that many CTAs run unconfined (one word: func_info's size is on the launch path) */
     uint32_t cluster[3];
     int32_t param_count;    /* kernel parameters (cuFuncGetParamInfo), with LITHOS_DISPATCH only; -1 unknown */
     uint32_t param_bytes;   /* end of the last parameter */
@@ -1430,6 +1431,13 @@ typedef struct {
     int activity_published; /* after_launch done for this launch (not again on a retry) */
 } launch_request;
 enum { RETRY_NONE = 0, RETRY_COSCHED, RETRY_WHOLE_GPU };
+#define REFUSED_COSCHED 1u /* func_info.refused: the TPC view refused its cluster shape */
+
+/* Where a kernel refused before goes now (func_info.refused; off the common path). */
+static __attribute__((noinline)) int retry_of(uint32_t verdict, uint32_t ctas) {
+    if ((verdict >> 8) && ctas >= (verdict >> 8)) return RETRY_WHOLE_GPU;
+    return verdict & REFUSED_COSCHED ? RETRY_COSCHED : RETRY_NONE;
+}
 
 /* Where one launch goes and what the lending rule found (recorded in its launch record). */
 typedef struct {
@@ -2180,13 +2188,12 @@ static held_launch *fifo_tail_locked(void) {
 /* Hold the launch for the dispatcher when it qualifies (see above), or, with a known layout, when
  * launches are held already (kept in order instead of draining the FIFO). Returns 1 when held. */
 static int hold_launch(const launch_request *q, const allowance_route *route, const func_info *info, const func_info *scratch,
-                       int view, CUcontext ctx, CUstream app_stream, const lithos_kernel_key *key) {
+                       int view, int refused, CUcontext ctx, CUstream app_stream, const lithos_kernel_key *key) {
     if (!g.dispatch || tls.is_dispatcher || q->retry || q->per_thread || app_stream == CU_STREAM_PER_THREAD ||
         (q->api != LITHOS_API_LAUNCH_KERNEL && q->api != LITHOS_API_LAUNCH_KERNEL_EX) || !info || info == scratch ||
         !g.activity || !defer_on())
         return 0;
-    int confined = __atomic_load_n(&info->refused, __ATOMIC_RELAXED) != RETRY_WHOLE_GPU && !route->whole_gpu &&
-                   route->views[view].green;
+    int confined = refused != RETRY_WHOLE_GPU && !route->whole_gpu && route->views[view].green;
     if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE)) {
         const lithos_slot *me = slot_at_index(g.slot);
         if (!confined || !my_lender_mask(me) ||
@@ -2722,9 +2729,10 @@ static CUresult route_launch(launch_request *q) {
     cluster_of(q, info, cluster);
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
                              (uint64_t)q->block[0] * q->block[1] * q->block[2]};
-    int refused = q->retry ? q->retry : (int)__atomic_load_n(&info->refused, __ATOMIC_RELAXED);
-    int view = cluster[0] * cluster[1] * cluster[2] > 2 || refused == RETRY_COSCHED ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    if (route && hold_launch(q, route, info, &scratch, view, ctx, app_stream, &key)) return CUDA_SUCCESS;
+    uint32_t ctas = cluster[0] * cluster[1] * cluster[2], verdict = __atomic_load_n(&info->refused, __ATOMIC_RELAXED);
+    int refused = q->retry ? q->retry : __builtin_expect(verdict != 0, 0) ? retry_of(verdict, ctas) : RETRY_NONE;
+    int view = ctas > 2 || refused == RETRY_COSCHED ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
+    if (route && hold_launch(q, route, info, &scratch, view, refused, ctx, app_stream, &key)) return CUDA_SUCCESS;
     if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     lend_choice lend = {.route = route};
@@ -2835,8 +2843,10 @@ static CUresult route_launch(launch_request *q) {
     if (r != CUDA_SUCCESS && view != LITHOS_VIEW_UNCONFINED) {
         /* A cluster shape the TPC view refuses: this and every later launch of the kernel go to the
          * co-scheduled view (whole 8-SM groups of the allowance; unconfined where it holds none).
-         * Any other refusal (e.g. a cooperative grid too large for the allowance), or one in the
-         * co-scheduled view: unconfined from now on. Either way in stream order. */
+         * A refusal in the co-scheduled view (e.g. a 4x4 cluster: 16 CTAs cannot fit an 8-SM group):
+         * this and later launches of the kernel with clusters at least as large run unconfined; any
+         * other refusal (e.g. a cooperative grid too large for the allowance): every later launch of
+         * it. Either way in stream order. */
         int to_cosched = r == CUDA_ERROR_INVALID_CLUSTER_SIZE && view == LITHOS_VIEW_TPC && !route->one_view;
         if (to_cosched)
             notice_once(WARN_RETRY_COSCHED, "kernel %s: the TPC view refused its cluster shape (CUresult %d): it runs in "
@@ -2847,12 +2857,15 @@ static CUresult route_launch(launch_request *q) {
                         cluster[0], cluster[1], cluster[2], view == LITHOS_VIEW_TPC ? "TPC" : "co-scheduled",
                         (unsigned)route->views[view].tpcs, (int)r);
         q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
-        if (info != &scratch) { /* only ever raised: a thread that saw less must not undo a whole-GPU verdict */
-            uint32_t seen = __atomic_load_n(&info->refused, __ATOMIC_RELAXED);
-            while (seen < (uint32_t)q->retry &&
-                   !__atomic_compare_exchange_n(&((func_info *)info)->refused, &seen, (uint32_t)q->retry, 1,
-                                                __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            }
+        if (info != &scratch) { /* the cosched bit only set, the CTA bound only lowered */
+            uint32_t from = r == CUDA_ERROR_INVALID_CLUSTER_SIZE ? (ctas < 0xffffffu ? ctas : 0xffffffu) : 1u;
+            uint32_t seen = __atomic_load_n(&info->refused, __ATOMIC_RELAXED), wanted;
+            do {
+                wanted = to_cosched ? seen | REFUSED_COSCHED
+                         : (seen >> 8) && (seen >> 8) <= from ? seen
+                                                              : (seen & 0xffu) | from << 8;
+            } while (wanted != seen && !__atomic_compare_exchange_n(&((func_info *)info)->refused, &seen, wanted, 1,
+                                                                     __ATOMIC_RELAXED, __ATOMIC_RELAXED));
         }
         if (paired && drv_cuEventRecord(p->green_done, p->green_stream) == CUDA_SUCCESS)
             drv_cuStreamWaitEvent(app_stream, p->green_done, 0); /* keeps a started timing pair (and a run) ordered */

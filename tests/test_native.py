@@ -506,6 +506,36 @@ def test_a_cluster_shape_the_tpc_view_refuses_runs_in_the_cosched_view_inside_th
     assert "(grid 912x1x1, cluster 1x1x1, co-scheduled view of 8 TPCs) failed" in stderr
 
 
+CLUSTER_PRELUDE = """
+class Attr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_uint * 16)]
+class Config(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(Attr)), ("num", ctypes.c_uint)]
+def launch_cluster(function, stream, x, y):   # cuLaunchKernelEx with a cluster-dimension attribute (id 4)
+    attr = Attr(id=4, value=(ctypes.c_uint * 16)(x, y, 1))
+    config = Config((ctypes.c_uint * 3)(64, 1, 1), (ctypes.c_uint * 3)(32, 1, 1), 0, stream, ctypes.pointer(attr), 1)
+    assert lib.cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(function), None, None) == 0
+"""
+
+
+def test_a_cluster_too_large_for_every_view_leaves_the_quota_only_at_that_size(fake_driver, lend_table):
+    """cuDNN's xmma kernels launch one function with 4x4, 2x2 and 2x1 clusters; 16 CTAs fit no 8-SM
+    co-scheduled group (the fake refuses them in every green context). The 4x4 launches run
+    unconfined; the same kernel's smaller clusters stay in their views inside the quota."""
+    lend_table.set_lending(0, [], low_priority=False)
+    lend_table.set_cosched_map([t // 4 for t in range(60)] + [255] * 6)
+    lend_table.set_allowance(0, list(range(10)))
+    lines, stderr = run_fake(LEND_PRELUDE + CLUSTER_PRELUDE + textwrap.dedent("""
+    s = create(1)
+    launch_cluster(0x77, s, 4, 4); launch_cluster(0x77, s, 2, 2); launch_cluster(0x77, s, 2, 1); launch_cluster(0x77, s, 4, 4)
+    """), fake_env(fake_driver, lend_table))
+    records, _ = lend_table.read_launches(0)
+    assert [(tuple(int(c) for c in r["cluster"]), native.VIEW_NAMES[int(r["view"])]) for r in records] == [
+        ((4, 4, 1), "unconfined"), ((2, 2, 1), "cosched"), ((2, 1, 1), "tpc"), ((4, 4, 1), "unconfined")]
+    assert "(grid 64x1x1, cluster 4x4x1, co-scheduled view of 8 TPCs) failed" in stderr
+
+
 def test_a_library_kernel_launched_by_its_cukernel_handle_is_asked_through_its_function(fake_driver, lend_table):
     """The runtime launches library kernels by CUkernel handle (the fake's 0xc2), which cuFuncGetName
     and cuFuncGetAttribute refuse: the shim asks the kernel's CUfunction (0xc1, a required 2x2x1
