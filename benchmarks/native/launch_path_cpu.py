@@ -10,7 +10,10 @@ distinct kernels: warm (launches back to back), cold (8 MiB read between launche
 work between two launches evicts the shim's data) and cold code (also 4 MiB of code run between
 launches, a jump per cache line, evicting the shim's instructions as a framework's code does).
 Allowances: every TPC (whole GPU: the program's own streams) and every co-scheduled group (green
-streams; the default stream pairs).
+streams; the default stream pairs). Last, unrolled graph replays (graph/unrolled/*): the fake driver's
+graph of 4 kernels and a memset, replayed on a created stream by a client on every co-scheduled group
+with LITHOS_LEND_UNROLL_GRAPHS and an idle lender of the other 6 TPCs, against the plain replay with
+the shim bypassed: per replay, so the per-node cost is a fifth of it.
 
 These are CPU figures, a regression guard for the launch path; the GPU figures are overhead.py's.
 Writes OUT_DIR/launch_path_cpu.json when OUT_DIR is given; prints a table.
@@ -51,7 +54,8 @@ def build(work: str) -> str:
 
 
 def run_case(binary: str, env: dict, stream: str, caches: str, launches: int) -> dict:
-    command = [binary, str(KERNELS), str(launches), str(0 if caches == "warm" else COLD_BYTES), stream,
+    command = [binary, str(KERNELS), str(launches), str(0 if caches == "warm" else COLD_BYTES),
+               "graph" if stream == "unrolled" else stream,
                str(CODE_BYTES if caches == "cold_code" else 0)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -77,13 +81,18 @@ def main(argv=None) -> int:
     allowances = {"whole_gpu": list(range(len(COSCHED_MAP))),
                   "groups": sorted(t for tpcs in table.cosched_groups().values() for t in tpcs)}
     cases = {}
+    unrolled_slot, lender_slot = len(allowances), len(allowances) + 1
+    runs_of = [(slot, allowance, tpcs, STREAMS) for slot, (allowance, tpcs) in enumerate(allowances.items())]
+    runs_of.append((unrolled_slot, "graph", allowances["groups"], ("unrolled",)))
+    table.set_allowance(lender_slot, [t for t in range(len(COSCHED_MAP)) if t not in allowances["groups"]])
     try:
-        for slot, (allowance, tpcs) in enumerate(allowances.items()):
+        for slot, allowance, tpcs, streams in runs_of:
             table.set_allowance(slot, tpcs)
-            table.set_lending(slot, [], low_priority=False)
+            table.set_lending(slot, [lender_slot] if allowance == "graph" else [], low_priority=False,
+                              unroll_graphs=allowance == "graph")
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("LITHOS_")},
                    **native.client_env(table.path, slot), "LD_LIBRARY_PATH": FAKE_DRIVER_DIR, "FAKE_CUDA_QUIET": "1"}
-            for stream in STREAMS:
+            for stream in streams:
                 for caches in CACHES:
                     launches = args.launches if caches == "warm" else max(512, args.launches // 4)
                     runs = [run_case(binary, env, stream, caches, launches) for _ in range(args.repeat)]
@@ -92,7 +101,8 @@ def main(argv=None) -> int:
                     cases[name] = {"added_median_ns": float(np.median(added)), "added_per_run_ns": added,
                                    "bypass_median_ns": float(np.median([r["bypass_median_ns"] for r in runs])),
                                    "shim_p99_ns": float(np.median([r["shim_p99_ns"] for r in runs]))}
-                    print(f"{name:28s} shim adds {cases[name]['added_median_ns']:6.0f} ns per launch "
+                    per = "per replay of 5 nodes" if allowance == "graph" else "per launch"
+                    print(f"{name:28s} shim adds {cases[name]['added_median_ns']:6.0f} ns {per} "
                           f"(runs {min(added)}..{max(added)}; bypassed launch {cases[name]['bypass_median_ns']:.0f} ns)",
                           flush=True)
     finally:
