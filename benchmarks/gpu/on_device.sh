@@ -53,9 +53,9 @@
 #   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
-#   After 364720c (refused cluster kernels kept in the quota; not yet GPU-run): carry [.whl, proto stubs]
-#   ... setup gpu-tests dispatch graph-context graph-nodes (~6 min), then ... colocate-decompose (its lending
-#   lines count unconfined launches), then ... colocate-loop, then the full comparison (colocate).
+#   Next (b187ff3 is not GPU-run: a kernel refused for its cluster size leaves the quota only at that size):
+#   carry [.whl, proto stubs] ... setup gpu-tests leak-probe (~3 min; leak_probe.json should list only 4x4x1
+#   launches), then ... colocate-loop (never run), then the full comparison (colocate).
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
