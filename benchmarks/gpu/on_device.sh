@@ -95,7 +95,7 @@ for s in "$@"; do
       timeout 150 python3 -m pytest -v -rs tests/test_native_gpu.py 2>&1 | tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1
       timeout 390 python3 benchmarks/native/overhead.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     gpu-tests)
-      timeout 150 python3 -m pytest -v -s -rs tests/test_native_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 |
+      timeout 220 python3 -m pytest -v -s -rs tests/test_native_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} 2>&1 |
         tee "$OUT/native_gpu_tests.txt" | tail -15 || status=1 ;;
     profile)
       timeout 240 python3 benchmarks/native/overhead.py "$OUT" --profile 2>&1 | tail -60 || status=1 ;;
