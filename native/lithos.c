@@ -1435,7 +1435,7 @@ enum { RETRY_NONE = 0, RETRY_COSCHED, RETRY_WHOLE_GPU };
 
 /* Where a kernel refused before goes now (func_info.refused; off the common path). */
 static __attribute__((noinline)) int retry_of(uint32_t verdict, uint32_t ctas) {
-    if ((verdict >> 8) && ctas >= (verdict >> 8)) return RETRY_WHOLE_GPU;
+    if ((verdict >> 8) && (ctas ? ctas : 1u) >= (verdict >> 8)) return RETRY_WHOLE_GPU;
     return verdict & REFUSED_COSCHED ? RETRY_COSCHED : RETRY_NONE;
 }
 
@@ -2853,12 +2853,13 @@ static CUresult route_launch(launch_request *q) {
                         "the co-scheduled view from now on (unconfined where the allowance holds no whole group)", info->name, (int)r);
         else
             notice_once(WARN_RETRY, "kernel %s (grid %ux%ux%u, cluster %ux%ux%u, %s view of %u TPCs) failed in its green "
-                        "context (CUresult %d): it runs unconfined from now on", info->name, q->grid[0], q->grid[1], q->grid[2],
+                        "context (CUresult %d): %s run unconfined from now on", info->name, q->grid[0], q->grid[1], q->grid[2],
                         cluster[0], cluster[1], cluster[2], view == LITHOS_VIEW_TPC ? "TPC" : "co-scheduled",
-                        (unsigned)route->views[view].tpcs, (int)r);
+                        (unsigned)route->views[view].tpcs, (int)r,
+                        r == CUDA_ERROR_INVALID_CLUSTER_SIZE ? "its launches with clusters this large or larger" : "all its launches");
         q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
         if (info != &scratch) { /* the cosched bit only set, the CTA bound only lowered */
-            uint32_t from = r == CUDA_ERROR_INVALID_CLUSTER_SIZE ? (ctas < 0xffffffu ? ctas : 0xffffffu) : 1u;
+            uint32_t from = r != CUDA_ERROR_INVALID_CLUSTER_SIZE || !ctas ? 1u : ctas < 0xffffffu ? ctas : 0xffffffu;
             uint32_t seen = __atomic_load_n(&info->refused, __ATOMIC_RELAXED), wanted;
             do {
                 wanted = to_cosched ? seen | REFUSED_COSCHED

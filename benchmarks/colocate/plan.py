@@ -42,7 +42,8 @@ SYSTEM_HELP = {
     "lithos_lc_alone": "lithos with the best-effort job idle: what borrowing its idle TPCs gives back to the services "
                        "(an ablation)",
     "lithos_unroll": "lithos with every borrower's CUDA-graph replays sent kernel by kernel (LITHOS_LEND_UNROLL_GRAPHS), "
-                     "so that a graph service's kernels may borrow within the atom (an ablation until measured)",
+                     "so that a graph service's kernels may borrow within the atom (an ablation: it made graph tails "
+                     "worse at 88a6537, docs/SCHEDULER.md)",
 }
 VARIANTS = ("eager", "graph")
 
