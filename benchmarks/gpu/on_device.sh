@@ -34,6 +34,8 @@
 #              context without a new capture? ~30 s; no MPS)
 #   leak-probe     benchmarks/native/leak_probe.py (which training kernels run unconfined, on which allowance shapes,
 #              and the shim's reason; ~2 min; no MPS)
+#   wide-cluster   benchmarks/native/wide_cluster_probe.py (can a 16-CTA cluster of one CTA per SM run inside a green
+#              context of 16-SM co-scheduled groups? which 8-SM groups lie in each; ~20 s; no MPS)
 #   graph-nodes    benchmarks/native/graph_nodes_probe.py (what the benchmark's CUDA graphs hold: could the shim
 #              unroll their replays? ~1 min; no MPS)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
@@ -54,8 +56,9 @@
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
 #   Next (b187ff3 is not GPU-run: a kernel refused for its cluster size leaves the quota only at that size):
-#   carry [.whl, proto stubs] ... setup gpu-tests leak-probe (~3 min; leak_probe.json should list only 4x4x1
-#   launches), then ... colocate-loop (never run), then the full comparison (colocate).
+#   carry [.whl, proto stubs] ... setup gpu-tests leak-probe wide-cluster (~3.5 min; leak_probe.json should list
+#   only 4x4x1 launches; wide_cluster_probe.json says whether a 16-SM view could hold them), then ... colocate-loop
+#   (never run), then the full comparison (colocate).
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
@@ -133,6 +136,8 @@ for s in "$@"; do
       timeout 120 python3 benchmarks/native/graph_context_probe.py "$OUT" 2>&1 | tail -15 || status=1 ;;
     leak-probe)
       timeout 400 python3 benchmarks/native/leak_probe.py "$OUT" 2>&1 | tail -20 || status=1 ;;
+    wide-cluster)
+      timeout 120 python3 benchmarks/native/wide_cluster_probe.py "$OUT" 2>&1 | tail -30 || status=1 ;;
     graph-nodes)
       timeout 200 python3 benchmarks/native/graph_nodes_probe.py "$OUT" 2>&1 | cut -c1-600 | tail -6 || status=1 ;;
     node-tests)
