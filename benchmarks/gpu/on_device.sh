@@ -13,6 +13,8 @@
 #   overhead-ab  benchmarks/native/overhead.py --in-process-only (launch and step A/B in one process, ~2 min)
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
+#   interference-graph  the same, a CUDA-graph BERT next to a matmul, a memory-bound copy loop and the benchmark's
+#              ResNet-50 training step (~1.5 min): which neighbour slows a graph service on TPCs of its own?
 #   colocate   lithos-ray bench colocate, all systems (COLOCATE_BUDGET_S, default 500 s; ~9 minutes)
 #   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes), lending decided at launch
 #                     time (--dispatch off, the default until 3ff5789)
@@ -56,9 +58,9 @@
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
 #   Next (b187ff3 is not GPU-run: a kernel refused for its cluster size leaves the quota only at that size):
-#   carry [.whl, proto stubs] ... setup gpu-tests leak-probe wide-cluster (~3.5 min; leak_probe.json should list
-#   only 4x4x1 launches; wide_cluster_probe.json says whether a 16-SM view could hold them), then ... colocate-loop
-#   (never run), then the full comparison (colocate).
+#   carry [.whl, proto stubs] ... setup gpu-tests leak-probe wide-cluster interference-graph (~5 min; leak_probe.json
+#   should list only 4x4x1 launches; wide_cluster_probe.json says whether a 16-SM view could hold them), then
+#   ... colocate-loop (never run), then the full comparison (colocate).
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
@@ -108,6 +110,9 @@ for s in "$@"; do
       timeout 200 python3 benchmarks/native/launch_path_cpu.py "$OUT" --repeat 3 2>&1 | tail -14 || status=1 ;;
     interference)
       timeout 240 python3 benchmarks/native/interference.py "$OUT" 2>&1 | cut -c1-400 | tail -12 || status=1 ;;
+    interference-graph)
+      timeout 200 python3 benchmarks/native/interference.py "$OUT" \
+        lc_solo_graph,lc_graph_be8192,lc_graph_be_membw,lc_graph_be_resnet50_train 2>&1 | cut -c1-400 | tail -8 || status=1 ;;
     correctness)
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)

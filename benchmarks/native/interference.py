@@ -1,7 +1,10 @@
 """Why a latency-critical BERT slows next to a best-effort matmul job on disjoint TPCs (the Serve
 example on the H100: 5 ms solo, ~60 ms with the training task running). Under MPS, one process at a
 time each: a BERT-base request loop (fp16, batch 1, seq 128, synchronised per request) on 16 TPCs,
-next to a bf16 matmul loop on 28 other TPCs, in several configurations.
+next to a bf16 matmul loop on 28 other TPCs, in several configurations. The *_graph cases replay the
+request as a CUDA graph, and set the matmul job against a memory-bound one (a 1 GiB copy loop) and
+the co-location benchmark's ResNet-50 training step, on the same 28 TPCs: which kind of neighbour
+slows a graph service on TPCs of its own (compute, memory bandwidth, or both)?
 
 usage: python benchmarks/native/interference.py OUT_DIR [CASE,CASE...]   (GPU machine; default every case)
        python benchmarks/native/interference.py --plot JSON  (redraws JSON's plot beside it)
@@ -25,15 +28,25 @@ LC_CODE = r"""
 import json, sys, threading, time, torch
 from lithos_ray.native import thread_shim_counts
 stream_kind, requests, new_thread, gap_s = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4]) / 1000
+graph_mode = len(sys.argv) > 5 and sys.argv[5] == "graph"
 layer = torch.nn.TransformerEncoderLayer(768, 12, 3072, batch_first=True)
 model = torch.nn.TransformerEncoder(layer, 12).cuda().half().eval()
 x = torch.randn(1, 128, 768, device="cuda", dtype=torch.half)
-stream = torch.cuda.Stream() if stream_kind == "created" else torch.cuda.current_stream()
+stream = torch.cuda.Stream() if stream_kind == "created" or graph_mode else torch.cuda.current_stream()
+forward = lambda: model(x)
+if graph_mode:   # the request as one CUDA graph replay, as the co-location benchmark's graph variant
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3): model(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+        model(x)
+    forward = graph.replay
 ms, enqueue_ms, counts = [], [], {}
 def request(i):   # one forward; enqueue = until the forward returns (the launches), the rest waits for the GPU
     with torch.no_grad(), torch.cuda.stream(stream):
         t = time.perf_counter()
-        model(x)
+        forward()
         queued = time.perf_counter()
         stream.synchronize()
         if i >= 20:
@@ -50,38 +63,49 @@ for i in range(20 + requests):
     time.sleep(gap_s)
 ms.sort()
 enqueue_ms.sort()
-print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], "enqueue_p50_ms": enqueue_ms[len(ms) // 2],
-                  **counts}))
+print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], "p99_ms": ms[int(len(ms) * 0.99)],
+                  "enqueue_p50_ms": enqueue_ms[len(ms) // 2], **counts}))
 """
 
 BE_CODE = r"""
 import json, signal, sys, time, torch
 from lithos_ray.native import thread_shim_counts
-n = int(sys.argv[1])
-a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-for _ in range(3): a @ a
+kind = sys.argv[1]   # an int n: n x n bf16 matmuls; "membw": a 1 GiB copy; "resnet50_train": the benchmark's training step
+if kind == "membw":
+    a, b = torch.empty(1 << 29, device="cuda", dtype=torch.half), torch.empty(1 << 29, device="cuda", dtype=torch.half)
+    work = lambda: b.copy_(a)
+elif kind == "resnet50_train":
+    sys.path.insert(0, sys.argv[2])
+    from benchmarks.colocate.models import build_training
+    work, _ = build_training("resnet50_train", 64, 0)
+else:
+    a = torch.randn(int(kind), int(kind), device="cuda", dtype=torch.bfloat16)
+    work = lambda: a @ a
+for _ in range(3): work()
 torch.cuda.synchronize()
 steps, start = 0, time.monotonic()
 def report(*_):
-    print(json.dumps({"matmuls_per_s": steps / (time.monotonic() - start),
+    print(json.dumps({"steps_per_s": steps / (time.monotonic() - start),
                       **thread_shim_counts()}), flush=True)
     sys.exit(0)
 signal.signal(signal.SIGTERM, report)
 print("ready", flush=True)
 while True:
-    for _ in range(4): a @ a
+    for _ in range(4): work()
     torch.cuda.synchronize()
     steps += 4
 """
 
-def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new_thread=False, gap_ms=0):
-    """stream: the LC's ("legacy" = default stream, "created"); be_size: the BE matmul (None: no BE
+def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new_thread=False, gap_ms=0, lc_mode="eager"):
+    """stream: the LC's ("legacy" = default stream, "created"); be_size: the BE job, an n x n bf16 matmul,
+    "membw" (a 1 GiB copy loop) or "resnet50_train" (the co-location benchmark's, batch 64) (None: no BE
     job); lc_count 2: a second BERT on 16 more TPCs, as in the Serve example; borrowers: "" nobody,
     "all", "lc" or "be", with lend lists as the agent's lending loop sets them (each LC may borrow from
     the other LC and the BE job; the BE job, low priority, from both LCs); new_thread: each request
-    in a fresh thread; gap_ms: idle time after each request."""
+    in a fresh thread; gap_ms: idle time after each request; lc_mode "graph": the request is one CUDA
+    graph replay (on a created stream)."""
     return dict(stream=stream, be_size=be_size, shim=shim, lc_count=lc_count, borrowers=borrowers,
-                new_thread=new_thread, gap_ms=gap_ms)
+                new_thread=new_thread, gap_ms=gap_ms, lc_mode=lc_mode)
 
 
 # (A busy Python thread in the LC process, run at 61b50f4, costs 124-132 ms per request whatever
@@ -100,6 +124,10 @@ CASES = {
     "no_shim_lc_legacy_be8192_thread_per_request": case(shim=False, new_thread=True),
     "lc_legacy_be8192_gap25ms": case(gap_ms=25),
     "lc_legacy_be8192_thread_per_request_gap25ms": case(new_thread=True, gap_ms=25),
+    "lc_solo_graph": case(be_size=None, lc_mode="graph"),
+    "lc_graph_be8192": case(lc_mode="graph"),
+    "lc_graph_be_membw": case(be_size="membw", lc_mode="graph"),
+    "lc_graph_be_resnet50_train": case(be_size="resnet50_train", lc_mode="graph"),
 }
 
 
@@ -131,11 +159,12 @@ def main(out_dir, only=None):
             be_env = env_for(1)
             be = None
             if be_size:
-                be = subprocess.Popen([sys.executable, "-c", BE_CODE, str(be_size)], env=be_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+                be = subprocess.Popen([sys.executable, "-c", BE_CODE, str(be_size), os.path.join(HERE, "..", "..")],
+                                      env=be_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 assert be.stdout.readline().strip() == "ready", be.stderr.read()
             start = time.monotonic()
-            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), str(int(c["new_thread"])), str(c["gap_ms"])]
+            lc_args = [sys.executable, "-c", LC_CODE, stream_kind, str(REQUESTS), str(int(c["new_thread"])), str(c["gap_ms"]),
+                       c["lc_mode"]]
             second = (subprocess.Popen(lc_args, env=lc2_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                       if lc_count == 2 else None)
             lc = subprocess.run(lc_args, env=lc_env, capture_output=True, text=True, timeout=240)
@@ -161,7 +190,8 @@ def main(out_dir, only=None):
     payload = {**metadata(" ".join(["python benchmarks/native/interference.py", out_dir] + ([",".join(only)] if only else []))),
                "lc": f"BERT-base fp16 batch 1 seq 128 (nn.TransformerEncoder), {REQUESTS} requests, TPCs {lc_tpcs} "
                      f"(a second one, in two_lc cases: slot 2, co-scheduled groups 11-14)",
-               "be": f"bf16 square matmuls, 4 per synchronize, TPCs {be_tpcs}", "mps": True, "results": results}
+               "be": f"bf16 square matmuls (or a 1 GiB copy, or a ResNet-50 training step where a case says so), 4 per "
+                     f"synchronize, TPCs {be_tpcs}", "mps": True, "results": results}
     write_json(os.path.join(out_dir, stem + ".json"), payload)
     plot(payload, os.path.join(out_dir, stem + ".png"))
 
