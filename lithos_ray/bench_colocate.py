@@ -74,10 +74,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="when best-effort borrowers pace their queue (LITHOS_LEND_PACE): off (default, as the "
                              "shim: a borrower whose queue is too deep keeps its own TPCs), while a lender is idle, or "
                              "always (so the queue is shallow before a lender goes idle)")
-    parser.add_argument("--dispatch", choices=("off", "on"), default="on",
+    parser.add_argument("--dispatch", choices=("off", "on", "all"), default="on",
                         help="hold the best-effort job's launches for the shim's dispatcher thread, which sends each "
                              "when the queue ahead of it is shallow, so it may borrow (LITHOS_DISPATCH; default on, "
-                             "as the shim; off: lithos decides at launch time)")
+                             "as the shim; off: lithos decides at launch time; all: the services' launches too, e.g. "
+                             "with lithos_unroll, so that an unrolled replay's kernels are not all queued at once)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrival schedules (default 0)")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help=f"where results go (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--tag", default=None, help="file names colocate_<tag>.json/.png (default: the mixes)")

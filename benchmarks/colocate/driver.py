@@ -30,7 +30,7 @@ REPLY_MARGIN_S = 60.0
 RING_POLL_S = 0.02
 ACTIVITY_POLL_S = 0.001
 LEND_PACE_ENV = {"idle": "1", "always": "always", "off": "0"}   # --lend-pace -> LITHOS_LEND_PACE
-DISPATCH_ENV = {"off": "0", "on": "1"}   # --dispatch -> LITHOS_DISPATCH
+DISPATCH_ENV = {"off": "0", "on": "1", "all": "all"}   # --dispatch -> LITHOS_DISPATCH
 OVERRUN_FACTOR = 1.15   # phases still due after budget_s x this are skipped (the device call must end)
 
 
