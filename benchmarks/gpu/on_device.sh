@@ -60,7 +60,9 @@
 #   Next (b187ff3 is not GPU-run: a kernel refused for its cluster size leaves the quota only at that size):
 #   carry [.whl, proto stubs] ... setup gpu-tests leak-probe wide-cluster interference-graph (~5 min; leak_probe.json
 #   should list only 4x4x1 launches; wide_cluster_probe.json says whether a 16-SM view could hold them), then
-#   ... colocate-loop (never run), then the full comparison (colocate).
+#   ... colocate-loop (never run), then the full comparison (colocate). Unrolling with held launches (not yet run):
+#   colocate_run by hand, e.g. python3 -m benchmarks.colocate --systems solo,lithos,lithos_unroll --variants graph
+#   --dispatch all --trials 2 --budget-s 300 --out-dir "$OUT".
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
