@@ -686,6 +686,15 @@ EXPORT void *dlsym(void *handle, const char *symbol) {
     return rd(handle, symbol);
 }
 
+/* The hooks that change or destroy executable graphs (their copies for unrolled replays follow them). */
+static int changes_graphs(const void *hook) {
+    const void *changing[] = {(void *)cuGraphExecDestroy, (void *)cuGraphExecUpdate_v2, (void *)cuGraphExecKernelNodeSetParams_v2,
+                              (void *)cuGraphExecMemsetNodeSetParams, (void *)cuGraphExecNodeSetParams, (void *)cuGraphNodeSetEnabled};
+    for (size_t i = 0; i < sizeof(changing) / sizeof(changing[0]); i++)
+        if (hook == changing[i]) return 1;
+    return 0;
+}
+
 /* Swap a driver pointer the runtime asked for by name for our hook of the same function, or for a
  * stub that pays owed joins (every other name but those of lithos_nojoin.h). */
 static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
@@ -708,7 +717,7 @@ static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
         *by_name->real = *pfn;
         *pfn = by_name->hook;
         return;
-    } else if (by_name && strncmp(symbol, "cuGraph", 7) == 0) {
+    } else if (by_name && changes_graphs(by_name->hook)) {
         /* an older version of a call that changes executable graphs: copies could go stale */
         __atomic_store_n(&g.copy_graphs, 0, __ATOMIC_RELEASE);
         notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an older version: graph replays are never unrolled", symbol);
@@ -773,21 +782,36 @@ static CUfunction function_of_kernel(CUfunction f) {
 }
 
 #define HELD_MAX_PARAMS 256
-/* The parameter layout a held launch copies its arguments by (-1: none known, never held). A kernel
- * with no parameter found is never held (nothing tells "none" apart from "not known" safely). */
-static void query_params(CUfunction f, func_info *out) {
-    uint16_t layout[2 * HELD_MAX_PARAMS];
-    size_t offset, size, bytes = 0;
+/* The parameter layout of f, or of the function of CUkernel f: (offset, size) pairs into layout, the
+ * end of the last parameter into *bytes. Returns the count (0: the kernel takes none), -1 when f
+ * cannot be asked or has more than max. */
+static int param_layout(CUfunction f, uint16_t *layout, int max, size_t *bytes) {
+    size_t offset, size;
     int n = 0;
-    out->param_count = -1;
-    if (drv_cuFuncGetParamInfo(f, 0, &offset, &size) != CUDA_SUCCESS && !(f = function_of_kernel(f))) return;
+    *bytes = 0;
+    if (!drv_cuFuncGetParamInfo) return -1;
+    CUresult first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
+    CUfunction from_kernel = first == CUDA_SUCCESS ? NULL : function_of_kernel(f);
+    if (from_kernel) first = drv_cuFuncGetParamInfo(f = from_kernel, 0, &offset, &size);
+    if (first == CUDA_ERROR_INVALID_VALUE) return 0; /* index 0 out of range: no parameters */
+    if (first != CUDA_SUCCESS) return -1;
     for (;; n++) {
         if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
-        if (n == HELD_MAX_PARAMS || offset > 0xffff || size > 0xffff) return;
+        if (n == max || offset > 0xffff || size > 0xffff) return -1;
         layout[2 * n] = (uint16_t)offset, layout[2 * n + 1] = (uint16_t)size;
-        if (offset + size > bytes) bytes = offset + size;
+        if (offset + size > *bytes) *bytes = offset + size;
     }
-    if (!n || !(out->param_layout = malloc(sizeof(uint16_t) * 2 * (size_t)n))) return;
+    return n;
+}
+
+/* The parameter layout a held launch copies its arguments by (-1: none known, never held). A kernel
+ * with no parameter is never held (its launch has nothing to copy, and holding buys nothing). */
+static void query_params(CUfunction f, func_info *out) {
+    uint16_t layout[2 * HELD_MAX_PARAMS];
+    size_t bytes;
+    out->param_count = -1;
+    int n = param_layout(f, layout, HELD_MAX_PARAMS, &bytes);
+    if (n <= 0 || !(out->param_layout = malloc(sizeof(uint16_t) * 2 * (size_t)n))) return;
     memcpy(out->param_layout, layout, sizeof(uint16_t) * 2 * (size_t)n);
     out->param_bytes = (uint32_t)bytes;
     out->param_count = n;
@@ -1432,6 +1456,21 @@ typedef struct {
 } launch_request;
 enum { RETRY_NONE = 0, RETRY_COSCHED, RETRY_WHOLE_GPU };
 #define REFUSED_COSCHED 1u /* func_info.refused: the TPC view refused its cluster shape */
+
+/* The packed argument buffer of a launch's `extra` (CU_LAUNCH_PARAM_BUFFER_POINTER and _SIZE): 1 with
+ * *buffer and *bytes set, 0 when extra holds anything else or lacks either. */
+static int packed_args(void **extra, const void **buffer, size_t *bytes) {
+    *buffer = NULL;
+    const size_t *size = NULL;
+    for (void **e = extra; *e != CU_LAUNCH_PARAM_END; e += 2) {
+        if (*e == CU_LAUNCH_PARAM_BUFFER_POINTER) *buffer = e[1];
+        else if (*e == CU_LAUNCH_PARAM_BUFFER_SIZE) size = e[1];
+        else return 0;
+    }
+    if (!*buffer || !size) return 0;
+    *bytes = *size;
+    return 1;
+}
 
 /* Where a kernel refused before goes now (func_info.refused; off the common path). */
 static __attribute__((noinline)) int retry_of(uint32_t verdict, uint32_t ctas) {
@@ -2215,13 +2254,7 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
     const void *packed = NULL;
     size_t bytes = info->param_bytes;
     if (!q->params && q->extra) { /* only the packed-buffer form */
-        bytes = 0;
-        for (void **e = q->extra; *e != CU_LAUNCH_PARAM_END; e += 2) {
-            if (*e == CU_LAUNCH_PARAM_BUFFER_POINTER) packed = e[1];
-            else if (*e == CU_LAUNCH_PARAM_BUFFER_SIZE) bytes = *(const size_t *)e[1];
-            else return 0;
-        }
-        if (!packed) return 0;
+        if (!packed_args(q->extra, &packed, &bytes)) return 0;
     } else if (!q->params) {
         return 0;
     }
@@ -2405,29 +2438,6 @@ static void release_graph(unrolled_graph *u) {
     if (last) free_unrolled(u);
 }
 
-/* The parameter layout of f (or of the function of CUkernel f): offsets and sizes into layout, the
- * end of the last parameter into *bytes. Returns the count (0: none found), -1 when f cannot be asked. */
-static int param_layout(CUfunction f, uint16_t *layout, int max, size_t *bytes) {
-    size_t offset, size;
-    int n = 0;
-    *bytes = 0;
-    if (!drv_cuFuncGetParamInfo) return -1;
-    CUresult first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
-    if (first == CUDA_ERROR_INVALID_HANDLE || first == CUDA_ERROR_INVALID_CONTEXT) {
-        if (!(f = function_of_kernel(f))) return -1;
-        first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
-    }
-    if (first == CUDA_ERROR_INVALID_VALUE) return 0; /* index 0 out of range: no parameters */
-    if (first != CUDA_SUCCESS) return -1;
-    for (;; n++) {
-        if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
-        if (n == max || offset > 0xffff || size > 0xffff) return -1;
-        layout[2 * n] = (uint16_t)offset, layout[2 * n + 1] = (uint16_t)size;
-        if (offset + size > *bytes) *bytes = offset + size;
-    }
-    return n;
-}
-
 /* Copies one kernel node; NULL on success, else why not. */
 static const char *copy_kernel_node(CUgraphNode node, unrolled_node *out) {
     CUDA_KERNEL_NODE_PARAMS p;
@@ -2465,15 +2475,8 @@ static const char *copy_kernel_node(CUgraphNode node, unrolled_node *out) {
         }
     } else if (p.extra) {
         if (out->api == LITHOS_API_LAUNCH_COOPERATIVE) return "a cooperative kernel node with packed arguments";
-        void *buffer = NULL;
-        size_t *size = NULL;
-        for (int i = 0; p.extra[i] != CU_LAUNCH_PARAM_END; i += 2) {
-            if (p.extra[i] == CU_LAUNCH_PARAM_BUFFER_POINTER) buffer = p.extra[i + 1];
-            else if (p.extra[i] == CU_LAUNCH_PARAM_BUFFER_SIZE) size = p.extra[i + 1];
-            else return "a kernel node with an unknown launch option";
-        }
-        if (!buffer || !size) return "a kernel node with an incomplete packed argument buffer";
-        out->arg_bytes = *size;
+        const void *buffer;
+        if (!packed_args(p.extra, &buffer, &out->arg_bytes)) return "a kernel node with launch options other than a packed buffer";
         if (!(out->args = malloc(out->arg_bytes ? out->arg_bytes : 1))) return "out of memory";
         memcpy(out->args, buffer, out->arg_bytes);
         out->extra[0] = CU_LAUNCH_PARAM_BUFFER_POINTER, out->extra[1] = out->args;
@@ -2648,28 +2651,20 @@ static unrolled_graph *graph_to_unroll(const launch_request *q, const allowance_
     return u;
 }
 
-EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
-    ensure_init();
-    if (!real_cuGraphInstantiateWithFlags) return CUDA_ERROR_NOT_FOUND;
-    drain_held_launches(0); /* as the stubs: an upload may enqueue */
-    flush_if_pending();
-    CUresult r = real_cuGraphInstantiateWithFlags(exec, graph, flags);
-    if (r == CUDA_SUCCESS && exec) remember_graph(*exec, graph);
-    return r;
-}
-
-#define INSTANTIATE_WITH_PARAMS_HOOK(name)                                                                             \
-    EXPORT CUresult name(CUgraphExec *exec, CUgraph graph, CUDA_GRAPH_INSTANTIATE_PARAMS *params) {                   \
+/* Instantiations: held launches and owed joins first, as the stubs do (an upload may enqueue). */
+#define INSTANTIATE_HOOK(name, options_type)                                                                           \
+    EXPORT CUresult name(CUgraphExec *exec, CUgraph graph, options_type options) {                                    \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
         drain_held_launches(0);                                                                                        \
         flush_if_pending();                                                                                            \
-        CUresult r = real_##name(exec, graph, params);                                                                 \
+        CUresult r = real_##name(exec, graph, options);                                                                \
         if (r == CUDA_SUCCESS && exec) remember_graph(*exec, graph);                                                   \
         return r;                                                                                                      \
     }
-INSTANTIATE_WITH_PARAMS_HOOK(cuGraphInstantiateWithParams)
-INSTANTIATE_WITH_PARAMS_HOOK(cuGraphInstantiateWithParams_ptsz)
+INSTANTIATE_HOOK(cuGraphInstantiateWithFlags, unsigned long long)
+INSTANTIATE_HOOK(cuGraphInstantiateWithParams, CUDA_GRAPH_INSTANTIATE_PARAMS *)
+INSTANTIATE_HOOK(cuGraphInstantiateWithParams_ptsz, CUDA_GRAPH_INSTANTIATE_PARAMS *)
 
 EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
     ensure_init();
