@@ -560,33 +560,17 @@ def test_unrolled_graph_replays_give_the_same_results_and_their_kernels_borrow(t
           f"same digest as whole replays: {unrolled['digest'] == whole['digest']}")
 
 
-TRAINING_STEP_PROGRAM = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from benchmarks.colocate.models import build_training
-step, _ = build_training("resnet50_train", 64, 0)
-for _ in range(3):
-    step()
-torch.cuda.synchronize()
-print("ok")
-"""
-
-
 def test_a_training_step_leaves_its_quota_only_for_clusters_no_co_scheduled_group_holds(table):
     """A ResNet-50 training step (bf16, cuDNN) on 3 whole co-scheduled groups plus the 6 TPCs in no
     group (the co-location benchmark's best-effort quota): cuDNN's xmma convolution kernels launch with
     4x4x1 clusters (16 CTAs, one per SM), which no 8-SM group holds, so those run on the whole GPU; the
     same kernels' smaller clusters, and every other launch, stay inside the quota."""
-    groups = list(table.cosched_groups().values())
-    outside = [t for t, g in enumerate(table.cosched_map()) if g == 255]
-    table.set_allowance(9, sorted([t for g in groups[12:15] for t in g] + outside))
-    start = native.LaunchRing(native.ring_path(table.path, 9)).head()
-    proc = subprocess.run([sys.executable, "-c", TRAINING_STEP_PROGRAM, str(ROOT)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **native.client_env(table.path, 9), "LITHOS_SAMPLE_EVERY": "0"})
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-    records, _ = table.read_launches(9, since_index=start)
-    unconfined = [r for r in records if native.VIEW_NAMES[int(r["view"])] == "unconfined"]
-    assert len(records) > 1000
-    assert all(int(np.prod(r["cluster"])) >= 16 for r in unconfined), \
-        sorted({(bytes(r["kernel_name"]).decode(), tuple(int(c) for c in r["cluster"])) for r in unconfined})
-    print(f"training step: {len(unconfined)} of {len(records)} launches unconfined, all with 16-CTA clusters")
+    from benchmarks.native import leak_probe
+    result = leak_probe.run_case(table, 9, leak_probe.allowances(table)["be_quota_3_groups_and_6_outside"],
+                                 leak_probe.WORKLOADS[0], steps=3)
+    assert result["ok"], result["stderr_tail"]
+    unconfined = result["unconfined"]
+    assert result["launches"] > 1000
+    assert all(int(np.prod(u["cluster"])) >= 16 for u in unconfined), unconfined
+    print(f"training step: {sum(u['launches'] for u in unconfined)} of {result['launches']} launches unconfined, "
+          f"all with clusters of 16 CTAs or more")
