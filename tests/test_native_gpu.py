@@ -565,6 +565,7 @@ def test_a_training_step_leaves_its_quota_only_for_clusters_no_co_scheduled_grou
     group (the co-location benchmark's best-effort quota): cuDNN's xmma convolution kernels launch with
     4x4x1 clusters (16 CTAs, one per SM), which no 8-SM group holds, so those run on the whole GPU; the
     same kernels' smaller clusters, and every other launch, stay inside the quota."""
+    sys.path.insert(0, str(ROOT))
     from benchmarks.native import leak_probe
     result = leak_probe.run_case(table, 9, leak_probe.allowances(table)["be_quota_3_groups_and_6_outside"],
                                  leak_probe.WORKLOADS[0], steps=3)
