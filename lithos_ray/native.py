@@ -638,6 +638,22 @@ def cuda_check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
+def compile_cubin(source: bytes, name: bytes = b"kernel.cu", arch: bytes = b"sm_90") -> bytes:
+    """CUDA C++ source compiled by NVRTC into a cubin for `arch` (the H100's by default); a compile
+    error raises with NVRTC's log."""
+    from cuda.bindings import nvrtc  # lazy: GPU machines only
+
+    program = cuda_check(nvrtc.nvrtcCreateProgram(source, name, 0, [], []))
+    result, = nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=" + arch])
+    if int(result) != 0:
+        log = b" " * cuda_check(nvrtc.nvrtcGetProgramLogSize(program))
+        cuda_check(nvrtc.nvrtcGetProgramLog(program, log))
+        raise RuntimeError(f"NVRTC cannot compile {name.decode()}: {log.decode(errors='replace').strip()}")
+    cubin = b" " * cuda_check(nvrtc.nvrtcGetCUBINSize(program))
+    cuda_check(nvrtc.nvrtcGetCUBIN(program, cubin))
+    return cubin
+
+
 def green_stream(device, resources: list):
     """(green context, a non-blocking stream of it) holding the SM `resources` (cuda-bindings objects)."""
     from cuda.bindings import driver as cu  # lazy: GPU machines only
@@ -662,7 +678,7 @@ def probe_cosched_map(device_index: int = 0) -> list[int]:
     Under MPS %smid is virtual, so run this in a process that is not an MPS client
     (the `probe-layout` command does).
     """
-    from cuda.bindings import driver as cu, nvrtc  # lazy: GPU machines only
+    from cuda.bindings import driver as cu  # lazy: GPU machines only
 
     check = cuda_check
     check(cu.cuInit(0))
@@ -671,11 +687,7 @@ def probe_cosched_map(device_index: int = 0) -> list[int]:
     check(cu.cuCtxPushCurrent(context))
     source = b'extern "C" __global__ void smid(unsigned* out){ unsigned s; asm volatile("mov.u32 %0, %%smid;" : "=r"(s));' \
              b' long long t = clock64(); while (clock64() - t < 20000) {} if (threadIdx.x == 0) out[blockIdx.x] = s; }'
-    program = check(nvrtc.nvrtcCreateProgram(source, b"smid.cu", 0, [], []))
-    check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
-    ptx = b" " * check(nvrtc.nvrtcGetPTXSize(program))
-    check(nvrtc.nvrtcGetPTX(program, ptx))
-    function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(ptx)), b"smid"))
+    function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(compile_cubin(source, b"smid.cu"))), b"smid"))
     blocks = 512
     buffer = check(cu.cuMemAlloc(blocks * 4))
     pointer = np.array([int(buffer)], dtype=np.uint64)

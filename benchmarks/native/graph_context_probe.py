@@ -43,18 +43,15 @@ def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__.split("\n\n")[1].splitlines()[0])
     out_dir = sys.argv[1]
-    from cuda.bindings import driver as cu, nvrtc
-    from lithos_ray.native import cosched_sm_groups, cuda_check as check, green_stream
+    from cuda.bindings import driver as cu
+    from lithos_ray.native import compile_cubin, cosched_sm_groups, cuda_check as check, green_stream
 
     check(cu.cuInit(0))
     device = check(cu.cuDeviceGet(0))
     check(cu.cuCtxPushCurrent(check(cu.cuDevicePrimaryCtxRetain(device))))
-    program = check(nvrtc.nvrtcCreateProgram(SOURCE, b"spin.cu", 0, [], []))
-    check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
-    ptx = b" " * check(nvrtc.nvrtcGetPTXSize(program))
-    check(nvrtc.nvrtcGetPTX(program, ptx))
-    module_function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(ptx)), b"spin"))
-    library_kernel = check(cu.cuLibraryGetKernel(check(cu.cuLibraryLoadData(ptx, [], [], 0, [], [], 0)), b"spin"))
+    cubin = compile_cubin(SOURCE, b"spin.cu")
+    module_function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(cubin)), b"spin"))
+    library_kernel = check(cu.cuLibraryGetKernel(check(cu.cuLibraryLoadData(cubin, [], [], 0, [], [], 0)), b"spin"))
     buffer = check(cu.cuMemAlloc(BLOCKS * 4))
     pointer = np.array([int(buffer)], dtype=np.uint64)
     cycles = np.array([CYCLES], dtype=np.int64)

@@ -30,8 +30,8 @@ GRID = (32, 4, 1)          # 8 clusters of 16 CTAs
 
 def main() -> None:
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "."
-    from cuda.bindings import driver as cu, nvrtc
-    from lithos_ray.native import cosched_sm_groups, cuda_check as check, green_stream
+    from cuda.bindings import driver as cu
+    from lithos_ray.native import compile_cubin, cosched_sm_groups, cuda_check as check, green_stream
     check(cu.cuInit(0))
     device = check(cu.cuDeviceGet(0))
     check(cu.cuCtxPushCurrent(check(cu.cuDevicePrimaryCtxRetain(device))))
@@ -39,11 +39,7 @@ def main() -> None:
     source = (b'extern "C" __global__ void where(unsigned *sm_of_block){ unsigned s;'
               b' asm volatile("mov.u32 %0, %%smid;" : "=r"(s));'
               b' if (threadIdx.x == 0) sm_of_block[blockIdx.x + gridDim.x * blockIdx.y] = s; }')
-    program = check(nvrtc.nvrtcCreateProgram(source, b"w.cu", 0, [], []))
-    check(nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=sm_90"]))
-    cubin = b" " * check(nvrtc.nvrtcGetCUBINSize(program))
-    check(nvrtc.nvrtcGetCUBIN(program, cubin))
-    function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(cubin)), b"where"))
+    function = check(cu.cuModuleGetFunction(check(cu.cuModuleLoadData(compile_cubin(source, b"where.cu"))), b"where"))
     attr = cu.CUfunction_attribute
     check(cu.cuFuncSetAttribute(function, attr.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SHARED_BYTES))
     check(cu.cuFuncSetAttribute(function, attr.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1))
