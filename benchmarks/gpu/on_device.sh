@@ -14,7 +14,7 @@
 #   launch-cpu benchmarks/native/launch_path_cpu.py (the shim's own work per launch on this CPU, warm/cold, ~1 min)
 #   interference benchmarks/native/interference.py (an LC BERT next to a matmul job under MPS, ~2.5 min)
 #   interference-graph  the same, a CUDA-graph BERT next to a matmul, a memory-bound copy loop and the benchmark's
-#              ResNet-50 training step (~1.5 min): which neighbour slows a graph service on TPCs of its own?
+#              ResNet-50 training step (~2 min): which neighbour slows a graph service on TPCs of its own?
 #   colocate   lithos-ray bench colocate, all systems (COLOCATE_BUDGET_S, default 500 s; ~9 minutes)
 #   colocate-lending  solo, static and lithos only, both mixes (about 5 minutes), lending decided at launch
 #                     time (--dispatch off, the default until 3ff5789)
@@ -38,6 +38,8 @@
 #              and the shim's reason; ~2 min; no MPS)
 #   wide-cluster   benchmarks/native/wide_cluster_probe.py (can a 16-CTA cluster of one CTA per SM run inside a green
 #              context of 16-SM co-scheduled groups? which 8-SM groups lie in each; ~20 s; no MPS)
+#   memory-ops     benchmarks/native/memory_op_probe.py (do device-to-device copies and memsets need SMs, and does a
+#              green context confine them? ~15 s; no MPS)
 #   graph-nodes    benchmarks/native/graph_nodes_probe.py (what the benchmark's CUDA graphs hold: could the shim
 #              unroll their replays? ~1 min; no MPS)
 #   node-tests tests/test_gpu_node.py (the agent on the real GPU; no ray needed)
@@ -114,7 +116,7 @@ for s in "$@"; do
       timeout 240 python3 benchmarks/native/interference.py "$OUT" 2>&1 | cut -c1-400 | tail -12 || status=1 ;;
     interference-graph)
       timeout 200 python3 benchmarks/native/interference.py "$OUT" \
-        lc_solo_graph,lc_graph_be8192,lc_graph_be_membw,lc_graph_be_resnet50_train 2>&1 | cut -c1-400 | tail -8 || status=1 ;;
+        lc_solo_graph,lc_graph_be8192,lc_graph_be_membw,lc_graph_be_membw_kernel,lc_graph_be_resnet50_train 2>&1 | cut -c1-400 | tail -8 || status=1 ;;
     correctness)
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)
@@ -143,6 +145,8 @@ for s in "$@"; do
       timeout 120 python3 benchmarks/native/graph_context_probe.py "$OUT" 2>&1 | tail -15 || status=1 ;;
     leak-probe)
       timeout 400 python3 benchmarks/native/leak_probe.py "$OUT" 2>&1 | tail -20 || status=1 ;;
+    memory-ops)
+      timeout 120 python3 benchmarks/native/memory_op_probe.py "$OUT" 2>&1 | tail -10 || status=1 ;;
     wide-cluster)
       timeout 120 python3 benchmarks/native/wide_cluster_probe.py "$OUT" 2>&1 | tail -30 || status=1 ;;
     graph-nodes)

@@ -70,10 +70,11 @@ print(json.dumps({"p50_ms": ms[len(ms) // 2], "p90_ms": ms[int(len(ms) * 0.9)], 
 BE_CODE = r"""
 import json, signal, sys, time, torch
 from lithos_ray.native import thread_shim_counts
-kind = sys.argv[1]   # an int n: n x n bf16 matmuls; "membw": a 1 GiB copy; "resnet50_train": the benchmark's training step
-if kind == "membw":
+kind = sys.argv[1]   # an int n: n x n bf16 matmuls; "membw": a 1 GiB copy; "membw_kernel": the same bytes by a kernel;
+                     # "resnet50_train": the benchmark's training step
+if kind in ("membw", "membw_kernel"):
     a, b = torch.empty(1 << 29, device="cuda", dtype=torch.half), torch.empty(1 << 29, device="cuda", dtype=torch.half)
-    work = lambda: b.copy_(a)
+    work = (lambda: b.copy_(a)) if kind == "membw" else (lambda: torch.neg(a, out=b))
 elif kind == "resnet50_train":
     sys.path.insert(0, sys.argv[2])
     from benchmarks.colocate.models import build_training
@@ -98,7 +99,8 @@ while True:
 
 def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new_thread=False, gap_ms=0, lc_mode="eager"):
     """stream: the LC's ("legacy" = default stream, "created"); be_size: the BE job, an n x n bf16 matmul,
-    "membw" (a 1 GiB copy loop) or "resnet50_train" (the co-location benchmark's, batch 64) (None: no BE
+    "membw" (a 1 GiB copy loop: cuMemcpyDtoDAsync), "membw_kernel" (the same bytes moved by an elementwise
+    kernel) or "resnet50_train" (the co-location benchmark's, batch 64) (None: no BE
     job); lc_count 2: a second BERT on 16 more TPCs, as in the Serve example; borrowers: "" nobody,
     "all", "lc" or "be", with lend lists as the agent's lending loop sets them (each LC may borrow from
     the other LC and the BE job; the BE job, low priority, from both LCs); new_thread: each request
@@ -127,6 +129,7 @@ CASES = {
     "lc_solo_graph": case(be_size=None, lc_mode="graph"),
     "lc_graph_be8192": case(lc_mode="graph"),
     "lc_graph_be_membw": case(be_size="membw", lc_mode="graph"),
+    "lc_graph_be_membw_kernel": case(be_size="membw_kernel", lc_mode="graph"),
     "lc_graph_be_resnet50_train": case(be_size="resnet50_train", lc_mode="graph"),
 }
 
