@@ -533,7 +533,8 @@ class NativeLatencyPredictor:
         return [(int(durations[i]), int(tpcs[i])) for i in range(count)]
 
 
-LAUNCH_PATH_NAMES = ("direct", "paired", "unconfined", "continued")   # lithos_client_launch_counts, in order
+LAUNCH_PATH_NAMES = ("direct", "paired", "unconfined", "continued",
+                     "memory_green", "memory_app")   # lithos_client_launch_counts, in order
 LENDING_OUTCOME_NAMES = ("borrowed", "union_pending", "queue_too_deep", "paced", "unknown", "too_long",
                          "no_idle_lender", "capturing", "fits_own_sms", "no_gain",
                          "paced_us")   # lithos_client_lending_counts, in order (paced_us: microseconds slept pacing)

@@ -18,7 +18,7 @@
  * context report an active graph capture. For the graph-unrolling tests: cuGraphInstantiateWithFlags,
  * cuGraphGetNodes/Edges, cuGraphNodeGetType, cuGraphKernelNodeGetParams/Attribute, cuGraphMemsetNodeGetParams
  * of two fixed graphs (below), cuLaunchKernelEx (green contexts refuse clusters of 16 CTAs or more) and
- * cuMemsetD32Async. Thread-safe (the shim builds green contexts
+ * cuMemsetD32Async (and its _ptsz, for the memory-op routing test). Thread-safe (the shim builds green contexts
  * on a thread of its own); the current context is per thread, as in the real driver.
  * Built by `make -C native fake-driver` as build/fake/libcuda.so.1 and found through LD_LIBRARY_PATH
  * (with FAKE_CUDA_QUIET=1 it logs nothing: benchmarks/native/launch_path_cpu.py).
@@ -383,6 +383,10 @@ EXPORT CUresult cuGraphMemsetNodeGetParams(CUgraphNode node, CUDA_MEMSET_NODE_PA
 }
 EXPORT CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned value, size_t count, CUstream stream) {
     logf_("cuMemsetD32Async %#lx %u %zu", (unsigned long)(uintptr_t)stream, value, count);
+    return CUDA_SUCCESS;
+}
+EXPORT CUresult cuMemsetD32Async_ptsz(CUdeviceptr dst, unsigned value, size_t count, CUstream stream) {
+    logf_("cuMemsetD32Async_ptsz %#lx %u %zu", (unsigned long)(uintptr_t)stream, value, count);
     return CUDA_SUCCESS;
 }
 

@@ -312,7 +312,7 @@ typedef struct stream_pair {
 /* One notice each (notice_once). */
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
        WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE,
-       WARN_RETRY_COSCHED, WARN_GRAPH, WARN_GRAPH_REPLAY, WARN_COUNT };
+       WARN_RETRY_COSCHED, WARN_GRAPH, WARN_GRAPH_REPLAY, WARN_MEMORY_OP, WARN_COUNT };
 
 static struct {
     pthread_once_t once;
@@ -353,8 +353,10 @@ static struct {
 } g = {.once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
 
 /* The three launch paths, counted per thread (lithos_client_launch_counts); PATH_CONTINUED counts
- * the paired launches that continued a deferred run (no event calls), a subset of PATH_PAIRED. */
-enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, PATH_CONTINUED = 3, LITHOS_PATHS = 4 };
+ * the paired launches that continued a deferred run (no event calls), a subset of PATH_PAIRED.
+ * Memsets and device-to-device copies count apart: on a green stream, or not (unconfined, whole GPU). */
+enum { PATH_DIRECT = 0, PATH_PAIRED = 1, PATH_UNCONFINED = 2, PATH_CONTINUED = 3, PATH_MEMORY_GREEN = 4, PATH_MEMORY_APP = 5,
+       LITHOS_PATHS = 6 };
 /* Deferred joins, counted per thread (lithos_client_join_counts): runs started (app_done + wait),
  * joins paid (green_done + wait, by this thread's flushes), per-thread-stream joins made to the
  * legacy stream for another thread. */
@@ -1453,7 +1455,15 @@ typedef struct {
     CUgraphExec graph;
     int retry;              /* a launch that failed in a green context, again: RETRY_COSCHED or RETRY_WHOLE_GPU */
     int activity_published; /* after_launch done for this launch (not again on a retry) */
+    CUdeviceptr mem_dst, mem_src; /* API_MEMSET, API_COPY */
+    unsigned mem_value, mem_width; /* memsets: the value; its width in bytes (1, 2 or 4) */
+    size_t mem_count;              /* memsets: elements; copies: bytes */
 } launch_request;
+/* Memsets and device-to-device copies go through the launch path too (never into launch records):
+ * the driver runs them as kernels on SMs (memory_op_probe.py), so they belong on the client's TPCs. */
+#define API_MEMSET 16
+#define API_COPY 17
+static int is_memory_op(const launch_request *q) { return q->api >= API_MEMSET; }
 enum { RETRY_NONE = 0, RETRY_COSCHED, RETRY_WHOLE_GPU };
 #define REFUSED_COSCHED 1u /* func_info.refused: the TPC view refused its cluster shape */
 
@@ -1497,7 +1507,7 @@ static uint64_t monotonic_ns(void) {
 /* Returns the ring index + 1 of the record, or 0 when nothing was recorded. */
 static uint64_t record_launch(const launch_request *q, const func_info *info, const unsigned cluster[3], int view,
                               unsigned tpcs, uint64_t generation, const lend_choice *lend, uint64_t now_ns) {
-    if (!g.ring) return 0;
+    if (!g.ring || is_memory_op(q)) return 0;
     uint64_t index = __atomic_fetch_add(&g.ring->head[0], 1, __ATOMIC_RELAXED);
     lithos_launch_record *r = &g.records[index % g.ring->capacity[0]];
     __atomic_store_n(&r->seq[0], 0, __ATOMIC_RELAXED);
@@ -1618,6 +1628,22 @@ static CUresult call_real(const launch_request *q, CUstream stream) {
         if (!fn) return CUDA_ERROR_NOT_FOUND;
         return fn(q->function, q->grid[0], q->grid[1], q->grid[2], q->block[0], q->block[1], q->block[2], q->shared_bytes,
                   stream, q->params);
+    }
+    case API_COPY: {
+        fn_cuMemcpyDtoDAsync_v2 fn = q->per_thread ? real_cuMemcpyDtoDAsync_v2_ptsz : real_cuMemcpyDtoDAsync_v2;
+        return fn ? fn(q->mem_dst, q->mem_src, q->mem_count, stream) : CUDA_ERROR_NOT_FOUND;
+    }
+    case API_MEMSET: {
+        if (q->mem_width == 1) {
+            fn_cuMemsetD8Async fn = q->per_thread ? real_cuMemsetD8Async_ptsz : real_cuMemsetD8Async;
+            return fn ? fn(q->mem_dst, (unsigned char)q->mem_value, q->mem_count, stream) : CUDA_ERROR_NOT_FOUND;
+        }
+        if (q->mem_width == 2) {
+            fn_cuMemsetD16Async fn = q->per_thread ? real_cuMemsetD16Async_ptsz : real_cuMemsetD16Async;
+            return fn ? fn(q->mem_dst, (unsigned short)q->mem_value, q->mem_count, stream) : CUDA_ERROR_NOT_FOUND;
+        }
+        fn_cuMemsetD32Async fn = q->per_thread ? real_cuMemsetD32Async_ptsz : real_cuMemsetD32Async;
+        return fn ? fn(q->mem_dst, q->mem_value, q->mem_count, stream) : CUDA_ERROR_NOT_FOUND;
     }
     default: {
         fn_cuGraphLaunch fn = q->per_thread ? real_cuGraphLaunch_ptsz : real_cuGraphLaunch;
@@ -1877,7 +1903,7 @@ static CUresult launch_unconfined(launch_request *q, const func_info *info, cons
     publish_activity(q, now_ns, lend.predicted_ns);
     flush_if_pending();
     CUresult r = call_real(q, q->stream);
-    tls.launches[PATH_UNCONFINED]++;
+    tls.launches[is_memory_op(q) ? PATH_MEMORY_APP : PATH_UNCONFINED]++;
     if (r == CUDA_SUCCESS) record_launch(q, info, cluster, LITHOS_VIEW_UNCONFINED, 0, generation, &lend, now_ns);
     return r;
 }
@@ -1938,7 +1964,7 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
     PROF_MARK(PROF_PUBLISH);
     CUresult r = call_real(q, q->stream);
     PROF_MARK(PROF_REAL);
-    tls.launches[PATH_DIRECT]++;
+    tls.launches[is_memory_op(q) ? PATH_MEMORY_APP : PATH_DIRECT]++;
     lend_choice lend = {.own_tpcs = (uint16_t)tpcs};
     if (r == CUDA_SUCCESS) record_launch(q, info, cluster, view, tpcs, generation, &lend, now_ns);
     PROF_MARK(PROF_RECORD);
@@ -2111,8 +2137,8 @@ static void dispatch_held(held_launch *h) {
     void *params[HELD_MAX_PARAMS];
     size_t packed_bytes = h->arg_bytes;
     void *extra[5] = {CU_LAUNCH_PARAM_BUFFER_POINTER, h->args, CU_LAUNCH_PARAM_BUFFER_SIZE, &packed_bytes, CU_LAUNCH_PARAM_END};
-    launch_request q = {h->api, 0, h->function, {h->grid[0], h->grid[1], h->grid[2]}, {h->block[0], h->block[1], h->block[2]},
-                        h->shared_bytes, h->stream, NULL, NULL, NULL, NULL, 0, 0};
+    launch_request q = {.api = h->api, .function = h->function, .grid = {h->grid[0], h->grid[1], h->grid[2]},
+                        .block = {h->block[0], h->block[1], h->block[2]}, .shared_bytes = h->shared_bytes, .stream = h->stream};
     if (h->packed) {
         q.extra = extra;
     } else {
@@ -2133,13 +2159,11 @@ static void dispatch_held(held_launch *h) {
     }
 }
 
-/* Called on the dispatcher thread: a held memset or copy, on its app stream once the joins owed to it are paid. */
+/* Called on the dispatcher thread: a held memset or copy, through the launch path. */
 static void dispatch_memory_op(const held_launch *h) {
-    flush_joins();
-    CUresult r = h->op == HELD_COPY  ? real_cuMemcpyDtoDAsync_v2(h->mem_dst, h->mem_src, h->mem_count, h->stream)
-                 : h->mem_width == 1 ? real_cuMemsetD8Async(h->mem_dst, (unsigned char)h->mem_value, h->mem_count, h->stream)
-                 : h->mem_width == 2 ? real_cuMemsetD16Async(h->mem_dst, (unsigned short)h->mem_value, h->mem_count, h->stream)
-                                     : real_cuMemsetD32Async(h->mem_dst, h->mem_value, h->mem_count, h->stream);
+    launch_request q = {.api = h->op == HELD_COPY ? API_COPY : API_MEMSET, .stream = h->stream, .mem_dst = h->mem_dst,
+                        .mem_src = h->mem_src, .mem_value = h->mem_value, .mem_width = h->mem_width, .mem_count = h->mem_count};
+    CUresult r = route_launch(&q);
     count_dispatch(DISPATCH_SENT, 1);
     if (r != CUDA_SUCCESS) {
         count_dispatch(DISPATCH_FAILED, 1);
@@ -2622,10 +2646,11 @@ static CUresult replay_unrolled(const unrolled_graph *u, const launch_request *r
         } else {
             CUlaunchConfig config = {n->grid[0], n->grid[1], n->grid[2], n->block[0], n->block[1], n->block[2],
                                      n->shared_bytes, replay->stream, (CUlaunchAttribute *)&n->attr, 1};
-            launch_request q = {n->api, replay->per_thread, n->function, {n->grid[0], n->grid[1], n->grid[2]},
-                                {n->block[0], n->block[1], n->block[2]}, n->shared_bytes, replay->stream, n->params,
-                                n->extra[0] ? (void **)n->extra : NULL, n->api == LITHOS_API_LAUNCH_KERNEL_EX ? &config : NULL,
-                                NULL, 0, 0};
+            launch_request q = {.api = n->api, .per_thread = replay->per_thread, .function = n->function,
+                                .grid = {n->grid[0], n->grid[1], n->grid[2]}, .block = {n->block[0], n->block[1], n->block[2]},
+                                .shared_bytes = n->shared_bytes, .stream = replay->stream, .params = n->params,
+                                .extra = n->extra[0] ? (void **)n->extra : NULL,
+                                .config = n->api == LITHOS_API_LAUNCH_KERNEL_EX ? &config : NULL};
             r = route_launch(&q);
         }
         if (r != CUDA_SUCCESS) {
@@ -2718,8 +2743,10 @@ static CUresult route_launch(launch_request *q) {
         drain_held_launches(0);
         return launch_graph(q, route, generation, ctx, app_stream, now_ns);
     }
+    static const func_info no_function; /* memory ops: nothing to look up, never refused */
+    int memory_op = is_memory_op(q);
     func_info scratch;
-    const func_info *info = lookup_func(q->function, &scratch);
+    const func_info *info = memory_op ? &no_function : lookup_func(q->function, &scratch);
     unsigned cluster[3];
     cluster_of(q, info, cluster);
     lithos_kernel_key key = {(uint64_t)(uintptr_t)q->function, (uint64_t)q->grid[0] * q->grid[1] * q->grid[2],
@@ -2727,7 +2754,7 @@ static CUresult route_launch(launch_request *q) {
     uint32_t ctas = cluster[0] * cluster[1] * cluster[2], verdict = __atomic_load_n(&info->refused, __ATOMIC_RELAXED);
     int refused = q->retry ? q->retry : __builtin_expect(verdict != 0, 0) ? retry_of(verdict, ctas) : RETRY_NONE;
     int view = ctas > 2 || refused == RETRY_COSCHED ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    if (route && hold_launch(q, route, info, &scratch, view, refused, ctx, app_stream, &key)) return CUDA_SUCCESS;
+    if (route && !memory_op && hold_launch(q, route, info, &scratch, view, refused, ctx, app_stream, &key)) return CUDA_SUCCESS;
     if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     lend_choice lend = {.route = route};
@@ -2749,7 +2776,7 @@ static CUresult route_launch(launch_request *q) {
     } else {
         queue = queue_of(ctx, app_stream);
         uint64_t before_ns = now_ns, own_ns = predict_ns(&key, route->views[view].tpcs);
-        choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, queue, ctx, app_stream);
+        if (!memory_op) choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, queue, ctx, app_stream);
         if (now_ns != before_ns && allowance_changed(generation)) return route_launch(q); /* it slept: route again */
         lend.predicted_ns = lend.route == route ? own_ns : predict_ns(&key, lend.route->views[view].tpcs);
     }
@@ -2819,8 +2846,8 @@ static CUresult route_launch(launch_request *q) {
         notice_once(WARN_RETRY, "cannot order the app stream before a green stream: this launch passes through");
         return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     }
-    tls.launches[paired ? PATH_PAIRED : PATH_DIRECT]++;
-    if (continued) tls.launches[PATH_CONTINUED]++;
+    tls.launches[!memory_op ? (paired ? PATH_PAIRED : PATH_DIRECT) : view == LITHOS_VIEW_UNCONFINED ? PATH_MEMORY_APP : PATH_MEMORY_GREEN]++;
+    if (continued && !memory_op) tls.launches[PATH_CONTINUED]++;
     else if (deferred && !handed_off) tls.joins[JOIN_RUNS]++;
     if (deferred) {
         /* Owed from before the launch and join_lock released across it: a launch can block (full
@@ -2830,7 +2857,7 @@ static CUresult route_launch(launch_request *q) {
         owe_join(p, app_stream);
         join_leave();
     }
-    int pair = sample_due(lend.predicted_ns) ? timing_begin(&p->timing, p->green_stream) : -1;
+    int pair = !memory_op && sample_due(lend.predicted_ns) ? timing_begin(&p->timing, p->green_stream) : -1;
     CUresult r = call_real(q, p->green_stream);
     if (deferred) {
         join_enter();
@@ -2842,8 +2869,11 @@ static CUresult route_launch(launch_request *q) {
          * this and later launches of the kernel with clusters at least as large run unconfined; any
          * other refusal (e.g. a cooperative grid too large for the allowance): every later launch of
          * it. Either way in stream order. */
-        int to_cosched = r == CUDA_ERROR_INVALID_CLUSTER_SIZE && view == LITHOS_VIEW_TPC && !route->one_view;
-        if (to_cosched)
+        int to_cosched = !memory_op && r == CUDA_ERROR_INVALID_CLUSTER_SIZE && view == LITHOS_VIEW_TPC && !route->one_view;
+        if (memory_op)
+            notice_once(WARN_MEMORY_OP, "a %s failed on a green stream (CUresult %d): it runs unconfined",
+                        q->api == API_COPY ? "device-to-device copy" : "memset", (int)r);
+        else if (to_cosched)
             notice_once(WARN_RETRY_COSCHED, "kernel %s: the TPC view refused its cluster shape (CUresult %d): it runs in "
                         "the co-scheduled view from now on (unconfined where the allowance holds no whole group)", info->name, (int)r);
         else
@@ -2853,7 +2883,7 @@ static CUresult route_launch(launch_request *q) {
                         (unsigned)route->views[view].tpcs, (int)r,
                         r == CUDA_ERROR_INVALID_CLUSTER_SIZE ? "its launches with clusters this large or larger" : "all its launches");
         q->retry = to_cosched ? RETRY_COSCHED : RETRY_WHOLE_GPU;
-        if (info != &scratch) { /* the cosched bit only set, the CTA bound only lowered */
+        if (info != &scratch && !memory_op) { /* the cosched bit only set, the CTA bound only lowered */
             uint32_t from = r != CUDA_ERROR_INVALID_CLUSTER_SIZE || !ctas ? 1u : ctas < 0xffffffu ? ctas : 0xffffffu;
             uint32_t seen = __atomic_load_n(&info->refused, __ATOMIC_RELAXED), wanted;
             do {
@@ -2894,8 +2924,9 @@ static CUresult route_launch(launch_request *q) {
 #define LAUNCH_KERNEL_HOOK(name, api_kind, per_thread_stream)                                                          \
     EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
                          unsigned shared_bytes, CUstream stream, void **params, void **extra) {                        \
-        launch_request q = {api_kind, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz}, shared_bytes, stream, params,  \
-                            extra, NULL, NULL, 0, 0};                                                                      \
+        launch_request q = {.api = api_kind, .per_thread = per_thread_stream, .function = f, .grid = {gx, gy, gz},      \
+                            .block = {bx, by, bz}, .shared_bytes = shared_bytes, .stream = stream, .params = params,   \
+                            .extra = extra};                                                                           \
         return route_launch(&q);                                                                                       \
     }
 LAUNCH_KERNEL_HOOK(cuLaunchKernel, LITHOS_API_LAUNCH_KERNEL, 0)
@@ -2904,8 +2935,9 @@ LAUNCH_KERNEL_HOOK(cuLaunchKernel_ptsz, LITHOS_API_LAUNCH_KERNEL, 1)
 #define LAUNCH_COOPERATIVE_HOOK(name, per_thread_stream)                                                               \
     EXPORT CUresult name(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,   \
                          unsigned shared_bytes, CUstream stream, void **params) {                                      \
-        launch_request q = {LITHOS_API_LAUNCH_COOPERATIVE, per_thread_stream, f, {gx, gy, gz}, {bx, by, bz},            \
-                            shared_bytes, stream, params, NULL, NULL, NULL, 0, 0};                                         \
+        launch_request q = {.api = LITHOS_API_LAUNCH_COOPERATIVE, .per_thread = per_thread_stream, .function = f,       \
+                            .grid = {gx, gy, gz}, .block = {bx, by, bz}, .shared_bytes = shared_bytes, .stream = stream, \
+                            .params = params};                                                                         \
         return route_launch(&q);                                                                                       \
     }
 LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel, 0)
@@ -2913,8 +2945,8 @@ LAUNCH_COOPERATIVE_HOOK(cuLaunchCooperativeKernel_ptsz, 1)
 
 #define LAUNCH_EX_HOOK(name, per_thread_stream)                                                                        \
     EXPORT CUresult name(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {                   \
-        launch_request q = {LITHOS_API_LAUNCH_KERNEL_EX, per_thread_stream, f, {0, 0, 0}, {0, 0, 0}, 0, NULL, params,  \
-                            extra, config, NULL, 0, 0};                                                                    \
+        launch_request q = {.api = LITHOS_API_LAUNCH_KERNEL_EX, .per_thread = per_thread_stream, .function = f,         \
+                            .params = params, .extra = extra, .config = config};                                       \
         if (config) {                                                                                                  \
             q.grid[0] = config->gridDimX, q.grid[1] = config->gridDimY, q.grid[2] = config->gridDimZ;                  \
             q.block[0] = config->blockDimX, q.block[1] = config->blockDimY, q.block[2] = config->blockDimZ;            \
@@ -2927,23 +2959,23 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
 
 #define GRAPH_LAUNCH_HOOK(name, per_thread_stream)                                                                     \
     EXPORT CUresult name(CUgraphExec graph, CUstream stream) {                                                        \
-        launch_request q = {LITHOS_API_GRAPH_LAUNCH, per_thread_stream, NULL, {0, 0, 0}, {0, 0, 0}, 0, stream, NULL,    \
-                            NULL, NULL, graph, 0, 0};                                                                     \
+        launch_request q = {.api = LITHOS_API_GRAPH_LAUNCH, .per_thread = per_thread_stream, .stream = stream,          \
+                            .graph = graph};                                                                           \
         return route_launch(&q);                                                                                       \
     }
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch_ptsz, 1)
 
-/* Memsets and device-to-device copies: held behind held launches (hold_memory_op), else as the
- * stubs do: owed joins paid first. */
+/* Memsets and device-to-device copies: held behind held launches (hold_memory_op), else through the
+ * launch path onto the client's own TPCs (route_launch). */
 #define MEMSET_HOOK(name, width, value_type, per_thread_stream)                                                        \
     EXPORT CUresult name(CUdeviceptr dst, value_type value, size_t count, CUstream stream) {                          \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
         if (!(per_thread_stream) && hold_memory_op(HELD_MEMSET, dst, 0, value, width, count, stream)) return CUDA_SUCCESS; \
-        drain_held_launches(0);                                                                                        \
-        flush_if_pending();                                                                                            \
-        return real_##name(dst, value, count, stream);                                                                 \
+        launch_request q = {.api = API_MEMSET, .per_thread = per_thread_stream, .stream = stream, .mem_dst = dst,       \
+                            .mem_value = value, .mem_width = width, .mem_count = count};                               \
+        return route_launch(&q);                                                                                       \
     }
 MEMSET_HOOK(cuMemsetD8Async, 1, unsigned char, 0)
 MEMSET_HOOK(cuMemsetD8Async_ptsz, 1, unsigned char, 1)
@@ -2957,9 +2989,9 @@ MEMSET_HOOK(cuMemsetD32Async_ptsz, 4, unsigned int, 1)
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
         if (!(per_thread_stream) && hold_memory_op(HELD_COPY, dst, src, 0, 0, bytes, stream)) return CUDA_SUCCESS;     \
-        drain_held_launches(0);                                                                                        \
-        flush_if_pending();                                                                                            \
-        return real_##name(dst, src, bytes, stream);                                                                   \
+        launch_request q = {.api = API_COPY, .per_thread = per_thread_stream, .stream = stream, .mem_dst = dst,         \
+                            .mem_src = src, .mem_count = bytes};                                                       \
+        return route_launch(&q);                                                                                       \
     }
 COPY_HOOK(cuMemcpyDtoDAsync_v2, 0)
 COPY_HOOK(cuMemcpyDtoDAsync_v2_ptsz, 1)

@@ -664,6 +664,31 @@ def test_default_stream_launches_defer_their_join_until_a_driver_call_needs_it(f
     assert checks == [["True", "1", "True", "1", "False"], ["7", "5", "2", "2"]]
 
 
+def test_memsets_and_device_copies_run_on_the_clients_green_stream_in_stream_order(fake_driver, fake_table):
+    """The driver runs memsets and device-to-device copies as kernels on SMs (memory_op_probe.py), so they
+    go where the client's kernels go: into the deferred run on the green stream, joined back like them;
+    counted apart from kernel launches."""
+    green = green_stream_of(fake_driver, fake_table)
+    out = run_sections("""
+    log()
+    launch(None)
+    assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, None) == 0
+    assert lib.cuMemcpyDtoDAsync_v2(ctypes.c_uint64(0xd0), ctypes.c_uint64(0xe0), 64, None) == 0
+    assert lib.cuMemsetD32Async_ptsz(ctypes.c_uint64(0xd0), 3, 4, None) == 0
+    memcpy_dtoh(proc("cuMemcpyDtoH"))
+    section()
+    c = (ctypes.c_uint64 * 6)()
+    lib.lithos_client_launch_counts(c, 6)
+    show(*c)
+    """, fake_env(fake_driver, fake_table))
+    run, paths = out
+    ptsz_green = [w for w in run if w[0] == "cuMemsetD32Async_ptsz"][0][1]
+    assert run[:5] == run_start("0", green) + [["cuMemsetD8Async", green, "7", "16"], ["cuMemcpyDtoDAsync", green, "64"]]
+    assert ptsz_green not in ("0", "0x2", green)   # the per-thread default stream's own green stream
+    assert run[-1] == ["cuMemcpyDtoH", "0xd0", "8"]
+    assert paths == [["0", "1", "0", "0", "3", "0"]]   # 1 kernel paired; 3 memory ops on green streams
+
+
 DIRECT_LINKED = r"""
 #include <cuda.h>
 #include <stdio.h>
