@@ -1,6 +1,6 @@
 /* launch_path_cpu.c - the shim's own host work per launch, on the CPU, against native/fake_libcuda.c.
  *
- * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream|graph [CODE_BYTES]   (under liblithos.so, with
+ * usage: launch_path_cpu KERNELS LAUNCHES THRASH_BYTES legacy|stream|graph|memset [CODE_BYTES]   (under liblithos.so, with
  * native/build/fake (make -C native fake-driver) on LD_LIBRARY_PATH and FAKE_CUDA_QUIET=1)
  * Launches KERNELS distinct fake kernels in turn (a model's mix: a real program's launches do not
  * hit one function's cache entry in a loop), in alternating blocks of 256 with the shim's work on
@@ -9,7 +9,8 @@
  * before each launch, as a framework does between launches, so the shim's data and code come cold
  * from the caches. graph: each "launch" replays the fake driver's graph 0x6000 (4 kernels and a memset,
  * instantiated through the shim's hook) on a created stream; with the slot's LITHOS_LEND_UNROLL_GRAPHS
- * set, the shim sends its nodes one by one. Prints one JSON line: the median and p99 nanoseconds per
+ * set, the shim sends its nodes one by one. memset: each "launch" is a cuMemsetD32Async on a created stream
+ * (memsets and device-to-device copies take the launch path to the client's green stream). Prints one JSON line: the median and p99 nanoseconds per
  * launch of each arm.
  */
 #include <cuda.h>
@@ -27,6 +28,7 @@ typedef CUresult (*stream_create_fn)(CUstream *, unsigned);
 typedef void (*bypass_fn)(int);
 typedef CUresult (*instantiate_fn)(CUgraphExec *, CUgraph, unsigned long long);
 typedef CUresult (*graph_launch_fn)(CUgraphExec, CUstream);
+typedef CUresult (*memset_fn)(CUdeviceptr, unsigned, size_t, CUstream);
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -64,7 +66,7 @@ static int compare_u32(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc != 5 && argc != 6) {
-        fprintf(stderr, "usage: %s KERNELS LAUNCHES THRASH_BYTES legacy|stream|graph [CODE_BYTES]\n", argv[0]);
+        fprintf(stderr, "usage: %s KERNELS LAUNCHES THRASH_BYTES legacy|stream|graph|memset [CODE_BYTES]\n", argv[0]);
         return 2;
     }
     size_t code_bytes = argc == 6 ? (size_t)atol(argv[5]) & ~(size_t)63 : 0;
@@ -73,7 +75,9 @@ int main(int argc, char **argv) {
     unsigned kernels = (unsigned)atoi(argv[1]);
     long launches = atol(argv[2]);
     size_t thrash_bytes = (size_t)atol(argv[3]);
-    int legacy = strcmp(argv[4], "legacy") == 0, graph = strcmp(argv[4], "graph") == 0;
+    int legacy = strcmp(argv[4], "legacy") == 0, graph = strcmp(argv[4], "graph") == 0, memset_op = strcmp(argv[4], "memset") == 0;
+    memset_fn memset_d32 = (memset_fn)dlsym(RTLD_DEFAULT, "cuMemsetD32Async");
+    if (memset_op && !memset_d32) return 7;
     launch_fn launch = (launch_fn)dlsym(RTLD_DEFAULT, "cuLaunchKernel");
     bypass_fn set_bypass = (bypass_fn)dlsym(RTLD_DEFAULT, "lithos_client_set_bypass");
     stream_create_fn stream_create = (stream_create_fn)dlsym(RTLD_DEFAULT, "cuStreamCreate");
@@ -98,7 +102,9 @@ int main(int argc, char **argv) {
         CUfunction f = (CUfunction)(uintptr_t)(0x100000 + (i % kernels) * 0x40);
         unsigned grid = 1 + (unsigned)(i % 7) * 64;
         uint64_t t0 = now_ns();
-        CUresult r = graph ? graph_launch(exec, stream) : launch(f, grid, 1, 1, 128, 1, 1, 0, stream, NULL, NULL);
+        CUresult r = graph       ? graph_launch(exec, stream)
+                     : memset_op ? memset_d32((CUdeviceptr)0xd0, 7, grid, stream)
+                                 : launch(f, grid, 1, 1, 128, 1, 1, 0, stream, NULL, NULL);
         uint32_t ns = (uint32_t)(now_ns() - t0);
         if (r != CUDA_SUCCESS) {
             fprintf(stderr, "launch %ld failed: %d\n", i, (int)r);

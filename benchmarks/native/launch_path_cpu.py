@@ -13,7 +13,8 @@ Allowances: every TPC (whole GPU: the program's own streams) and every co-schedu
 streams; the default stream pairs). Last, unrolled graph replays (graph/unrolled/*): the fake driver's
 graph of 4 kernels and a memset, replayed on a created stream by a client on every co-scheduled group
 with LITHOS_LEND_UNROLL_GRAPHS and an idle lender of the other 6 TPCs, against the plain replay with
-the shim bypassed: per replay, so the per-node cost is a fifth of it.
+the shim bypassed: per replay, so the per-node cost is a fifth of it. And memsets (groups/memset/*):
+cuMemsetD32Async on a created stream, which the shim sends to the client's green stream as it does kernels.
 
 These are CPU figures, a regression guard for the launch path; the GPU figures are overhead.py's.
 Writes OUT_DIR/launch_path_cpu.json when OUT_DIR is given; prints a table.
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
     cases = {}
     unrolled_slot, lender_slot = len(allowances), len(allowances) + 1
     runs_of = [(slot, allowance, tpcs, STREAMS) for slot, (allowance, tpcs) in enumerate(allowances.items())]
+    runs_of.append((1, "groups", allowances["groups"], ("memset",)))
     runs_of.append((unrolled_slot, "graph", allowances["groups"], ("unrolled",)))
     table.set_allowance(lender_slot, [t for t in range(len(COSCHED_MAP)) if t not in allowances["groups"]])
     try:
