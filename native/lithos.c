@@ -345,6 +345,7 @@ static struct {
     int pace; /* PACE_*: when low-priority borrowers wait for their queue to drain (LITHOS_LEND_PACE) */
     int dispatch;              /* DISPATCH_*: whose kernel launches are held for the dispatcher (LITHOS_DISPATCH) */
     uint64_t dispatch_depth_ns; /* LITHOS_DISPATCH_DEPTH_US; 0 = half the atom */
+    int route_memory_ops;       /* memsets and device-to-device copies onto green streams (LITHOS_ROUTE_MEMORY_OPS, default 1) */
     int copy_graphs;            /* atomic; copy graphs at instantiation so that replays can be unrolled (LITHOS_COPY_GRAPHS, default 1) */
     int defer; /* atomic; deferred joins (LITHOS_DEFER_JOIN, default 1); 0 again if the stub pool runs out */
     const void *libcuda_base; /* load address of libcuda.so.1 (dladdr): dlsym hands out stubs only for its functions */
@@ -587,6 +588,8 @@ static void init_body(void) {
         else if (strcmp(dispatch_text, "1") != 0)
             notice_once(WARN_DISPATCH_VALUE, "LITHOS_DISPATCH=%s is not 0, 1 or all: 1 is used (best-effort borrowers hold their launches)", dispatch_text);
     }
+    const char *route_memory_text = getenv("LITHOS_ROUTE_MEMORY_OPS");
+    g.route_memory_ops = !(route_memory_text && strcmp(route_memory_text, "0") == 0);
     const char *copy_text = getenv("LITHOS_COPY_GRAPHS");
     g.copy_graphs = !(copy_text && strcmp(copy_text, "0") == 0);
     g.dispatch_depth_ns = 0;
@@ -2718,7 +2721,8 @@ static CUresult route_launch(launch_request *q) {
     PROF_BEGIN();
     ensure_init();
     if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
-    if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED)) { /* benchmarks: created streams stay green (README) */
+    /* bypass (benchmarks: created streams stay green, README) or LITHOS_ROUTE_MEMORY_OPS=0: as without the shim */
+    if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED) || (is_memory_op(q) && !g.route_memory_ops)) {
         drain_held_launches(0);
         flush_if_pending();
         CUresult r = call_real(q, q->stream);

@@ -689,6 +689,18 @@ def test_memsets_and_device_copies_run_on_the_clients_green_stream_in_stream_ord
     assert paths == [["0", "1", "0", "0", "3", "0"]]   # 1 kernel paired; 3 memory ops on green streams
 
 
+def test_with_memory_op_routing_off_memsets_go_to_the_app_stream_after_the_join(fake_driver, fake_table):
+    """LITHOS_ROUTE_MEMORY_OPS=0: a memset goes to the program's stream as without the shim, after the owed join."""
+    green = green_stream_of(fake_driver, fake_table)
+    run, _ = run_sections("""
+    log()
+    launch(None)
+    assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, None) == 0
+    section()
+    """, fake_env(fake_driver, fake_table, LITHOS_ROUTE_MEMORY_OPS="0"))
+    assert run == run_start("0", green) + join("0", green) + [["cuMemsetD8Async", "0", "7", "16"]]
+
+
 DIRECT_LINKED = r"""
 #include <cuda.h>
 #include <stdio.h>

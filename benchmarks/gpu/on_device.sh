@@ -116,7 +116,7 @@ for s in "$@"; do
       timeout 240 python3 benchmarks/native/interference.py "$OUT" 2>&1 | cut -c1-400 | tail -12 || status=1 ;;
     interference-graph)
       timeout 200 python3 benchmarks/native/interference.py "$OUT" \
-        lc_solo_graph,lc_graph_be8192,lc_graph_be_membw,lc_graph_be_membw_kernel,lc_graph_be_resnet50_train 2>&1 | cut -c1-400 | tail -8 || status=1 ;;
+        lc_solo_graph,lc_graph_be8192,lc_graph_be_membw,lc_graph_be_membw_copies_unrouted,lc_graph_be_membw_kernel,lc_graph_be_resnet50_train 2>&1 | cut -c1-400 | tail -8 || status=1 ;;
     correctness)
       timeout 300 python3 benchmarks/native/correctness.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     colocate)

@@ -97,7 +97,8 @@ while True:
     steps += 4
 """
 
-def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new_thread=False, gap_ms=0, lc_mode="eager"):
+def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new_thread=False, gap_ms=0, lc_mode="eager",
+         be_env=None):
     """stream: the LC's ("legacy" = default stream, "created"); be_size: the BE job, an n x n bf16 matmul,
     "membw" (a 1 GiB copy loop: cuMemcpyDtoDAsync), "membw_kernel" (the same bytes moved by an elementwise
     kernel) or "resnet50_train" (the co-location benchmark's, batch 64) (None: no BE
@@ -105,9 +106,9 @@ def case(stream="legacy", be_size=8192, shim=True, lc_count=1, borrowers="", new
     "all", "lc" or "be", with lend lists as the agent's lending loop sets them (each LC may borrow from
     the other LC and the BE job; the BE job, low priority, from both LCs); new_thread: each request
     in a fresh thread; gap_ms: idle time after each request; lc_mode "graph": the request is one CUDA
-    graph replay (on a created stream)."""
+    graph replay (on a created stream); be_env: more environment for the BE job (e.g. a shim knob)."""
     return dict(stream=stream, be_size=be_size, shim=shim, lc_count=lc_count, borrowers=borrowers,
-                new_thread=new_thread, gap_ms=gap_ms, lc_mode=lc_mode)
+                new_thread=new_thread, gap_ms=gap_ms, lc_mode=lc_mode, be_env=be_env or {})
 
 
 # (A busy Python thread in the LC process, run at 61b50f4, costs 124-132 ms per request whatever
@@ -129,6 +130,7 @@ CASES = {
     "lc_solo_graph": case(be_size=None, lc_mode="graph"),
     "lc_graph_be8192": case(lc_mode="graph"),
     "lc_graph_be_membw": case(be_size="membw", lc_mode="graph"),
+    "lc_graph_be_membw_copies_unrouted": case(be_size="membw", lc_mode="graph", be_env={"LITHOS_ROUTE_MEMORY_OPS": "0"}),
     "lc_graph_be_membw_kernel": case(be_size="membw_kernel", lc_mode="graph"),
     "lc_graph_be_resnet50_train": case(be_size="resnet50_train", lc_mode="graph"),
 }
@@ -159,7 +161,7 @@ def main(out_dir, only=None):
             def env_for(slot):
                 return {**base, **native.client_env(table.path, slot)} if shim else base
             lc_env, lc2_env = env_for(0), env_for(2)
-            be_env = env_for(1)
+            be_env = {**env_for(1), **c["be_env"]}
             be = None
             if be_size:
                 be = subprocess.Popen([sys.executable, "-c", BE_CODE, str(be_size), os.path.join(HERE, "..", "..")],
