@@ -1724,7 +1724,7 @@ static uint64_t predict_ns(const lithos_kernel_key *key, unsigned tpcs) {
 
 /* after_launch of scheduler/lending.py on this client's activity word (once per launch). */
 static void publish_activity(launch_request *q, uint64_t now_ns, uint64_t predicted_ns) {
-    if (q->activity_published || !g.own_activity) return;
+    if (q->activity_published || !g.own_activity || is_memory_op(q)) return; /* memory ops: not predicted, as before */
     q->activity_published = 1;
     lithos_activity_after_launch(g.own_activity, now_ns, predicted_ns,
                                  __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
@@ -2851,8 +2851,11 @@ static CUresult route_launch(launch_request *q) {
         return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     }
     tls.launches[!memory_op ? (paired ? PATH_PAIRED : PATH_DIRECT) : view == LITHOS_VIEW_UNCONFINED ? PATH_MEMORY_APP : PATH_MEMORY_GREEN]++;
-    if (continued && !memory_op) tls.launches[PATH_CONTINUED]++;
-    else if (deferred && !handed_off) tls.joins[JOIN_RUNS]++;
+    if (continued) {
+        if (!memory_op) tls.launches[PATH_CONTINUED]++;
+    } else if (deferred && !handed_off) {
+        tls.joins[JOIN_RUNS]++;
+    }
     if (deferred) {
         /* Owed from before the launch and join_lock released across it: a launch can block (full
          * queue, lazy loading) on work that another thread's driver call must first let go. A
@@ -2875,7 +2878,8 @@ static CUresult route_launch(launch_request *q) {
          * it. Either way in stream order. */
         int to_cosched = !memory_op && r == CUDA_ERROR_INVALID_CLUSTER_SIZE && view == LITHOS_VIEW_TPC && !route->one_view;
         if (memory_op)
-            notice_once(WARN_MEMORY_OP, "a %s failed on a green stream (CUresult %d): it runs unconfined",
+            notice_once(WARN_MEMORY_OP, "a %s failed on a green stream (CUresult %d): it is sent again on the program's "
+                        "stream, unconfined (so is any later one that fails)",
                         q->api == API_COPY ? "device-to-device copy" : "memset", (int)r);
         else if (to_cosched)
             notice_once(WARN_RETRY_COSCHED, "kernel %s: the TPC view refused its cluster shape (CUresult %d): it runs in "
@@ -2912,7 +2916,7 @@ static CUresult route_launch(launch_request *q) {
         if (deferred) drop_pending(p);
     }
     if (r == CUDA_SUCCESS) {
-        if (queue) queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
+        if (queue && !memory_op) queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
         uint64_t ticket = record_launch(q, info, cluster, view, view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs,
                                         generation, &lend, now_ns);
         timing_end(&p->timing, pair, p->green_stream, ticket);

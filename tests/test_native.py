@@ -680,8 +680,10 @@ def test_memsets_and_device_copies_run_on_the_clients_green_stream_in_stream_ord
     c = (ctypes.c_uint64 * 6)()
     lib.lithos_client_launch_counts(c, 6)
     show(*c)
+    show(joins()["runs"])
     """, fake_env(fake_driver, fake_table))
-    run, paths = out
+    run, paths = out[0], out[1][:1]
+    assert out[1][1] == ["2"]   # the legacy stream's run and the per-thread stream's: memory ops continue runs
     ptsz_green = [w for w in run if w[0] == "cuMemsetD32Async_ptsz"][0][1]
     assert run[:5] == run_start("0", green) + [["cuMemsetD8Async", green, "7", "16"], ["cuMemcpyDtoDAsync", green, "64"]]
     assert ptsz_green not in ("0", "0x2", green)   # the per-thread default stream's own green stream
@@ -1130,6 +1132,31 @@ def start_lending_client(code: str, env: dict) -> subprocess.Popen:
     proc, lines = start_waiting_client(BORROW_THEN_WAIT + textwrap.dedent(code), env)
     assert lines == [["borrowed", "1"]]
     return proc
+
+
+def test_a_memset_on_a_busy_stream_neither_blocks_borrowing_nor_marks_its_client_busy(fake_driver, lend_table, tmp_path):
+    """Memory ops are not predicted: they add nothing to the queue estimate (a kernel after a memset on a
+    stream that is not drained still borrows) and move no activity word (it keeps the last kernel's)."""
+    busy = tmp_path / "busy"
+    lines = run_lending_client(f"""
+    import os, time
+    s = create(1)
+    warm_then_borrow(s)
+    time.sleep(0.05)
+    open({str(busy)!r}, "w").close()       # from now on the stream never looks drained
+    before = dict(lending())
+    def memory_ops():
+        assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, ctypes.c_void_p(s)) == 0
+        assert lib.cuMemcpyDtoDAsync_v2(ctypes.c_uint64(0xd0), ctypes.c_uint64(0xe0), 64, ctypes.c_void_p(s)) == 0
+    memory_ops()
+    launch(s)
+    show("borrowed", lending()["borrowed"] - before["borrowed"], "too_deep", lending()["too_deep"] - before["too_deep"])
+    memory_ops()
+    os.remove({str(busy)!r})
+    """, lend_env(fake_driver, lend_table, FAKE_STREAM_BUSY_FILE=str(busy)))
+    assert lines == [["borrowed", "1", "too_deep", "0"]]
+    records, _ = lend_table.read_launches(0)
+    assert lend_table.activity(0).last_launch_ns == int(records[-1]["host_ns"])   # the last kernel's, not a memset's
 
 
 def test_an_active_lender_keeps_its_tpcs_and_lends_them_again_once_idle(fake_driver, lend_table):
