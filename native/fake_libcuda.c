@@ -400,9 +400,11 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count
     logf_("cuMemsetD8 %#lx %u %zu", (unsigned long)dst, value, count);
     return CUDA_SUCCESS;
 }
+/* A memset of 912 bytes stands for one that green contexts refuse. */
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream) {
-    logf_("cuMemsetD8Async %#lx %u %zu", (unsigned long)(uintptr_t)stream, value, count);
-    return CUDA_SUCCESS;
+    int refused = count == 912 && ctx_of((uintptr_t)stream) != (CUcontext)0x10;
+    logf_("cuMemsetD8Async %#lx %u %zu%s", (unsigned long)(uintptr_t)stream, value, count, refused ? " refused" : "");
+    return refused ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
 }
 EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream) {
     logf_("cuMemcpyDtoDAsync %#lx %zu", (unsigned long)(uintptr_t)stream, bytes);

@@ -703,6 +703,25 @@ def test_with_memory_op_routing_off_memsets_go_to_the_app_stream_after_the_join(
     assert run == run_start("0", green) + join("0", green) + [["cuMemsetD8Async", "0", "7", "16"]]
 
 
+def test_a_memset_a_green_stream_refuses_runs_once_on_the_app_stream_in_order(fake_driver, fake_table):
+    """The fake refuses 912-byte memsets on green streams: the refused one is sent again on the program's
+    stream after the green stream's work (joined back first), with one notice."""
+    green = green_stream_of(fake_driver, fake_table)
+    lines, stderr = run_fake(DEFER_PRELUDE + textwrap.dedent("""
+    log()
+    launch(None)
+    assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 912, None) == 0
+    assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 912, None) == 0
+    section()
+    """), fake_env(fake_driver, fake_table))
+    run = [w for w in lines if w != ["--"]]
+    refused_then_app = join("0", green) + [["cuMemsetD8Async", "0", "7", "912"]]
+    second_run = run_start("0", green)[:2] + [["cuMemsetD8Async", green, "7", "912", "refused"]]
+    assert run == (run_start("0", green) + [["cuMemsetD8Async", green, "7", "912", "refused"]] + refused_then_app +
+                   second_run + refused_then_app)
+    assert stderr.count("memset failed on a green stream") == 1
+
+
 DIRECT_LINKED = r"""
 #include <cuda.h>
 #include <stdio.h>
@@ -1897,6 +1916,7 @@ def test_a_memset_behind_held_launches_is_held_in_stream_order(fake_driver, lend
     ops = [(w[0], w[2] if w[0] == "cuLaunchKernel" else "") for w in lines[1:]]
     assert ops == [("cuLaunchKernel", "args=0,0"), ("cuLaunchKernel", "args=1,2"), ("cuMemsetD8Async", ""),
                    ("cuLaunchKernel", "args=2,4"), ("cuStreamSynchronize", "")]
+    assert lines[3][1] == lines[2][1]   # the held memset went where the kernel before it did (the created green stream)
 
 
 def test_a_memset_with_nothing_held_goes_straight_to_the_driver(fake_driver, lend_table):
