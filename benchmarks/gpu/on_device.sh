@@ -59,12 +59,12 @@
 #   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
-#   Next (b187ff3 is not GPU-run: a kernel refused for its cluster size leaves the quota only at that size):
-#   carry [.whl, proto stubs] ... setup gpu-tests leak-probe wide-cluster interference-graph (~5 min; leak_probe.json
-#   should list only 4x4x1 launches; wide_cluster_probe.json says whether a 16-SM view could hold them), then
-#   ... colocate-loop (never run), then the full comparison (colocate). Unrolling with held launches (not yet run):
-#   colocate_run by hand, e.g. python3 -m benchmarks.colocate --systems solo,lithos,lithos_unroll --variants graph
-#   --dispatch all --trials 2 --budget-s 300 --out-dir "$OUT".
+#   Next (memsets and device-to-device copies on green streams, 6301dff..0d77512, not GPU-run): carry [.whl, proto stubs]
+#   ... setup memory-ops gpu-tests interference-graph (~4 min; memory_op_probe.json says whether the driver's copies and
+#   memsets need SMs and stay in a green context; lc_graph_be_membw against lc_graph_be_membw_copies_unrouted is the
+#   A/B), then ... colocate-loop (never run), then the full comparison (colocate). Unrolling with held launches (not
+#   yet run): colocate_run by hand, e.g. python3 -m benchmarks.colocate --systems solo,lithos,lithos_unroll --variants
+#   graph --dispatch all --trials 2 --budget-s 300 --out-dir "$OUT".
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)
 set -uo pipefail
 : "${OUT:?run this through the device tool (OUT unset)}"
