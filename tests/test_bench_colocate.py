@@ -465,9 +465,11 @@ def test_idle_capacity_compares_borrowed_tpc_seconds_with_what_idle_lenders_offe
 def test_shim_lending_outcomes_are_summed_per_workload_over_trials():
     from benchmarks.colocate.report import shim_lending_outcomes
     counts = {"borrowed": 3, "unknown": 1, "no_idle_lender": 0}
-    phases = [{"workloads": {"train": {"shim_counts": {"launch_paths": {}, "lending": counts}},
+    paths = {"direct": 5, "memory_green": 4, "memory_app": 0}
+    phases = [{"workloads": {"train": {"shim_counts": {"launch_paths": paths, "lending": counts}},
                              "bert": {"shim_counts": {"lending": {"borrowed": 0}}}, "plain": {"status": "ok"}}}] * 2
-    assert shim_lending_outcomes(phases) == {"train": {"borrowed": 6, "unknown": 2, "no_idle_lender": 0}}
+    assert shim_lending_outcomes(phases) == {"train": {"borrowed": 6, "unknown": 2, "no_idle_lender": 0,
+                                                       "memory_green": 8, "memory_app": 0}}
 
 
 def test_activity_sampler_tells_idle_from_recent_launches_and_predicted_work():

@@ -233,15 +233,18 @@ def table(analysis: dict) -> str:
 
 def shim_lending_outcomes(phases: list[dict]) -> dict[str, dict[str, int]]:
     """Per workload, the shim's lending outcomes (lithos_client_lending_counts of its launching
-    thread and the dispatcher's), with --dispatch on its held-launch counts (as dispatch_<name>), and its
-    CUDA graphs copied and unrolled (graphs_<name>), summed over a cell's trials; only workloads that had any."""
+    thread and the dispatcher's), with --dispatch on its held-launch counts (as dispatch_<name>), its
+    CUDA graphs copied and unrolled (graphs_<name>) and its memsets and device-to-device copies on green
+    streams or not (memory_green, memory_app), summed over a cell's trials; only workloads that had any."""
     totals: dict[str, dict[str, int]] = {}
     for phase in phases:
         for name, reply in phase.get("workloads", {}).items():
             counts = reply.get("shim_counts") or {}
             for group, prefix in (("lending", ""), ("dispatch", "dispatch_"), ("stub_flushes", "flushes_by_"),
-                                  ("graphs", "graphs_")):
+                                  ("graphs", "graphs_"), ("launch_paths", "")):
                 values = counts.get(group) or {}
+                if group == "launch_paths":
+                    values = {k: v for k, v in values.items() if k.startswith("memory_")}
                 if any(values.values()):
                     for key, value in values.items():
                         totals.setdefault(name, {}).setdefault(prefix + key, 0)
