@@ -312,7 +312,7 @@ typedef struct stream_pair {
 /* One notice each (notice_once). */
 enum { WARN_PASS = 0, WARN_UNHOOKED, WARN_DEVICE, WARN_ROUTE, WARN_RETRY, WARN_COSCHED, WARN_RING, WARN_CONFINED, WARN_GREEN_STREAMS,
        WARN_ACTIVITY, WARN_BUILDER, WARN_STUBS, WARN_DISPATCH, WARN_DISPATCH_CONFIG, WARN_DISPATCH_VALUE,
-       WARN_RETRY_COSCHED, WARN_GRAPH, WARN_GRAPH_REPLAY, WARN_MEMORY_OP, WARN_COUNT };
+       WARN_RETRY_COSCHED, WARN_GRAPH, WARN_GRAPH_REPLAY, WARN_GRAPH_VERSION, WARN_MEMORY_OP, WARN_COUNT };
 
 static struct {
     pthread_once_t once;
@@ -568,14 +568,19 @@ static int drain_held_launches(int paced);
 static int waits_for_gpu(lithos_stub_slot *slot);
 LITHOS_HIDDEN int lithos_held_launches;
 
+/* An on-by-default switch: off only when the variable is "0". */
+static int env_on(const char *name) {
+    const char *text = getenv(name);
+    return !(text && strcmp(text, "0") == 0);
+}
+
 static void init_body(void) {
     resolve_driver();
     const char *table_path = getenv("LITHOS_SHM"), *slot_text = getenv("LITHOS_SLOT");
     g.verbose = getenv("LITHOS_VERBOSE") && atoi(getenv("LITHOS_VERBOSE")) > 0;
     const char *sample_text = getenv("LITHOS_SAMPLE_EVERY");
     g.sample_every = sample_text ? (uint32_t)strtoul(sample_text, NULL, 10) : 64u;
-    const char *green_text = getenv("LITHOS_GREEN_STREAMS");
-    g.green_streams = !(green_text && strcmp(green_text, "0") == 0);
+    g.green_streams = env_on("LITHOS_GREEN_STREAMS");
     const char *pace_text = getenv("LITHOS_LEND_PACE");
     g.pace = !pace_text || strcmp(pace_text, "0") == 0 ? PACE_OFF : strcmp(pace_text, "always") == 0 ? PACE_ALWAYS : PACE_WHILE_IDLE;
     const char *dispatch_text = getenv("LITHOS_DISPATCH"), *depth_text = getenv("LITHOS_DISPATCH_DEPTH_US");
@@ -588,10 +593,8 @@ static void init_body(void) {
         else if (strcmp(dispatch_text, "1") != 0)
             notice_once(WARN_DISPATCH_VALUE, "LITHOS_DISPATCH=%s is not 0, 1 or all: 1 is used (best-effort borrowers hold their launches)", dispatch_text);
     }
-    const char *route_memory_text = getenv("LITHOS_ROUTE_MEMORY_OPS");
-    g.route_memory_ops = !(route_memory_text && strcmp(route_memory_text, "0") == 0);
-    const char *copy_text = getenv("LITHOS_COPY_GRAPHS");
-    g.copy_graphs = !(copy_text && strcmp(copy_text, "0") == 0);
+    g.route_memory_ops = env_on("LITHOS_ROUTE_MEMORY_OPS");
+    g.copy_graphs = env_on("LITHOS_COPY_GRAPHS");
     g.dispatch_depth_ns = 0;
     if (depth_text && *depth_text) {
         char *depth_end = NULL;
@@ -656,8 +659,7 @@ static void forget_joins_in_child(void) {
 static void init_once(void) {
     tls.in_init = 1;
     init_body();
-    const char *defer_text = getenv("LITHOS_DEFER_JOIN");
-    int defer = g.mode == MODE_CONFINED && !(defer_text && strcmp(defer_text, "0") == 0);
+    int defer = g.mode == MODE_CONFINED && env_on("LITHOS_DEFER_JOIN");
     Dl_info info;
     if (defer && drv_cuCtxGetCurrent && dladdr((void *)drv_cuCtxGetCurrent, &info) && info.dli_fbase)
         g.libcuda_base = info.dli_fbase;
@@ -725,7 +727,7 @@ static void swap_for_hook(const char *symbol, void **pfn, cuuint64_t flags) {
     } else if (by_name && changes_graphs(by_name->hook)) {
         /* an older version of a call that changes executable graphs: copies could go stale */
         __atomic_store_n(&g.copy_graphs, 0, __ATOMIC_RELEASE);
-        notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an older version: graph replays are never unrolled", symbol);
+        notice_once(WARN_GRAPH_VERSION, "cuGetProcAddress(%s) returned an older version: graph replays are never unrolled", symbol);
     } else if (by_name) {
         notice_once(WARN_UNHOOKED, "cuGetProcAddress(%s) returned an unknown variant; it is not confined", symbol);
     }
@@ -795,13 +797,11 @@ static int param_layout(CUfunction f, uint16_t *layout, int max, size_t *bytes) 
     int n = 0;
     *bytes = 0;
     if (!drv_cuFuncGetParamInfo) return -1;
-    CUresult first = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
-    CUfunction from_kernel = first == CUDA_SUCCESS ? NULL : function_of_kernel(f);
-    if (from_kernel) first = drv_cuFuncGetParamInfo(f = from_kernel, 0, &offset, &size);
-    if (first == CUDA_ERROR_INVALID_VALUE) return 0; /* index 0 out of range: no parameters */
-    if (first != CUDA_SUCCESS) return -1;
-    for (;; n++) {
-        if (drv_cuFuncGetParamInfo(f, (size_t)n, &offset, &size) != CUDA_SUCCESS) break;
+    CUresult r = drv_cuFuncGetParamInfo(f, 0, &offset, &size);
+    CUfunction from_kernel = r == CUDA_SUCCESS ? NULL : function_of_kernel(f);
+    if (from_kernel) r = drv_cuFuncGetParamInfo(f = from_kernel, 0, &offset, &size);
+    if (r != CUDA_SUCCESS) return r == CUDA_ERROR_INVALID_VALUE ? 0 : -1; /* index 0 out of range: no parameters */
+    for (; r == CUDA_SUCCESS; r = drv_cuFuncGetParamInfo(f, (size_t)++n, &offset, &size)) {
         if (n == max || offset > 0xffff || size > 0xffff) return -1;
         layout[2 * n] = (uint16_t)offset, layout[2 * n + 1] = (uint16_t)size;
         if (offset + size > *bytes) *bytes = offset + size;
@@ -1466,7 +1466,8 @@ typedef struct {
  * the driver runs them as kernels on SMs (memory_op_probe.py), so they belong on the client's TPCs. */
 #define API_MEMSET 16
 #define API_COPY 17
-static int is_memory_op(const launch_request *q) { return q->api >= API_MEMSET; }
+static int is_memory_api(int api) { return api >= API_MEMSET; }
+static int is_memory_op(const launch_request *q) { return is_memory_api(q->api); }
 enum { RETRY_NONE = 0, RETRY_COSCHED, RETRY_WHOLE_GPU };
 #define REFUSED_COSCHED 1u /* func_info.refused: the TPC view refused its cluster shape */
 
@@ -1724,7 +1725,7 @@ static uint64_t predict_ns(const lithos_kernel_key *key, unsigned tpcs) {
 
 /* after_launch of scheduler/lending.py on this client's activity word (once per launch). */
 static void publish_activity(launch_request *q, uint64_t now_ns, uint64_t predicted_ns) {
-    if (q->activity_published || !g.own_activity || is_memory_op(q)) return; /* memory ops: not predicted, as before */
+    if (q->activity_published || !g.own_activity) return;
     q->activity_published = 1;
     lithos_activity_after_launch(g.own_activity, now_ns, predicted_ns,
                                  __atomic_load_n(&g.table->lend_unknown_kernel_busy_ns[0], __ATOMIC_RELAXED));
@@ -2004,9 +2005,7 @@ static CUresult launch_whole_gpu(launch_request *q, const func_info *info, const
 #define HELD_ATTRS 8
 #define DISPATCH_NAP_MAX_NS 20000u
 
-enum { HELD_KERNEL = 0, HELD_MEMSET = 1, HELD_COPY = 2 };
 typedef struct {
-    int op; /* HELD_KERNEL; HELD_MEMSET or HELD_COPY are sent at once when they reach the head */
     int gated_to_borrow;    /* the gate waited for the queue to let it borrow (counted once) */
     unsigned borrow_tpcs;   /* kernels: the own TPCs of its view when it could borrow, else 0 */
     const allowance_route *route; /* kernels: the allowance it was held under (routes are never freed) */
@@ -2018,7 +2017,8 @@ typedef struct {
     CUstream stream;
     CUfunction function;
     const func_info *info;
-    int api, packed; /* packed: the arguments came as one buffer (CU_LAUNCH_PARAM_BUFFER_POINTER) */
+    int api, packed; /* API_MEMSET / API_COPY: sent at once when they reach the head; packed: the arguments came as one
+                      * buffer (CU_LAUNCH_PARAM_BUFFER_POINTER) */
     unsigned grid[3], block[3], shared_bytes;
     int has_config;
     CUlaunchConfig config; /* attrs and hStream are set at dispatch */
@@ -2134,6 +2134,7 @@ static int dispatch_gate_open(held_launch *h) {
 }
 
 static CUresult route_launch(launch_request *q);
+static CUresult send_memory_op(launch_request *q);
 
 /* Called on the dispatcher thread: the held launch, rebuilt, through the launch path. */
 static void dispatch_held(held_launch *h) {
@@ -2162,16 +2163,16 @@ static void dispatch_held(held_launch *h) {
     }
 }
 
-/* Called on the dispatcher thread: a held memset or copy, through the launch path. */
+/* Called on the dispatcher thread: a held memset or copy, sent as the hooks send one. */
 static void dispatch_memory_op(const held_launch *h) {
-    launch_request q = {.api = h->op == HELD_COPY ? API_COPY : API_MEMSET, .stream = h->stream, .mem_dst = h->mem_dst,
-                        .mem_src = h->mem_src, .mem_value = h->mem_value, .mem_width = h->mem_width, .mem_count = h->mem_count};
-    CUresult r = route_launch(&q);
+    launch_request q = {.api = h->api, .stream = h->stream, .mem_dst = h->mem_dst, .mem_src = h->mem_src,
+                        .mem_value = h->mem_value, .mem_width = h->mem_width, .mem_count = h->mem_count};
+    CUresult r = send_memory_op(&q);
     count_dispatch(DISPATCH_SENT, 1);
     if (r != CUDA_SUCCESS) {
         count_dispatch(DISPATCH_FAILED, 1);
         notice_once(WARN_DISPATCH, "a held %s failed when it was sent (CUresult %d); the program was told it succeeded",
-                    h->op == HELD_COPY ? "copy" : "memset", (int)r);
+                    h->api == API_COPY ? "copy" : "memset", (int)r);
     }
 }
 
@@ -2199,12 +2200,12 @@ static void *dispatcher_main(void *unused) {
         }
         held_launch *h = &held.ring[sent % HELD_MAX];
         if (h->ctx != current && drv_cuCtxSetCurrent(h->ctx) == CUDA_SUCCESS) current = h->ctx;
-        if (h->op == HELD_KERNEL && !__atomic_load_n(&held.hurry, __ATOMIC_SEQ_CST) && !dispatch_gate_open(h)) {
+        if (!is_memory_api(h->api) && !__atomic_load_n(&held.hurry, __ATOMIC_SEQ_CST) && !dispatch_gate_open(h)) {
             if (gated_at != sent) count_dispatch(DISPATCH_GATED, 1);
             gated_at = sent;
             continue;
         }
-        if (h->op != HELD_KERNEL) {
+        if (is_memory_api(h->api)) {
             dispatch_memory_op(h);
         } else {
             dispatch_held(h);
@@ -2298,7 +2299,6 @@ static int hold_launch(const launch_request *q, const allowance_route *route, co
         pthread_mutex_unlock(&held.lock);
         return 0;
     }
-    h->op = HELD_KERNEL;
     h->gated_to_borrow = 0;
     h->key = *key;
     h->route = route;
@@ -2337,13 +2337,15 @@ static int is_device_memory(CUdeviceptr ptr) {
 /* A memset or device-to-device copy behind held launches is held too (its stream's order), instead
  * of draining the FIFO: libraries issue them between kernels (cuBLAS split-K, cuDNN workspaces,
  * optimizer steps). Returns 1 when held. */
-static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned value, unsigned width, size_t count, CUstream stream) {
-    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || stream == CU_STREAM_PER_THREAD)
+static int hold_memory_op(const launch_request *q) {
+    if (!__atomic_load_n(&lithos_held_launches, __ATOMIC_ACQUIRE) || tls.is_dispatcher || q->per_thread ||
+        q->stream == CU_STREAM_PER_THREAD)
         return 0;
-    if (!is_device_memory(dst) || (op == HELD_COPY && !is_device_memory(src))) return 0; /* host memory: the driver's rules */
+    if (!is_device_memory(q->mem_dst) || (q->api == API_COPY && !is_device_memory(q->mem_src)))
+        return 0; /* host memory: the driver's rules */
     CUcontext ctx = NULL;
     CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
-    if (drv_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx || drv_cuStreamIsCapturing(stream, &capture) != CUDA_SUCCESS ||
+    if (drv_cuCtxGetCurrent(&ctx) != CUDA_SUCCESS || !ctx || drv_cuStreamIsCapturing(q->stream, &capture) != CUDA_SUCCESS ||
         capture != CU_STREAM_CAPTURE_STATUS_NONE)
         return 0;
     pthread_mutex_lock(&held.lock);
@@ -2352,15 +2354,23 @@ static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned val
         return 0;
     }
     held_launch *h = fifo_tail_locked();
-    h->op = op;
-    h->ctx = ctx, h->stream = stream;
-    h->mem_dst = dst, h->mem_src = src, h->mem_value = value, h->mem_width = width, h->mem_count = count;
+    h->api = q->api;
+    h->ctx = ctx, h->stream = q->stream;
+    h->mem_dst = q->mem_dst, h->mem_src = q->mem_src, h->mem_value = q->mem_value, h->mem_width = q->mem_width,
+    h->mem_count = q->mem_count;
     __atomic_store_n(&held.pushed, held.pushed + 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&lithos_held_launches, 1, __ATOMIC_RELEASE);
     if (held.sleeping) pthread_cond_signal(&held.wake);
     pthread_mutex_unlock(&held.lock);
-    count_dispatch(op == HELD_COPY ? DISPATCH_HELD_COPIES : DISPATCH_HELD_MEMSETS, 1);
+    count_dispatch(q->api == API_COPY ? DISPATCH_HELD_COPIES : DISPATCH_HELD_MEMSETS, 1);
     return 1;
+}
+
+/* What every hook but the launch path's does before its driver call, as the stubs do: held launches
+ * sent, owed joins paid. */
+static void pay_owed(void) {
+    drain_held_launches(0);
+    flush_if_pending();
 }
 
 /* ---------------------------------------------------------------- unrolled graph replays */
@@ -2370,7 +2380,7 @@ static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned val
  * (and it is longer than the atom). When this slot's lending_flags hold LITHOS_LEND_UNROLL_GRAPHS,
  * a replay of a graph the shim copied at instantiation is UNROLLED instead: its nodes are sent one
  * by one, in a topological order, on the replay's stream, kernels through route_launch (so the
- * lending rule decides per kernel) and memsets through their hooks. Copied at cuGraphInstantiate*
+ * lending rule decides per kernel) and memsets as the hooks send them (send_memory_op). Copied at cuGraphInstantiate*
  * (PyTorch destroys the CUgraph right after, so the copies are the only record): graphs of kernel,
  * 1-D memset and empty nodes, each kernel with its parameter values (by cuFuncGetParamInfo's layout,
  * or its packed buffer) and its cluster shape or cooperative attribute. Any other graph, or one
@@ -2381,12 +2391,10 @@ static int hold_memory_op(int op, CUdeviceptr dst, CUdeviceptr src, unsigned val
  * Locking: graphs.lock guards the table and each copy's users/dead (a copy in use by a replay is
  * freed by its last user).
  */
-enum { UNROLL_KERNEL = 0, UNROLL_MEMSET = 1 };
 typedef struct {
-    int op;
+    int api; /* LITHOS_API_LAUNCH_KERNEL, _EX (cluster shape in attr), _COOPERATIVE, or API_MEMSET */
     /* kernels */
     CUfunction function;
-    int api; /* LITHOS_API_LAUNCH_KERNEL, _EX (cluster shape in attr) or _COOPERATIVE */
     unsigned grid[3], block[3], shared_bytes;
     CUlaunchAttribute attr;
     void **params;     /* into args; NULL for a kernel without parameters or a packed one */
@@ -2470,7 +2478,6 @@ static const char *copy_kernel_node(CUgraphNode node, unrolled_node *out) {
     CUDA_KERNEL_NODE_PARAMS p;
     memset(&p, 0, sizeof(p));
     if (drv_cuGraphKernelNodeGetParams(node, &p) != CUDA_SUCCESS) return "a kernel node's parameters cannot be read";
-    out->op = UNROLL_KERNEL;
     out->function = p.func ? p.func : (CUfunction)p.kern;
     out->grid[0] = p.gridDimX, out->grid[1] = p.gridDimY, out->grid[2] = p.gridDimZ;
     out->block[0] = p.blockDimX, out->block[1] = p.blockDimY, out->block[2] = p.blockDimZ;
@@ -2518,7 +2525,7 @@ static const char *copy_memset_node(CUgraphNode node, unrolled_node *out) {
     if (drv_cuGraphMemsetNodeGetParams(node, &p) != CUDA_SUCCESS) return "a memset node's parameters cannot be read";
     if (p.elementSize != 1 && p.elementSize != 2 && p.elementSize != 4) return "a memset node of an odd element size";
     if (p.height > 1 && p.pitch != p.width * p.elementSize) return "a 2-D memset node";
-    out->op = UNROLL_MEMSET;
+    out->api = API_MEMSET;
     out->dst = p.dst, out->value = p.value, out->width = p.elementSize, out->count = p.width * (p.height ? p.height : 1);
     return NULL;
 }
@@ -2641,11 +2648,10 @@ static CUresult replay_unrolled(const unrolled_graph *u, const launch_request *r
     for (unsigned i = 0; i < u->count; i++) {
         const unrolled_node *n = &u->nodes[i];
         CUresult r;
-        if (n->op == UNROLL_MEMSET) {
-            int pt = replay->per_thread;
-            r = n->width == 1   ? (pt ? cuMemsetD8Async_ptsz : cuMemsetD8Async)(n->dst, (unsigned char)n->value, n->count, replay->stream)
-                : n->width == 2 ? (pt ? cuMemsetD16Async_ptsz : cuMemsetD16Async)(n->dst, (unsigned short)n->value, n->count, replay->stream)
-                                : (pt ? cuMemsetD32Async_ptsz : cuMemsetD32Async)(n->dst, n->value, n->count, replay->stream);
+        if (n->api == API_MEMSET) {
+            launch_request q = {.api = API_MEMSET, .per_thread = replay->per_thread, .stream = replay->stream,
+                                .mem_dst = n->dst, .mem_value = n->value, .mem_width = n->width, .mem_count = n->count};
+            r = send_memory_op(&q);
         } else {
             CUlaunchConfig config = {n->grid[0], n->grid[1], n->grid[2], n->block[0], n->block[1], n->block[2],
                                      n->shared_bytes, replay->stream, (CUlaunchAttribute *)&n->attr, 1};
@@ -2672,20 +2678,25 @@ static unrolled_graph *graph_to_unroll(const launch_request *q, const allowance_
     if (!route || route->whole_gpu || !__atomic_load_n(&g.copy_graphs, __ATOMIC_ACQUIRE)) return NULL;
     const lithos_slot *me = slot_at_index(g.slot);
     if (!(__atomic_load_n(&me->lending_flags[0], __ATOMIC_RELAXED) & LITHOS_LEND_UNROLL_GRAPHS)) return NULL;
-    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
-    if (drv_cuStreamIsCapturing(app_stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) return NULL;
     unrolled_graph *u = take_graph(q->graph);
-    if (!u) count_graph(GRAPH_REPLAYS_WHOLE, 1);
+    if (!u) {
+        count_graph(GRAPH_REPLAYS_WHOLE, 1);
+        return NULL;
+    }
+    CUstreamCaptureStatus capture = CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    if (drv_cuStreamIsCapturing(app_stream, &capture) != CUDA_SUCCESS || capture != CU_STREAM_CAPTURE_STATUS_NONE) {
+        release_graph(u);
+        return NULL;
+    }
     return u;
 }
 
-/* Instantiations: held launches and owed joins first, as the stubs do (an upload may enqueue). */
+/* The graph hooks pay what is owed first, as the stubs they replace did (an upload may enqueue). */
 #define INSTANTIATE_HOOK(name, options_type)                                                                           \
     EXPORT CUresult name(CUgraphExec *exec, CUgraph graph, options_type options) {                                    \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
-        drain_held_launches(0);                                                                                        \
-        flush_if_pending();                                                                                            \
+        pay_owed();                                                                                                    \
         CUresult r = real_##name(exec, graph, options);                                                                \
         if (r == CUDA_SUCCESS && exec) remember_graph(*exec, graph);                                                   \
         return r;                                                                                                      \
@@ -2697,6 +2708,7 @@ INSTANTIATE_HOOK(cuGraphInstantiateWithParams_ptsz, CUDA_GRAPH_INSTANTIATE_PARAM
 EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
     ensure_init();
     if (!real_cuGraphExecDestroy) return CUDA_ERROR_NOT_FOUND;
+    pay_owed();
     forget_graph(exec);
     return real_cuGraphExecDestroy(exec);
 }
@@ -2706,6 +2718,7 @@ EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
     EXPORT CUresult name params {                                                                                      \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
+        pay_owed();                                                                                                    \
         if (forget_graph(exec)) count_graph(GRAPH_CHANGED, 1);                                                         \
         return real_##name args;                                                                                       \
     }
@@ -2717,15 +2730,31 @@ GRAPH_CHANGE_HOOK(cuGraphExecMemsetNodeSetParams,
 GRAPH_CHANGE_HOOK(cuGraphExecNodeSetParams, (CUgraphExec exec, CUgraphNode node, CUgraphNodeParams *p), (exec, node, p))
 GRAPH_CHANGE_HOOK(cuGraphNodeSetEnabled, (CUgraphExec exec, CUgraphNode node, unsigned int enabled), (exec, node, enabled))
 
+/* As without the shim, after the held launches and owed joins (bypass, LITHOS_ROUTE_MEMORY_OPS=0). */
+static CUresult pass_through(const launch_request *q) {
+    pay_owed();
+    return call_real(q, q->stream);
+}
+
+/* Memsets and device-to-device copies (hooks, held ones, unrolled graph nodes): held behind held
+ * launches, else through the launch path onto the client's own TPCs. They move no activity word. */
+static CUresult send_memory_op(launch_request *q) {
+    ensure_init();
+    q->activity_published = 1;
+    if (g.mode == MODE_CONFINED && hold_memory_op(q)) return CUDA_SUCCESS;
+    if (g.mode == MODE_CONFINED && !g.route_memory_ops) {
+        tls.launches[PATH_MEMORY_APP]++;
+        return pass_through(q);
+    }
+    return route_launch(q);
+}
+
 static CUresult route_launch(launch_request *q) {
     PROF_BEGIN();
     ensure_init();
     if (g.mode != MODE_CONFINED) return call_real(q, q->stream);
-    /* bypass (benchmarks: created streams stay green, README) or LITHOS_ROUTE_MEMORY_OPS=0: as without the shim */
-    if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED) || (is_memory_op(q) && !g.route_memory_ops)) {
-        drain_held_launches(0);
-        flush_if_pending();
-        CUresult r = call_real(q, q->stream);
+    if (__atomic_load_n(&launch_bypass, __ATOMIC_RELAXED)) { /* benchmarks: created streams stay green (README) */
+        CUresult r = pass_through(q);
         PROF_MARK(PROF_BYPASS_REAL);
         return r;
     }
@@ -2758,7 +2787,7 @@ static CUresult route_launch(launch_request *q) {
     uint32_t ctas = cluster[0] * cluster[1] * cluster[2], verdict = __atomic_load_n(&info->refused, __ATOMIC_RELAXED);
     int refused = q->retry ? q->retry : __builtin_expect(verdict != 0, 0) ? retry_of(verdict, ctas) : RETRY_NONE;
     int view = ctas > 2 || refused == RETRY_COSCHED ? LITHOS_VIEW_COSCHED : LITHOS_VIEW_TPC;
-    if (route && !memory_op && hold_launch(q, route, info, &scratch, view, refused, ctx, app_stream, &key)) return CUDA_SUCCESS;
+    if (route && hold_launch(q, route, info, &scratch, view, refused, ctx, app_stream, &key)) return CUDA_SUCCESS;
     if (drain_held_launches(0)) count_dispatch(DISPATCH_DRAIN_BY_HOOK, 1);
     if (!route) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
     lend_choice lend = {.route = route};
@@ -2777,10 +2806,10 @@ static CUresult route_launch(launch_request *q) {
         if (special_stream(app_stream)) return launch_unconfined(q, info, cluster, generation, &key, now_ns);
         view = LITHOS_VIEW_UNCONFINED;
         lend.predicted_ns = predict_ns(&key, g.table->tpcs_on_gpu[0]);
-    } else {
+    } else if (!memory_op) { /* memory ops: own TPCs, not predicted or queued */
         queue = queue_of(ctx, app_stream);
         uint64_t before_ns = now_ns, own_ns = predict_ns(&key, route->views[view].tpcs);
-        if (!memory_op) choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, queue, ctx, app_stream);
+        choose_lending(&lend, route, view, own_ns, key.grid_blocks, &now_ns, queue, ctx, app_stream);
         if (now_ns != before_ns && allowance_changed(generation)) return route_launch(q); /* it slept: route again */
         lend.predicted_ns = lend.route == route ? own_ns : predict_ns(&key, lend.route->views[view].tpcs);
     }
@@ -2916,7 +2945,7 @@ static CUresult route_launch(launch_request *q) {
         if (deferred) drop_pending(p);
     }
     if (r == CUDA_SUCCESS) {
-        if (queue && !memory_op) queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
+        if (queue) queue_after_launch(&queue->end_ns, now_ns, lend.predicted_ns);
         uint64_t ticket = record_launch(q, info, cluster, view, view == LITHOS_VIEW_UNCONFINED ? 0 : route->views[view].tpcs,
                                         generation, &lend, now_ns);
         timing_end(&p->timing, pair, p->green_stream, ticket);
@@ -2974,16 +3003,14 @@ LAUNCH_EX_HOOK(cuLaunchKernelEx_ptsz, 1)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch, 0)
 GRAPH_LAUNCH_HOOK(cuGraphLaunch_ptsz, 1)
 
-/* Memsets and device-to-device copies: held behind held launches (hold_memory_op), else through the
- * launch path onto the client's own TPCs (route_launch). */
+/* Memsets and device-to-device copies: send_memory_op. */
 #define MEMSET_HOOK(name, width, value_type, per_thread_stream)                                                        \
     EXPORT CUresult name(CUdeviceptr dst, value_type value, size_t count, CUstream stream) {                          \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
-        if (!(per_thread_stream) && hold_memory_op(HELD_MEMSET, dst, 0, value, width, count, stream)) return CUDA_SUCCESS; \
         launch_request q = {.api = API_MEMSET, .per_thread = per_thread_stream, .stream = stream, .mem_dst = dst,       \
                             .mem_value = value, .mem_width = width, .mem_count = count};                               \
-        return route_launch(&q);                                                                                       \
+        return send_memory_op(&q);                                                                                     \
     }
 MEMSET_HOOK(cuMemsetD8Async, 1, unsigned char, 0)
 MEMSET_HOOK(cuMemsetD8Async_ptsz, 1, unsigned char, 1)
@@ -2996,10 +3023,9 @@ MEMSET_HOOK(cuMemsetD32Async_ptsz, 4, unsigned int, 1)
     EXPORT CUresult name(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream) {                           \
         ensure_init();                                                                                                 \
         if (!real_##name) return CUDA_ERROR_NOT_FOUND;                                                                 \
-        if (!(per_thread_stream) && hold_memory_op(HELD_COPY, dst, src, 0, 0, bytes, stream)) return CUDA_SUCCESS;     \
         launch_request q = {.api = API_COPY, .per_thread = per_thread_stream, .stream = stream, .mem_dst = dst,         \
                             .mem_src = src, .mem_count = bytes};                                                       \
-        return route_launch(&q);                                                                                       \
+        return send_memory_op(&q);                                                                                     \
     }
 COPY_HOOK(cuMemcpyDtoDAsync_v2, 0)
 COPY_HOOK(cuMemcpyDtoDAsync_v2_ptsz, 1)
@@ -3070,8 +3096,7 @@ EXPORT CUresult cuStreamCreateWithPriority(CUstream *stream, unsigned int flags,
 EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
     ensure_init();
     if (!real_cuStreamDestroy_v2) return CUDA_ERROR_NOT_FOUND;
-    drain_held_launches(0);
-    flush_if_pending(); /* the stream's own owed join, and the order of anything it syncs with */
+    pay_owed(); /* the stream's own owed join, and the order of anything it syncs with */
     if (g.mode == MODE_CONFINED && !special_stream(stream)) {
         pthread_mutex_lock(&g.lock);
         retire_pairs(stream);

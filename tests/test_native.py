@@ -685,22 +685,27 @@ def test_memsets_and_device_copies_run_on_the_clients_green_stream_in_stream_ord
     run, paths = out[0], out[1][:1]
     assert out[1][1] == ["2"]   # the legacy stream's run and the per-thread stream's: memory ops continue runs
     ptsz_green = [w for w in run if w[0] == "cuMemsetD32Async_ptsz"][0][1]
-    assert run[:5] == run_start("0", green) + [["cuMemsetD8Async", green, "7", "16"], ["cuMemcpyDtoDAsync", green, "64"]]
     assert ptsz_green not in ("0", "0x2", green)   # the per-thread default stream's own green stream
-    assert run[-1] == ["cuMemcpyDtoH", "0xd0", "8"]
+    assert run == (run_start("0", green) + [["cuMemsetD8Async", green, "7", "16"], ["cuMemcpyDtoDAsync", green, "64"]] +
+                   join("0", green) + run_start("0x2", ptsz_green)[:2] + [["cuMemsetD32Async_ptsz", ptsz_green, "3", "4"]] +
+                   join("0x2", ptsz_green) + [["cuMemcpyDtoH", "0xd0", "8"]])
     assert paths == [["0", "1", "0", "0", "3", "0"]]   # 1 kernel paired; 3 memory ops on green streams
 
 
 def test_with_memory_op_routing_off_memsets_go_to_the_app_stream_after_the_join(fake_driver, fake_table):
     """LITHOS_ROUTE_MEMORY_OPS=0: a memset goes to the program's stream as without the shim, after the owed join."""
     green = green_stream_of(fake_driver, fake_table)
-    run, _ = run_sections("""
+    run, memory_app = run_sections("""
     log()
     launch(None)
     assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, None) == 0
     section()
+    c = (ctypes.c_uint64 * 6)()
+    lib.lithos_client_launch_counts(c, 6)
+    show(c[5])
     """, fake_env(fake_driver, fake_table, LITHOS_ROUTE_MEMORY_OPS="0"))
     assert run == run_start("0", green) + join("0", green) + [["cuMemsetD8Async", "0", "7", "16"]]
+    assert memory_app == [["1"]]   # counted as not on a green stream
 
 
 def test_a_memset_a_green_stream_refuses_runs_once_on_the_app_stream_in_order(fake_driver, fake_table):
