@@ -639,10 +639,17 @@ def cuda_check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
-def compile_cubin(source: bytes, name: bytes = b"kernel.cu", arch: bytes = b"sm_90") -> bytes:
-    """CUDA C++ source compiled by NVRTC into a cubin for `arch` (the H100's by default); a compile
-    error raises with NVRTC's log."""
-    from cuda.bindings import nvrtc  # lazy: GPU machines only
+def compile_cubin(source: bytes, name: bytes = b"kernel.cu", arch: bytes | None = None) -> bytes:
+    """CUDA C++ source compiled by NVRTC into a cubin for `arch` (by default the current context's
+    device, e.g. b"sm_90" on an H100); a compile error raises with NVRTC's log."""
+    from cuda.bindings import driver as cu, nvrtc  # lazy: GPU machines only
+
+    if arch is None:
+        device = cuda_check(cu.cuCtxGetDevice())
+        attr = cu.CUdevice_attribute
+        major = cuda_check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device))
+        minor = cuda_check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device))
+        arch = f"sm_{major}{minor}".encode()
 
     program = cuda_check(nvrtc.nvrtcCreateProgram(source, name, 0, [], []))
     result, = nvrtc.nvrtcCompileProgram(program, 1, [b"--gpu-architecture=" + arch])
@@ -664,11 +671,12 @@ def green_stream(device, resources: list):
     return green, cuda_check(cu.cuGreenCtxStreamCreate(green, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
 
 
-def cosched_sm_groups(device) -> list:
-    """The device's co-scheduled 8-SM groups (CUdevResource each), as the shim splits them."""
+def cosched_sm_groups(device, min_sms: int = 8) -> list:
+    """The device's co-scheduled groups of at least `min_sms` SMs (CUdevResource each); with 8, as the shim
+    splits them."""
     from cuda.bindings import driver as cu  # lazy: GPU machines only
     all_sms = cuda_check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    groups, count, _ = cuda_check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, 8))
+    groups, count, _ = cuda_check(cu.cuDevSmResourceSplitByCount(32, all_sms, 0, min_sms))
     return list(groups[:count])
 
 

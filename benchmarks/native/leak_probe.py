@@ -53,11 +53,10 @@ def run_case(table, slot: int, tpcs: list[int], workload: tuple, steps: int) -> 
     env = {**os.environ, **native.client_env(table.path, slot), "LITHOS_SAMPLE_EVERY": "0"}
     proc = subprocess.run([sys.executable, "-c", STEP_PROGRAM, ROOT, name, str(batch), str(seq), str(steps)], env=env,
                           capture_output=True, text=True, timeout=300)
-    records, _ = table.read_launches(slot, since_index=start)
+    ring = native.LaunchRing(native.ring_path(table.path, slot))
+    records, _ = ring.read(start, max(1, ring.head() - start))    # every launch of the case, not the first 4096
     unconfined = {}
-    for r in records:
-        if native.VIEW_NAMES[int(r["view"])] != "unconfined":
-            continue
+    for r in records[records["view"] == native.UNCONFINED_VIEW]:
         key = (bytes(r["kernel_name"]).decode(errors="replace"), tuple(int(v) for v in r["grid"]),
                tuple(int(v) for v in r["block"]), tuple(int(v) for v in r["cluster"]), int(r["shared_bytes"]),
                native.API_NAMES[int(r["api"])])

@@ -81,9 +81,7 @@ def main() -> None:
             cu.cuStreamDestroy(stream)
             cu.cuGreenCtxDestroy(green)
 
-    all_sms = check(cu.cuDeviceGetDevResource(device, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-    wide, count, _ = check(cu.cuDevSmResourceSplitByCount(16, all_sms, 0, 16))
-    wide = list(wide[:count])
+    wide = cosched_sm_groups(device, 16)
     narrow = cosched_sm_groups(device)
     # SMs of each group, from a plain (1x1x1, no shared memory) launch of the same kernel
     sms_of = lambda group: set(on_groups([group], (1, 1, 1), 0).get("sms", []))  # noqa: E731
