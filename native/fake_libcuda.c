@@ -108,6 +108,8 @@ static CUcontext ctx_of(uintptr_t handle) {
     int i = owner_of(handle);
     return i < 0 ? NULL : owner_ctx[i];
 }
+/* Streams of green contexts (the primary context is 0x10). */
+static int is_green(CUstream stream) { return ctx_of((uintptr_t)stream) != (CUcontext)0x10; }
 
 /* A stable copy of the log (the shim's builder thread may append meanwhile). */
 EXPORT const char *fake_log(void) {
@@ -218,8 +220,7 @@ EXPORT CUresult cuCtxGetStreamPriorityRange(int *least, int *greatest) {
 }
 EXPORT CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus *status) {
     int capturing = getenv("FAKE_CAPTURING") && strcmp(getenv("FAKE_CAPTURING"), "1") == 0;
-    *status = capturing && ctx_of((uintptr_t)stream) == (CUcontext)0x10 ? CU_STREAM_CAPTURE_STATUS_ACTIVE
-                                                                        : CU_STREAM_CAPTURE_STATUS_NONE;
+    *status = capturing && !is_green(stream) ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
     return CUDA_SUCCESS;
 }
 EXPORT CUresult cuThreadExchangeStreamCaptureMode(CUstreamCaptureMode *mode) { return CUDA_SUCCESS; }
@@ -286,7 +287,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     /* grid x 912 stands for a kernel green contexts refuse (CUDA_ERROR_INVALID_CLUSTER_SIZE = 912), 913
      * for one only green contexts of TPC groups refuse (smaller than the 8-SM co-scheduled groups) */
     CUcontext ctx = ctx_of((uintptr_t)stream);
-    int green = ctx != (CUcontext)0x10;
+    int green = is_green(stream);
     int refused = (gx == 912 && green) || (gx == 913 && green && group_sms((uintptr_t)ctx - 1) < 8);
     if ((uintptr_t)f == 0x88 && params)
         logf_("cuLaunchKernel %#lx args=%llu,%u", (unsigned long)(uintptr_t)stream, (unsigned long long)*(uint64_t *)params[0],
@@ -308,7 +309,7 @@ EXPORT CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, voi
             cluster[0] = config->attrs[i].value.clusterDim.x, cluster[1] = config->attrs[i].value.clusterDim.y,
             cluster[2] = config->attrs[i].value.clusterDim.z;
     /* clusters of 16 CTAs or more: refused by every green context (8-SM co-scheduled groups at most) */
-    int refused = ctx_of((uintptr_t)config->hStream) != (CUcontext)0x10 && cluster[0] * cluster[1] * cluster[2] >= 16;
+    int refused = is_green(config->hStream) && cluster[0] * cluster[1] * cluster[2] >= 16;
     logf_("cuLaunchKernelEx %#lx cluster=%u,%u,%u%s", (unsigned long)(uintptr_t)config->hStream, cluster[0], cluster[1],
           cluster[2], refused ? " refused" : "");
     return refused ? CUDA_ERROR_INVALID_CLUSTER_SIZE : CUDA_SUCCESS;
@@ -402,7 +403,7 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t count
 }
 /* A memset of 912 bytes stands for one that green contexts refuse. */
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t count, CUstream stream) {
-    int refused = count == 912 && ctx_of((uintptr_t)stream) != (CUcontext)0x10;
+    int refused = count == 912 && is_green(stream);
     logf_("cuMemsetD8Async %#lx %u %zu%s", (unsigned long)(uintptr_t)stream, value, count, refused ? " refused" : "");
     return refused ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
 }

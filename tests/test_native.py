@@ -253,6 +253,9 @@ def counts():
     c = (ctypes.c_uint64 * 3)()
     lib.lithos_client_launch_counts(c, 3)
     return {"direct": c[0], "paired": c[1], "unconfined": c[2]}
+def paths():   # every launch-path count, memory ops included
+    from lithos_ray.native import thread_launch_counts
+    return thread_launch_counts()
 def show(*values):
     print(*values, flush=True)
 def wait_for_parent():
@@ -677,9 +680,7 @@ def test_memsets_and_device_copies_run_on_the_clients_green_stream_in_stream_ord
     assert lib.cuMemsetD32Async_ptsz(ctypes.c_uint64(0xd0), 3, 4, None) == 0
     memcpy_dtoh(proc("cuMemcpyDtoH"))
     section()
-    c = (ctypes.c_uint64 * 6)()
-    lib.lithos_client_launch_counts(c, 6)
-    show(*c)
+    show(*paths().values())
     show(joins()["runs"])
     """, fake_env(fake_driver, fake_table))
     run, paths = out[0], out[1][:1]
@@ -700,9 +701,7 @@ def test_with_memory_op_routing_off_memsets_go_to_the_app_stream_after_the_join(
     launch(None)
     assert lib.cuMemsetD8Async(ctypes.c_uint64(0xd0), 7, 16, None) == 0
     section()
-    c = (ctypes.c_uint64 * 6)()
-    lib.lithos_client_launch_counts(c, 6)
-    show(c[5])
+    show(paths()["memory_app"])
     """, fake_env(fake_driver, fake_table, LITHOS_ROUTE_MEMORY_OPS="0"))
     assert run == run_start("0", green) + join("0", green) + [["cuMemsetD8Async", "0", "7", "16"]]
     assert memory_app == [["1"]]   # counted as not on a green stream
