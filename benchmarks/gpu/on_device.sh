@@ -59,10 +59,9 @@
 #   Held launches: carry [.whl, proto stubs]  ... setup gpu-tests dispatch borrow-training (~7 min), then
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
-#   Next (the rereading after 0d77512, e43bd87 and 8ab8a8b, touched the shim and compile_cubin: not GPU-run; 18 GPU tests): carry [.whl, proto stubs]
-#   ... setup memory-ops gpu-tests interference-graph (~4 min; memory_op_probe.json says whether the driver's copies and
-#   memsets need SMs and stay in a green context; lc_graph_be_membw against lc_graph_be_membw_copies_unrouted is the
-#   A/B), then ... colocate-loop (never run), then the full comparison (colocate). Unrolling with held launches (not
+#   At 083c31c: carry [.whl, proto stubs] ... setup memory-ops gpu-tests interference-graph, then ... colocate-loop, then
+#   the full comparison (colocate); results *_083c31c.* in benchmarks/results/. Next: see the reclaim step
+#   (benchmarks/native/reclaim_probe.py). Unrolling with held launches (not
 #   yet run): colocate_run by hand, e.g. python3 -m benchmarks.colocate --systems solo,lithos,lithos_unroll --variants
 #   graph --dispatch all --trials 2 --budget-s 300 --out-dir "$OUT".
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)

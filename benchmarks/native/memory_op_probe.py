@@ -1,7 +1,7 @@
 """Do device-to-device copies and memsets run on SMs, and does a green context confine them?
 
 usage: python benchmarks/native/memory_op_probe.py OUT_DIR      (a GPU, cuda-bindings; no MPS, no shim)
-Why: the shim sends kernels to its client's green stream but memsets and device-to-device copies
+Why: until 6301dff the shim sent kernels to its client's green stream but memsets and device-to-device copies
 (cuMemsetD*Async, cuMemcpyDtoDAsync) to the app's own stream, as the driver would. Next to a copy
 loop on other TPCs a CUDA-graph BERT ran 29x slower (native_interference_graph_eda366f_h200.json),
 against 1.12x next to a matmul loop. If the driver copies with SM kernels, those run on the whole GPU.
@@ -14,7 +14,8 @@ of that green context (confined: it waits) and on the primary context (not confi
 Also each operation alone, on the whole GPU and on the 8-SM group, for its bandwidth.
 Writes OUT_DIR/memory_op_probe.json. (memory_op_probe_0d77512.json came from a spin of one 128-thread CTA
 per SM, which left thread slots free: the operations ran beside it, so its waited_for_the_spin says
-nothing; its alone timings do. This version is not yet run.)
+nothing; its alone timings do. This version ran at 083c31c, memory_op_probe_083c31c.json: the operations
+on the spin's green context waited for it, those on the primary context did not.)
 """
 import json
 import os
