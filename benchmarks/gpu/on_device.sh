@@ -38,6 +38,8 @@
 #              and the shim's reason; ~2 min; no MPS)
 #   wide-cluster   benchmarks/native/wide_cluster_probe.py (can a 16-CTA cluster of one CTA per SM run inside a green
 #              context of 16-SM co-scheduled groups? which 8-SM groups lie in each; ~20 s; no MPS)
+#   reclaim        benchmarks/native/reclaim_probe.py (an owner's launch after idling to its whole quota running, on the
+#              GPU's clock: lithos lending against static, plain MPS and the owner alone; ~1.5 min; starts MPS)
 #   memory-ops     benchmarks/native/memory_op_probe.py (do device-to-device copies and memsets need SMs, and does a
 #              green context confine them? ~15 s; no MPS)
 #   graph-nodes    benchmarks/native/graph_nodes_probe.py (what the benchmark's CUDA graphs hold: could the shim
@@ -146,6 +148,8 @@ for s in "$@"; do
       timeout 400 python3 benchmarks/native/leak_probe.py "$OUT" 2>&1 | tail -20 || status=1 ;;
     memory-ops)
       timeout 120 python3 benchmarks/native/memory_op_probe.py "$OUT" 2>&1 | tail -10 || status=1 ;;
+    reclaim)
+      timeout 300 python3 benchmarks/native/reclaim_probe.py "$OUT" 2>&1 | tail -10 || status=1 ;;
     wide-cluster)
       timeout 120 python3 benchmarks/native/wide_cluster_probe.py "$OUT" 2>&1 | tail -30 || status=1 ;;
     graph-nodes)

@@ -128,8 +128,10 @@ def main():
     parser.add_argument("out_dir")
     parser.add_argument("--wakes", type=int, default=300)
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES))
-    parser.add_argument("--fill-us", type=float, default=200.0,
-                        help="the borrower's kernel length in us (default 200: inside the 250 us atom)")
+    parser.add_argument("--fill-us", type=float, default=100.0,
+                        help="the borrower's kernel length in us on the whole GPU (default 100; on its own TPCs it "
+                             "takes two waves, and the predictor's estimate for the union must fit the atom: 200 us "
+                             "kernels never borrowed, reclaim_probe_fc8918f_fill200.json)")
     args = parser.parse_args()
     modes = [m for m in MODES if m in args.modes.split(",")]
     unknown = set(args.modes.split(",")) - set(MODES)
