@@ -178,7 +178,7 @@ def plot(payload, path):
         values = np.sort(row["raw"]["launch_to_full_us"])
         ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=mode)
     ax.axvline(payload["atom_us"], color="k", linestyle=":", label=f"atom {payload['atom_us']:.0f} us")
-    ax.set_xscale("log")
+    ax.set_xlim(left=0)
     ax.set_xlabel("owner's launch -> whole quota running (us, %globaltimer)")
     ax.set_ylabel("share of wakes")
     ax.set_title(f"Reclaim time, {payload['owner_tpcs']}-TPC owner ({payload['gpu']}, {payload['git_commit']})", fontsize=9)
@@ -188,4 +188,9 @@ def plot(payload, path):
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":     # --replot RESULT.json: the plot again from stored data
+        sys.path.insert(0, HERE)
+        from common import replot_beside
+        replot_beside(sys.argv[2], plot)
+    else:
+        main()
