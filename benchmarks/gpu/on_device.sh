@@ -39,7 +39,7 @@
 #   wide-cluster   benchmarks/native/wide_cluster_probe.py (can a 16-CTA cluster of one CTA per SM run inside a green
 #              context of 16-SM co-scheduled groups? which 8-SM groups lie in each; ~20 s; no MPS)
 #   reclaim        benchmarks/native/reclaim_probe.py (an owner's launch after idling to its whole quota running, on the
-#              GPU's clock: lithos lending against static, plain MPS and the owner alone; ~1.5 min; starts MPS)
+#              GPU's clock: lithos lending against static, plain MPS and the owner alone; ~1 min; starts MPS)
 #   memory-ops     benchmarks/native/memory_op_probe.py (do device-to-device copies and memsets need SMs, and does a
 #              green context confine them? ~15 s; no MPS)
 #   graph-nodes    benchmarks/native/graph_nodes_probe.py (what the benchmark's CUDA graphs hold: could the shim
@@ -62,8 +62,8 @@
 #   carry [proto stubs]  ... colocate-dispatch (~6 min). Copy what comes back into benchmarks/results/ at once.
 #   Where the services' tail goes: call 1 with `setup ray-part gpu-tests graph-context colocate-decompose`.
 #   At 083c31c: carry [.whl, proto stubs] ... setup memory-ops gpu-tests interference-graph, then ... colocate-loop, then
-#   the full comparison (colocate); results *_083c31c.* in benchmarks/results/. Next: see the reclaim step
-#   (benchmarks/native/reclaim_probe.py). Unrolling with held launches (not
+#   the full comparison (colocate); results *_083c31c.* in benchmarks/results/. Then ... setup reclaim (fc8918f:
+#   reclaim_probe_fc8918f.json). Unrolling with held launches (not
 #   yet run): colocate_run by hand, e.g. python3 -m benchmarks.colocate --systems solo,lithos,lithos_unroll --variants
 #   graph --dispatch all --trials 2 --budget-s 300 --out-dir "$OUT".
 # (a later call's setup installs only what it carried; earlier wheels stay in /tmp/site-* while warm)

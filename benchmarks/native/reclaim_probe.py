@@ -139,26 +139,29 @@ def main():
         parser.error(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     if args.wakes < 10 or args.fill_us <= 0:
         parser.error("--wakes must be at least 10 and --fill-us positive")
-    table = native.AllowanceTable.create(native._default_gpu_uuid())
-    native.probe_layout_into(table)           # before MPS: the probe reads %smid
-    groups = table.cosched_groups()
-    owner_tpcs = sorted(t for g in sorted(groups)[:OWNER_GROUPS] for t in groups[g])
-    borrower_tpcs = [t for t in range(table.tpcs_on_gpu) if t not in owner_tpcs]
-    sms_per_tpc = 2
-    run_dir = tempfile.mkdtemp(prefix="lithos-mps-reclaim-")
-    mps_env = mps.start_mps(run_dir)
+    # A private table: the default /dev/shm path belongs to a node's lithos agent.
+    table = native.AllowanceTable.create(native._default_gpu_uuid(), tempfile.mkdtemp(prefix="lithos-reclaim-"))
     rows = {}
     try:
-        for i, mode in enumerate(modes):
-            rows[mode] = run_mode(table, mode, args, mps_env, owner_tpcs, borrower_tpcs, sms_per_tpc, seed=i)
-            r = rows[mode]
-            print(f"{mode}: launch->full p50 {r['launch_to_full_us']['p50']:.1f} p99 {r['launch_to_full_us']['p99']:.1f} "
-                  f"max {r['launch_to_full_us']['max']:.1f} us; spread p99 {r['spread_us']['p99']:.1f} us; "
-                  f"borrowed {r.get('borrower_borrowed_share')}; distinct-SM wakes {r['wakes_on_distinct_sms']}/{args.wakes}",
-                  flush=True)
+        native.probe_layout_into(table)           # before MPS: the probe reads %smid
+        groups = table.cosched_groups()
+        owner_tpcs = sorted(t for g in sorted(groups)[:OWNER_GROUPS] for t in groups[g])
+        borrower_tpcs = [t for t in range(table.tpcs_on_gpu) if t not in owner_tpcs]
+        sms_per_tpc = 2
+        run_dir = tempfile.mkdtemp(prefix="lithos-mps-reclaim-")
+        mps_env = mps.start_mps(run_dir)
+        try:
+            for i, mode in enumerate(modes):
+                rows[mode] = run_mode(table, mode, args, mps_env, owner_tpcs, borrower_tpcs, sms_per_tpc, seed=i)
+                r = rows[mode]
+                print(f"{mode}: launch->full p50 {r['launch_to_full_us']['p50']:.1f} p99 {r['launch_to_full_us']['p99']:.1f} "
+                      f"max {r['launch_to_full_us']['max']:.1f} us; spread p99 {r['spread_us']['p99']:.1f} us; "
+                      f"borrowed {r.get('borrower_borrowed_share')}; distinct-SM wakes {r['wakes_on_distinct_sms']}/{args.wakes}",
+                      flush=True)
+        finally:
+            mps.stop_mps(run_dir)
         knobs = table.lending_knobs()
     finally:
-        mps.stop_mps(run_dir)
         table.close()
     payload = {**metadata(f"python benchmarks/native/reclaim_probe.py OUT_DIR --wakes {args.wakes} "
                           f"--modes {','.join(modes)} --fill-us {args.fill_us}"),
@@ -189,7 +192,6 @@ def plot(payload, path):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--replot":     # --replot RESULT.json: the plot again from stored data
-        sys.path.insert(0, HERE)
         from common import replot_beside
         replot_beside(sys.argv[2], plot)
     else:
