@@ -249,13 +249,11 @@ def create(flags, priority=None):
     return s.value
 def launch(stream, grid=1):
     assert lib.cuLaunchKernel(ctypes.c_void_p(0x77), grid, 1, 1, 32, 1, 1, 0, ctypes.c_void_p(stream), None, None) == 0
-def counts():
-    c = (ctypes.c_uint64 * 3)()
-    lib.lithos_client_launch_counts(c, 3)
-    return {"direct": c[0], "paired": c[1], "unconfined": c[2]}
 def paths():   # every launch-path count, memory ops included
     from lithos_ray.native import thread_launch_counts
     return thread_launch_counts()
+def counts():   # the kernel launch paths
+    return {k: v for k, v in paths().items() if k in ("direct", "paired", "unconfined")}
 def show(*values):
     print(*values, flush=True)
 def wait_for_parent():
@@ -600,9 +598,7 @@ def joins():
     lib.lithos_client_join_counts(c, 3)
     return {"runs": c[0], "paid": c[1], "legacy_for_other": c[2]}
 def continued():
-    c = (ctypes.c_uint64 * 4)()
-    lib.lithos_client_launch_counts(c, 4)
-    return c[3]
+    return paths()["continued"]
 def section():
     for line in log():
         if not line.startswith("cuGreenCtxStreamCreate"): show(line)
