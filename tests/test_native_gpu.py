@@ -619,20 +619,15 @@ def test_an_owner_waking_from_idle_gets_its_whole_quota_back_within_the_atom(tab
     """A best-effort borrower fills the whole GPU with 100 us kernels, the owner's 3 idle groups included;
     the owner wakes 100 times. Its kernel (one CTA per SM of its quota) must hold every SM of the quota
     within the atom budget of its launch, beyond the launch time alone (reclaim_probe.py, on %globaltimer)."""
-    import types
     sys.path.insert(0, str(ROOT / "benchmarks" / "native"))
     import reclaim_probe
 
-    groups = table.cosched_groups()
-    owner = sorted(t for g in sorted(groups)[:reclaim_probe.OWNER_GROUPS] for t in groups[g])
-    borrower = [t for t in range(table.tpcs_on_gpu) if t not in owner]
-    args = types.SimpleNamespace(wakes=100, fill_us=100.0)
-    alone, lending = (reclaim_probe.run_mode(table, mode, args, mps_env, owner, borrower, 2, seed=0)
-                      for mode in ("owner_alone", "lithos_held"))
+    wakes = 100
+    alone, lending = (reclaim_probe.run_mode(table, mode, wakes, 100.0, mps_env) for mode in ("owner_alone", "lithos_held"))
     extra_us = lending["launch_to_full_us"]["p99"] - alone["launch_to_full_us"]["p99"]
     print(f"launch -> whole quota p99: {alone['launch_to_full_us']['p99']:.0f} us alone, "
           f"{lending['launch_to_full_us']['p99']:.0f} us next to a borrower that borrowed "
           f"{lending['borrower_borrowed_share']:.0%} of its launches")
     assert lending["borrower_borrowed_share"] > 0.5, lending
-    assert lending["wakes_on_distinct_sms"] == args.wakes and lending["timed_out"] == 0
+    assert lending["wakes_on_distinct_sms"] == wakes and lending["timed_out"] == 0
     assert extra_us < table.lending_knobs()["atom_ns"] / 1000, (alone, lending)

@@ -37,6 +37,7 @@ from lithos_ray import mps, native  # noqa: E402
 WORKER = os.path.join(HERE, "reclaim_worker.py")
 MODES = ("owner_alone", "static", "lithos_held", "lithos_at_launch", "lithos_too_long", "mps_only")
 OWNER_GROUPS = 3
+SMS_PER_TPC = 2
 BORROWER_SLOT, OWNER_SLOT = 0, 1
 GAP_MS = (3.0, 12.0)
 STARTUP_S = 4.0       # both processes past CUDA start-up and compilation before the first wake
@@ -49,9 +50,19 @@ def percentiles(values) -> dict:
             "p99": float(np.percentile(v, 99)), "max": float(v.max())}
 
 
-def run_mode(table, mode, args, mps_env, owner_tpcs, borrower_tpcs, sms_per_tpc, seed):
-    atom_us = table.lending_knobs()["atom_ns"] / 1000
-    fill_us = 4 * atom_us if mode == "lithos_too_long" else args.fill_us
+def split_quota(table) -> tuple[list[int], list[int]]:
+    """(owner TPCs: the first OWNER_GROUPS co-scheduled groups, borrower TPCs: every other TPC)."""
+    groups = table.cosched_groups()
+    owner = sorted(t for g in sorted(groups)[:OWNER_GROUPS] for t in groups[g])
+    return owner, [t for t in range(table.tpcs_on_gpu) if t not in owner]
+
+
+def run_mode(table, mode, wakes, fill_us, mps_env, seed=0):
+    """One mode (MODES) with `wakes` owner wakes and borrower kernels of `fill_us` (4 atoms for
+    lithos_too_long); the owner's figures and the borrower's launch counts."""
+    owner_tpcs, borrower_tpcs = split_quota(table)
+    if mode == "lithos_too_long":
+        fill_us = 4 * table.lending_knobs()["atom_ns"] / 1000
     table.set_allowance(OWNER_SLOT, owner_tpcs)
     table.set_allowance(BORROWER_SLOT, borrower_tpcs)
     lending = mode.startswith("lithos")
@@ -62,10 +73,10 @@ def run_mode(table, mode, args, mps_env, owner_tpcs, borrower_tpcs, sms_per_tpc,
     borrower_env = {**base, **native.client_env(table.path, BORROWER_SLOT), "LITHOS_SAMPLE_EVERY": "1",
                     "LITHOS_DISPATCH": "0" if mode == "lithos_at_launch" else "1"} if shim else base
     start_at = time.time() + STARTUP_S
-    stop_at = start_at + WARM_S + args.wakes * GAP_MS[1] / 1000 + 2.0
-    grid = (len(owner_tpcs) + len(borrower_tpcs)) * sms_per_tpc
-    procs = {"owner": subprocess.Popen([sys.executable, WORKER, "owner", str(start_at + WARM_S), str(args.wakes),
-                                        str(len(owner_tpcs) * sms_per_tpc), str(GAP_MS[0]), str(GAP_MS[1]), str(seed)],
+    stop_at = start_at + WARM_S + wakes * GAP_MS[1] / 1000 + 2.0
+    grid = table.tpcs_on_gpu * SMS_PER_TPC
+    procs = {"owner": subprocess.Popen([sys.executable, WORKER, "owner", str(start_at + WARM_S), str(wakes),
+                                        str(len(owner_tpcs) * SMS_PER_TPC), str(GAP_MS[0]), str(GAP_MS[1]), str(seed)],
                                        env=owner_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)}
     if mode != "owner_alone":
         procs["borrower"] = subprocess.Popen([sys.executable, WORKER, "borrower", str(start_at), str(stop_at),
@@ -144,15 +155,12 @@ def main():
     rows = {}
     try:
         native.probe_layout_into(table)           # before MPS: the probe reads %smid
-        groups = table.cosched_groups()
-        owner_tpcs = sorted(t for g in sorted(groups)[:OWNER_GROUPS] for t in groups[g])
-        borrower_tpcs = [t for t in range(table.tpcs_on_gpu) if t not in owner_tpcs]
-        sms_per_tpc = 2
+        owner_tpcs, borrower_tpcs = split_quota(table)
         run_dir = tempfile.mkdtemp(prefix="lithos-mps-reclaim-")
         mps_env = mps.start_mps(run_dir)
         try:
             for i, mode in enumerate(modes):
-                rows[mode] = run_mode(table, mode, args, mps_env, owner_tpcs, borrower_tpcs, sms_per_tpc, seed=i)
+                rows[mode] = run_mode(table, mode, args.wakes, args.fill_us, mps_env, seed=i)
                 r = rows[mode]
                 print(f"{mode}: launch->full p50 {r['launch_to_full_us']['p50']:.1f} p99 {r['launch_to_full_us']['p99']:.1f} "
                       f"max {r['launch_to_full_us']['max']:.1f} us; spread p99 {r['spread_us']['p99']:.1f} us; "
